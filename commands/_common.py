@@ -1,0 +1,75 @@
+"""Shared CLI plumbing: global options, error handling, and the options every stage takes."""
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from dataclasses import dataclass
+from typing import List, Optional
+
+import typer
+
+from partkit._log import console
+from partkit.errors import PartkitError
+from partkit.io import Output
+
+
+@dataclass
+class Globals:
+    seed: int = 0
+    device: str = "auto"
+    threads: Optional[int] = None
+    quiet: bool = False
+    progress: Optional[bool] = None
+
+
+def get_globals(ctx: typer.Context) -> Globals:
+    root = ctx.find_root()
+    return root.obj if isinstance(root.obj, Globals) else Globals()
+
+
+def fail(message: str, code: int = 2):
+    """Print a one-line error to stderr and exit non-zero."""
+    line = " ".join(str(message).split())
+    console.print(f"partkit: error: {line}", markup=False, highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def cli_errors(fn):
+    """Turn user errors into one stderr line and a non-zero exit, with no traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except PartkitError as e:
+            fail(str(e))
+        except BrokenPipeError:
+            # The reader went away (`| head -c 100`): silence further writes to the dead pipe.
+            try:
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, sys.stdout.fileno())
+            except (OSError, ValueError):
+                pass
+            fail("stdout was closed before all output was written (broken pipe)", code=1)
+        except KeyboardInterrupt:
+            fail("interrupted", code=130)
+
+    return wrapper
+
+
+# Options shared by every stage command.
+InputsArg = typer.Argument(..., help="Input shards: paths, globs, {000000..000009} braces, '-' (stdin) or 'pipe:CMD'.")
+OutputOpt = typer.Option("-", "--output", "-o", help="'-' for stdout (tar stream) or a folder for numbered shards.")
+ShardSizeOpt = typer.Option(1000, "--shard-size", help="Samples per output shard (folder output).")
+OverwriteOpt = typer.Option(False, "--overwrite", help="Redo shards that a previous run finished.")
+DropOpt = typer.Option([], "--drop", help="Remove this field from the output samples (repeatable).")
+SkipBadOpt = typer.Option(False, "--skip-bad", help="Skip unreadable samples (counted in the stats) instead of stopping.")
+NumShardsOpt = typer.Option(None, "--num-shards", help="Split the input shards over this many processes.")
+ShardIndexOpt = typer.Option(None, "--shard-index", help="Which of the --num-shards processes this is.")
+
+
+def make_output(output: str, shard_size: int, overwrite: bool, drop: List[str],
+                num_shards: Optional[int], shard_index: Optional[int]) -> Output:
+    return Output(path=output, shard_size=shard_size, overwrite=overwrite, drop=tuple(drop),
+                  num_shards=num_shards, shard_index=shard_index)

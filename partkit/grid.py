@@ -1,0 +1,38 @@
+"""Map between a feature grid and image pixels, using the geometry recorded in ``feat.json``.
+
+``extract`` resizes an image by ``scale`` (keeping aspect), runs the network, and crops the
+feature map to the cells that cover the image. Cell ``(i, j)`` covers resized pixels
+``[i*stride, (i+1)*stride)``, i.e. image pixels ``[i*stride/scale, (i+1)*stride/scale)``.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["image_to_cell_index", "grid_to_image", "mask_to_grid"]
+
+
+def image_to_cell_index(meta: dict, height: int | None = None, width: int | None = None):
+    """For each image row and column, the feature-grid row and column that covers it."""
+    H, W = meta["image_size"] if height is None else (height, width)
+    gh, gw = meta["grid"]
+    sy = meta["resized"][0] / meta["image_size"][0]
+    sx = meta["resized"][1] / meta["image_size"][1]
+    rows = np.minimum(((np.arange(H) + 0.5) * (meta["image_size"][0] / H) * sy / meta["stride"]).astype(np.int64), gh - 1)
+    cols = np.minimum(((np.arange(W) + 0.5) * (meta["image_size"][1] / W) * sx / meta["stride"]).astype(np.int64), gw - 1)
+    return rows, cols
+
+
+def grid_to_image(grid: np.ndarray, meta: dict, height: int | None = None, width: int | None = None) -> np.ndarray:
+    """Nearest-neighbour upsampling of a grid-shaped array (labels, saliency) to image size."""
+    rows, cols = image_to_cell_index(meta, height, width)
+    return grid[..., rows[:, None], cols[None, :]]
+
+
+def mask_to_grid(mask: np.ndarray, meta: dict) -> np.ndarray:
+    """Fraction of each feature cell covered by an image-resolution boolean mask (h x w floats)."""
+    gh, gw = meta["grid"]
+    rows, cols = image_to_cell_index(meta, *mask.shape)
+    flat = rows[:, None] * gw + cols[None, :]
+    covered = np.bincount(flat.ravel(), weights=mask.ravel().astype(np.float64), minlength=gh * gw)
+    total = np.bincount(flat.ravel(), minlength=gh * gw)
+    return (covered / np.maximum(total, 1)).reshape(gh, gw)

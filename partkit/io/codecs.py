@@ -1,0 +1,161 @@
+"""Decode and encode sample fields (images, label maps, arrays, JSON) with clear errors."""
+from __future__ import annotations
+
+import io
+import json
+import warnings
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from ..errors import BadSample, missing_field
+
+__all__ = [
+    "IMAGE_EXTS", "MAX_PIXELS", "image_field", "decode_image", "decode_label_map", "encode_png",
+    "decode_npy", "encode_npy", "decode_json", "encode_json", "get_field",
+]
+
+IMAGE_EXTS = ("jpg", "png", "jpeg", "webp", "bmp", "tif", "tiff")
+# Images above this many pixels are refused before decoding (a 20,000 x 20,000 header
+# would otherwise allocate 1.2 GB); raise it with PARTKIT_MAX_PIXELS.
+MAX_PIXELS = 8192 * 8192
+Image.MAX_IMAGE_PIXELS = None  # we check sizes ourselves, with a message that says what to do
+
+
+def _max_pixels() -> int:
+    import os
+
+    return int(os.environ.get("PARTKIT_MAX_PIXELS", MAX_PIXELS))
+
+
+def get_field(sample: dict, field: str) -> bytes:
+    if field not in sample:
+        raise missing_field(sample["__key__"], field)
+    return sample[field]
+
+
+def image_field(sample: dict) -> str:
+    """The name of the sample's image field (``jpg``, ``png``, ...)."""
+    for ext in IMAGE_EXTS:
+        if ext in sample:
+            return ext
+    raise missing_field(sample["__key__"], "jpg")
+
+
+def _open_checked(data: bytes, key: str, what: str) -> Image.Image:
+    if len(data) == 0:
+        raise BadSample(key, f"{what} is empty (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            im = Image.open(io.BytesIO(data))
+    except Exception:
+        raise BadSample(key, f"{what} is not a readable image") from None
+    w, h = im.size
+    if w < 1 or h < 1:
+        raise BadSample(key, f"{what} has zero size ({w}x{h})")
+    if w * h > _max_pixels():
+        raise BadSample(
+            key, f"{what} is {w}x{h}, above the {_max_pixels()}-pixel limit; downscale it or raise PARTKIT_MAX_PIXELS"
+        )
+    return im
+
+
+def decode_image(sample: dict, min_size: int = 1) -> np.ndarray:
+    """The sample's image as H x W x 3 uint8 RGB (grayscale, RGBA, palette, 16-bit converted)."""
+    key = sample["__key__"]
+    ext = image_field(sample)
+    im = _open_checked(sample[ext], key, f"image field '{ext}'")
+    try:
+        if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+            arr = np.asarray(im, dtype=np.float64)
+            hi = arr.max() if arr.size else 1.0
+            arr = (arr * (255.0 / max(hi, 1.0))).round().astype(np.uint8)
+            im = Image.fromarray(arr, mode="L")
+        elif im.mode == "F":
+            arr = np.asarray(im, dtype=np.float64)
+            lo, hi = float(arr.min()), float(arr.max())
+            arr = ((arr - lo) / max(hi - lo, 1e-12) * 255).round().astype(np.uint8)
+            im = Image.fromarray(arr, mode="L")
+        if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+            im = im.convert("RGBA")
+            bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
+            im = Image.alpha_composite(bg, im)
+        im = im.convert("RGB")
+        out = np.asarray(im)
+    except BadSample:
+        raise
+    except Exception:
+        raise BadSample(key, f"image field '{ext}' is truncated or corrupt") from None
+    if min(out.shape[:2]) < min_size:
+        raise BadSample(key, f"image is {out.shape[1]}x{out.shape[0]}, smaller than the model's {min_size}-pixel patch")
+    return out
+
+
+def decode_label_map(sample: dict, field: str) -> np.ndarray:
+    """A label-map PNG field as an H x W integer array (uint8 or uint16 as stored)."""
+    key = sample["__key__"]
+    im = _open_checked(get_field(sample, field), key, f"label map '{field}'")
+    try:
+        if im.mode == "P":
+            arr = np.array(im)  # palette indices are the labels
+        elif im.mode in ("L", "I;16", "I;16B", "I;16L", "I"):
+            arr = np.array(im)
+        else:
+            raise BadSample(key, f"label map '{field}' has mode {im.mode}; expected a single-channel PNG of label ids")
+    except BadSample:
+        raise
+    except Exception:
+        raise BadSample(key, f"label map '{field}' is truncated or corrupt") from None
+    if arr.dtype == np.int32:
+        arr = arr.astype(np.uint16) if arr.max(initial=0) < 65536 and arr.min(initial=0) >= 0 else arr
+    return arr
+
+
+def encode_png(labels: np.ndarray) -> bytes:
+    """Encode a label map losslessly: uint8 when ids fit, else uint16."""
+    labels = np.asarray(labels)
+    if labels.ndim != 2:
+        raise ValueError(f"label map must be 2-D, got shape {labels.shape}")
+    if labels.size and (labels.min() < 0 or labels.max() > 65535):
+        raise ValueError("label ids must lie in 0..65535")
+    dtype = np.uint8 if labels.size == 0 or labels.max() < 256 else np.uint16
+    buf = io.BytesIO()
+    Image.fromarray(labels.astype(dtype)).save(buf, format="PNG", compress_level=6)
+    return buf.getvalue()
+
+
+def encode_image_png(rgb: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(rgb)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def decode_npy(sample: dict, field: str) -> np.ndarray:
+    key = sample["__key__"]
+    data = get_field(sample, field)
+    try:
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    except Exception:
+        raise BadSample(key, f"field '{field}' is not a valid .npy array") from None
+
+
+def encode_npy(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
+    return buf.getvalue()
+
+
+def decode_json(sample: dict, field: str = "json") -> Any:
+    key = sample["__key__"]
+    data = get_field(sample, field)
+    try:
+        return json.loads(data)
+    except Exception:
+        raise BadSample(key, f"field '{field}' is not valid JSON") from None
+
+
+def encode_json(obj: Any) -> bytes:
+    """Deterministic JSON: sorted keys, compact separators, UTF-8."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")

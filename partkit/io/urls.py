@@ -1,0 +1,98 @@
+"""Input specs to a sorted list of shard URLs, and URLs to byte streams.
+
+An input is a path, a glob, a brace pattern (``data-{000000..000009}.tar``), a folder
+(all ``*.tar`` in it), ``-`` (stdin) or ``pipe:CMD``.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import subprocess
+import sys
+from typing import BinaryIO, Iterator, Sequence
+
+from braceexpand import braceexpand
+
+from ..errors import PartkitError
+
+__all__ = ["expand_urls", "open_url", "select_for_rank"]
+
+_GLOB_CHARS = set("*?[")
+
+
+def expand_urls(inputs: Sequence[str]) -> list[str]:
+    """Expand input specs into URLs; each spec's matches are sorted, spec order is kept.
+
+    >>> expand_urls(["shards/{000000..000001}.tar"])  # doctest: +SKIP
+    ['shards/000000.tar', 'shards/000001.tar']
+    """
+    urls: list[str] = []
+    for spec in inputs:
+        if spec == "-" or spec.startswith("pipe:"):
+            urls.append(spec)
+            continue
+        for part in braceexpand(spec):
+            if os.path.isdir(part):
+                found = sorted(glob.glob(os.path.join(glob.escape(part), "*.tar")))
+                if not found:
+                    raise PartkitError(f"input folder {part!r} holds no .tar shards; point at the shards or a glob")
+                urls.extend(found)
+            elif _GLOB_CHARS & set(part):
+                found = sorted(glob.glob(part))
+                if not found:
+                    raise PartkitError(f"input pattern {part!r} matches no file; check the path")
+                urls.extend(found)
+            elif os.path.exists(part):
+                urls.append(part)
+            else:
+                raise PartkitError(f"input {part!r} does not exist; check the path (or use '-' for stdin)")
+    return urls
+
+
+def select_for_rank(urls: list[str], rank: int, world: int) -> list[str]:
+    """The disjoint, deterministic subset of shards that process ``rank`` of ``world`` reads."""
+    if world <= 1:
+        return urls
+    return urls[rank::world]
+
+
+class _PipeStream:
+    """A ``pipe:CMD`` stream; closing it checks the command's exit status."""
+
+    def __init__(self, cmd: str):
+        self.cmd = cmd
+        self.proc = subprocess.Popen(cmd, shell=True, stdout=subprocess.PIPE)
+        self.stream = self.proc.stdout
+
+    def read(self, n: int = -1) -> bytes:
+        return self.stream.read(n)
+
+    def close(self) -> None:
+        self.stream.close()
+        rc = self.proc.wait()
+        if rc != 0:
+            raise PartkitError(f"input command {self.cmd!r} exited with status {rc}")
+
+
+def open_url(url: str) -> BinaryIO:
+    """Open a URL for reading bytes: ``-`` is stdin, ``pipe:CMD`` runs CMD, else a local file."""
+    if url == "-":
+        if sys.stdin is None or sys.stdin.isatty():
+            raise PartkitError("input is '-' but stdin is a terminal; pipe shards in or name input files")
+        return sys.stdin.buffer
+    if url.startswith("pipe:"):
+        return _PipeStream(url[5:])  # type: ignore[return-value]
+    try:
+        return open(url, "rb")
+    except OSError as e:
+        raise PartkitError(f"cannot open input {url!r}: {e.strerror}") from None
+
+
+def iter_streams(urls: Sequence[str]) -> Iterator[tuple[str, BinaryIO]]:
+    for url in urls:
+        stream = open_url(url)
+        try:
+            yield url, stream
+        finally:
+            if stream is not sys.stdin.buffer:
+                stream.close()
