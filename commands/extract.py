@@ -1,3 +1,57 @@
-"""List the backbone registry (name, family, source, local weights, feature layers)."""
-def main():
-    pass
+"""Dense features per image (CNN hypercolumns or ViT token/key/query/value facets)."""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import typer
+
+from partkit.extract import extract
+
+from ._common import (DropOpt, InputsArg, NumShardsOpt, OutputOpt, OverwriteOpt, ShardIndexOpt, ShardSizeOpt,
+                      SkipBadOpt, cli_errors, get_globals, make_output)
+
+
+def _layers(text: Optional[str]) -> Optional[List[int]]:
+    if not text:
+        return None
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        from partkit.errors import PartkitError
+
+        raise PartkitError(f"--layers takes comma-separated integers such as 2,3,4 or -1; got {text!r}") from None
+
+
+@cli_errors
+def main(
+    ctx: typer.Context,
+    inputs: List[str] = typer.Argument(None, help="Input shards (default '-': stdin)."),
+    model: str = typer.Option("efficientnet_lite0", "--model", "-m", help="Registry name, timm:ARCH[.TAG] or open_clip:ARCH/TAG (see `partkit models`)."),
+    weights: Optional[str] = typer.Option(None, "--weights", help="Weights file, self-train run folder, hub tag, or 'none' (random)."),
+    layers: Optional[str] = typer.Option(None, "--layers", help="Comma-separated layer indices (CNN stages / ViT blocks; negative from the end)."),
+    facet: Optional[str] = typer.Option(None, "--facet", help="ViT facet: token, key, query or value (default: the preset's)."),
+    stride: Optional[int] = typer.Option(None, "--stride", help="ViT patch stride override for denser, overlapping patches."),
+    grid_stride: Optional[int] = typer.Option(None, "--grid-stride", help="CNN hypercolumn grid stride (default: the finest chosen stage)."),
+    size: int = typer.Option(224, "--size", help="Resize so the longer side is SIZE (keep-aspect), padded to a square."),
+    keep_aspect: bool = typer.Option(True, "--keep-aspect/--squash", help="Keep the aspect ratio (pad) or squash to SIZE x SIZE."),
+    saliency: bool = typer.Option(False, "--saliency", help="Also write saliency.npy from the ViT's CLS attention."),
+    batch_size: int = typer.Option(16, "--batch-size", "-b", help="Images per forward pass."),
+    workers: int = typer.Option(1, "--workers", help="Threads decoding and resizing ahead of the model."),
+    dtype: str = typer.Option("float32", "--dtype", help="Compute dtype: float32 (best on CPU), float16 or bfloat16 (GPUs)."),
+    output: str = OutputOpt,
+    shard_size: int = ShardSizeOpt,
+    overwrite: bool = OverwriteOpt,
+    drop: List[str] = DropOpt,
+    skip_bad: bool = SkipBadOpt,
+    num_shards: Optional[int] = NumShardsOpt,
+    shard_index: Optional[int] = ShardIndexOpt,
+):
+    """Add feat.npy (float16 C x h x w) and feat.json (model, layers, grid geometry) to each image sample.
+
+    Example: partkit pack images/ | partkit extract --model efficientnet_lite0 --layers 2,3,4 > feats.tar
+    """
+    g = get_globals(ctx)
+    extract(inputs or ["-"], model=model, weights=weights, layers=_layers(layers), facet=facet, stride=stride,
+            grid_stride=grid_stride, size=size, keep_aspect=keep_aspect, saliency=saliency, batch_size=batch_size,
+            workers=workers, device=g.device, dtype=dtype, seed=g.seed, skip_bad=skip_bad,
+            output=make_output(output, shard_size, overwrite, drop, num_shards, shard_index))

@@ -1,3 +1,33 @@
-"""List the backbone registry (name, family, source, local weights, feature layers)."""
-def main():
-    pass
+"""Turn images (plus part label maps, COCO instances, keypoints) into shards."""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import typer
+
+from partkit.pack import pack
+
+from ._common import (InputsArg, NumShardsOpt, OutputOpt, OverwriteOpt, ShardIndexOpt, ShardSizeOpt, SkipBadOpt,
+                      cli_errors, make_output)
+
+
+@cli_errors
+def main(
+    images: List[str] = typer.Argument(..., help="Image folders (searched recursively), globs or files."),
+    labels: Optional[str] = typer.Option(None, "--labels", help="Folder of part label PNGs matched by file stem."),
+    coco: Optional[str] = typer.Option(None, "--coco", help="COCO JSON with instance masks (polygons or RLE), categories, keypoints."),
+    category: Optional[str] = typer.Option(None, "--category", help="Object category recorded in every sample's json."),
+    provenance: Optional[str] = typer.Option(None, "--provenance", help="Where the data comes from (recorded in json)."),
+    output: str = OutputOpt,
+    shard_size: int = ShardSizeOpt,
+    overwrite: bool = OverwriteOpt,
+    skip_bad: bool = SkipBadOpt,
+    num_shards: Optional[int] = NumShardsOpt,
+    shard_index: Optional[int] = ShardIndexOpt,
+):
+    """Write one sample per image: the image, json metadata, gt_parts.png, gt_objects.json, gt_kpts.json.
+
+    Example: partkit pack ../shared/data/cihp/images --labels ../shared/data/cihp/labels > cihp.tar
+    """
+    pack(images, labels=labels, coco=coco, category=category, provenance=provenance, skip_bad=skip_bad,
+         output=make_output(output, shard_size, overwrite, [], num_shards, shard_index))

@@ -2,7 +2,8 @@
 
 ``extract`` resizes an image by ``scale`` (keeping aspect), runs the network, and crops the
 feature map to the cells that cover the image. Cell ``(i, j)`` covers resized pixels
-``[i*stride, (i+1)*stride)``, i.e. image pixels ``[i*stride/scale, (i+1)*stride/scale)``.
+``[i*stride, (i+1)*stride)`` (shifted by ``offset`` for overlapping ViT patches), i.e. image
+pixels ``[i*stride/scale, (i+1)*stride/scale)``.
 """
 from __future__ import annotations
 
@@ -15,10 +16,12 @@ def image_to_cell_index(meta: dict, height: int | None = None, width: int | None
     """For each image row and column, the feature-grid row and column that covers it."""
     H, W = meta["image_size"] if height is None else (height, width)
     gh, gw = meta["grid"]
-    sy = meta["resized"][0] / meta["image_size"][0]
-    sx = meta["resized"][1] / meta["image_size"][1]
-    rows = np.minimum(((np.arange(H) + 0.5) * (meta["image_size"][0] / H) * sy / meta["stride"]).astype(np.int64), gh - 1)
-    cols = np.minimum(((np.arange(W) + 0.5) * (meta["image_size"][1] / W) * sx / meta["stride"]).astype(np.int64), gw - 1)
+    off = meta.get("offset", 0.0)  # overlapping ViT patches: cell i is centred at i*stride + patch/2
+    # resized-input coordinate of each pixel centre, then the cell that holds it
+    ys = (np.arange(H) + 0.5) * (meta["resized"][0] / H)
+    xs = (np.arange(W) + 0.5) * (meta["resized"][1] / W)
+    rows = np.clip(np.floor((ys - off) / meta["stride"]), 0, gh - 1).astype(np.int64)
+    cols = np.clip(np.floor((xs - off) / meta["stride"]), 0, gw - 1).astype(np.int64)
     return rows, cols
 
 

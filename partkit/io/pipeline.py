@@ -111,12 +111,14 @@ def run_stage(
     prepare_workers: int = 1,
     skip_bad: bool = False,
     config: Optional[dict] = None,
+    source: Optional[Callable[[int, int], Iterator[dict]]] = None,
 ) -> dict:
     """Stream samples through ``process`` and write the results.
 
     ``prepare(sample)`` runs ahead in worker threads (decode, resize) and may raise
     :class:`BadSample`; ``process(list_of_prepared)`` returns one output sample dict (or a
-    :class:`BadSample`) per item, in order. Returns a summary dict.
+    :class:`BadSample`) per item, in order. ``source(rank, world)`` replaces reading ``inputs``
+    as shards (``pack`` reads files). Returns a summary dict.
     """
     rank, world = dist_info(output.num_shards, output.shard_index)
     config = {"stage": name, **(config or {}), "shard_size": output.shard_size, "world": world}
@@ -157,8 +159,9 @@ def run_stage(
         totals["written"] += 1
 
     def todo() -> Iterator[tuple[int, dict]]:
-        for index, sample in enumerate(iter_samples(inputs, skip_bad=skip_bad, rank=rank, world=world,
-                                                    errors=read_errors)):
+        samples = (source(rank, world) if source is not None else
+                   iter_samples(inputs, skip_bad=skip_bad, rank=rank, world=world, errors=read_errors))
+        for index, sample in enumerate(samples):
             totals["read"] += 1
             if sink.is_done(index // shard_size):
                 totals["resumed_samples"] += 1
@@ -194,7 +197,7 @@ def run_stage(
     except BaseException:
         sink.abort()
         raise
-    if totals["read"] == 0 and not (world > 1 and not select_for_rank(expand_urls(inputs), rank, world)):
+    if totals["read"] == 0 and not (world > 1 and (source is not None or not select_for_rank(expand_urls(inputs), rank, world))):
         raise PartkitError(f"{name}: the input holds no samples; check the input shards (are they empty?)")
     for msg in read_errors:
         log(f"{name}: skipped unreadable input: {msg}")

@@ -1,0 +1,493 @@
+"""Part-discovery metrics as plain functions on arrays (numpy, scipy, pycocotools).
+
+Everything pooled over a dataset goes through a :class:`Contingency` table of (true id,
+predicted id) counts accumulated image by image, so NMI, ARI and matched mIoU over 10^8
+pixels take seconds and memory that does not grow with the number of images. Scores are
+fractions in [0, 1] (sklearn's convention); ``partkit.evaluate`` reports them x100.
+
+Example:
+    >>> from partkit.metrics import Contingency, nmi_score, ari_score
+    >>> c = Contingency().update([0, 0, 1, 1], [5, 5, 7, 7])
+    >>> nmi_score(contingency=c.table_), ari_score(contingency=c.table_)
+    (1.0, 1.0)
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+from math import log
+from typing import Iterable, Optional, Sequence
+
+import numpy as np
+
+from .errors import PartkitError
+
+__all__ = [
+    "Contingency", "nmi_score", "ari_score", "match_clusters", "matched_iou", "confusion_iou",
+    "mask_iou", "COCO_IOU_THRESHOLDS", "greedy_recall", "RecallAccumulator", "coco_mask_ap",
+    "average_precision", "retrieval_ap", "shape_miou", "fit_linear_probe",
+]
+
+_CHUNK = 1 << 22  # pairs per bincount call: caps the temporary combined-id array at 32 MB
+_MAX_CELLS = 1 << 28  # dense contingency tables above this many cells (2 GB) are refused
+
+
+# ---------------------------------------------------------------------------------------------
+# Contingency tables
+
+
+def _as_ids(labels, what: str) -> np.ndarray:
+    a = np.asarray(labels)
+    if a.dtype == bool:
+        return a.view(np.uint8)
+    if a.dtype.kind not in "iu":
+        raise PartkitError(f"{what} labels must be integers, got dtype {a.dtype}")
+    if a.dtype.kind == "i" and a.size and a.min() < 0:
+        raise PartkitError(f"{what} labels contain negative id {int(a.min())}; ids must be >= 0")
+    return a
+
+
+def _id_bound(a: np.ndarray) -> int:
+    # uint8 maps (the common case) skip a pass over the data: the table just has 256 slots.
+    if a.dtype.itemsize == 1:
+        return 256
+    return int(a.max()) + 1 if a.size else 0
+
+
+class Contingency:
+    """Counts of (true id, predicted id) pairs, accumulated batch by batch.
+
+    ``table_[t, p]`` counts pairs with true id ``t`` and predicted id ``p``. Ids index the
+    table directly (they must be non-negative integers); rows and columns of ids never seen
+    stay zero and do not affect any score. Memory is the table plus a bounded chunk.
+
+    Example:
+        >>> c = Contingency().update([0, 0, 1], [1, 1, 2])
+        >>> c.table_[:2, :3].tolist()
+        [[0, 2, 0], [0, 0, 1]]
+    """
+
+    def __init__(self, table: Optional[np.ndarray] = None):
+        self.table_ = np.zeros((0, 0), np.int64) if table is None else np.array(table, dtype=np.int64)
+
+    def update(self, labels_true, labels_pred) -> "Contingency":
+        true = _as_ids(labels_true, "true")
+        pred = _as_ids(labels_pred, "predicted")
+        if true.shape != pred.shape:
+            raise PartkitError(f"true labels have shape {true.shape} but predicted labels {pred.shape}")
+        true, pred = true.ravel(), pred.ravel()
+        if true.size == 0:
+            return self
+        n_true, n_pred = _id_bound(true), _id_bound(pred)
+        if n_true * n_pred > _MAX_CELLS:
+            raise PartkitError(
+                f"label ids up to {n_true - 1} (true) and {n_pred - 1} (predicted) need a {n_true}x{n_pred} table; "
+                "relabel them to consecutive ids")
+        counts = np.zeros(n_true * n_pred, np.int64)
+        for start in range(0, true.size, _CHUNK):
+            combined = true[start:start + _CHUNK].astype(np.intp)
+            combined *= n_pred
+            combined += pred[start:start + _CHUNK]
+            counts += np.bincount(combined, minlength=n_true * n_pred)
+        return self.add(counts.reshape(n_true, n_pred))
+
+    def add(self, table) -> "Contingency":
+        """Add another table (any shape) into this one."""
+        table = np.asarray(table.table_ if isinstance(table, Contingency) else table, dtype=np.int64)
+        rows, cols = max(self.table_.shape[0], table.shape[0]), max(self.table_.shape[1], table.shape[1])
+        if (rows, cols) != self.table_.shape:
+            grown = np.zeros((rows, cols), np.int64)
+            grown[:self.table_.shape[0], :self.table_.shape[1]] = self.table_
+            self.table_ = grown
+        self.table_[:table.shape[0], :table.shape[1]] += table
+        return self
+
+    @property
+    def total(self) -> int:
+        return int(self.table_.sum())
+
+
+def _table(labels_true, labels_pred, contingency) -> np.ndarray:
+    if contingency is None:
+        if labels_true is None or labels_pred is None:
+            raise TypeError("give labels_true and labels_pred, or contingency=")
+        contingency = Contingency().update(labels_true, labels_pred).table_
+    table = np.asarray(contingency, dtype=np.int64)
+    table = table[table.sum(1) > 0][:, table.sum(0) > 0]
+    if table.size == 0:
+        raise PartkitError("no label pairs to score (empty input)")
+    return table
+
+
+def _entropy(counts: np.ndarray) -> float:
+    pi = counts[counts > 0].astype(np.float64)
+    if pi.size == 1:
+        return 0.0
+    total = pi.sum()
+    return float(-np.sum((pi / total) * (np.log(pi) - log(total))))
+
+
+def nmi_score(labels_true=None, labels_pred=None, *, contingency=None) -> float:
+    """Normalized mutual information, arithmetic normalisation: sklearn's default, to 1e-12.
+
+    Give the two labelings, or a precomputed ``contingency`` table (true x predicted counts).
+
+    Example:
+        >>> round(nmi_score([0, 0, 1, 1], [0, 0, 1, 2]), 4)
+        0.8
+    """
+    table = _table(labels_true, labels_pred, contingency)
+    if table.shape[0] == table.shape[1] == 1:
+        return 1.0  # neither labeling splits the data: a perfect match, as in sklearn
+    pi, pj = table.sum(1).astype(np.float64), table.sum(0).astype(np.float64)
+    if pi.size == 1 or pj.size == 1:
+        return 0.0
+    nzx, nzy = np.nonzero(table)
+    nz = table[nzx, nzy].astype(np.float64)
+    total = float(table.sum())
+    p = nz / total
+    log_outer = -(np.log(pi[nzx]) + np.log(pj[nzy])) + 2 * log(total)
+    mi = p * (np.log(nz) - log(total)) + p * log_outer
+    mi = float(np.clip(np.where(np.abs(mi) < np.finfo(np.float64).eps, 0.0, mi).sum(), 0.0, None))
+    if mi == 0:
+        return 0.0
+    return float(mi / np.mean([_entropy(pi), _entropy(pj)]))
+
+
+def ari_score(labels_true=None, labels_pred=None, *, contingency=None) -> float:
+    """Adjusted Rand index, identical to sklearn's (exact integer pair counts at any size).
+
+    Example:
+        >>> ari_score([0, 0, 1, 1], [1, 1, 0, 0])
+        1.0
+    """
+    table = _table(labels_true, labels_pred, contingency)
+    n = int(table.sum())
+    squares = sum(int(v) * int(v) for v in table[table > 0])
+    rows = sum(int(v) * int(v) for v in table.sum(1))
+    cols = sum(int(v) * int(v) for v in table.sum(0))
+    tp = squares - n
+    fp = cols - squares
+    fn = rows - squares
+    tn = n * n - fp - fn - squares
+    if fn == 0 and fp == 0:
+        return 1.0
+    return 2.0 * (tp * tn - fn * fp) / ((tp + fn) * (fn + tn) + (tp + fp) * (fp + tn))
+
+
+# ---------------------------------------------------------------------------------------------
+# Matching discovered clusters to ground-truth parts, and mIoU
+
+
+def match_clusters(table, method: str = "majority", *, ignore_pred: Iterable[int] = ()) -> np.ndarray:
+    """Map each predicted id (column of ``table``) to a true id (row), or -1 if unmapped.
+
+    ``majority``: many-to-one, each cluster to the true id it overlaps most (ties: lowest id).
+    ``hungarian``: one-to-one maximising total overlap (scipy ``linear_sum_assignment``).
+    ``none``: ids are already true ids. Columns in ``ignore_pred`` and columns with no
+    overlap with any row are never mapped.
+
+    Example:
+        >>> match_clusters([[0, 5, 1], [0, 4, 0]], "majority").tolist()
+        [-1, 0, 0]
+    """
+    table = np.asarray(table, dtype=np.int64)
+    n_true, n_pred = table.shape
+    mapping = np.full(n_pred, -1, dtype=np.int64)
+    usable = table.sum(0) > 0
+    usable[[i for i in ignore_pred if i < n_pred]] = False
+    if method == "none":
+        ids = np.arange(n_pred)
+        keep = np.array([i not in set(ignore_pred) for i in ids], bool) & (ids < n_true)
+        mapping[keep] = ids[keep]
+    elif method == "majority":
+        mapping[usable] = table[:, usable].argmax(0)
+    elif method == "hungarian":
+        from scipy.optimize import linear_sum_assignment
+
+        rows = np.flatnonzero(table.sum(1) > 0)
+        cols = np.flatnonzero(usable)
+        if rows.size and cols.size:
+            r, c = linear_sum_assignment(table[np.ix_(rows, cols)], maximize=True)
+            mapping[cols[c]] = rows[r]
+    else:
+        raise PartkitError(f"unknown matching {method!r}; choose majority, hungarian or none")
+    return mapping
+
+
+def confusion_iou(confusion, true_totals=None) -> np.ndarray:
+    """Per-class IoU from a square confusion matrix (rows true, columns predicted); NaN where
+    the class is neither true nor predicted. ``true_totals`` overrides the row sums (to count
+    pixels whose prediction maps to no class as misses)."""
+    conf = np.asarray(confusion, dtype=np.float64)
+    inter = np.diag(conf)
+    rows = conf.sum(1) if true_totals is None else np.asarray(true_totals, dtype=np.float64)
+    union = rows + conf.sum(0) - inter
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(union > 0, inter / union, np.nan)
+
+
+def matched_iou(table, method: str = "majority", *, fit_table=None, ignore_true: Iterable[int] = (),
+                ignore_pred: Iterable[int] = ()) -> tuple[np.ndarray, np.ndarray]:
+    """IoU of each true id after mapping predicted ids onto true ids with :func:`match_clusters`.
+
+    The mapping is fitted on ``fit_table`` (default: ``table`` itself). Rows in ``ignore_true``
+    are dropped from both tables (e.g. background for a foreground-only protocol); pixels of a
+    cluster that maps to nothing are misses of their true part. Returns ``(iou, mapping)``;
+    ``iou[t]`` is NaN for ids that are neither true nor predicted.
+
+    Example:
+        >>> iou, mapping = matched_iou([[4, 0, 0], [0, 3, 1]])
+        >>> iou.tolist(), mapping.tolist()
+        ([1.0, 1.0], [0, 1, 1])
+    """
+    table = np.array(table, dtype=np.int64)
+    fit = table if fit_table is None else np.array(fit_table, dtype=np.int64)
+    rows = max(table.shape[0], fit.shape[0])
+    table = _pad(table, rows, max(table.shape[1], 1))
+    fit = _pad(fit, rows, fit.shape[1])
+    drop = [i for i in ignore_true if i < rows]
+    table[drop] = 0
+    fit[drop] = 0
+    mapping = match_clusters(fit, method, ignore_pred=ignore_pred)
+    mapping = np.concatenate([mapping, np.full(max(0, table.shape[1] - mapping.size), -1)])[:table.shape[1]]
+    valid = mapping >= 0
+    onehot = np.zeros((valid.sum(), rows), np.int64)
+    onehot[np.arange(valid.sum()), mapping[valid]] = 1
+    iou = confusion_iou(table[:, valid] @ onehot, true_totals=table.sum(1))
+    iou[drop] = np.nan
+    return iou, mapping
+
+
+def _pad(table: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    out = np.zeros((rows, cols), np.int64)
+    out[:table.shape[0], :table.shape[1]] = table[:rows, :cols]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Masks: IoU, average recall of proposals, COCO mask AP
+
+COCO_IOU_THRESHOLDS = np.linspace(0.5, 0.95, int(np.round((0.95 - 0.5) / 0.05)) + 1, endpoint=True)
+
+
+def mask_iou(dt: Sequence[dict], gt: Sequence[dict], iscrowd: Optional[Sequence[int]] = None) -> np.ndarray:
+    """IoU matrix (len(dt) x len(gt)) of compressed-RLE masks, via ``pycocotools.mask.iou``."""
+    from pycocotools import mask as mask_utils
+
+    if len(dt) == 0 or len(gt) == 0:
+        return np.zeros((len(dt), len(gt)))
+    crowd = [0] * len(gt) if iscrowd is None else [int(c) for c in iscrowd]
+    return np.asarray(mask_utils.iou(list(dt), list(gt), crowd), dtype=np.float64).reshape(len(dt), len(gt))
+
+
+def greedy_recall(iou, ks: Sequence[int], thresholds=COCO_IOU_THRESHOLDS) -> np.ndarray:
+    """Ground-truth masks matched by the top-k proposals, for each k and IoU threshold.
+
+    ``iou`` is (proposals sorted by descending score) x (ground-truth masks). Matching is
+    COCO's: proposals in score order each take the unmatched ground truth of highest IoU at
+    or above the threshold. Greedy matching never revisits a proposal, so the matches of the
+    top k are a prefix of the matches of all. Returns an int array ``len(ks) x len(thresholds)``.
+    """
+    iou = np.asarray(iou, dtype=np.float64)
+    thr = np.minimum(np.asarray(thresholds, dtype=np.float64), 1 - 1e-10)[:, None]
+    n_dt, n_gt = iou.shape
+    taken = np.zeros((thr.shape[0], n_gt), bool)
+    matched_after = np.zeros((n_dt + 1, thr.shape[0]), np.int64)
+    for d in range(n_dt):
+        cand = np.where((iou[d][None, :] >= thr) & ~taken, iou[d][None, :], -1.0)
+        has = cand.max(1, initial=-1.0) >= 0
+        if has.any():
+            best = n_gt - 1 - np.argmax(cand[:, ::-1], axis=1)  # last of equal maxima, as COCO
+            taken[np.flatnonzero(has), best[has]] = True
+        matched_after[d + 1] = taken.sum(1)
+    return matched_after[np.minimum(np.asarray(ks), n_dt)]
+
+
+class RecallAccumulator:
+    """AR@k pooled over a dataset: matched ground truths / all ground truths, averaged over
+    IoU thresholds 0.5:0.05:0.95.
+
+    Example:
+        >>> acc = RecallAccumulator(ks=(1, 2)).update([[0.9, 0.0], [0.0, 0.6]])
+        >>> [round(v, 3) for v in acc.result().values()]
+        [0.45, 0.6]
+    """
+
+    def __init__(self, ks: Sequence[int] = (1, 10, 50, 100, 200), thresholds=COCO_IOU_THRESHOLDS):
+        self.ks = tuple(int(k) for k in ks)
+        self.thresholds = np.asarray(thresholds, dtype=np.float64)
+        self.matched_ = np.zeros((len(self.ks), len(self.thresholds)), np.int64)
+        self.n_gt_ = 0
+
+    def update(self, iou) -> "RecallAccumulator":
+        iou = np.asarray(iou, dtype=np.float64)
+        self.matched_ += greedy_recall(iou, self.ks, self.thresholds)
+        self.n_gt_ += iou.shape[1]
+        return self
+
+    def result(self) -> dict[int, float]:
+        if self.n_gt_ == 0:
+            raise PartkitError("no ground-truth masks to recall")
+        return {k: float((self.matched_[i] / self.n_gt_).mean()) for i, k in enumerate(self.ks)}
+
+
+def coco_mask_ap(images: Sequence[dict], detections: Sequence[dict], *, class_agnostic: bool = True,
+                 max_dets: int = 100) -> dict[str, float]:
+    """COCO mask AP, AP50 and AP75 with ``pycocotools.cocoeval.COCOeval`` (its prints silenced).
+
+    ``images``: ``{"id", "height", "width", "annotations": [{"segmentation": rle, "category_id",
+    "iscrowd"}]}``; ``detections``: ``{"image_id", "segmentation", "score", "category_id"}``.
+    With ``class_agnostic`` every category becomes 1. No detections at all scores 0.
+    """
+    from pycocotools import mask as mask_utils
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    anns, cats = [], set()
+    for img in images:
+        for a in img["annotations"]:
+            cat = 1 if class_agnostic else int(a["category_id"])
+            cats.add(cat)
+            anns.append({"id": len(anns) + 1, "image_id": img["id"], "category_id": cat,
+                         "segmentation": a["segmentation"], "area": float(mask_utils.area(a["segmentation"])),
+                         "bbox": list(mask_utils.toBbox(a["segmentation"])), "iscrowd": int(a.get("iscrowd", 0))})
+    if not any(a["iscrowd"] == 0 for a in anns):
+        raise PartkitError("no ground-truth masks to score")
+    if not detections:
+        return {"ap": 0.0, "ap50": 0.0, "ap75": 0.0}
+    dets = [{"image_id": d["image_id"], "category_id": 1 if class_agnostic else int(d["category_id"]),
+             "segmentation": d["segmentation"], "score": float(d["score"])} for d in detections]
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO()
+        gt.dataset = {"images": [{"id": i["id"], "height": i["height"], "width": i["width"]} for i in images],
+                      "annotations": anns, "categories": [{"id": c, "name": str(c)} for c in sorted(cats)]}
+        gt.createIndex()
+        ev = COCOeval(gt, gt.loadRes(dets), iouType="segm")
+        ev.params.maxDets = [1, 10, int(max_dets)]
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return {"ap": max(float(ev.stats[0]), 0.0), "ap50": max(float(ev.stats[1]), 0.0),
+            "ap75": max(float(ev.stats[2]), 0.0)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Retrieval
+
+
+def _ap_rows(scores: np.ndarray, positives: np.ndarray) -> np.ndarray:
+    """Average precision of each row, with sklearn's handling of tied scores."""
+    order = np.argsort(-scores, axis=1, kind="stable")
+    s = np.take_along_axis(scores, order, 1)
+    y = np.take_along_axis(positives, order, 1)
+    n = s.shape[1]
+    tp = np.cumsum(y, axis=1)
+    # Items with tied scores share one precision: the one at the end of their tie group.
+    is_end = np.ones_like(s, dtype=bool)
+    is_end[:, :-1] = s[:, 1:] != s[:, :-1]
+    end = np.where(is_end, np.arange(n), n)
+    end = np.minimum.accumulate(end[:, ::-1], axis=1)[:, ::-1]
+    precision = np.take_along_axis(tp, end, 1) / (end + 1.0)
+    n_pos = y.sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(n_pos > 0, (y * precision).sum(1) / n_pos, np.nan)
+
+
+def average_precision(y_true, y_score) -> float:
+    """Average precision of one ranking, equal to ``sklearn.metrics.average_precision_score``.
+
+    Example:
+        >>> round(average_precision([1, 0, 1], [0.9, 0.8, 0.1]), 4)
+        0.8333
+    """
+    return float(_ap_rows(np.asarray(y_score, np.float64)[None], np.asarray(y_true, bool)[None])[0])
+
+
+def retrieval_ap(features, labels, *, exclude_self: bool = False) -> np.ndarray:
+    """Each row of ``features`` queries all rows by cosine similarity; AP per query with
+    positives = rows of the same label. The query itself is ranked (first, a positive) unless
+    ``exclude_self``. Queries with no positive get NaN.
+
+    Example:
+        >>> retrieval_ap([[1, 0], [1, 0.1], [0, 1]], ["a", "a", "b"]).tolist()
+        [1.0, 1.0, 1.0]
+    """
+    x = np.asarray(features, dtype=np.float64)
+    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    _, ids = np.unique(np.asarray(labels), return_inverse=True)
+    n = len(ids)
+    out = np.empty(n)
+    step = max(1, (1 << 23) // max(n, 1))
+    for start in range(0, n, step):
+        rows = np.arange(start, min(n, start + step))
+        sims = x[rows] @ x.T
+        pos = ids[rows][:, None] == ids[None, :]
+        if exclude_self:
+            sims[np.arange(rows.size), rows] = -np.inf  # ranked last, as a negative: no effect on AP
+            pos[np.arange(rows.size), rows] = False
+        out[rows] = _ap_rows(sims, pos)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# 3D shapes
+
+
+def shape_miou(table, parts: Sequence[int], mapping: Optional[np.ndarray] = None) -> float:
+    """Mean IoU over a category's ``parts`` for one shape (ShapeNetPart convention: a part
+    absent from both prediction and truth has IoU 1).
+
+    ``table`` is the shape's true x predicted point counts; ``mapping[p]`` is the part that
+    predicted id ``p`` stands for (-1: none), identity by default.
+
+    Example:
+        >>> from partkit.metrics import Contingency
+        >>> t = Contingency().update([6, 6, 7, 7], [6, 6, 6, 7]).table_
+        >>> round(shape_miou(t, parts=[6, 7, 8]), 4)  # IoUs 2/3, 1/2 and 1 (part 8 absent)
+        0.7222
+    """
+    table = np.asarray(table, dtype=np.int64)
+    n_pred = table.shape[1]
+    mapping = np.arange(n_pred) if mapping is None else np.asarray(mapping)[:n_pred]
+    mapping = np.concatenate([mapping, np.full(n_pred - mapping.size, -1)])
+    parts = np.asarray(list(parts), dtype=np.int64)
+    true_counts = np.zeros(parts.size)
+    inside = parts < table.shape[0]
+    true_counts[inside] = table.sum(1)[parts[inside]]
+    col = table.sum(0)
+    ious = np.empty(parts.size)
+    for i, p in enumerate(parts):
+        cols = mapping == p
+        pred = col[cols].sum()
+        inter = table[p, cols].sum() if p < table.shape[0] else 0
+        union = true_counts[i] + pred - inter
+        ious[i] = 1.0 if union == 0 else inter / union
+    return float(ious.mean()) if parts.size else float("nan")
+
+
+# ---------------------------------------------------------------------------------------------
+# Linear probes
+
+
+def fit_linear_probe(x, y, *, sample_weight=None, c: float = 1.0, seed: int = 0, max_iter: int = 500):
+    """A linear classifier on frozen features (standardised, multinomial logistic regression).
+
+    Deterministic (lbfgs). Returns a fitted sklearn pipeline with ``predict``.
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    y = np.asarray(y)
+    if np.unique(y).size < 2:
+        raise PartkitError("the probe's training data has a single class; give more training images (--probe-train)")
+    model = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=max_iter, random_state=seed))
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        model.fit(np.asarray(x, np.float32), y, logisticregression__sample_weight=sample_weight)
+    return model

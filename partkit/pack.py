@@ -1,0 +1,176 @@
+"""``partkit pack``: turn folders of images (and labels, COCO annotations) into shards.
+
+>>> pack(["photos/"], labels="labels/", output=Output("shards/"))  # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+from typing import Iterator, Optional, Sequence
+
+from .errors import BadSample, PartkitError
+from .io import Output, encode_json, run_stage
+from .io.codecs import IMAGE_EXTS, _open_checked
+
+__all__ = ["pack", "find_images", "sample_key"]
+
+_EXT_ALIASES = {"jpeg": "jpg", "tiff": "tif"}
+
+
+def sample_key(path: str) -> str:
+    """A stable, dot-free key from a file stem (``img.v2.jpg`` -> ``img_v2``)."""
+    stem = os.path.splitext(os.path.basename(path))[0]
+    return re.sub(r"[.\s/\\]", "_", stem)
+
+
+def find_images(specs: Sequence[str]) -> list[str]:
+    """Image files from folders (recursive), globs or paths; sorted within each spec."""
+    from braceexpand import braceexpand
+
+    found: list[str] = []
+    for spec in specs:
+        for part in braceexpand(spec):
+            if os.path.isdir(part):
+                files = sorted(p for p in glob.glob(os.path.join(glob.escape(part), "**", "*"), recursive=True)
+                               if p.lower().rsplit(".", 1)[-1] in IMAGE_EXTS and os.path.isfile(p))
+                if not files:
+                    raise PartkitError(f"folder {part!r} holds no images ({', '.join(IMAGE_EXTS)})")
+                found.extend(files)
+            elif set("*?[") & set(part):
+                files = sorted(glob.glob(part))
+                if not files:
+                    raise PartkitError(f"pattern {part!r} matches no file")
+                found.extend(files)
+            elif os.path.isfile(part):
+                found.append(part)
+            else:
+                raise PartkitError(f"input {part!r} does not exist; check the path")
+    return found
+
+
+def _load_coco(path: str) -> dict:
+    """COCO JSON -> {file stem: {"image": ..., "annotations": [...]}, "__categories__": {...}}."""
+    try:
+        with open(path) as f:
+            coco = json.load(f)
+    except OSError as e:
+        raise PartkitError(f"cannot read --coco file {path!r}: {e.strerror}") from None
+    except ValueError:
+        raise PartkitError(f"--coco file {path!r} is not valid JSON") from None
+    if not isinstance(coco, dict) or "images" not in coco or "annotations" not in coco:
+        raise PartkitError(f"--coco file {path!r} lacks 'images'/'annotations'; expected COCO instances JSON")
+    cats = {c["id"]: c for c in coco.get("categories", [])}
+    by_id = {im["id"]: {"image": im, "annotations": []} for im in coco["images"]}
+    for ann in coco["annotations"]:
+        if ann.get("image_id") in by_id:
+            by_id[ann["image_id"]]["annotations"].append(ann)
+    table = {sample_key(v["image"]["file_name"]): v for v in by_id.values()}
+    table["__categories__"] = cats
+    return table
+
+
+def _objects(entry: dict, cats: dict, height: int, width: int, key: str) -> tuple[bytes, Optional[bytes]]:
+    from pycocotools import mask as mask_utils
+
+    objects, kpts, kpt_names = [], [], None
+    for ann in entry["annotations"]:
+        seg = ann.get("segmentation")
+        if seg is None:
+            raise BadSample(key, f"COCO annotation {ann.get('id')} has no segmentation")
+        try:
+            if isinstance(seg, list):
+                rle = mask_utils.merge(mask_utils.frPyObjects(seg, height, width))
+            elif isinstance(seg.get("counts"), list):
+                rle = mask_utils.frPyObjects(seg, height, width)
+            else:
+                rle = dict(seg)
+        except Exception:
+            raise BadSample(key, f"COCO annotation {ann.get('id')} has an unreadable segmentation") from None
+        if list(rle["size"]) != [height, width]:
+            raise BadSample(key, f"COCO mask size {rle['size']} differs from the image's {[height, width]}")
+        counts = rle["counts"].decode("ascii") if isinstance(rle["counts"], bytes) else rle["counts"]
+        cat = cats.get(ann.get("category_id"), {})
+        objects.append({
+            "id": ann.get("id"), "category_id": ann.get("category_id"), "category": cat.get("name"),
+            "bbox": [float(v) for v in mask_utils.toBbox(rle)], "area": float(mask_utils.area(rle)),
+            "iscrowd": int(ann.get("iscrowd", 0)), "segmentation": {"size": [height, width], "counts": counts},
+        })
+        if "keypoints" in ann:
+            k = ann["keypoints"]
+            kpts.append([[float(k[i]), float(k[i + 1]), int(k[i + 2])] for i in range(0, len(k), 3)])
+            kpt_names = cat.get("keypoints", kpt_names)
+    objects_bytes = encode_json({"objects": objects})
+    kpts_bytes = None
+    if kpts:
+        names = kpt_names or [f"kp{i}" for i in range(len(kpts[0]))]
+        kpts_bytes = encode_json({"keypoints": kpts, "names": names})
+    return objects_bytes, kpts_bytes
+
+
+def pack(
+    images: Sequence[str],
+    *,
+    labels: Optional[str] = None,
+    coco: Optional[str] = None,
+    category: Optional[str] = None,
+    provenance: Optional[str] = None,
+    output: Output = Output(),
+    skip_bad: bool = False,
+) -> dict:
+    """Write one sample per image: the image bytes, ``json`` metadata, and ground truth if given."""
+    files = find_images(images)
+    keys = [sample_key(p) for p in files]
+    seen: dict[str, str] = {}
+    for k, p in zip(keys, files):
+        if k in seen:
+            raise PartkitError(f"two images give the same key {k!r}: {seen[k]} and {p}; rename one")
+        seen[k] = p
+    if labels is not None and not os.path.isdir(labels):
+        raise PartkitError(f"--labels {labels!r} is not a folder; pass the folder of label PNGs")
+    coco_table = _load_coco(coco) if coco else None
+
+    def source(rank: int, world: int) -> Iterator[dict]:
+        for i, (k, p) in enumerate(zip(keys, files)):
+            if i % world == rank:
+                yield {"__key__": k, "__path__": p}
+
+    def prepare(rec: dict) -> dict:
+        key, path = rec["__key__"], rec["__path__"]
+        with open(path, "rb") as f:
+            data = f.read()
+        im = _open_checked(data, key, f"image {path}")
+        width, height = im.size
+        ext = path.rsplit(".", 1)[-1].lower()
+        ext = _EXT_ALIASES.get(ext, ext)
+        meta = {"width": width, "height": height, "source": os.path.abspath(path)}
+        if provenance:
+            meta["provenance"] = provenance
+        if category:
+            meta["category"] = category
+        sample = {"__key__": key, ext: data}
+        if labels is not None:
+            lpath = os.path.join(labels, os.path.splitext(os.path.basename(path))[0] + ".png")
+            if not os.path.isfile(lpath):
+                raise BadSample(key, f"no label map {lpath} for image {path}")
+            with open(lpath, "rb") as f:
+                ldata = f.read()
+            lab = _open_checked(ldata, key, f"label map {lpath}")
+            if lab.size != im.size:
+                raise BadSample(key, f"label map {lpath} is {lab.size[0]}x{lab.size[1]} but the image is {width}x{height}")
+            if lab.mode not in ("L", "P", "I;16", "I;16B", "I;16L", "I"):
+                raise BadSample(key, f"label map {lpath} has mode {lab.mode}; expected single-channel label ids")
+            sample["gt_parts.png"] = ldata
+        if coco_table is not None:
+            entry = coco_table.get(key)
+            if entry is not None:
+                sample["gt_objects.json"], kp = _objects(entry, coco_table["__categories__"], height, width, key)
+                if kp is not None:
+                    sample["gt_kpts.json"] = kp
+        sample["json"] = encode_json(meta)
+        return sample
+
+    config = {"labels": labels, "coco": coco, "category": category, "provenance": provenance}
+    return run_stage(images, lambda batch: batch, output=output, name="pack", prepare=prepare, skip_bad=skip_bad,
+                     config=config, source=source)
