@@ -26,6 +26,7 @@ _COMMANDS = [
     ("pack", "pack"),
     ("extract", "extract"),
     ("models", "models"),
+    ("eval", "eval"), ("show", "show"),
 ]
 
 

@@ -184,8 +184,8 @@ def match_clusters(table, method: str = "majority", *, ignore_pred: Iterable[int
 
     ``majority``: many-to-one, each cluster to the true id it overlaps most (ties: lowest id).
     ``hungarian``: one-to-one maximising total overlap (scipy ``linear_sum_assignment``).
-    ``none``: ids are already true ids. Columns in ``ignore_pred`` and columns with no
-    overlap with any row are never mapped.
+    ``none``: ids are already true ids (identity). Columns in ``ignore_pred``, and for the
+    fitted methods columns with no overlap with any row, are never mapped.
 
     Example:
         >>> match_clusters([[0, 5, 1], [0, 4, 0]], "majority").tolist()
@@ -197,9 +197,8 @@ def match_clusters(table, method: str = "majority", *, ignore_pred: Iterable[int
     usable = table.sum(0) > 0
     usable[[i for i in ignore_pred if i < n_pred]] = False
     if method == "none":
-        ids = np.arange(n_pred)
-        keep = np.array([i not in set(ignore_pred) for i in ids], bool) & (ids < n_true)
-        mapping[keep] = ids[keep]
+        mapping = np.arange(n_pred, dtype=np.int64)
+        mapping[[i for i in ignore_pred if i < n_pred]] = -1
     elif method == "majority":
         mapping[usable] = table[:, usable].argmax(0)
     elif method == "hungarian":
@@ -250,7 +249,12 @@ def matched_iou(table, method: str = "majority", *, fit_table=None, ignore_true:
     table[drop] = 0
     fit[drop] = 0
     mapping = match_clusters(fit, method, ignore_pred=ignore_pred)
+    if method == "none":
+        mapping = match_clusters(table, method, ignore_pred=ignore_pred)
     mapping = np.concatenate([mapping, np.full(max(0, table.shape[1] - mapping.size), -1)])[:table.shape[1]]
+    if mapping.max(initial=-1) >= rows:  # predicted ids that are no true id: parts never seen in truth
+        rows = int(mapping.max()) + 1
+        table = _pad(table, rows, table.shape[1])
     valid = mapping >= 0
     onehot = np.zeros((valid.sum(), rows), np.int64)
     onehot[np.arange(valid.sum()), mapping[valid]] = 1

@@ -141,6 +141,8 @@ class FolderSink:
         pass
 
     def abort(self) -> None:
+        if self.writer is not None:
+            self.writer.discard()
         if self.file is not None:
             self.file.close()
         if self.tmp and os.path.exists(self.tmp):

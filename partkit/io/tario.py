@@ -91,3 +91,8 @@ class TarSampleWriter:
 
     def close(self) -> None:
         self.tf.close()
+
+    def discard(self) -> None:
+        """Abandon the stream without flushing (the caller deletes the file)."""
+        self.tf.closed = True
+        self.tf.fileobj.closed = True  # tarfile's stream would otherwise flush on garbage collection

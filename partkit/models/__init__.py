@@ -118,3 +118,34 @@ def _create_open_clip(spec: BackboneSpec, arch: str, src: WeightSource) -> Backb
     std = getattr(visual, "image_std", None) or open_clip.OPENAI_DATASET_STD
     visual.eval()
     return OpenClipViT(spec.name, visual, mean, std, src.describe(), default_layers=spec.default_layers or (-1,))
+
+
+def describe(name: str) -> dict:
+    """Registry facts without loading weights: family, source, local weights, feature layers."""
+    import torch
+
+    spec = get_spec(name)
+    local = find_local(spec)
+    info = {"name": spec.name, "family": spec.family, "source": spec.source, "hub_tag": spec.hub_tag,
+            "local_weights": local.describe() if local else None, "default_layers": list(spec.default_layers),
+            "default_facet": spec.default_facet, "description": spec.description}
+    if spec.family == "pixels":
+        info.update(num_layers=1, reductions=[4])
+        return info
+    kind, arch = spec.source.split(":", 1)
+    with torch.device("meta"):  # shapes only: no memory, no init cost
+        if kind == "timm":
+            import timm
+
+            net = timm.create_model(arch, pretrained=False)
+            if spec.family == "vit":
+                info.update(num_layers=len(net.blocks), reductions=[int(net.patch_embed.patch_size[0])])
+            else:
+                info.update(num_layers=len(net.feature_info),
+                            reductions=[int(f["reduction"]) for f in net.feature_info])
+        else:
+            import open_clip
+
+            vision = (open_clip.get_model_config(arch) or {}).get("vision_cfg", {})
+            info.update(num_layers=vision.get("layers"), reductions=[vision.get("patch_size")])
+    return info

@@ -1,0 +1,160 @@
+"""Score part predictions against ground truth: nmi, ari, miou, ar, mask-ap, retrieval, miou-3d, probe.
+
+Metric names come first, then the input shards (default: stdin):
+  partkit eval nmi ari miou parts/{000000..000009}.tar --region full
+A table goes to stderr and the JSON report to stdout (or --json FILE).
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import List, Optional
+
+import typer
+
+from partkit._log import console
+from partkit.errors import PartkitError
+from partkit.evaluate import METRICS, EvalOptions, evaluate
+
+from ._common import SkipBadOpt, cli_errors, get_globals
+
+_INPUT_CHARS = set("/.*?{[-:")
+
+
+def split_args(args: List[str]) -> tuple[list[str], list[str]]:
+    """Leading metric names, then inputs; a metric name after an input is an error."""
+    metrics, inputs = [], []
+    for arg in args:
+        if arg in METRICS and not inputs:
+            metrics.append(arg)
+        elif arg in METRICS:
+            raise PartkitError(f"metric {arg!r} comes after the input {inputs[0]!r}; put metric names first")
+        elif not metrics:
+            raise PartkitError(f"unknown metric {arg!r}; choose from {', '.join(METRICS)} (metric names come first)")
+        elif not inputs and not os.path.exists(arg) and not _INPUT_CHARS & set(arg):
+            raise PartkitError(f"unknown metric {arg!r} and no such file; choose from {', '.join(METRICS)}")
+        else:
+            inputs.append(arg)
+    if not metrics:
+        raise PartkitError(f"no metric given; choose from {', '.join(METRICS)}")
+    return metrics, inputs or ["-"]
+
+
+def _ints(text: str, opt: str) -> list[int]:
+    try:
+        return [int(k) for k in text.split(",") if k.strip()]
+    except ValueError:
+        raise PartkitError(f"{opt} must be comma-separated integers, got {text!r}") from None
+
+
+def _load_json(path: Optional[str], opt: str):
+    if path is None:
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise PartkitError(f"cannot read {opt} {path!r}: {e}") from None
+
+
+def _summary(name: str, r: dict) -> tuple[str, str]:
+    """(value column, protocol column) of one metric's result."""
+    def v(x):
+        return "-" if x is None else f"{x:.2f}"
+
+    if name in ("nmi", "ari"):
+        where = f"keypoints ({r['pairs']} visible)" if r["at"] == "keypoints" else f"{r['region']} pixels ({r['pairs']:,})"
+        return v(r["value"]), f"pooled over {where}; {r['true_labels']} true x {r['pred_labels']} predicted labels"
+    if name == "miou":
+        extra = f"; C-mIoU {v(r['c_miou'])}, A-mIoU {v(r['a_miou'])}" if "c_miou" in r else ""
+        return v(r["value"]), f"{r['match']} matching fitted on {r['fitted_on']}, {r['region']} pixels, " \
+                              f"{len(r['iou'])} parts{extra}"
+    if name == "ar":
+        ks = [k for k in r if k.startswith("ar@")]
+        return v(r["value"]), ", ".join(f"{k.upper()} {v(r[k])}" for k in ks) + f" over {r['gt_masks']} GT masks"
+    if name == "mask-ap":
+        agn = "class-agnostic" if r["class_agnostic"] else "per class"
+        return v(r["value"]), f"AP50 {v(r['ap50'])}, AP75 {v(r['ap75'])}; {agn}, {r['detections']} detections"
+    if name == "retrieval":
+        self_ = "excluded" if r["exclude_self"] else "included"
+        return v(r["value"]), f"mAP over parts {v(r['map'])}; {r['queries']} queries, self {self_}"
+    if name == "miou-3d":
+        return v(r["value"]), f"instance mIoU; class mIoU {v(r['class_miou'])} over {len(r['per_class'])} " \
+                              f"categories, {r['shapes']} shapes, match {r['match']}"
+    if name == "probe":
+        return v(r["value"]), f"linear seg mIoU ({r['region']}); {r['target']} classification acc " \
+                              f"{v(r['cls_accuracy'])}, balanced {v(r['cls_balanced_accuracy'])}; " \
+                              f"{r['train_images']} train / {r['test_images']} test images"
+    return v(r.get("value")), ""
+
+
+def print_table(report: dict) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"partkit eval: {report['samples']} samples", title_justify="left")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_column("protocol")
+    for name, result in report["metrics"].items():
+        table.add_row(name, *_summary(name, result))
+    console.print(table)
+
+
+@cli_errors
+def main(
+    ctx: typer.Context,
+    args: List[str] = typer.Argument(..., metavar="METRIC... [SHARDS...]",
+                                     help=f"Metrics ({', '.join(METRICS)}), then input shards (default '-', stdin)."),
+    pred: Optional[str] = typer.Option(None, "--pred", help="Predicted field [default: parts.png; pred_parts.npy "
+                                                            "for miou-3d]."),
+    gt_field: Optional[str] = typer.Option(None, "--gt-field", help="Ground-truth field [default: gt_parts.png; "
+                                                                    "gt_parts.npy for miou-3d]."),
+    region: str = typer.Option("fg", "--region", help="fg: ground-truth foreground pixels only; full: background "
+                                                      "is a label too."),
+    at: str = typer.Option("pixels", "--at", help="nmi/ari at pixels, or at visible ground-truth keypoints (CUB)."),
+    match: str = typer.Option("majority", "--match", help="Cluster-to-part matching for miou/miou-3d: majority "
+                                                          "(many-to-one), hungarian (one-to-one) or none."),
+    match_on: List[str] = typer.Option([], "--match-on", help="Fit the matching on these shards (repeatable) "
+                                                              "instead of the scored ones."),
+    proposals: str = typer.Option("proposals.json", "--proposals", help="Field with scored RLE proposals (ar, mask-ap)."),
+    gt: str = typer.Option("parts", "--gt", help="ar/mask-ap ground truth: parts (one mask per id in gt_parts.png) "
+                                                 "or objects (gt_objects.json)."),
+    ks: str = typer.Option("1,10,50,100,200", "--ks", help="k values for AR@k."),
+    max_dets: int = typer.Option(100, "--max-dets", help="Detections per image for mask-ap."),
+    feat: str = typer.Option("feat.npy", "--feat", help="Feature field (retrieval, probe)."),
+    patch: int = typer.Option(3, "--patch", help="retrieval: pool a PATCH x PATCH window of cells per keypoint."),
+    exclude_self: bool = typer.Option(False, "--exclude-self", help="retrieval: leave the query out of its ranking."),
+    kpt_min_v: int = typer.Option(1, "--kpt-min-v", help="Use keypoints with visibility v >= this (COCO: 2 visible)."),
+    category_parts: Optional[str] = typer.Option(None, "--category-parts", help="miou-3d: JSON file {category: "
+                                                                                "[part ids]} [default: ids in data]."),
+    probe_train: int = typer.Option(10, "--probe-train", help="probe: train on the first N images, score the rest."),
+    probe_target: str = typer.Option("part", "--probe-target", help="probe classification target: part or category."),
+    probe_c: float = typer.Option(1.0, "--probe-c", help="probe: inverse L2 regularisation strength."),
+    json_path: Optional[str] = typer.Option(None, "--json", help="Write the JSON report here instead of stdout."),
+    viz: Optional[str] = typer.Option(None, "--viz", help="Also draw overlays, purity grid and confusion map here."),
+    viz_max: int = typer.Option(16, "--viz-max", help="Overlays for the first N samples."),
+    skip_bad: bool = SkipBadOpt,
+):
+    """Score part predictions against ground truth: nmi, ari, miou, ar, mask-ap, retrieval, miou-3d, probe.
+
+    Metric names come first, then input shards (default: stdin). A table goes to stderr and
+    the JSON report to stdout (or --json FILE); scores are x100.
+    """
+    g = get_globals(ctx)
+    metrics, inputs = split_args(args)
+    options = EvalOptions(
+        pred=pred, gt_field=gt_field, region=region, at=at, match=match, match_on=match_on, proposals=proposals,
+        gt=gt, ks=_ints(ks, "--ks"), max_dets=max_dets, feat=feat, patch=patch, exclude_self=exclude_self,
+        kpt_min_visibility=kpt_min_v, category_parts=_load_json(category_parts, "--category-parts"),
+        probe_train=probe_train, probe_target=probe_target, probe_c=probe_c, seed=g.seed, skip_bad=skip_bad,
+        viz_dir=viz, viz_max=viz_max)
+    options.validate(metrics)
+    report = evaluate(inputs, metrics, options)
+    if not g.quiet:
+        print_table(report)
+    text = json.dumps(report, indent=2, sort_keys=False)
+    if json_path:
+        with open(json_path, "w") as f:
+            f.write(text + "\n")
+    else:
+        typer.echo(text)

@@ -1,0 +1,64 @@
+"""Draw pictures of part predictions: overlays, purity grids, confusion heat maps."""
+from __future__ import annotations
+
+import typer
+
+from partkit._log import log
+from partkit.evaluate import EvalOptions, render
+
+from ._common import InputsArg, SkipBadOpt, cli_errors
+
+app = typer.Typer(
+    help="Draw pictures of part predictions (PNG files; nothing on stdout).",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+)
+
+PredOpt = typer.Option("parts.png", "--pred", help="Predicted label-map field.")
+GtOpt = typer.Option("gt_parts.png", "--gt-field", help="Ground-truth label-map field.")
+
+
+def _render(inputs, view: str, out: str, **options) -> None:
+    files = render(inputs, view, out, EvalOptions(**options))
+    for kind, path in files.items():
+        log(f"show {kind}: wrote {path}")
+
+
+@app.command("overlays")
+@cli_errors
+def overlays(
+    inputs: list[str] = InputsArg,
+    output: str = typer.Option(..., "--output", "-o", help="Folder for one <key>.png per sample."),
+    pred: str = PredOpt,
+    gt_field: str = GtOpt,
+    max_samples: int = typer.Option(16, "--max", help="Draw the first N samples."),
+    skip_bad: bool = SkipBadOpt,
+):
+    """Image, predicted parts and ground truth side by side (colours fixed per part id)."""
+    _render(inputs, "overlays", output, pred=pred, gt_field=gt_field, viz_max=max_samples, skip_bad=skip_bad)
+
+
+@app.command("purity")
+@cli_errors
+def purity(
+    inputs: list[str] = InputsArg,
+    output: str = typer.Option("purity.png", "--output", "-o", help="PNG file."),
+    pred: str = PredOpt,
+    skip_bad: bool = SkipBadOpt,
+):
+    """For each discovered part, a 3x3 grid of the images where it is largest, highlighted."""
+    _render(inputs, "purity", output, pred=pred, skip_bad=skip_bad)
+
+
+@app.command("confusion")
+@cli_errors
+def confusion(
+    inputs: list[str] = InputsArg,
+    output: str = typer.Option("confusion.png", "--output", "-o", help="PNG file."),
+    pred: str = PredOpt,
+    gt_field: str = GtOpt,
+    region: str = typer.Option("fg", "--region", help="fg: ground-truth foreground pixels; full: all pixels."),
+    skip_bad: bool = SkipBadOpt,
+):
+    """Heat map of predicted cluster x ground-truth part (each cluster's pixels split over parts)."""
+    _render(inputs, "confusion", output, pred=pred, gt_field=gt_field, region=region, skip_bad=skip_bad)

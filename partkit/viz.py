@@ -1,0 +1,229 @@
+"""Pictures of part predictions: overlays, purity grids, confusion heat maps. Files only.
+
+Colours are fixed per label id (:func:`palette`), so part 3 has the same colour in every
+picture. Drawing uses Pillow; the heat map uses matplotlib's Agg canvas without pyplot, so
+no global backend is touched.
+
+Example:
+    >>> rgb = overlay_panel(image, pred, gt)  # doctest: +SKIP
+    >>> save_png("overlay.png", rgb)  # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import colorsys
+import heapq
+import os
+from typing import Optional, Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+__all__ = ["palette", "colorize", "overlay", "overlay_panel", "PurityGrid", "save_confusion", "save_png"]
+
+# tab20's colours, reordered so neighbouring ids contrast; beyond 20, golden-ratio hues.
+_BASE = np.array([
+    (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+    (227, 119, 194), (188, 189, 34), (23, 190, 207), (127, 127, 127), (174, 199, 232), (255, 187, 120),
+    (152, 223, 138), (255, 152, 150), (197, 176, 213), (196, 156, 148), (247, 182, 210), (219, 219, 141),
+    (158, 218, 229), (199, 199, 199)], dtype=np.uint8)
+IGNORE_COLOR = (90, 90, 90)
+
+
+def palette(n: int) -> np.ndarray:
+    """Colours (n x 3 uint8) for ids 0..n-1; id 0 (background) is black.
+
+    Example:
+        >>> palette(3).tolist()
+        [[0, 0, 0], [31, 119, 180], [255, 127, 14]]
+    """
+    out = np.zeros((max(n, 1), 3), np.uint8)
+    for i in range(1, n):
+        if i - 1 < len(_BASE):
+            out[i] = _BASE[i - 1]
+        else:
+            h = ((i - 1 - len(_BASE)) * 0.618033988749895) % 1.0
+            out[i] = [round(255 * c) for c in colorsys.hsv_to_rgb(h, 0.65, 0.95)]
+    return out[:n]
+
+
+def colorize(labels: np.ndarray, ignore_id: Optional[int] = None) -> np.ndarray:
+    """A label map as an RGB picture (H x W x 3 uint8)."""
+    labels = np.asarray(labels)
+    ids = labels.astype(np.int64)
+    if ignore_id is not None:
+        ids = np.where(labels == ignore_id, 0, ids)
+    rgb = palette(int(ids.max(initial=0)) + 1)[ids]
+    if ignore_id is not None:
+        rgb[labels == ignore_id] = IGNORE_COLOR
+    return rgb
+
+
+def overlay(image: np.ndarray, labels: np.ndarray, alpha: float = 0.55, ignore_id: Optional[int] = None) -> np.ndarray:
+    """Blend part colours onto the image where the label is not background."""
+    colours = colorize(labels, ignore_id).astype(np.float32)
+    out = image.astype(np.float32)
+    painted = np.asarray(labels) != 0
+    out[painted] = (1 - alpha) * out[painted] + alpha * colours[painted]
+    return out.round().astype(np.uint8)
+
+
+def _font(size: int = 14):
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1 has only the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def _titled(rgb: np.ndarray, title: str, bar: int = 20) -> np.ndarray:
+    im = Image.new("RGB", (rgb.shape[1], rgb.shape[0] + bar), (255, 255, 255))
+    im.paste(Image.fromarray(rgb), (0, bar))
+    ImageDraw.Draw(im).text((4, 3), title, fill=(0, 0, 0), font=_font())
+    return np.asarray(im)
+
+
+def _hstack(panels: Sequence[np.ndarray], gap: int = 6) -> np.ndarray:
+    height = max(p.shape[0] for p in panels)
+    width = sum(p.shape[1] for p in panels) + gap * (len(panels) - 1)
+    out = np.full((height, width, 3), 255, np.uint8)
+    x = 0
+    for p in panels:
+        out[:p.shape[0], x:x + p.shape[1]] = p
+        x += p.shape[1] + gap
+    return out
+
+
+def overlay_panel(image: np.ndarray, pred: np.ndarray, gt: Optional[np.ndarray] = None,
+                  ignore_id: Optional[int] = None) -> np.ndarray:
+    """Image | prediction overlay | ground-truth overlay, side by side with titles."""
+    panels = [_titled(image, "image"), _titled(overlay(image, pred), "predicted parts")]
+    if gt is not None:
+        panels.append(_titled(overlay(image, gt, ignore_id=ignore_id), "ground truth"))
+    return _hstack(panels)
+
+
+def save_png(path: str, rgb: np.ndarray) -> str:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    Image.fromarray(np.ascontiguousarray(rgb)).save(path, format="PNG")
+    return path
+
+
+def _thumbnail(image: np.ndarray, pred: np.ndarray, part: int, size: int) -> np.ndarray:
+    """The object (all predicted parts) cropped and squared, ``part`` tinted, the rest dimmed."""
+    obj = pred != 0
+    ys, xs = np.nonzero(obj if obj.any() else np.ones_like(obj))
+    pad = max(4, int(0.05 * max(np.ptp(ys), np.ptp(xs))))
+    y0, y1 = max(ys.min() - pad, 0), min(ys.max() + pad + 1, pred.shape[0])
+    x0, x1 = max(xs.min() - pad, 0), min(xs.max() + pad + 1, pred.shape[1])
+    crop = image[y0:y1, x0:x1].astype(np.float32)
+    mask = pred[y0:y1, x0:x1] == part
+    colour = palette(part + 1)[part].astype(np.float32)
+    out = crop * 0.35
+    out[mask] = 0.5 * crop[mask] + 0.5 * colour
+    im = Image.fromarray(out.round().astype(np.uint8))
+    im.thumbnail((size, size), Image.Resampling.BILINEAR)
+    square = Image.new("RGB", (size, size), (255, 255, 255))
+    square.paste(im, ((size - im.width) // 2, (size - im.height) // 2))
+    return np.asarray(square)
+
+
+class PurityGrid:
+    """PartDistillation's purity figure: for each discovered part, the ``n_rows`` x ``n_rows``
+    images where it covers the most pixels, with that part highlighted.
+
+    ``update(key, image, pred, group=...)`` keeps only the best few thumbnails per (group, part),
+    so memory does not grow with the dataset. ``group`` (e.g. an object class) gives one
+    figure per group.
+
+    Example:
+        >>> grid = PurityGrid()  # doctest: +SKIP
+        >>> for key, image, pred in samples: grid.update(key, image, pred)  # doctest: +SKIP
+        >>> grid.save("purity.png")  # doctest: +SKIP
+    """
+
+    def __init__(self, n_rows: int = 3, thumb: int = 128, columns: int = 4):
+        self.n_rows, self.thumb, self.columns = n_rows, thumb, columns
+        self.heaps: dict[tuple, list] = {}
+        self.order = 0
+
+    def update(self, key: str, image: np.ndarray, pred: np.ndarray, group: Optional[str] = None) -> None:
+        counts = np.bincount(np.asarray(pred).ravel().astype(np.int64))
+        keep = self.n_rows * self.n_rows
+        for part in np.flatnonzero(counts):
+            if part == 0:
+                continue
+            heap = self.heaps.setdefault((group, int(part)), [])
+            # Min-heap on (area, -order): the earliest sample wins ties, so output is deterministic.
+            item = (int(counts[part]), -self.order)
+            if len(heap) < keep or item > heap[0][:2]:
+                entry = (*item, key, _thumbnail(image, pred, int(part), self.thumb))
+                (heapq.heappush if len(heap) < keep else heapq.heapreplace)(heap, entry)
+        self.order += 1
+
+    def groups(self) -> list:
+        return sorted({g for g, _ in self.heaps}, key=lambda g: (g is not None, str(g)))
+
+    def render(self, group: Optional[str] = None) -> np.ndarray:
+        parts = sorted(p for g, p in self.heaps if g == group)
+        if not parts:
+            raise ValueError("no predicted parts to draw")
+        cell = self.n_rows * self.thumb + (self.n_rows - 1) * 2
+        tiles = []
+        for part in parts:
+            best = sorted(self.heaps[(group, part)], reverse=True)
+            block = np.full((cell, cell, 3), 255, np.uint8)
+            for i, entry in enumerate(best):
+                r, c = divmod(i, self.n_rows)
+                y, x = r * (self.thumb + 2), c * (self.thumb + 2)
+                block[y:y + self.thumb, x:x + self.thumb] = entry[3]
+            tiles.append(_titled(block, f"part {part}"))
+        rows = [_hstack(tiles[i:i + self.columns], gap=12) for i in range(0, len(tiles), self.columns)]
+        width = max(r.shape[1] for r in rows)
+        rows = [np.pad(r, ((0, 12), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in rows]
+        return np.concatenate(rows)
+
+    def save(self, path: str) -> str:
+        """Write the figure; with groups, one file per group (``purity_<group>.png``)."""
+        groups = self.groups()
+        if groups == [None] or not groups:
+            return save_png(path, self.render(None))
+        stem, ext = os.path.splitext(path)
+        for g in groups:
+            save_png(f"{stem}_{'none' if g is None else g}{ext or '.png'}", self.render(g))
+        return os.path.dirname(path) or "."
+
+
+def save_confusion(path: str, table: np.ndarray, *, true_name: str = "ground-truth part",
+                   pred_name: str = "predicted cluster") -> str:
+    """Heat map of a true x predicted count table, drawn predicted x true, rows normalised
+    (each cluster's pixels split over the true parts); clusters ordered by their majority part."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    table = np.asarray(table, dtype=np.float64)
+    true_ids = np.flatnonzero(table.sum(1) > 0)
+    pred_ids = np.flatnonzero(table.sum(0) > 0)
+    if not true_ids.size or not pred_ids.size:
+        raise ValueError("empty confusion table")
+    conf = table[np.ix_(true_ids, pred_ids)].T
+    order = np.lexsort((-conf.max(1), conf.argmax(1)))
+    conf, pred_ids = conf[order], pred_ids[order]
+    frac = conf / conf.sum(1, keepdims=True)
+    fig = Figure(figsize=(max(4, 0.4 * len(true_ids) + 2), max(3, 0.35 * len(pred_ids) + 1.5)), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    im = ax.imshow(frac, cmap="viridis", vmin=0, vmax=1, aspect="auto", interpolation="nearest")
+    ax.set_xticks(range(len(true_ids)), [str(i) for i in true_ids], fontsize=7)
+    ax.set_yticks(range(len(pred_ids)), [str(i) for i in pred_ids], fontsize=7)
+    ax.set_xlabel(true_name)
+    ax.set_ylabel(pred_name)
+    ax.set_title("fraction of each cluster's pixels per part", fontsize=9)
+    if frac.size <= 400:
+        for (r, c), v in np.ndenumerate(frac):
+            if v >= 0.01:
+                ax.text(c, r, f"{100 * v:.0f}", ha="center", va="center", fontsize=6,
+                        color="black" if v > 0.5 else "white")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, format="png")
+    return path
