@@ -103,7 +103,7 @@ def print_table(report: dict) -> None:
 @cli_errors
 def main(
     ctx: typer.Context,
-    args: List[str] = typer.Argument(..., metavar="METRIC... [SHARDS...]",
+    args: List[str] = typer.Argument(..., metavar="METRIC... [SHARD]",
                                      help=f"Metrics ({', '.join(METRICS)}), then input shards (default '-', stdin)."),
     pred: Optional[str] = typer.Option(None, "--pred", help="Predicted field [default: parts.png; pred_parts.npy "
                                                             "for miou-3d]."),

@@ -29,8 +29,9 @@ def main(
     from rich.table import Table
 
     table = Table(title="partkit backbones", title_justify="left")
-    for col in ("name", "family", "source", "weights here", "layers", "default"):
-        table.add_column(col)
+    table.add_column("name", no_wrap=True)
+    for col in ("family", "source", "weights here", "layers", "default"):
+        table.add_column(col, overflow="fold")
     for r in rows:
         weights = ("not needed" if r["family"] == "pixels" else
                    "yes (" + r["local_weights"].split(":", 1)[0] + ")" if r["local_weights"] else f"no (hub: {r['hub_tag']})")

@@ -107,15 +107,16 @@ def kmeans_plusplus(X: torch.Tensor, x2: torch.Tensor, mask: torch.Tensor, n: to
     return C
 
 
-def _assign(X: torch.Tensor, C: torch.Tensor, cbad: torch.Tensor):
-    """Nearest centre per cell: (labels, ||c||^2 - 2 x.c of that centre)."""
+def _assign(X: torch.Tensor, x2: torch.Tensor, C: torch.Tensor, cbad: torch.Tensor):
+    """Nearest centre per cell: (labels, squared distance to it, squared distance to the runner-up)."""
     c2 = (C * C).sum(-1).masked_fill(cbad, math.inf)
     s = torch.baddbmm(c2[:, None, :], X, C.transpose(1, 2), alpha=-2)
-    score, labels = s.min(-1)
-    return labels, score
+    d1, labels = s.min(-1)
+    d2 = s.scatter(-1, labels[..., None], math.inf).min(-1).values if C.shape[1] > 1 else torch.full_like(d1, math.inf)
+    return labels, (d1 + x2).clamp_min(0), (d2 + x2).clamp_min(0)
 
 
-def _relocate_empty(b: int, X, mask, C_new, sums, counts, owner, cvalid, K: int) -> None:
+def _relocate_empty(b: int, X, mask, C_new, sums, counts, owner, upper, cvalid, K: int) -> None:
     """Move each empty centre of problem ``b`` onto the cell farthest from its centre (scikit-learn's rule)."""
     empty = ((counts[b, :K] == 0) & cvalid[b]).nonzero().flatten().tolist()
     valid = mask[b].nonzero().flatten()
@@ -133,96 +134,123 @@ def _relocate_empty(b: int, X, mask, C_new, sums, counts, owner, cvalid, K: int)
         sums[b, j] = x
         counts[b, j] = 1
         owner[b, cell] = j
+        upper[b, cell] = math.inf  # recheck this cell at the next assignment
         C_new[b, j] = x
         if counts[b, old] > 0:
             C_new[b, old] = sums[b, old] / counts[b, old]
 
 
+# Slack on the bound test, against float32 rounding in the distances.
+_BOUND_SLACK = 1e-4
+
+
 def _lloyd_chunk(X, mask, n, kk, C, max_iter: int, tol: float, relocate: bool):
     """Lloyd iterations on one padded chunk; yields ``(index_in_chunk, labels, centers, inertia, n_iter, converged)``.
 
-    Finished problems stay in the batch (frozen, never yielded again) until a quarter of it is
-    done; then the batch is compacted, so copies stay rare.
+    Exact Lloyd, with Hamerly's bounds to skip cells that provably keep their centre: each cell
+    keeps an upper bound on the distance to its centre and a lower bound on the distance to any
+    other; only cells whose bounds overlap are gathered and re-assigned. Each finished problem
+    gets one exact assignment with its final centres, which gives its labels and inertia.
+    Finished problems stay in the batch (frozen) until a quarter of it is done, then the batch
+    is compacted, so copies stay rare.
     """
     B, N, D = X.shape
     K = C.shape[1]
     dev = X.device
+    ar = torch.arange(B, device=dev)
     x2 = (X * X).sum(-1)
     nf = n.to(X.dtype)
     mean = X.sum(1) / nf[:, None]
     var = (x2.sum(1) / nf - (mean * mean).sum(1)).clamp_min(0) / D
+    cbad = torch.arange(K, device=dev)[None, :] >= kk[:, None]
+    labels, d1, d2 = _assign(X, x2, C, cbad)
+    owner = labels.masked_fill(~mask, K)  # slot K collects padding
+    sums = X.new_zeros(B, K + 1, D)
+    counts = X.new_zeros(B, K + 1)
+    idx = (owner + (ar * (K + 1))[:, None]).flatten()
+    sums.view(-1, D).index_add_(0, idx, X.reshape(-1, D))
+    counts.view(-1).index_add_(0, idx, torch.ones_like(idx, dtype=X.dtype))
     st = {
-        "X": X, "mask": mask, "x2": x2, "C": C, "ids": torch.arange(B, device=dev),
+        "X": X, "mask": mask, "x2": x2, "C": C, "ids": ar, "cbad": cbad, "owner": owner, "sums": sums,
+        "counts": counts, "upper": d1.sqrt(), "lower": d2.sqrt(),
         "tol": tol * var,  # scikit-learn's tolerance: relative to the mean per-feature variance
-        "cvalid": torch.arange(K, device=dev)[None, :] < kk[:, None],
-        "owner": torch.full((B, N), K, dtype=torch.long, device=dev),  # slot K collects padding
-        "sums": X.new_zeros(B, K + 1, D), "counts": X.new_zeros(B, K + 1),
-        "pending": torch.zeros(B, dtype=torch.bool, device=dev),  # converged by tol: one last assignment
+        "changed": torch.ones(B, dtype=torch.bool, device=dev),
         "alive": torch.ones(B, dtype=torch.bool, device=dev),
     }
-    first = True
     it = 0
-
-    def finish(rows, labels, score, converged):
-        for b in rows.nonzero().flatten().tolist():
-            m = st["mask"][b]
-            inertia = float((score[b][m] + st["x2"][b][m]).clamp_min(0).sum(dtype=torch.float64))
-            yield int(st["ids"][b]), labels[b][m], st["C"][b], inertia, it, bool(converged[b])
-        st["alive"] &= ~rows
-
     while True:
-        alive = st["alive"]
-        if not alive.any():
-            return
-        if int(alive.sum()) <= 0.75 * alive.numel():
-            for name, v in st.items():
-                st[name] = v[alive]
-            alive = st["alive"]
-        X, mask, C, cvalid = st["X"], st["mask"], st["C"], st["cvalid"]
-        B = X.shape[0]
-        labels, score = _assign(X, C, ~cvalid)
-        labels = labels.masked_fill(~mask, K)
-        fin = alive & (st["pending"] | (it >= max_iter))
-        if fin.any():
-            yield from finish(fin, labels, score, st["pending"])
-            alive = st["alive"]
-            if not alive.any():
-                return
-        # update sums/counts for the cells whose cluster changed
-        sums, counts, owner = st["sums"], st["counts"], st["owner"]
-        flat_sums, flat_counts = sums.view(-1, D), counts.view(-1)
-        if first:
-            idx = (labels + (torch.arange(B, device=dev) * (K + 1))[:, None]).flatten()
-            flat_sums.index_add_(0, idx, X.reshape(-1, D))
-            flat_counts.index_add_(0, idx, torch.ones_like(idx, dtype=X.dtype))
-            changed_any = torch.ones(B, dtype=torch.bool, device=dev)
-            first = False
-        else:
-            changed = (labels != owner) & alive[:, None]
-            changed_any = changed.any(1)
-            bi, ci = changed.nonzero(as_tuple=True)
-            if bi.numel():
-                rows = X[bi, ci]
-                new = labels[bi, ci] + bi * (K + 1)
-                old = owner[bi, ci] + bi * (K + 1)
-                ones = torch.ones_like(new, dtype=X.dtype)
-                flat_sums.index_add_(0, new, rows).index_add_(0, old, rows, alpha=-1)
-                flat_counts.index_add_(0, new, ones).index_add_(0, old, ones, alpha=-1)
-        owner = torch.where(alive[:, None], labels, owner)
-        st["owner"] = owner
         it += 1
+        X, mask, C, cbad = st["X"], st["mask"], st["C"], st["cbad"]
+        sums, counts, owner, upper, lower = st["sums"], st["counts"], st["owner"], st["upper"], st["lower"]
+        alive = st["alive"]
+        B = X.shape[0]
+        ar = torch.arange(B, device=dev)
         cnt = counts[:, :K]
         C_new = torch.where(cnt[..., None] > 0, sums[:, :K] / cnt.clamp_min(1)[..., None], C)
         if relocate:
-            for b in ((cnt == 0) & cvalid & (changed_any & alive)[:, None]).any(1).nonzero().flatten().tolist():
-                _relocate_empty(b, X, mask, C_new, sums, counts, owner, cvalid, K)
-        shift = ((C_new - C) ** 2).sum((1, 2))
-        st["C"] = C_new
-        # strict: the labels did not change, so the centres are their means; no extra assignment needed
-        strict = alive & ~changed_any
-        if strict.any():
-            yield from finish(strict, labels, score, strict)
-        st["pending"] = shift <= st["tol"]
+            for b in ((cnt == 0) & ~cbad & (st["changed"] & alive)[:, None]).any(1).nonzero().flatten().tolist():
+                _relocate_empty(b, X, mask, C_new, sums, counts, owner, upper, ~cbad, K)
+        delta = ((C_new - C) ** 2).sum(-1)  # B x K, squared
+        st["C"] = C = C_new
+        # strict: no label changed, so the centres are their means
+        strict = ~st["changed"]
+        done = alive & (strict | (delta.sum(1) <= st["tol"]) | (it >= max_iter))
+        if done.any():
+            rows = done.nonzero().flatten()
+            Xd, x2d, md = X[rows], st["x2"][rows], mask[rows]
+            lab, dd, _ = _assign(Xd, x2d, C[rows], cbad[rows])
+            conv = (strict | (delta.sum(1) <= st["tol"]))[rows]
+            for j, b in enumerate(rows.tolist()):
+                m = md[j]
+                yield (int(st["ids"][b]), lab[j][m], C[b], float(dd[j][m].sum(dtype=torch.float64)), it,
+                       bool(conv[j]))
+            st["alive"] = alive = alive & ~done
+            if not alive.any():
+                return
+            if int(alive.sum()) <= 0.75 * B:
+                keep = alive
+                for name, v in st.items():
+                    st[name] = v[keep]
+                X, mask, C, cbad, alive = st["X"], st["mask"], st["C"], st["cbad"], st["alive"]
+                sums, counts, owner, upper, lower = st["sums"], st["counts"], st["owner"], st["upper"], st["lower"]
+                delta = delta[keep]
+                B = X.shape[0]
+                ar = torch.arange(B, device=dev)
+        # Hamerly bounds: move them by how far the centres moved
+        step = delta.sqrt()
+        upper += step.gather(1, owner.clamp_max(K - 1))
+        lower -= step.masked_fill(cbad, 0).max(1, keepdim=True).values
+        if K > 1:
+            cc = torch.cdist(C, C).masked_fill(cbad[:, None, :] | torch.eye(K, dtype=torch.bool, device=dev), math.inf)
+            half = 0.5 * cc.min(-1).values
+            bound = torch.maximum(lower, half.gather(1, owner.clamp_max(K - 1)))
+        else:
+            bound = torch.full_like(upper, math.inf)
+        need = alive[:, None] & mask & (upper * (1 + _BOUND_SLACK) >= bound)
+        cnt_need = need.sum(1)
+        M = int(cnt_need.max())
+        changed = torch.zeros(B, dtype=torch.bool, device=dev)
+        if M:
+            pick = torch.argsort(need.to(torch.int8), dim=1, descending=True, stable=True)[:, :M]
+            ok = torch.arange(M, device=dev)[None, :] < cnt_need[:, None]
+            Xg = X[ar[:, None], pick]
+            lab, e1, e2 = _assign(Xg, st["x2"].gather(1, pick), C, cbad)
+            old = owner.gather(1, pick)
+            new = torch.where(ok, lab, old)
+            upper.scatter_(1, pick, torch.where(ok, e1.sqrt(), upper.gather(1, pick)))
+            lower.scatter_(1, pick, torch.where(ok, e2.sqrt(), lower.gather(1, pick)))
+            moved = new != old
+            changed = moved.any(1)
+            if changed.any():
+                bi, ci = moved.nonzero(as_tuple=True)
+                rows = Xg[bi, ci]
+                a = new[bi, ci] + bi * (K + 1)
+                o = old[bi, ci] + bi * (K + 1)
+                ones = torch.ones_like(a, dtype=X.dtype)
+                sums.view(-1, D).index_add_(0, a, rows).index_add_(0, o, rows, alpha=-1)
+                counts.view(-1).index_add_(0, a, ones).index_add_(0, o, ones, alpha=-1)
+                st["owner"] = owner.scatter(1, pick, new)
+        st["changed"] = changed
 
 
 def _chunks(sizes: Sequence[int], dim: int, chunk_bytes: int):

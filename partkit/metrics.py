@@ -40,6 +40,8 @@ def _as_ids(labels, what: str) -> np.ndarray:
     a = np.asarray(labels)
     if a.dtype == bool:
         return a.view(np.uint8)
+    if a.size == 0:
+        return a.astype(np.int64)
     if a.dtype.kind not in "iu":
         raise PartkitError(f"{what} labels must be integers, got dtype {a.dtype}")
     if a.dtype.kind == "i" and a.size and a.min() < 0:
