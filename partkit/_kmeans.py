@@ -70,6 +70,16 @@ def _draws(seed, n: int, k: int, init: str, trials: Optional[int]) -> dict:
     return {"first": rng.random(), "u": rng.random((max(k - 1, 0), L))}
 
 
+def _take(X: torch.Tensor, b: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
+    """``X[b, i]`` for a ``B x N x ...`` tensor via ``index_select`` (advanced indexing is several times slower on CPU)."""
+    B, N = X.shape[:2]
+    return X.reshape(B * N, *X.shape[2:]).index_select(0, (b * N + i).flatten()).view(*i.shape, *X.shape[2:])
+
+
+def _select(v: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    return v.index_select(0, rows)
+
+
 def kmeans_plusplus(X: torch.Tensor, x2: torch.Tensor, mask: torch.Tensor, n: torch.Tensor, kk: torch.Tensor,
                     draws: Sequence[dict]) -> torch.Tensor:
     """Greedy k-means++ seeding (as scikit-learn) for a padded batch ``B x N x D``; returns ``B x K x D``."""
@@ -88,40 +98,44 @@ def kmeans_plusplus(X: torch.Tensor, x2: torch.Tensor, mask: torch.Tensor, n: to
     nf = n.to(torch.float64)
     first = torch.minimum((torch.tensor([d["first"] for d in draws], device=dev) * nf).long(), n - 1)
     C = X.new_zeros(B, K, D)
-    C[:, 0] = X[ar, first]
-    closest = (x2 + x2[ar, first][:, None] - 2 * torch.bmm(X, C[:, 0, :, None]).squeeze(-1)).clamp_min(0) * mask
+    C[:, 0] = _take(X, ar, first)
+    closest = (x2 + _take(x2, ar, first)[:, None] - 2 * torch.bmm(X, C[:, 0, :, None]).squeeze(-1)).clamp_min(0) * mask
     pot = closest.sum(1, dtype=torch.float64)
     for c in range(1, K):
         cum = closest.cumsum(1, dtype=torch.float64)
         r = U[:, c - 1] * pot[:, None]
         cand = torch.minimum(torch.searchsorted(cum, r), (n - 1)[:, None])  # B x L
-        Xc = X[ar[:, None], cand]  # B x L x D
-        d = torch.baddbmm(x2[:, None, :] + x2[ar[:, None], cand][:, :, None], Xc, X.transpose(1, 2), alpha=-2)
+        Xc = _take(X, ar[:, None], cand)  # B x L x D
+        d = torch.baddbmm(x2[:, None, :] + x2.gather(1, cand)[:, :, None], Xc, X.transpose(1, 2), alpha=-2)
         d = torch.minimum(d.clamp_min_(0), closest[:, None, :]) * mask[:, None, :]
         p = d.sum(2, dtype=torch.float64).masked_fill(~trial_ok, math.inf)
         best = p.argmin(1)
         take = c < kk
-        C[:, c] = torch.where(take[:, None], Xc[ar, best], C[:, c])
-        closest = torch.where(take[:, None], d[ar, best], closest)
-        pot = torch.where(take, p[ar, best], pot)
+        C[:, c] = torch.where(take[:, None], _take(Xc, ar, best), C[:, c])
+        closest = torch.where(take[:, None], _take(d, ar, best), closest)
+        pot = torch.where(take, p.gather(1, best[:, None])[:, 0], pot)
     return C
 
 
+def _sqnorm(X: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.vector_norm(X, dim=-1).square()
+
+
 def _assign(X: torch.Tensor, x2: torch.Tensor, C: torch.Tensor, cbad: torch.Tensor):
-    """Nearest centre per cell: (labels, squared distance to it, squared distance to the runner-up)."""
-    c2 = (C * C).sum(-1).masked_fill(cbad, math.inf)
-    s = torch.baddbmm(c2[:, None, :], X, C.transpose(1, 2), alpha=-2)
-    d1, labels = s.min(-1)
-    d2 = s.scatter(-1, labels[..., None], math.inf).min(-1).values if C.shape[1] > 1 else torch.full_like(d1, math.inf)
-    return labels, (d1 + x2).clamp_min(0), (d2 + x2).clamp_min(0)
+    """Nearest centre per cell: (labels, squared distance to it)."""
+    c2 = _sqnorm(C).masked_fill(cbad, math.inf)
+    # scores as B x K x N: measured ~1.6x faster than B x N x K for small K
+    s = torch.baddbmm(c2[:, :, None], C, X.transpose(1, 2), alpha=-2)
+    d1, labels = s.min(1)
+    return labels, (d1 + x2).clamp_min(0)
 
 
-def _relocate_empty(b: int, X, mask, C_new, sums, counts, owner, upper, cvalid, K: int) -> None:
+def _relocate_empty(b: int, X, mask, C_new, sums, counts, owner, cvalid, K: int) -> None:
     """Move each empty centre of problem ``b`` onto the cell farthest from its centre (scikit-learn's rule)."""
     empty = ((counts[b, :K] == 0) & cvalid[b]).nonzero().flatten().tolist()
     valid = mask[b].nonzero().flatten()
     lab = owner[b, valid]
-    dist = ((X[b, valid] - C_new[b, lab]) ** 2).sum(-1)
+    dist = ((X[b].index_select(0, valid) - C_new[b].index_select(0, lab)) ** 2).sum(-1)
     order = torch.argsort(dist, descending=True, stable=True)
     for j, i in zip(empty, order[: len(empty)].tolist()):
         if float(dist[i]) <= 0:
@@ -134,123 +148,95 @@ def _relocate_empty(b: int, X, mask, C_new, sums, counts, owner, upper, cvalid, 
         sums[b, j] = x
         counts[b, j] = 1
         owner[b, cell] = j
-        upper[b, cell] = math.inf  # recheck this cell at the next assignment
         C_new[b, j] = x
         if counts[b, old] > 0:
             C_new[b, old] = sums[b, old] / counts[b, old]
 
 
-# Slack on the bound test, against float32 rounding in the distances.
-_BOUND_SLACK = 1e-4
-
-
 def _lloyd_chunk(X, mask, n, kk, C, max_iter: int, tol: float, relocate: bool):
     """Lloyd iterations on one padded chunk; yields ``(index_in_chunk, labels, centers, inertia, n_iter, converged)``.
 
-    Exact Lloyd, with Hamerly's bounds to skip cells that provably keep their centre: each cell
-    keeps an upper bound on the distance to its centre and a lower bound on the distance to any
-    other; only cells whose bounds overlap are gathered and re-assigned. Each finished problem
-    gets one exact assignment with its final centres, which gives its labels and inertia.
-    Finished problems stay in the batch (frozen) until a quarter of it is done, then the batch
-    is compacted, so copies stay rare.
+    Stops as scikit-learn: when no label changes (strict), or when the centres move less than
+    ``tol`` times the mean feature variance (then one more assignment gives the labels). After the
+    first iteration, the centroid sums are updated only for cells that changed cluster. Finished
+    problems stay in the batch, frozen, until a quarter of it is done; then it is compacted, so
+    copies stay rare.
     """
     B, N, D = X.shape
     K = C.shape[1]
     dev = X.device
-    ar = torch.arange(B, device=dev)
-    x2 = (X * X).sum(-1)
+    x2 = _sqnorm(X)
     nf = n.to(X.dtype)
     mean = X.sum(1) / nf[:, None]
     var = (x2.sum(1) / nf - (mean * mean).sum(1)).clamp_min(0) / D
-    cbad = torch.arange(K, device=dev)[None, :] >= kk[:, None]
-    labels, d1, d2 = _assign(X, x2, C, cbad)
-    owner = labels.masked_fill(~mask, K)  # slot K collects padding
-    sums = X.new_zeros(B, K + 1, D)
-    counts = X.new_zeros(B, K + 1)
-    idx = (owner + (ar * (K + 1))[:, None]).flatten()
-    sums.view(-1, D).index_add_(0, idx, X.reshape(-1, D))
-    counts.view(-1).index_add_(0, idx, torch.ones_like(idx, dtype=X.dtype))
     st = {
-        "X": X, "mask": mask, "x2": x2, "C": C, "ids": ar, "cbad": cbad, "owner": owner, "sums": sums,
-        "counts": counts, "upper": d1.sqrt(), "lower": d2.sqrt(),
+        "X": X, "mask": mask, "x2": x2, "C": C, "ids": torch.arange(B, device=dev),
         "tol": tol * var,  # scikit-learn's tolerance: relative to the mean per-feature variance
-        "changed": torch.ones(B, dtype=torch.bool, device=dev),
+        "cbad": torch.arange(K, device=dev)[None, :] >= kk[:, None],
+        "owner": torch.full((B, N), K, dtype=torch.long, device=dev),  # slot K collects padding
+        "sums": X.new_zeros(B, K + 1, D), "counts": X.new_zeros(B, K + 1),
+        "pending": torch.zeros(B, dtype=torch.bool, device=dev),  # converged by tol: one last assignment
         "alive": torch.ones(B, dtype=torch.bool, device=dev),
     }
     it = 0
+
+    def finish(rows, labels, d1, converged):
+        for b in rows.nonzero().flatten().tolist():
+            m = st["mask"][b]
+            yield int(st["ids"][b]), labels[b][m], st["C"][b], float(d1[b][m].sum(dtype=torch.float64)), it, \
+                bool(converged[b])
+        st["alive"] = st["alive"] & ~rows
+
     while True:
-        it += 1
-        X, mask, C, cbad = st["X"], st["mask"], st["C"], st["cbad"]
-        sums, counts, owner, upper, lower = st["sums"], st["counts"], st["owner"], st["upper"], st["lower"]
         alive = st["alive"]
+        if int(alive.sum()) <= 0.75 * alive.numel():
+            if not alive.any():
+                return
+            keep = alive.nonzero().flatten()
+            for name, v in st.items():
+                st[name] = v.index_select(0, keep)
+            alive = st["alive"]
+        X, mask, C, owner, sums, counts = st["X"], st["mask"], st["C"], st["owner"], st["sums"], st["counts"]
         B = X.shape[0]
-        ar = torch.arange(B, device=dev)
+        labels, d1 = _assign(X, st["x2"], C, st["cbad"])
+        labels = labels.masked_fill(~mask, K)
+        fin = alive & (st["pending"] | (it >= max_iter))
+        if fin.any():
+            yield from finish(fin, labels, d1, st["pending"])
+            alive = st["alive"]
+            if not alive.any():
+                return
+        base = (torch.arange(B, device=dev) * (K + 1))[:, None]
+        if it == 0:
+            idx = (labels + base).flatten()
+            sums.view(-1, D).index_add_(0, idx, X.reshape(-1, D))
+            counts.view(-1).index_add_(0, idx, torch.ones_like(idx, dtype=X.dtype))
+            changed_any = alive
+        else:
+            moved = (labels != owner) & alive[:, None]
+            changed_any = moved.any(1)
+            flat = moved.flatten().nonzero().flatten()
+            if flat.numel():
+                rows = X.reshape(B * N, D).index_select(0, flat)
+                new = (labels + base).flatten().index_select(0, flat)
+                old = (owner + base).flatten().index_select(0, flat)
+                ones = torch.ones_like(new, dtype=X.dtype)
+                sums.view(-1, D).index_add_(0, new, rows).index_add_(0, old, rows, alpha=-1)
+                counts.view(-1).index_add_(0, new, ones).index_add_(0, old, ones, alpha=-1)
+        st["owner"] = owner = torch.where(alive[:, None], labels, owner)
+        it += 1
         cnt = counts[:, :K]
         C_new = torch.where(cnt[..., None] > 0, sums[:, :K] / cnt.clamp_min(1)[..., None], C)
         if relocate:
-            for b in ((cnt == 0) & ~cbad & (st["changed"] & alive)[:, None]).any(1).nonzero().flatten().tolist():
-                _relocate_empty(b, X, mask, C_new, sums, counts, owner, upper, ~cbad, K)
-        delta = ((C_new - C) ** 2).sum(-1)  # B x K, squared
-        st["C"] = C = C_new
-        # strict: no label changed, so the centres are their means
-        strict = ~st["changed"]
-        done = alive & (strict | (delta.sum(1) <= st["tol"]) | (it >= max_iter))
-        if done.any():
-            rows = done.nonzero().flatten()
-            Xd, x2d, md = X[rows], st["x2"][rows], mask[rows]
-            lab, dd, _ = _assign(Xd, x2d, C[rows], cbad[rows])
-            conv = (strict | (delta.sum(1) <= st["tol"]))[rows]
-            for j, b in enumerate(rows.tolist()):
-                m = md[j]
-                yield (int(st["ids"][b]), lab[j][m], C[b], float(dd[j][m].sum(dtype=torch.float64)), it,
-                       bool(conv[j]))
-            st["alive"] = alive = alive & ~done
-            if not alive.any():
-                return
-            if int(alive.sum()) <= 0.75 * B:
-                keep = alive
-                for name, v in st.items():
-                    st[name] = v[keep]
-                X, mask, C, cbad, alive = st["X"], st["mask"], st["C"], st["cbad"], st["alive"]
-                sums, counts, owner, upper, lower = st["sums"], st["counts"], st["owner"], st["upper"], st["lower"]
-                delta = delta[keep]
-                B = X.shape[0]
-                ar = torch.arange(B, device=dev)
-        # Hamerly bounds: move them by how far the centres moved
-        step = delta.sqrt()
-        upper += step.gather(1, owner.clamp_max(K - 1))
-        lower -= step.masked_fill(cbad, 0).max(1, keepdim=True).values
-        if K > 1:
-            cc = torch.cdist(C, C).masked_fill(cbad[:, None, :] | torch.eye(K, dtype=torch.bool, device=dev), math.inf)
-            half = 0.5 * cc.min(-1).values
-            bound = torch.maximum(lower, half.gather(1, owner.clamp_max(K - 1)))
-        else:
-            bound = torch.full_like(upper, math.inf)
-        need = alive[:, None] & mask & (upper * (1 + _BOUND_SLACK) >= bound)
-        cnt_need = need.sum(1)
-        M = int(cnt_need.max())
-        changed = torch.zeros(B, dtype=torch.bool, device=dev)
-        if M:
-            pick = torch.argsort(need.to(torch.int8), dim=1, descending=True, stable=True)[:, :M]
-            ok = torch.arange(M, device=dev)[None, :] < cnt_need[:, None]
-            Xg = X[ar[:, None], pick]
-            lab, e1, e2 = _assign(Xg, st["x2"].gather(1, pick), C, cbad)
-            old = owner.gather(1, pick)
-            new = torch.where(ok, lab, old)
-            upper.scatter_(1, pick, torch.where(ok, e1.sqrt(), upper.gather(1, pick)))
-            lower.scatter_(1, pick, torch.where(ok, e2.sqrt(), lower.gather(1, pick)))
-            moved = new != old
-            changed = moved.any(1)
-            if changed.any():
-                bi, ci = moved.nonzero(as_tuple=True)
-                rows = Xg[bi, ci]
-                a = new[bi, ci] + bi * (K + 1)
-                o = old[bi, ci] + bi * (K + 1)
-                ones = torch.ones_like(a, dtype=X.dtype)
-                sums.view(-1, D).index_add_(0, a, rows).index_add_(0, o, rows, alpha=-1)
-                counts.view(-1).index_add_(0, a, ones).index_add_(0, o, ones, alpha=-1)
-                st["owner"] = owner.scatter(1, pick, new)
-        st["changed"] = changed
+            for b in ((cnt == 0) & ~st["cbad"] & changed_any[:, None]).any(1).nonzero().flatten().tolist():
+                _relocate_empty(b, X, mask, C_new, sums, counts, owner, ~st["cbad"], K)
+        shift = ((C_new - C) ** 2).sum((1, 2))
+        st["C"] = C_new
+        # strict: no label changed, so the centres are already their means; no extra assignment
+        strict = alive & ~changed_any
+        if strict.any():
+            yield from finish(strict, labels, d1, strict)
+        st["pending"] = shift <= st["tol"]
 
 
 def _chunks(sizes: Sequence[int], dim: int, chunk_bytes: int):
@@ -305,7 +291,7 @@ def run_batched(problems: Sequence[np.ndarray], ks: Sequence[int], *, init, max_
                 for j, d in enumerate(draws):
                     C[j, :len(d["pick"])] = X[j, torch.from_numpy(d["pick"]).to(dev)]
             else:
-                C = kmeans_plusplus(X, (X * X).sum(-1), mask, n, kk, draws)
+                C = kmeans_plusplus(X, _sqnorm(X), mask, n, kk, draws)
         for j, labels, centers, inertia, it, conv in _lloyd_chunk(X, mask, n, kk, C, max_iter, tol, not warm):
             i = chunk[j]
             results[i] = KMeansResult(centers[:kk_all[i]].float().cpu().numpy(), labels.cpu().numpy().astype(np.int64),
@@ -336,7 +322,7 @@ def faiss_kmeans(X: np.ndarray, k: int, *, max_iter: int, seed: int, max_points_
             t = torch.from_numpy(np.ascontiguousarray(train))[None]
             nn_ = torch.tensor([train.shape[0]])
             draws = [_draws([seed, 2], train.shape[0], k, "k-means++", trials)]
-            C0 = kmeans_plusplus(t, (t * t).sum(-1), torch.ones(1, train.shape[0], dtype=torch.bool), nn_,
+            C0 = kmeans_plusplus(t, _sqnorm(t), torch.ones(1, train.shape[0], dtype=torch.bool), nn_,
                                  torch.tensor([k]), draws)[0].numpy()
     else:
         C0 = np.asarray(init, np.float32)

@@ -308,7 +308,7 @@ def _region_rows(table: np.ndarray, region: str) -> np.ndarray:
 
 
 def _pct(x: float) -> Optional[float]:
-    return None if x is None or not np.isfinite(x) else round(float(x) * 100, 4)
+    return None if x is None or not np.isfinite(x) else float(x) * 100
 
 
 def _clustering_results(names, table: np.ndarray, o: EvalOptions) -> dict:
@@ -606,7 +606,7 @@ class _Probe:
         gt = v.gt
         rows, cols = image_to_cell_index(meta, *gt.shape)
         cell = rows[:, None] * feat.shape[2] + cols[None, :]
-        keep = v.valid if v.valid is not None else slice(None)
+        keep = v.valid if v.valid is not None else np.ones(gt.shape, bool)
         labels = gt[keep].astype(np.int64)
         cell = cell[keep]
         k = int(labels.max(initial=0)) + 1
