@@ -1,4 +1,4 @@
-"""Turn images (plus part label maps, COCO instances, keypoints) into shards."""
+"""Turn images (plus part label maps, COCO instances, keypoints) or point clouds and meshes into shards."""
 from __future__ import annotations
 
 from typing import List, Optional
@@ -13,11 +13,13 @@ from ._common import (InputsArg, NumShardsOpt, OutputOpt, OverwriteOpt, ShardInd
 
 @cli_errors
 def main(
-    images: List[str] = typer.Argument(..., help="Image folders (searched recursively), globs or files."),
+    images: List[str] = typer.Argument(..., help="Image or 3D folders (searched recursively), globs or files "
+                                                   "(.ply .obj .off .npz .npy ShapeNetPart .txt for point clouds)."),
     labels: Optional[str] = typer.Option(None, "--labels", help="Folder of part label PNGs matched by file stem."),
     coco: Optional[str] = typer.Option(None, "--coco", help="COCO JSON with instance masks (polygons or RLE), categories, keypoints."),
     category: Optional[str] = typer.Option(None, "--category", help="Object category recorded in every sample's json."),
     provenance: Optional[str] = typer.Option(None, "--provenance", help="Where the data comes from (recorded in json)."),
+    points_per_shape: int = typer.Option(2048, "--points-per-shape", help="Surface points sampled from each mesh (.obj, .off, .ply with faces)."),
     output: str = OutputOpt,
     shard_size: int = ShardSizeOpt,
     overwrite: bool = OverwriteOpt,
@@ -27,7 +29,10 @@ def main(
 ):
     """Write one sample per image: the image, json metadata, gt_parts.png, gt_objects.json, gt_kpts.json.
 
+    Point clouds and meshes give points.npy (unit sphere), normals.npy, colors.npy, gt_parts.npy and json.
+
     Example: partkit pack ../shared/data/cihp/images --labels ../shared/data/cihp/labels > cihp.tar
     """
     pack(images, labels=labels, coco=coco, category=category, provenance=provenance, skip_bad=skip_bad,
+         points_per_shape=points_per_shape,
          output=make_output(output, shard_size, overwrite, [], num_shards, shard_index))

@@ -99,7 +99,8 @@ def kmeans_plusplus(X: torch.Tensor, x2: torch.Tensor, mask: torch.Tensor, n: to
     first = torch.minimum((torch.tensor([d["first"] for d in draws], device=dev) * nf).long(), n - 1)
     C = X.new_zeros(B, K, D)
     C[:, 0] = _take(X, ar, first)
-    closest = (x2 + _take(x2, ar, first)[:, None] - 2 * torch.bmm(X, C[:, 0, :, None]).squeeze(-1)).clamp_min(0) * mask
+    closest = torch.baddbmm((x2 + _take(x2, ar, first)[:, None])[:, None, :], C[:, :1], X.transpose(1, 2), alpha=-2)
+    closest = closest[:, 0].clamp_min(0) * mask
     pot = closest.sum(1, dtype=torch.float64)
     for c in range(1, K):
         cum = closest.cumsum(1, dtype=torch.float64)
@@ -153,7 +154,7 @@ def _relocate_empty(b: int, X, mask, C_new, sums, counts, owner, cvalid, K: int)
             C_new[b, old] = sums[b, old] / counts[b, old]
 
 
-def _lloyd_chunk(X, mask, n, kk, C, max_iter: int, tol: float, relocate: bool):
+def _lloyd_chunk(X, x2, mask, n, kk, C, max_iter: int, tol: float, relocate: bool):
     """Lloyd iterations on one padded chunk; yields ``(index_in_chunk, labels, centers, inertia, n_iter, converged)``.
 
     Stops as scikit-learn: when no label changes (strict), or when the centres move less than
@@ -165,13 +166,8 @@ def _lloyd_chunk(X, mask, n, kk, C, max_iter: int, tol: float, relocate: bool):
     B, N, D = X.shape
     K = C.shape[1]
     dev = X.device
-    x2 = _sqnorm(X)
-    nf = n.to(X.dtype)
-    mean = X.sum(1) / nf[:, None]
-    var = (x2.sum(1) / nf - (mean * mean).sum(1)).clamp_min(0) / D
     st = {
-        "X": X, "mask": mask, "x2": x2, "C": C, "ids": torch.arange(B, device=dev),
-        "tol": tol * var,  # scikit-learn's tolerance: relative to the mean per-feature variance
+        "X": X, "mask": mask, "x2": x2, "C": C, "ids": torch.arange(B, device=dev), "tol": None,
         "cbad": torch.arange(K, device=dev)[None, :] >= kk[:, None],
         "owner": torch.full((B, N), K, dtype=torch.long, device=dev),  # slot K collects padding
         "sums": X.new_zeros(B, K + 1, D), "counts": X.new_zeros(B, K + 1),
@@ -212,6 +208,11 @@ def _lloyd_chunk(X, mask, n, kk, C, max_iter: int, tol: float, relocate: bool):
             sums.view(-1, D).index_add_(0, idx, X.reshape(-1, D))
             counts.view(-1).index_add_(0, idx, torch.ones_like(idx, dtype=X.dtype))
             changed_any = alive
+            # scikit-learn's tolerance: relative to the mean per-feature variance
+            nf = n.to(torch.float64)
+            mean = sums.sum(1, dtype=torch.float64) / nf[:, None]
+            var = (x2.sum(1, dtype=torch.float64) / nf - (mean * mean).sum(1)).clamp_min(0) / D
+            st["tol"] = (tol * var).to(X.dtype)
         else:
             moved = (labels != owner) & alive[:, None]
             changed_any = moved.any(1)
@@ -278,6 +279,7 @@ def run_batched(problems: Sequence[np.ndarray], ks: Sequence[int], *, init, max_
         n = torch.tensor([sizes[i] for i in chunk], device=dev)
         kk = torch.tensor([kk_all[i] for i in chunk], device=dev)
         mask = torch.arange(N, device=dev)[None, :] < n[:, None]
+        x2 = _sqnorm(X)
         K = int(kk.max())
         if warm:
             Cn = np.zeros((B, K, D), np.float32)
@@ -291,8 +293,8 @@ def run_batched(problems: Sequence[np.ndarray], ks: Sequence[int], *, init, max_
                 for j, d in enumerate(draws):
                     C[j, :len(d["pick"])] = X[j, torch.from_numpy(d["pick"]).to(dev)]
             else:
-                C = kmeans_plusplus(X, _sqnorm(X), mask, n, kk, draws)
-        for j, labels, centers, inertia, it, conv in _lloyd_chunk(X, mask, n, kk, C, max_iter, tol, not warm):
+                C = kmeans_plusplus(X, x2, mask, n, kk, draws)
+        for j, labels, centers, inertia, it, conv in _lloyd_chunk(X, x2, mask, n, kk, C, max_iter, tol, not warm):
             i = chunk[j]
             results[i] = KMeansResult(centers[:kk_all[i]].float().cpu().numpy(), labels.cpu().numpy().astype(np.int64),
                                       inertia, it, kk_all[i], conv)

@@ -333,16 +333,20 @@ def _clustering_results(names, table: np.ndarray, o: EvalOptions) -> dict:
 def _miou_result(tables: _PixelTables, fit: Optional[_PixelTables], o: EvalOptions) -> dict:
     ignore = (0,) if o.region == "fg" else ()
 
-    def score(table, fit_table):
+    def score(table, fit_table, where=""):
         if _region_rows(table, o.region).sum() == 0:
-            raise PartkitError(f"no {'foreground ' if o.region == 'fg' else ''}pixels to score for miou")
+            raise PartkitError(f"no {'ground-truth foreground ' if o.region == 'fg' else ''}pixels to score for "
+                               f"miou{where}")
         iou, mapping = M.matched_iou(table, o.match, fit_table=fit_table, ignore_true=ignore, ignore_pred=ignore)
         return iou, mapping
 
-    iou, mapping = score(tables.pooled(), None if fit is None else fit.pooled())
+    pooled = tables.pooled()
+    fit_pooled = None if fit is None else fit.pooled()
+    iou, mapping = score(pooled, fit_pooled)
     present = np.flatnonzero(~np.isnan(iou))
+    seen = M.Contingency(pooled).add(fit_pooled if fit_pooled is not None else np.zeros((0, 0))).table_.sum(0) > 0
     out = {"value": _pct(np.nanmean(iou)), "iou": {str(i): _pct(iou[i]) for i in present},
-           "mapping": {str(c): int(m) for c, m in enumerate(mapping) if m >= 0},
+           "mapping": {str(c): int(m) for c, m in enumerate(mapping) if m >= 0 and c < seen.size and seen[c]},
            "region": o.region, "match": o.match, "fitted_on": "match-on shards" if fit else "scored data"}
     if tables.has_classes:
         per_class, class_means, pairs = {}, [], []
@@ -352,7 +356,7 @@ def _miou_result(tables: _PixelTables, fit: Optional[_PixelTables], o: EvalOptio
                 if cat not in fit.by_class:
                     raise PartkitError(f"object class {cat!r} has no samples in the --match-on shards to fit on")
                 fit_table = fit.by_class[cat].table_
-            c_iou, _ = score(tables.by_class[cat].table_, fit_table)
+            c_iou, _ = score(tables.by_class[cat].table_, fit_table, f" in object class {cat!r}")
             ids = np.flatnonzero(~np.isnan(c_iou))
             pairs.extend(c_iou[ids])
             class_means.append(np.nanmean(c_iou))

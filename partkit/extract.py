@@ -127,7 +127,8 @@ class FeatureExtractor:
         return {
             **geom, "model": bb.name, "family": bb.family, "weights": bb.weights, "source": bb.source,
             "kind": "hypercolumn" if bb.family != "vit" else self.facet, "layers": self.layers,
-            "channels": int(channels), "grid": [int(grid[0]), int(grid[1])], "stride": self.cell,
+            "channels": int(channels), "level_channels": [int(bb.channels[i]) for i in self.layers],
+            "grid": [int(grid[0]), int(grid[1])], "stride": self.cell,
             "offset": self.offset, "mean": list(bb.mean), "std": list(bb.std), "patch_size": bb.patch_size,
             "normalized": self.normalized, "keep_aspect": self.keep_aspect, "partkit_version": __version__,
         }

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["image_to_cell_index", "grid_to_image", "mask_to_grid"]
+__all__ = ["image_to_cell_index", "grid_to_image", "mask_to_grid", "sample_on_grid"]
 
 
 def image_to_cell_index(meta: dict, height: int | None = None, width: int | None = None):
@@ -39,3 +39,22 @@ def mask_to_grid(mask: np.ndarray, meta: dict) -> np.ndarray:
     covered = np.bincount(flat.ravel(), weights=mask.ravel().astype(np.float64), minlength=gh * gw)
     total = np.bincount(flat.ravel(), minlength=gh * gw)
     return (covered / np.maximum(total, 1)).reshape(gh, gw)
+
+
+def sample_on_grid(image_map: np.ndarray, meta: dict, factor: int = 1, fill: int = 0) -> np.ndarray:
+    """Nearest samples of an image-resolution map at the centres of the grid's sub-cells.
+
+    Returns ``(h*factor) x (w*factor)``: the image map aligned with the feature grid (cells
+    beyond the image, i.e. padding, get ``fill``).
+    """
+    gh, gw = meta["grid"]
+    H, W = image_map.shape[:2]
+    step = meta["stride"] / factor
+    off = meta.get("offset", 0.0)
+    ys = ((np.arange(gh * factor) + 0.5) * step + off) * (H / meta["resized"][0])
+    xs = ((np.arange(gw * factor) + 0.5) * step + off) * (W / meta["resized"][1])
+    rows, cols = np.floor(ys).astype(np.int64), np.floor(xs).astype(np.int64)
+    out = np.full((gh * factor, gw * factor) + image_map.shape[2:], fill, dtype=image_map.dtype)
+    ry, cx = rows < H, cols < W
+    out[np.ix_(ry, cx)] = image_map[np.ix_(rows[ry], cols[cx])]
+    return out

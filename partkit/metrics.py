@@ -476,7 +476,8 @@ def shape_miou(table, parts: Sequence[int], mapping: Optional[np.ndarray] = None
 # Linear probes
 
 
-def fit_linear_probe(x, y, *, sample_weight=None, c: float = 1.0, seed: int = 0, max_iter: int = 500):
+def fit_linear_probe(x, y, *, sample_weight=None, c: float = 1.0, seed: int = 0, max_iter: int = 500,
+                     tol: float = 1e-4):
     """A linear classifier on frozen features (standardised, multinomial logistic regression).
 
     Deterministic (lbfgs). Returns a fitted sklearn pipeline with ``predict``.
@@ -488,7 +489,7 @@ def fit_linear_probe(x, y, *, sample_weight=None, c: float = 1.0, seed: int = 0,
     y = np.asarray(y)
     if np.unique(y).size < 2:
         raise PartkitError("the probe's training data has a single class; give more training images (--probe-train)")
-    model = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=max_iter, random_state=seed))
+    model = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=max_iter, tol=tol, random_state=seed))
     import warnings
 
     from sklearn.exceptions import ConvergenceWarning

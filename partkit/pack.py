@@ -13,8 +13,9 @@ from typing import Iterator, Optional, Sequence
 from .errors import BadSample, PartkitError
 from .io import Output, encode_json, run_stage
 from .io.codecs import IMAGE_EXTS, _open_checked
+from .pointcloud import POINT_EXTS, list_shapes, prepare_shape
 
-__all__ = ["pack", "find_images", "sample_key"]
+__all__ = ["pack", "find_images", "find_inputs", "sample_key"]
 
 _EXT_ALIASES = {"jpeg": "jpg", "tiff": "tif"}
 
@@ -25,8 +26,8 @@ def sample_key(path: str) -> str:
     return re.sub(r"[.\s/\\]", "_", stem)
 
 
-def find_images(specs: Sequence[str]) -> list[str]:
-    """Image files from folders (recursive), globs or paths; sorted within each spec."""
+def find_images(specs: Sequence[str], exts: Sequence[str] = IMAGE_EXTS) -> list[str]:
+    """Image files (or files with ``exts``) from folders (recursive), globs or paths; sorted within each spec."""
     from braceexpand import braceexpand
 
     found: list[str] = []
@@ -34,9 +35,10 @@ def find_images(specs: Sequence[str]) -> list[str]:
         for part in braceexpand(spec):
             if os.path.isdir(part):
                 files = sorted(p for p in glob.glob(os.path.join(glob.escape(part), "**", "*"), recursive=True)
-                               if p.lower().rsplit(".", 1)[-1] in IMAGE_EXTS and os.path.isfile(p))
+                               if p.lower().rsplit(".", 1)[-1] in exts and os.path.isfile(p))
                 if not files:
-                    raise PartkitError(f"folder {part!r} holds no images ({', '.join(IMAGE_EXTS)})")
+                    what = "images" if tuple(exts) == IMAGE_EXTS else "images, point clouds or meshes"
+                    raise PartkitError(f"folder {part!r} holds no {what} ({', '.join(exts)})")
                 found.extend(files)
             elif set("*?[") & set(part):
                 files = sorted(glob.glob(part))
@@ -48,6 +50,28 @@ def find_images(specs: Sequence[str]) -> list[str]:
             else:
                 raise PartkitError(f"input {part!r} does not exist; check the path")
     return found
+
+
+def find_inputs(specs: Sequence[str]) -> list[str]:
+    """Images, point clouds and meshes (``POINT_EXTS``) from folders, globs or paths.
+
+    A folder that holds images gives only its images (so stray ``.txt``/``.npy`` files beside
+    photos are not read as point clouds); a folder without images gives its 3D files.
+    """
+    found: list[str] = []
+    for spec in specs:
+        if os.path.isdir(spec):
+            try:
+                found.extend(find_images([spec]))
+                continue
+            except PartkitError:
+                pass
+        found.extend(find_images([spec], IMAGE_EXTS + POINT_EXTS))
+    return found
+
+
+def _is_3d(path: str) -> bool:
+    return path.lower().rsplit(".", 1)[-1] in POINT_EXTS
 
 
 def _load_coco(path: str) -> dict:
@@ -118,26 +142,38 @@ def pack(
     provenance: Optional[str] = None,
     output: Output = Output(),
     skip_bad: bool = False,
+    points_per_shape: int = 2048,
 ) -> dict:
-    """Write one sample per image: the image bytes, ``json`` metadata, and ground truth if given."""
-    files = find_images(images)
-    keys = [sample_key(p) for p in files]
+    """Write one sample per image: the image bytes, ``json`` metadata, and ground truth if given.
+
+    Point clouds and meshes (``.ply``, ``.obj``, ``.off``, ``.npz``, ``.npy``, ShapeNetPart ``.txt``)
+    become 3D samples (:mod:`partkit.pointcloud`); an npz with ``offsets`` gives one per shape.
+    """
+    files = find_inputs(images)
+    if points_per_shape < 1:
+        raise PartkitError(f"--points-per-shape must be at least 1, got {points_per_shape}")
+    entries = [(k, p, i) for p in files
+               for k, i in (list_shapes(p) if _is_3d(p) else [(sample_key(p), None)])]
+    keys, files, indices = [e[0] for e in entries], [e[1] for e in entries], [e[2] for e in entries]
     seen: dict[str, str] = {}
     for k, p in zip(keys, files):
         if k in seen:
-            raise PartkitError(f"two images give the same key {k!r}: {seen[k]} and {p}; rename one")
+            raise PartkitError(f"two inputs give the same key {k!r}: {seen[k]} and {p}; rename one")
         seen[k] = p
     if labels is not None and not os.path.isdir(labels):
         raise PartkitError(f"--labels {labels!r} is not a folder; pass the folder of label PNGs")
     coco_table = _load_coco(coco) if coco else None
 
     def source(rank: int, world: int) -> Iterator[dict]:
-        for i, (k, p) in enumerate(zip(keys, files)):
+        for i, (k, p, j) in enumerate(zip(keys, files, indices)):
             if i % world == rank:
-                yield {"__key__": k, "__path__": p}
+                yield {"__key__": k, "__path__": p, "__index__": j}
 
     def prepare(rec: dict) -> dict:
         key, path = rec["__key__"], rec["__path__"]
+        if _is_3d(path):
+            return prepare_shape(key, path, rec["__index__"], num_points=points_per_shape, category=category,
+                                 provenance=provenance)
         with open(path, "rb") as f:
             data = f.read()
         im = _open_checked(data, key, f"image {path}")
@@ -172,5 +208,7 @@ def pack(
         return sample
 
     config = {"labels": labels, "coco": coco, "category": category, "provenance": provenance}
+    if any(_is_3d(p) for p in files):
+        config["points_per_shape"] = points_per_shape
     return run_stage(images, lambda batch: batch, output=output, name="pack", prepare=prepare, skip_bad=skip_bad,
                      config=config, source=source)

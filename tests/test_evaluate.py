@@ -2,6 +2,7 @@
 import contextlib
 import io
 import json
+import subprocess
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from sklearn import metrics as skm
 from typer.testing import CliRunner
 
 from commands.main import app
+from conftest import ROOT
 from partkit.errors import BadSample, PartkitError
 from partkit.evaluate import EvalOptions, SampleView, evaluate
 from partkit.grid import grid_to_image
@@ -395,3 +397,14 @@ def test_cli_on_real_cihp_labels(shard_factory, cihp_dir):
     assert r["nmi"]["value"] == pytest.approx(100 * skm.normalized_mutual_info_score(true, pred), abs=1e-9)
     assert r["ari"]["value"] == pytest.approx(100 * skm.adjusted_rand_score(true, pred), abs=1e-9)
     assert 0 < r["miou"]["value"] < 100 and len(r["miou"]["iou"]) == 17
+
+
+@pytest.mark.skipif(not (ROOT / "commands" / "cluster.py").exists(), reason="`partkit cluster` is not built yet")
+def test_pipeline_pack_extract_cluster_eval(cihp_dir):
+    cmd = (f"partkit pack {cihp_dir / 'images'} --labels {cihp_dir / 'labels'} | partkit extract "
+           f"| partkit cluster --scope object --fg-from gt_parts -k 4 | partkit eval nmi ari miou")
+    result = subprocess.run(cmd, shell=True, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    r = json.loads(result.stdout)["metrics"]
+    assert r["nmi"]["region"] == "fg" and 0 < r["nmi"]["value"] < 100
+    assert r["miou"]["value"] > 0 and "nmi" in result.stderr

@@ -1,0 +1,129 @@
+"""Training examples for the part decoder: features + grid-aligned target label maps.
+
+Every proposal (a non-zero id of ``parts.png``, or of any label-map field) becomes one target
+mask. Targets live at twice the feature-grid resolution, the resolution of the mask features.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import BadSample
+from ..grid import sample_on_grid
+from ..io import decode_json, decode_label_map, decode_npy
+
+__all__ = ["Example", "targets_from_sample", "augment", "collate", "MASK_FACTOR"]
+
+MASK_FACTOR = 2  # mask features are at 2x the feature grid
+
+
+@dataclass
+class Example:
+    key: str
+    feat: torch.Tensor  # C x h x w (float16 in memory)
+    target: np.ndarray  # (MASK_FACTOR*h) x (MASK_FACTOR*w) int32 ids, 0 = none
+    ids: np.ndarray  # proposal ids kept as targets
+    classes: np.ndarray  # class index per kept id (0 = "part" when class-agnostic)
+    meta: dict
+
+
+def _decode_objects(sample: dict) -> list[np.ndarray]:
+    from pycocotools import mask as mask_utils
+
+    doc = decode_json(sample, "gt_objects.json")
+    out = []
+    for obj in doc.get("objects", []):
+        seg = obj["segmentation"]
+        counts = seg["counts"].encode() if isinstance(seg["counts"], str) else seg["counts"]
+        out.append(mask_utils.decode({"size": seg["size"], "counts": counts}).astype(bool))
+    return out
+
+
+def grid_labels(sample: dict, field: str, meta: dict) -> np.ndarray:
+    """A label-map field resampled onto the feature grid at MASK_FACTOR x resolution."""
+    labels = decode_label_map(sample, field).astype(np.int32)
+    gh, gw = meta["grid"]
+    if labels.shape == (gh, gw):  # already at grid resolution (cluster's default)
+        return np.kron(labels, np.ones((MASK_FACTOR, MASK_FACTOR), np.int32))
+    return sample_on_grid(labels, meta, MASK_FACTOR)
+
+
+def targets_from_sample(sample: dict, meta: dict, *, field: str = "parts.png", min_part_area: float = 0.05,
+                        ignore: tuple = (255, 65535), class_map: Optional[dict] = None) -> tuple:
+    """(target id map, kept ids, class per id). A proposal is kept when it covers at least
+    ``min_part_area`` of its object and lies mostly (>= 50%) inside an object."""
+    target = grid_labels(sample, field, meta)
+    target[np.isin(target, ignore)] = 0
+    ids, areas = np.unique(target[target > 0], return_counts=True)
+    if "gt_objects.json" in sample:
+        objects = [sample_on_grid(m.astype(np.uint8), meta, MASK_FACTOR) > 0 for m in _decode_objects(sample)]
+    else:
+        objects = [target > 0]
+    keep, classes = [], []
+    for i, area in zip(ids, areas):
+        m = target == i
+        overlaps = [int((m & o).sum()) for o in objects]
+        if not overlaps or max(overlaps) < 0.5 * area:
+            continue  # outside every object
+        obj = objects[int(np.argmax(overlaps))]
+        if area < min_part_area * max(int(obj.sum()), 1):
+            continue
+        keep.append(int(i))
+        classes.append(0 if class_map is None else int(class_map.get(int(i), 0)))
+    kept = np.asarray(keep, np.int64)
+    target[~np.isin(target, kept)] = 0
+    return target, kept, np.asarray(classes, np.int64)
+
+
+def example_from_sample(sample: dict, *, field: str = "parts.png", min_part_area: float = 0.05,
+                        class_map: Optional[dict] = None) -> Example:
+    key = sample["__key__"]
+    meta = decode_json(sample, "feat.json")
+    feat = decode_npy(sample, "feat.npy")
+    if feat.ndim != 3 or list(feat.shape[1:]) != list(meta["grid"]):
+        raise BadSample(key, f"feat.npy has shape {feat.shape}, not C x {meta['grid']} as feat.json says")
+    if not np.isfinite(feat).all():
+        raise BadSample(key, "feat.npy holds NaN or inf values; re-run `partkit extract`")
+    target, ids, classes = targets_from_sample(sample, meta, field=field, min_part_area=min_part_area,
+                                               class_map=class_map)
+    return Example(key, torch.from_numpy(feat.astype(np.float16)), target, ids, classes, meta)
+
+
+def augment(ex: Example, size: int, gen: torch.Generator, train: bool = True,
+            scale=(0.5, 1.0), flip: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random resized crop + horizontal flip on the grid: (C x size x size feats, 2size x 2size ids)."""
+    feat = ex.feat.float()
+    tgt = torch.from_numpy(ex.target)
+    C, h, w = feat.shape
+    if train:
+        s = float(torch.empty(1).uniform_(scale[0], scale[1], generator=gen))
+        ch, cw = max(1, round(h * s ** 0.5)), max(1, round(w * s ** 0.5))
+        y0 = int(torch.randint(0, h - ch + 1, (1,), generator=gen))
+        x0 = int(torch.randint(0, w - cw + 1, (1,), generator=gen))
+        do_flip = flip and bool(torch.rand(1, generator=gen) < 0.5)
+    else:
+        ch, cw, y0, x0, do_flip = h, w, 0, 0, False
+    feat = feat[:, y0:y0 + ch, x0:x0 + cw]
+    tgt = tgt[y0 * MASK_FACTOR:(y0 + ch) * MASK_FACTOR, x0 * MASK_FACTOR:(x0 + cw) * MASK_FACTOR]
+    if do_flip:
+        feat, tgt = feat.flip(-1), tgt.flip(-1)
+    feat = F.interpolate(feat[None], size=(size, size), mode="bilinear", align_corners=False)[0]
+    tgt = F.interpolate(tgt[None, None].float(), size=(size * MASK_FACTOR,) * 2, mode="nearest")[0, 0].long()
+    return feat, tgt
+
+
+def collate(items: list[tuple[torch.Tensor, torch.Tensor]], examples: list[Example], device) -> tuple:
+    """Stack features; per image, one binary mask per target id still visible after augmentation."""
+    feats = torch.stack([f for f, _ in items]).to(device)
+    targets = []
+    for (_, tgt), ex in zip(items, examples):
+        present = [(i, c) for i, c in zip(ex.ids.tolist(), ex.classes.tolist()) if bool((tgt == i).any())]
+        ids = torch.tensor([i for i, _ in present], dtype=torch.long)
+        masks = (tgt[None] == ids[:, None, None]) if len(present) else torch.zeros(0, *tgt.shape, dtype=torch.bool)
+        targets.append({"masks": masks.to(device), "labels": torch.tensor([c for _, c in present], dtype=torch.long,
+                                                                          device=device)})
+    return feats, targets

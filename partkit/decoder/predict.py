@@ -1,0 +1,123 @@
+"""``partkit predict``: part proposals from a trained decoder, as RLE masks with scores and features."""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .._runtime import resolve_device
+from .._training import load_checkpoint
+from ..errors import BadSample, PartkitError
+from ..io import Output, decode_json, decode_npy, encode_json, encode_npy, encode_png, run_stage
+from .model import DecoderConfig, PartDecoder
+
+__all__ = ["load_decoder", "predict", "masks_to_image"]
+
+
+def load_decoder(checkpoint: str, device="cpu", ema: bool = False) -> tuple[PartDecoder, dict]:
+    ckpt = load_checkpoint(checkpoint)
+    if "decoder_config" not in ckpt:
+        raise PartkitError(f"{checkpoint!r} is not a part-decoder checkpoint (no decoder_config)")
+    net = PartDecoder(DecoderConfig(**ckpt["decoder_config"]))
+    state = ckpt.get("teacher") if ema and "teacher" in ckpt else ckpt["model"]
+    net.load_state_dict(state)
+    return net.to(device).eval(), ckpt
+
+
+def masks_to_image(logits: torch.Tensor, meta: dict) -> torch.Tensor:
+    """Mask logits at mask-feature resolution (Q x 2h x 2w) -> Q x H x W at image resolution."""
+    gh, gw = meta["grid"]
+    rh, rw = meta["resized"]
+    H, W = meta["image_size"]
+    cover = (gh * meta["stride"], gw * meta["stride"])  # resized-input pixels the grid spans
+    up = F.interpolate(logits[None], size=cover, mode="bilinear", align_corners=False)[0]
+    return F.interpolate(up[None, :, :rh, :rw], size=(H, W), mode="bilinear", align_corners=False)[0]
+
+
+def predict(
+    inputs: Sequence[str],
+    checkpoint: str,
+    *,
+    topk: int = 100,
+    score_threshold: float = 0.0,
+    mask_threshold: float = 0.5,
+    label_map: bool = False,
+    batch_size: int = 8,
+    device: str = "auto",
+    output: Output = Output(),
+    skip_bad: bool = False,
+    use_teacher: bool = False,
+) -> dict:
+    """Add ``proposals.json`` (RLE masks, scores, boxes, areas) and ``proposals.npy`` (query features)."""
+    from pycocotools import mask as mask_utils
+
+    if topk < 1:
+        raise PartkitError(f"--topk must be at least 1, got {topk}")
+    dev = resolve_device(device)
+    net, ckpt = load_decoder(checkpoint, dev, ema=use_teacher)
+    online = None
+    if ckpt.get("features") == "online":
+        from .train import OnlineFeatures
+
+        spec = ckpt["feature_spec"]
+        online = OnlineFeatures(spec["model"], spec["weights"], spec["layers"], spec["size"], dev)
+
+    def prepare(sample: dict):
+        if online is not None:
+            x, meta = online.meta(sample)
+            return sample, x, meta
+        meta = decode_json(sample, "feat.json")
+        feat = decode_npy(sample, "feat.npy")
+        if feat.ndim != 3 or feat.shape[0] != net.cfg.in_channels:
+            raise BadSample(sample["__key__"], f"feat.npy has {feat.shape[0] if feat.ndim == 3 else feat.shape} "
+                            f"channels; the decoder was trained on {net.cfg.in_channels} (same extract settings?)")
+        return sample, torch.from_numpy(feat.astype(np.float32)), meta
+
+    def process(batch: list) -> list:
+        if online is not None:
+            feats = online.features(torch.stack([x for _, x, _ in batch]), [m for _, _, m in batch])
+        else:
+            feats = [x for _, x, _ in batch]
+        results = []
+        with torch.inference_mode():
+            for (sample, _, meta), feat in zip(batch, feats):
+                out = net(feat[None].to(dev).float())
+                scores = PartDecoder.scores(out["pred_logits"][0])
+                order = scores.argsort(descending=True)[:topk]
+                order = order[scores[order] >= score_threshold]
+                logits = masks_to_image(out["pred_masks"][0][order].float(), meta)
+                probs = logits.sigmoid()
+                binary = (probs > mask_threshold).cpu().numpy()
+                s = scores[order].cpu().numpy()
+                proposals = []
+                for i, m in enumerate(binary):
+                    rle = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
+                    proposals.append({"id": i + 1, "score": round(float(s[i]), 6),
+                                      "bbox": [round(float(v), 2) for v in mask_utils.toBbox(rle)],
+                                      "area": int(mask_utils.area(rle)),
+                                      "segmentation": {"size": list(m.shape), "counts": rle["counts"].decode()}})
+                doc = {"proposals": proposals, "topk": topk, "score_threshold": score_threshold,
+                       "mask_threshold": mask_threshold, "checkpoint": checkpoint}
+                new = {**sample, "proposals.json": encode_json(doc),
+                       "proposals.npy": encode_npy(out["query_feats"][0][order].cpu().numpy().astype(np.float16))}
+                if label_map:
+                    new["pred_parts.png"] = encode_png(_label_map(probs, scores[order], mask_threshold))
+                results.append(new)
+        return results
+
+    config = {"checkpoint": checkpoint, "topk": topk, "score_threshold": score_threshold,
+              "mask_threshold": mask_threshold, "label_map": label_map, "teacher": use_teacher}
+    return run_stage(inputs, process, output=output, name="predict", batch_size=batch_size, prepare=prepare,
+                     skip_bad=skip_bad, config=config)
+
+
+def _label_map(probs: torch.Tensor, scores: torch.Tensor, threshold: float) -> np.ndarray:
+    """Each pixel to its most confident part (argmax of mask probability x score), 0 where none is on."""
+    if probs.shape[0] == 0:
+        return np.zeros(probs.shape[1:], np.uint16)
+    conf = probs * scores[:, None, None]
+    best = conf.argmax(0)
+    on = probs.gather(0, best[None])[0] > threshold
+    return torch.where(on, best + 1, torch.zeros_like(best)).cpu().numpy()
