@@ -26,6 +26,8 @@ _COMMANDS = [
     ("pack", "pack"),
     ("extract", "extract"),
     ("models", "models"),
+    ("train_decoder", "train-decoder"),
+    ("predict", "predict"),
     ("eval", "eval"), ("show", "show"),
 ]
 

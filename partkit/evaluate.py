@@ -18,6 +18,7 @@ from functools import cached_property
 from typing import Optional, Sequence
 
 import numpy as np
+from pycocotools import mask as mask_utils
 
 from . import metrics as M
 from ._log import log, progress
@@ -379,8 +380,6 @@ class _Masks:
         self.with_category = set()  # whether proposals carried category_id, per sample
 
     def _gt_masks(self, v: SampleView) -> list[dict]:
-        from pycocotools import mask as mask_utils
-
         height, width = v.shape
         if self.o.gt == "objects":
             objs = decode_json(v.sample, "gt_objects.json")
@@ -465,8 +464,6 @@ def _expand_crowd(anns: list[dict]) -> list[dict]:
 
 
 def _encode(mask: np.ndarray) -> dict:
-    from pycocotools import mask as mask_utils
-
     rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
     rle["counts"] = rle["counts"].decode("ascii")
     return rle
@@ -474,8 +471,6 @@ def _encode(mask: np.ndarray) -> dict:
 
 def _rle(seg, key: str, field_name: str, height: int, width: int) -> dict:
     """A compressed RLE of the image's size from a COCO segmentation (compressed or not)."""
-    from pycocotools import mask as mask_utils
-
     if not isinstance(seg, dict) or "size" not in seg or "counts" not in seg:
         raise BadSample(key, f"'{field_name}' masks must be COCO RLE {{\"size\": [h, w], \"counts\": ...}}")
     if [int(s) for s in seg["size"]] != [height, width]:

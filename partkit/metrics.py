@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import warnings
 from math import log
 from typing import Iterable, Optional, Sequence
 
@@ -482,6 +483,7 @@ def fit_linear_probe(x, y, *, sample_weight=None, c: float = 1.0, seed: int = 0,
 
     Deterministic (lbfgs). Returns a fitted sklearn pipeline with ``predict``.
     """
+    from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
@@ -490,10 +492,6 @@ def fit_linear_probe(x, y, *, sample_weight=None, c: float = 1.0, seed: int = 0,
     if np.unique(y).size < 2:
         raise PartkitError("the probe's training data has a single class; give more training images (--probe-train)")
     model = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=max_iter, tol=tol, random_state=seed))
-    import warnings
-
-    from sklearn.exceptions import ConvergenceWarning
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         model.fit(np.asarray(x, np.float32), y, logisticregression__sample_weight=sample_weight)

@@ -86,7 +86,7 @@ def make_cameras(elevations: Sequence[float] = DEFAULT_ELEVATIONS, azimuths: Seq
 
 def auto_radius(num_points: int, size: int) -> int:
     """A splat radius (pixels) that closes the gaps between points without blurring parts."""
-    return max(1, int(round(0.7 * size / math.sqrt(max(num_points, 1)))))
+    return max(1, int(round(0.9 * size / math.sqrt(max(num_points, 1)))))
 
 
 def _disk(radius: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -160,30 +160,30 @@ def render_points(points, normals=None, colors=None, *, cameras: Optional[Camera
     dist = cams.eye.norm(dim=1)
     near, far = float(dist.min()) - 1.01, float(dist.max()) + 1.01
     keys = _zbuffer(cams, pts, radius, near, far)
-    V, S = len(cams), cams.size
+    V, S, N = len(cams), cams.size, len(pts)
     fg = keys != _EMPTY
     index = torch.where(fg, keys & ((1 << _INDEX_BITS) - 1), torch.full_like(keys, -1))
-    depth = torch.full(keys.shape, float("inf"), device=device)
-    depth[fg] = (keys[fg] >> _INDEX_BITS).float() / _DEPTH_LEVELS * (far - near) + near
-    v_of = torch.arange(V, device=device)[:, None].expand_as(index)[fg]
-    p_of = index[fg]
+    depth = torch.where(fg, (keys >> _INDEX_BITS).float() * ((far - near) / _DEPTH_LEVELS) + near,
+                        torch.full(keys.shape, float("inf"), device=device))
+    # shade every (view, point) once, then look the values up per pixel: no boolean indexing
     if normals is not None:
         nrm = torch.as_tensor(np.asarray(normals, np.float32) if not torch.is_tensor(normals) else normals,
                               dtype=torch.float32, device=device)
-        to_eye = cams.eye[v_of] - pts[p_of]
-        lam = (nrm[p_of] * to_eye).sum(1).abs() / (nrm[p_of].norm(dim=1) * to_eye.norm(dim=1)).clamp_min(1e-9)
+        to_eye = cams.eye[:, None] - pts[None]  # (V, N, 3)
+        lam = (nrm[None] * to_eye).sum(-1).abs() / (nrm.norm(dim=1)[None] * to_eye.norm(dim=-1)).clamp_min(1e-9)
         shade = 0.35 + 0.65 * lam
     else:
-        d = depth[fg]
-        lo = (dist[v_of] - 1.0)
-        shade = 1.0 - 0.6 * ((d - lo) / 2.0).clamp(0, 1)
-    image = torch.full((V, S * S, 3), 255.0, device=device)
+        _, _, z = cams.project(pts)
+        shade = 1.0 - 0.6 * ((z - (dist[:, None] - 1.0)) / 2.0).clamp(0, 1)
+    flat = (torch.arange(V, device=device)[:, None] * N + index.clamp_min(0)).reshape(-1)
+    pix = shade.reshape(-1)[flat].view(V, S * S, 1)
     if colors is not None:
-        col = torch.as_tensor(np.asarray(colors), device=device).float()[p_of]
-        image[fg] = col * (0.55 + 0.45 * shade[:, None])
+        col = torch.as_tensor(np.asarray(colors), device=device).float()
+        value = col[index.clamp_min(0)] * (0.55 + 0.45 * pix)
     else:
-        image[fg] = (255 * _BASE_GREY) * shade[:, None].expand(-1, 3)
-    image = image.round().clamp(0, 255).to(torch.uint8)
+        value = (255 * _BASE_GREY) * pix
+    image = torch.where(fg[..., None], value, torch.full_like(value, 255.0))
+    image = image.round_().clamp_(0, 255).to(torch.uint8).expand(V, S * S, 3).contiguous()
     return Rendering(image.view(V, S, S, 3), index.view(V, S, S), depth.view(V, S, S), cams, radius)
 
 

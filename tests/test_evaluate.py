@@ -68,6 +68,16 @@ def test_nmi_ari_pooled_over_pixels_match_sklearn(shard_factory, region):
     assert r["nmi"]["pairs"] == true.size and r["nmi"]["region"] == region and report["samples"] == 3
 
 
+def test_uint16_label_maps_use_65535_as_void(shard_factory):
+    gt = np.array([[0, 300, 300, 7, 65535, 7]], np.uint16)
+    pred = np.array([[0, 1, 1, 2, 2, 1]], np.uint8)
+    r = evaluate([shard_factory([_sample("u", gt, pred)])], ["nmi", "miou"], region="full")["metrics"]
+    assert r["nmi"]["pairs"] == 5
+    assert r["nmi"]["value"] == pytest.approx(100 * skm.normalized_mutual_info_score([0, 300, 300, 7, 7],
+                                                                                     [0, 1, 1, 2, 1]))
+    assert set(r["miou"]["iou"]) == {"0", "7", "300"}
+
+
 def test_prediction_resampling_rules(shard_factory):
     pred_grid = np.arange(12, dtype=np.uint8).reshape(3, 4)
     gt = np.zeros((6, 8), np.uint8)

@@ -41,6 +41,7 @@ class TrainConfig:
     log_every: int = 10
     num_points: int = 1024
     no_part_weight: float = 0.1
+    stop_at: Optional[int] = None  # stop (with a checkpoint) at this step; --resume continues the schedule
 
 
 class OnlineFeatures:
@@ -228,7 +229,7 @@ def train_decoder(
     t0 = time.perf_counter()
     with progress("train-decoder", total=steps) as bar:
         bar.update(start)
-        for step in range(start, steps):
+        for step in range(start, min(steps, tc.stop_at or steps)):
             batch = [examples[i] for i in _batch_indices(step, len(examples), tc.batch_size, seed * 31 + dist.rank)]
             feats = _features(batch, online)
             items = [augment(Example(ex.key, f, ex.target, ex.ids, ex.classes, ex.meta), tc.crop_grid, gen)
@@ -256,11 +257,11 @@ def train_decoder(
                 ar = masks_recall(net, val_examples, online, dev)
                 run.log({"step": done, "val": ar})
                 log(f"train-decoder: step {done} val " + " ".join(f"{k} {v:.3f}" for k, v in ar.items()))
-            if done % tc.checkpoint_every == 0 or done == steps:
+            if done % tc.checkpoint_every == 0 or done == steps or done == tc.stop_at:
                 checkpoint(done)
     run.plot_losses(("loss", "loss_class", "loss_mask", "loss_dice"))
     secs = time.perf_counter() - t0
-    log(f"train-decoder: {steps - start} steps in {secs:.1f}s, final loss {history[-1] if history else float('nan'):.3f}"
-        f" -> {out}")
+    final = f"{history[-1]:.3f}" if history else "n/a"
+    log(f"train-decoder: {len(history)} steps in {secs:.1f}s, final loss {final} -> {out}")
     dist.close()
     return {"steps": steps, "losses": history, "out": out}

@@ -17,8 +17,8 @@ from ._registry import BackboneSpec, get_spec, list_backbones, register_backbone
 from ._weights import WeightSource, find_local, hub_reachable, load_state_dict, offline_error, resolve_weights
 from .backbone import FACETS, Backbone, OpenClipViT, PixelBackbone, TimmCNN, TimmViT
 
-__all__ = ["create_backbone", "list_backbones", "register_backbone", "get_spec", "BackboneSpec", "Backbone",
-           "FACETS", "find_local"]
+__all__ = ["create_backbone", "create_clip", "list_backbones", "register_backbone", "get_spec", "BackboneSpec",
+           "Backbone", "FACETS", "find_local"]
 
 
 def _load_into(net, spec: BackboneSpec, path: str) -> None:
@@ -101,16 +101,10 @@ def _create_timm(spec: BackboneSpec, arch: str, src: WeightSource) -> Backbone:
                default_layers=spec.default_layers or ((-1,) if is_vit else (2, 3, 4)))
 
 
-def _create_open_clip(spec: BackboneSpec, arch: str, src: WeightSource) -> Backbone:
+def _create_open_clip(spec: BackboneSpec, arch: str, src: WeightSource, model=None) -> Backbone:
     import open_clip
 
-    if src.kind == "hub":
-        with _hub_guard(spec):
-            model = open_clip.create_model(arch, pretrained=src.value)
-    else:
-        model = open_clip.create_model(arch, pretrained=None)
-        if src.kind in ("file", "package"):
-            _load_into(model, spec, src.value)
+    model = model if model is not None else _open_clip_model(spec, arch, src)
     visual = model.visual
     if not hasattr(visual, "conv1") or not hasattr(visual, "transformer"):
         raise PartkitError(f"{spec.name}: only open_clip ViT image towers give dense features; pick a ViT-* model")
@@ -149,3 +143,39 @@ def describe(name: str) -> dict:
             vision = (open_clip.get_model_config(arch) or {}).get("vision_cfg", {})
             info.update(num_layers=vision.get("layers"), reductions=[vision.get("patch_size")])
     return info
+
+
+def _open_clip_model(spec: BackboneSpec, arch: str, src: WeightSource):
+    """The whole open_clip model (both towers) with weights from ``src``."""
+    import open_clip
+
+    if src.kind == "hub":
+        with _hub_guard(spec):
+            return open_clip.create_model(arch, pretrained=src.value)
+    model = open_clip.create_model(arch, pretrained=None)
+    if src.kind in ("file", "package"):
+        _load_into(model, spec, src.value)
+    return model
+
+
+def create_clip(name: str = "clip_vitb16", weights: Optional[str] = None):
+    """A CLIP model with its text tower, for text-prompted parts: ``(backbone, model, tokenizer)``.
+
+    ``backbone`` is the dense image tower (:class:`OpenClipViT`, sharing ``model.visual``'s
+    weights), ``model`` the full open_clip model (``encode_text``), ``tokenizer`` open_clip's.
+    Weights resolve as for :func:`create_backbone`.
+
+    >>> backbone, model, tokenizer = create_clip("clip_vitb16")  # doctest: +SKIP
+    """
+    import open_clip
+
+    spec = get_spec(name)
+    if not spec.source.startswith("open_clip:"):
+        raise PartkitError(f"{name!r} is not a CLIP model (source {spec.source}); use clip_vitb16 or "
+                           f"open_clip:ARCH/TAG")
+    arch = spec.source.split(":", 1)[1]
+    src = resolve_weights(spec, weights)
+    model = _open_clip_model(spec, arch, src)
+    backbone = _create_open_clip(spec, arch, src, model)
+    backbone.source, backbone.default_facet = spec.source, spec.default_facet
+    return backbone, model.eval(), open_clip.get_tokenizer(arch)

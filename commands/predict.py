@@ -1,0 +1,40 @@
+"""Part proposals from a trained decoder (RLE masks, scores, query features)."""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import typer
+
+from partkit.decoder import predict
+
+from ._common import (DropOpt, NumShardsOpt, OutputOpt, OverwriteOpt, ShardIndexOpt, ShardSizeOpt, SkipBadOpt,
+                      cli_errors, get_globals, make_output)
+
+
+@cli_errors
+def main(
+    ctx: typer.Context,
+    inputs: List[str] = typer.Argument(None, help="Input shards (default '-': stdin)."),
+    checkpoint: str = typer.Option(..., "--checkpoint", "-c", help="Run folder (or last.pt) of train-decoder/self-train."),
+    topk: int = typer.Option(100, "--topk", help="Keep the K highest-scoring proposals per image."),
+    score_threshold: float = typer.Option(0.0, "--score-threshold", help="Drop proposals scoring below this."),
+    mask_threshold: float = typer.Option(0.5, "--mask-threshold", help="Binarise mask probabilities at this value."),
+    label_map: bool = typer.Option(False, "--label-map", help="Also write pred_parts.png (each pixel to its most confident part)."),
+    teacher: bool = typer.Option(False, "--teacher", help="Use a self-train run's EMA teacher instead of the student."),
+    batch_size: int = typer.Option(8, "--batch-size", "-b"),
+    output: str = OutputOpt,
+    shard_size: int = ShardSizeOpt,
+    overwrite: bool = OverwriteOpt,
+    drop: List[str] = DropOpt,
+    skip_bad: bool = SkipBadOpt,
+    num_shards: Optional[int] = NumShardsOpt,
+    shard_index: Optional[int] = ShardIndexOpt,
+):
+    """Add proposals.json (RLE masks at image size, score, bbox, area) and proposals.npy (float16 query features).
+
+    Example: partkit predict --checkpoint runs/dec feats.tar --topk 50 --label-map | partkit eval ar
+    """
+    g = get_globals(ctx)
+    predict(inputs or ["-"], checkpoint, topk=topk, score_threshold=score_threshold, mask_threshold=mask_threshold,
+            label_map=label_map, batch_size=batch_size, device=g.device, skip_bad=skip_bad, use_teacher=teacher,
+            output=make_output(output, shard_size, overwrite, drop, num_shards, shard_index))

@@ -1,0 +1,143 @@
+"""The part decoder: matching, losses, learning, exact resume, DDP, predict."""
+import json
+import os
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+from scipy.optimize import linear_sum_assignment
+
+from partkit.decoder import DecoderConfig, PartDecoder, TrainConfig, predict, train_decoder
+from partkit.decoder.criterion import HungarianMatcher, SetCriterion, point_sample
+from partkit.errors import PartkitError
+from partkit.io import Output, decode_json, decode_label_map, decode_npy, encode_json, encode_png
+from conftest import ROOT, read_shard, write_shard
+
+SMALL = {"num_queries": 8, "hidden_dim": 32, "num_heads": 2, "ffn_dim": 64, "num_layers": 2}
+
+
+def _synthetic(n, seed=0, grid=8):
+    """Features that encode a 3-part layout (blocks), the layout as parts.png at grid resolution."""
+    rng = np.random.default_rng(seed)
+    samples = []
+    for i in range(n):
+        labels = np.zeros((grid, grid), np.uint8)
+        cut = rng.integers(2, grid - 2)
+        labels[1:cut, 1:-1], labels[cut:-1, 1:grid // 2], labels[cut:-1, grid // 2:-1] = 1, 2, 3
+        feat = rng.normal(0, 0.1, (16, grid, grid))
+        for k in range(4):
+            feat[k * 4:(k + 1) * 4] += (labels == k)[None]
+        meta = {"grid": [grid, grid], "stride": 8, "image_size": [grid * 8, grid * 8], "resized": [grid * 8, grid * 8],
+                "channels": 16, "level_channels": [8, 8]}
+        samples.append({"__key__": f"s{i:03d}", "feat.npy": feat.astype(np.float16), "feat.json": encode_json(meta),
+                        "parts.png": encode_png(labels), "gt_parts.png": encode_png(np.kron(labels, np.ones((8, 8),
+                                                                                                         np.uint8)))})
+    return samples
+
+
+@pytest.fixture
+def shard(tmp_path):
+    return write_shard(tmp_path / "train.tar", _synthetic(4))
+
+
+def test_matcher_agrees_with_linear_sum_assignment_and_finds_exact_masks():
+    torch.manual_seed(0)
+    targets = torch.zeros(3, 16, 16, dtype=torch.bool)
+    targets[0, :8], targets[1, 8:, :8], targets[2, 8:, 8:] = True, True, True
+    masks = torch.randn(1, 5, 16, 16)
+    perm = [3, 0, 4]  # queries 3, 0, 4 predict targets 0, 1, 2 confidently
+    for q, t in zip(perm, range(3)):
+        masks[0, q] = torch.where(targets[t], 8.0, -8.0)
+    logits = torch.zeros(1, 5, 2)
+    m = HungarianMatcher(num_points=256)
+    (q, g), = m(logits, masks, [{"masks": targets, "labels": torch.zeros(3, dtype=torch.long)}])
+    assert dict(zip(g.tolist(), q.tolist())) == {0: 3, 1: 0, 2: 4}
+
+
+def test_point_sample_matches_exact_values_at_cell_centres():
+    x = torch.arange(16.0).reshape(1, 4, 4)
+    coords = torch.tensor([[[0.125, 0.125], [0.875, 0.375]]])  # (x, y) centres of cells (0,0), (1,3)
+    assert point_sample(x, coords).tolist() == [[0.0, 7.0]]
+
+
+def test_loss_falls_when_fitting_synthetic_parts():
+    torch.manual_seed(0)
+    net = PartDecoder(DecoderConfig(in_channels=16, level_channels=[8, 8], **SMALL))
+    crit = SetCriterion(num_points=128)
+    sample = _synthetic(1)[0]
+    x = torch.tensor(sample["feat.npy"], dtype=torch.float32)[None]
+    lab = torch.tensor(np.kron(decode_label_map(sample, "parts.png"), np.ones((2, 2))))
+    target = [{"masks": torch.stack([lab == i for i in (1, 2, 3)]), "labels": torch.zeros(3, dtype=torch.long)}]
+    opt = torch.optim.AdamW(net.parameters(), 1e-3)
+    losses = []
+    for _ in range(40):
+        loss, _ = crit(net(x), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5])
+
+
+def _train(shard, out, steps, resume=False, stop_at=None, **kw):
+    tc = TrainConfig(max_steps=steps, batch_size=2, warmup=2, checkpoint_every=2, log_every=1, crop_grid=8,
+                     num_points=64, stop_at=stop_at)
+    return train_decoder([shard], str(out), decoder=SMALL, train=tc, resume=resume, seed=1, **kw)
+
+
+def test_resume_continues_exactly(tmp_path, shard):
+    _train(shard, tmp_path / "full", 6)
+    _train(shard, tmp_path / "part", 6, stop_at=3)  # as if killed after the step-3 checkpoint
+    assert torch.load(tmp_path / "part" / "last.pt", weights_only=False)["step"] == 3
+    with open(tmp_path / "part" / "metrics.jsonl", "a") as f:  # a record written after the checkpoint
+        f.write(json.dumps({"step": 4, "loss": 0.0}) + "\n")
+    _train(shard, tmp_path / "part", 6, resume=True)
+    a = torch.load(tmp_path / "full" / "last.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "part" / "last.pt", weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    log = [json.loads(line) for line in open(tmp_path / "part" / "metrics.jsonl")]
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]
+    full_log = [json.loads(line) for line in open(tmp_path / "full" / "metrics.jsonl")]
+    assert [r["loss"] for r in log] == [r["loss"] for r in full_log]
+    for name in ("config.json", "metrics.jsonl", "loss.png", "last.pt"):
+        assert (tmp_path / "part" / name).exists()
+    with pytest.raises(PartkitError, match="already holds a run"):
+        _train(shard, tmp_path / "part", 6)
+
+
+def test_predict_writes_rle_proposals_and_features(tmp_path, shard):
+    _train(shard, tmp_path / "run", 2)
+    predict([shard], str(tmp_path / "run"), topk=5, label_map=True, output=Output(str(tmp_path / "pred")))
+    from pycocotools import mask as mask_utils
+
+    for s in read_shard(tmp_path / "pred" / "000000.tar"):
+        doc = decode_json(s, "proposals.json")
+        props = doc["proposals"]
+        assert len(props) == 5 and [p["score"] for p in props] == sorted((p["score"] for p in props), reverse=True)
+        m = mask_utils.decode({"size": props[0]["segmentation"]["size"],
+                               "counts": props[0]["segmentation"]["counts"].encode()})
+        assert m.shape == (64, 64) and int(m.sum()) == props[0]["area"]
+        assert decode_npy(s, "proposals.npy").shape == (5, SMALL["hidden_dim"])
+        assert "pred_parts.png" in s and "parts.png" in s
+    with pytest.raises(PartkitError, match="not found"):
+        predict([shard], str(tmp_path / "nope"), output=Output(str(tmp_path / "p2")))
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "last.pt").write_bytes(b"junk")
+    with pytest.raises(PartkitError, match="corrupt"):
+        predict([shard], str(tmp_path / "bad"), output=Output(str(tmp_path / "p3")))
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun ships with torch")
+def test_ddp_two_cpu_processes(tmp_path):
+    shards = [write_shard(tmp_path / f"in{i}.tar", _synthetic(2, seed=i)) for i in range(2)]
+    cmd = (f"torchrun --nproc_per_node=2 --master_port=29531 $(which partkit) train-decoder {' '.join(shards)} "
+           f"--out {tmp_path}/run --max-steps 3 --batch-size 1 --queries 8 --hidden 32 --dec-layers 1 "
+           f"--crop-grid 8 --checkpoint-every 3 --log-every 1 --warmup 1")
+    res = subprocess.run(cmd, shell=True, capture_output=True, text=True, cwd=ROOT, timeout=300,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
+    assert ckpt["step"] == 3 and ckpt["config"]["world"] == 2 and len(ckpt["rng"]) == 2
+    assert len(open(tmp_path / "run" / "metrics.jsonl").readlines()) == 3  # only rank 0 logs
