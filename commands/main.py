@@ -26,6 +26,7 @@ _COMMANDS = [
     ("pack", "pack"),
     ("extract", "extract"),
     ("models", "models"),
+    ("cluster", "cluster"),
     ("train_decoder", "train-decoder"),
     ("predict", "predict"),
     ("eval", "eval"), ("show", "show"),

@@ -20,6 +20,7 @@ import os
 import shutil
 import sys
 import tempfile
+import warnings
 import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -49,7 +50,7 @@ SCOPES = ("image", "object", "dataset", "cosegment")
 FG_SOURCES = ("gt_objects", "gt_parts", "saliency")
 DEFAULT_K = {"image": 25, "object": 4, "dataset": 25, "cosegment": 4}
 DEFAULT_FG = {"image": None, "object": "gt_objects", "dataset": None, "cosegment": "saliency"}
-GEOMETRY_KEYS = ("grid", "stride", "image_size", "resized")
+GEOMETRY_KEYS = ("grid", "stride", "image_size", "resized")  # what grid_to_image needs (plus "offset")
 # One big problem goes to faiss from this many rows on (below it, exact batched Lloyd is as fast).
 FAISS_MIN_ROWS = 100_000
 
@@ -421,7 +422,9 @@ def _decode_rle(obj: dict, key: str, size: tuple) -> np.ndarray:
     if tuple(seg["size"]) != tuple(size):
         raise BadSample(key, f"gt_objects.json mask size {seg['size']} differs from the image size {list(size)}")
     try:
-        return mask_util.decode(dict(seg)).astype(bool)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # pycocotools under numpy 2
+            return mask_util.decode(dict(seg)).astype(bool)
     except Exception:
         raise BadSample(key, "gt_objects.json holds an unreadable RLE mask") from None
 
@@ -493,7 +496,7 @@ def _load(sample: dict, opts: _Opts) -> _Item:
     X = normalize_rows(feat.reshape(C, h * w).T, opts.metric)
     objects, cells, sal = _foreground(sample, meta, opts, h, w, key)
     item = _Item(sample, key, meta, (h, w), X, objects, cells, saliency=sal)
-    if opts.warm == "parts":
+    if isinstance(opts.warm, str):  # "parts"
         prev = decode_label_map(sample, "parts.png")
         if prev.shape != (h, w):
             raise BadSample(key, f"the previous parts.png is {prev.shape[1]}x{prev.shape[0]}, not the feature grid "
@@ -573,7 +576,7 @@ def _write(item: _Item, per_object: list, opts: _Opts, extra: Optional[dict] = N
         record["image_size"] = list(item.meta["image_size"])
     else:
         labels = grid
-        record.update({k: item.meta[k] for k in GEOMETRY_KEYS if k in item.meta})
+        record.update({k: item.meta[k] for k in (*GEOMETRY_KEYS, "offset") if k in item.meta})
         record["grid"] = [h, w]
     out = dict(item.sample)
     out["parts.png"] = encode_png(labels)

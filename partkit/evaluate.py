@@ -345,9 +345,12 @@ def _miou_result(tables: _PixelTables, fit: Optional[_PixelTables], o: EvalOptio
     fit_pooled = None if fit is None else fit.pooled()
     iou, mapping = score(pooled, fit_pooled)
     present = np.flatnonzero(~np.isnan(iou))
-    seen = M.Contingency(pooled).add(fit_pooled if fit_pooled is not None else np.zeros((0, 0))).table_.sum(0) > 0
+    seen = np.zeros(mapping.size, bool)  # clusters that occur (uint8 tables have 256 columns)
+    for table in (pooled, fit_pooled):
+        if table is not None:
+            seen[:table.shape[1]] |= table.sum(0)[:mapping.size] > 0
     out = {"value": _pct(np.nanmean(iou)), "iou": {str(i): _pct(iou[i]) for i in present},
-           "mapping": {str(c): int(m) for c, m in enumerate(mapping) if m >= 0 and c < seen.size and seen[c]},
+           "mapping": {str(c): int(m) for c, m in enumerate(mapping) if m >= 0 and seen[c]},
            "region": o.region, "match": o.match, "fitted_on": "match-on shards" if fit else "scored data"}
     if tables.has_classes:
         per_class, class_means, pairs = {}, [], []

@@ -481,12 +481,19 @@ def fit_linear_probe(x, y, *, sample_weight=None, c: float = 1.0, seed: int = 0,
                      tol: float = 1e-4):
     """A linear classifier on frozen features (standardised, multinomial logistic regression).
 
-    Deterministic (lbfgs). Returns a fitted sklearn pipeline with ``predict``.
+    Deterministic (lbfgs). Returns a fitted sklearn pipeline with ``predict``; a fit that hits
+    ``max_iter`` is reported on stderr.
+
+    Example:
+        >>> fit_linear_probe([[0.0], [0.1], [1.0], [1.1]], [0, 0, 1, 1]).predict([[0.9]]).tolist()
+        [1]
     """
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
+
+    from ._log import log
 
     y = np.asarray(y)
     if np.unique(y).size < 2:
@@ -495,4 +502,6 @@ def fit_linear_probe(x, y, *, sample_weight=None, c: float = 1.0, seed: int = 0,
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         model.fit(np.asarray(x, np.float32), y, logisticregression__sample_weight=sample_weight)
+    if np.max(model[-1].n_iter_) >= max_iter:
+        log(f"probe: logistic regression stopped at max_iter={max_iter} before converging (tol={tol})")
     return model

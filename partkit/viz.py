@@ -18,6 +18,8 @@ from typing import Optional, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from .errors import PartkitError
+
 __all__ = ["palette", "colorize", "overlay", "overlay_panel", "PurityGrid", "save_confusion", "save_png"]
 
 # tab20's colours, reordered so neighbouring ids contrast; beyond 20, golden-ratio hues.
@@ -165,7 +167,7 @@ class PurityGrid:
     def render(self, group: Optional[str] = None) -> np.ndarray:
         parts = sorted(p for g, p in self.heaps if g == group)
         if not parts:
-            raise ValueError("no predicted parts to draw")
+            raise PartkitError("no predicted parts to draw in the purity grid (every prediction is background)")
         cell = self.n_rows * self.thumb + (self.n_rows - 1) * 2
         tiles = []
         for part in parts:
@@ -203,7 +205,7 @@ def save_confusion(path: str, table: np.ndarray, *, true_name: str = "ground-tru
     true_ids = np.flatnonzero(table.sum(1) > 0)
     pred_ids = np.flatnonzero(table.sum(0) > 0)
     if not true_ids.size or not pred_ids.size:
-        raise ValueError("empty confusion table")
+        raise PartkitError("nothing to draw in the confusion map: no scored pixels (try --region full)")
     conf = table[np.ix_(true_ids, pred_ids)].T
     order = np.lexsort((-conf.max(1), conf.argmax(1)))
     conf, pred_ids = conf[order], pred_ids[order]

@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 
 from commands.main import app
 from partkit import viz
+from partkit.errors import PartkitError
 from partkit.io import encode_png
 
 runner = CliRunner()
@@ -58,7 +59,7 @@ def test_confusion_heat_map(tmp_path):
     table = np.array([[0, 0, 0], [0, 8, 2], [0, 1, 5]])
     path = viz.save_confusion(str(tmp_path / "c.png"), table)
     assert Image.open(path).format == "PNG"
-    with pytest.raises(ValueError, match="empty"):
+    with pytest.raises(PartkitError, match="nothing to draw in the confusion map"):
         viz.save_confusion(str(tmp_path / "e.png"), np.zeros((2, 2)))
 
 
@@ -88,6 +89,8 @@ def test_show_commands_write_files_not_stdout(shard_factory, tmp_path):
         assert result.exit_code == 0 and result.stdout == "" and Image.open(out).format == "PNG", result.stderr
     result = runner.invoke(app, ["show", "confusion", shard, "--gt-field", "nope.png", "-o", str(tmp_path / "x.png")])
     assert result.exit_code == 2 and "has no 'nope.png' field" in result.stderr
+    result = runner.invoke(app, ["show", "purity", shard, "--pred", "gt_parts.png", "-o", str(tmp_path / "p.png")])
+    assert result.exit_code == 0  # any label-map field can be drawn
 
 
 def test_eval_viz_draws_everything(shard_factory, tmp_path):

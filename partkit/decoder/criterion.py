@@ -44,8 +44,7 @@ def _dice_cost(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 def _bce_cost(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     p = inputs.shape[1]
-    pos = F.binary_cross_entropy_with_logits(inputs, torch.ones_like(inputs), reduction="none")
-    neg = F.binary_cross_entropy_with_logits(inputs, torch.zeros_like(inputs), reduction="none")
+    pos, neg = F.softplus(-inputs), F.softplus(inputs)  # BCE against 1 and against 0
     return (pos @ targets.T + neg @ (1 - targets).T) / p
 
 

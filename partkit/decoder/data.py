@@ -55,7 +55,11 @@ def grid_labels(sample: dict, field: str, meta: dict) -> np.ndarray:
 def targets_from_sample(sample: dict, meta: dict, *, field: str = "parts.png", min_part_area: float = 0.05,
                         ignore: tuple = (255, 65535), class_map: Optional[dict] = None) -> tuple:
     """(target id map, kept ids, class per id). A proposal is kept when it covers at least
-    ``min_part_area`` of its object and lies mostly (>= 50%) inside an object."""
+    ``min_part_area`` of its object and lies mostly (>= 50%) inside an object. ``field=None``
+    gives no targets (unlabelled data for self-training)."""
+    if field is None:
+        gh, gw = meta["grid"]
+        return np.zeros((gh * MASK_FACTOR, gw * MASK_FACTOR), np.int32), np.zeros(0, np.int64), np.zeros(0, np.int64)
     target = grid_labels(sample, field, meta)
     target[np.isin(target, ignore)] = 0
     ids, areas = np.unique(target[target > 0], return_counts=True)
@@ -79,7 +83,7 @@ def targets_from_sample(sample: dict, meta: dict, *, field: str = "parts.png", m
     return target, kept, np.asarray(classes, np.int64)
 
 
-def example_from_sample(sample: dict, *, field: str = "parts.png", min_part_area: float = 0.05,
+def example_from_sample(sample: dict, *, field: Optional[str] = "parts.png", min_part_area: float = 0.05,
                         class_map: Optional[dict] = None) -> Example:
     key = sample["__key__"]
     meta = decode_json(sample, "feat.json")

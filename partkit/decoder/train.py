@@ -22,7 +22,7 @@ from .criterion import SetCriterion
 from .data import Example, augment, collate, example_from_sample, targets_from_sample
 from .model import DecoderConfig, PartDecoder
 
-__all__ = ["TrainConfig", "train_decoder", "load_examples", "OnlineFeatures", "masks_recall"]
+__all__ = ["TrainConfig", "DecoderTrainer", "train_decoder", "load_examples", "OnlineFeatures", "masks_recall"]
 
 
 @dataclass
@@ -70,7 +70,7 @@ class OnlineFeatures:
         return [feats[i, :, :m["grid"][0], :m["grid"][1]] for i, m in enumerate(metas)]
 
 
-def load_examples(inputs: Sequence[str], *, field: str, min_part_area: float, rank: int = 0, world: int = 1,
+def load_examples(inputs: Sequence[str], *, field: Optional[str], min_part_area: float, rank: int = 0, world: int = 1,
                   online: Optional[OnlineFeatures] = None, skip_bad: bool = False, class_map=None) -> list:
     """Read this rank's shards into memory as training examples (features kept as float16)."""
     examples, skipped = [], 0
@@ -92,7 +92,7 @@ def load_examples(inputs: Sequence[str], *, field: str, min_part_area: float, ra
         ex.sample = {k: v for k, v in sample.items() if k in ("__key__", "gt_parts.png", "gt_objects.json", "json")}
         examples.append(ex)
     if skipped:
-        log(f"train-decoder: skipped {skipped} bad samples")
+        log(f"skipped {skipped} bad training samples")
     return examples
 
 
@@ -138,130 +138,173 @@ def masks_recall(decoder: PartDecoder, examples: list, online, device, field_for
     return {f"AR@{k}": v for k, v in acc.result().items()} if acc.n_gt_ else {}
 
 
-def train_decoder(
-    inputs: Sequence[str],
-    out: str,
-    *,
-    field: str = "parts.png",
-    min_part_area: float = 0.05,
-    features: str = "auto",
-    model: str = "efficientnet_lite0",
-    weights: Optional[str] = None,
-    layers: Optional[Sequence[int]] = None,
-    size: int = 224,
-    decoder: Optional[dict] = None,
-    train: Optional[TrainConfig] = None,
-    val: Optional[Sequence[str]] = None,
-    resume: bool = False,
-    device: str = "auto",
-    seed: int = 0,
-    skip_bad: bool = False,
-) -> dict:
-    """Train a class-agnostic part decoder; writes config.json, metrics.jsonl, loss.png, last.pt."""
-    tc = train or TrainConfig()
-    if features not in ("auto", "cached", "online"):
-        raise PartkitError(f"--features must be auto, cached or online; got {features!r}")
-    if tc.max_steps < 1 or tc.batch_size < 1:
-        raise PartkitError("--max-steps and --batch-size must be at least 1")
-    dist = Distributed(resolve_device(device))
-    dev = dist.device
-    run = RunDir(out, main=dist.main, resume=resume)
-    seed_everything(seed + dist.rank)
-    first = next(iter(iter_samples(inputs, rank=dist.rank, world=dist.world)), None)
-    if first is None:
-        raise PartkitError("train-decoder: the input holds no samples")
-    if field not in first:
-        from ..errors import missing_field
+class DecoderTrainer:
+    """The training loop behind ``train-decoder``; ``self-train`` overrides ``step_loss`` and the state hooks.
 
-        raise missing_field(first["__key__"], field)
-    use_online = features == "online" or (features == "auto" and "feat.npy" not in first)
-    online = OnlineFeatures(model, weights, layers, size, dev) if use_online else None
-    examples = load_examples(inputs, field=field, min_part_area=min_part_area, rank=dist.rank, world=dist.world,
-                             online=online, skip_bad=skip_bad)
-    if not examples:
-        raise PartkitError("train-decoder: no usable training samples")
-    val_examples = (load_examples(val, field=field, min_part_area=min_part_area, online=online)
-                    if val and dist.main else [])
-    meta = examples[0].meta
-    dcfg = DecoderConfig(in_channels=int(meta["channels"]), level_channels=meta.get("level_channels", ()),
-                         **(decoder or {}))
-    net = PartDecoder(dcfg).to(dev)
-    ddp = dist.wrap(net)
-    opt = torch.optim.AdamW(net.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
-    steps = tc.max_steps if tc.epochs is None else tc.epochs * math.ceil(len(examples) / tc.batch_size)
-    sched = cosine_warmup(opt, tc.warmup, steps)
-    crit = SetCriterion(dcfg.num_classes, tc.no_part_weight, num_points=tc.num_points).to(dev)
-    gen = torch.Generator().manual_seed(seed * 7919 + dist.rank)
-    use_amp = tc.amp and dev.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    feature_spec = online.spec if online else {k: meta.get(k) for k in ("model", "weights", "layers", "kind",
-                                                                         "stride")}
-    config = {"command": "train-decoder", "inputs": list(inputs), "field": field, "min_part_area": min_part_area,
-              "features": "online" if online else "cached", "feature_spec": feature_spec,
-              "decoder": dcfg.to_dict(), "train": tc.__dict__, "steps": steps, "seed": seed, "world": dist.world,
-              "val": list(val) if val else None, "partkit_version": __version__, "torch": torch.__version__}
-    start = 0
-    if resume:
-        ckpt = run.load()
-        net.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
-        set_rng_state(ckpt["rng"][dist.rank] if isinstance(ckpt["rng"], list) else ckpt["rng"], gen)
-        start = ckpt["step"]
-        run.truncate_log(start)
-        log(f"train-decoder: resumed at step {start}")
-    run.write_config(config)
+    Handles DDP, the run folder, exact resume (model, optimizer, scheduler, RNG, data position),
+    periodic validation, logging and the loss curve.
+    """
 
-    def checkpoint(step: int) -> None:
-        rng = rng_state(gen)
-        if dist.world > 1:
+    command = "train-decoder"
+
+    def __init__(self, inputs: Sequence[str], out: str, *, field: Optional[str] = "parts.png",
+                 min_part_area: float = 0.05, features: str = "auto", model: str = "efficientnet_lite0",
+                 weights: Optional[str] = None, layers: Optional[Sequence[int]] = None, size: int = 224,
+                 decoder: Optional[dict] = None, train: Optional[TrainConfig] = None,
+                 val: Optional[Sequence[str]] = None, resume: bool = False, device: str = "auto", seed: int = 0,
+                 skip_bad: bool = False, online: Optional[OnlineFeatures] = None):
+        tc = self.tc = train or TrainConfig()
+        if features not in ("auto", "cached", "online"):
+            raise PartkitError(f"--features must be auto, cached or online; got {features!r}")
+        if tc.max_steps < 1 or tc.batch_size < 1:
+            raise PartkitError("--max-steps and --batch-size must be at least 1")
+        self.inputs, self.out, self.field, self.seed, self.resume = list(inputs), out, field, seed, resume
+        self.min_part_area = min_part_area
+        self.dist = Distributed(resolve_device(device))
+        self.dev = self.dist.device
+        self.run = RunDir(out, main=self.dist.main, resume=resume)
+        seed_everything(seed + self.dist.rank)
+        first = next(iter(iter_samples(inputs, rank=self.dist.rank, world=self.dist.world)), None)
+        if first is None:
+            raise PartkitError(f"{self.command}: the input holds no samples")
+        if field is not None and field not in first:
+            from ..errors import missing_field
+
+            raise missing_field(first["__key__"], field)
+        if online is None and (features == "online" or (features == "auto" and "feat.npy" not in first)):
+            online = OnlineFeatures(model, weights, layers, size, self.dev)
+        self.online = online
+        self.examples = load_examples(inputs, field=field, min_part_area=min_part_area, rank=self.dist.rank,
+                                      world=self.dist.world, online=online, skip_bad=skip_bad)
+        if not self.examples:
+            raise PartkitError(f"{self.command}: no usable training samples")
+        gt = "gt_parts.png" if val and "gt_parts.png" in first else field
+        self.val_examples = (load_examples(val, field=gt, min_part_area=0.0, online=online)
+                             if val and self.dist.main else [])
+        meta = self.examples[0].meta
+        self.dcfg = DecoderConfig(in_channels=int(meta["channels"]), level_channels=meta.get("level_channels", ()),
+                                  **(decoder or {}))
+        self.net = self.make_net().to(self.dev)
+        self.ddp = self.dist.wrap(self.net)
+        self.opt = torch.optim.AdamW(self.net.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+        self.steps = self.total_steps()
+        self.sched = cosine_warmup(self.opt, tc.warmup, self.steps)
+        self.crit = SetCriterion(self.dcfg.num_classes, tc.no_part_weight, num_points=tc.num_points).to(self.dev)
+        self.gen = torch.Generator().manual_seed(seed * 7919 + self.dist.rank)
+        self.use_amp = tc.amp and self.dev.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+        self.feature_spec = online.spec if online else {k: meta.get(k) for k in ("model", "weights", "layers",
+                                                                                  "kind", "stride")}
+        self.config = {"command": self.command, "inputs": self.inputs, "field": field, "min_part_area": min_part_area,
+                       "features": "online" if online else "cached", "feature_spec": self.feature_spec,
+                       "decoder": self.dcfg.to_dict(), "train": dict(tc.__dict__), "steps": self.steps, "seed": seed,
+                       "world": self.dist.world, "val": list(val) if val else None,
+                       "partkit_version": __version__, "torch": torch.__version__}
+
+    # ---- hooks for subclasses
+    def make_net(self) -> PartDecoder:
+        return PartDecoder(self.dcfg)
+
+    def total_steps(self) -> int:
+        tc = self.tc
+        return tc.max_steps if tc.epochs is None else tc.epochs * math.ceil(len(self.examples) / tc.batch_size)
+
+    def batch(self, step: int) -> list:
+        n, b = len(self.examples), self.tc.batch_size
+        return [self.examples[i] for i in _batch_indices(step, n, b, self.seed * 31 + self.dist.rank)]
+
+    def step_loss(self, step: int) -> tuple[torch.Tensor, dict]:
+        batch = self.batch(step)
+        feats = _features(batch, self.online)
+        items = [augment(Example(ex.key, f, ex.target, ex.ids, ex.classes, ex.meta), self.tc.crop_grid, self.gen)
+                 for ex, f in zip(batch, feats)]
+        x, targets = collate(items, batch, self.dev)
+        with torch.autocast(self.dev.type, dtype=torch.float16, enabled=self.use_amp):
+            outputs = self.ddp(x)
+        return self.crit(outputs, targets, self.gen)
+
+    def after_step(self, done: int) -> None:
+        pass
+
+    def validate(self, done: int) -> dict:
+        return masks_recall(self.net, self.val_examples, self.online, self.dev)
+
+    def extra_state(self) -> dict:
+        return {}
+
+    def load_extra_state(self, ckpt: dict) -> None:
+        pass
+
+    # ---- the loop
+    def checkpoint(self, step: int) -> None:
+        rng = rng_state(self.gen)
+        if self.dist.world > 1:
             import torch.distributed as tdist
 
-            gathered = [None] * dist.world
+            gathered = [None] * self.dist.world
             tdist.all_gather_object(gathered, rng)
             rng = gathered
-        run.save({"model": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                  "step": step, "rng": rng, "decoder_config": dcfg.to_dict(), "feature_spec": feature_spec,
-                  "features": config["features"], "config": config})
+        self.run.save({"model": self.net.state_dict(), "optimizer": self.opt.state_dict(),
+                       "scheduler": self.sched.state_dict(), "step": step, "rng": rng,
+                       "decoder_config": self.dcfg.to_dict(), "feature_spec": self.feature_spec,
+                       "features": self.config["features"], "config": self.config, **self.extra_state()})
 
-    net.train()
-    history = []
-    t0 = time.perf_counter()
-    with progress("train-decoder", total=steps) as bar:
-        bar.update(start)
-        for step in range(start, min(steps, tc.stop_at or steps)):
-            batch = [examples[i] for i in _batch_indices(step, len(examples), tc.batch_size, seed * 31 + dist.rank)]
-            feats = _features(batch, online)
-            items = [augment(Example(ex.key, f, ex.target, ex.ids, ex.classes, ex.meta), tc.crop_grid, gen)
-                     for ex, f in zip(batch, feats)]
-            x, targets = collate(items, batch, dev)
-            with torch.autocast(dev.type, dtype=torch.float16, enabled=use_amp):
-                outputs = ddp(x)
-            loss, terms = crit(outputs, targets, gen)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if tc.clip_grad > 0:
-                scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(net.parameters(), tc.clip_grad)
-            scaler.step(opt)
-            scaler.update()
-            sched.step()
-            bar.update(1)
-            done = step + 1
-            record = {"step": done, "loss": float(loss.detach()), "lr": sched.get_last_lr()[0],
-                      **{f"loss_{k}": v for k, v in terms.items()}}
-            history.append(record["loss"])
-            if done % tc.log_every == 0 or done == steps:
-                run.log(record)
-            if val_examples and (done % tc.val_every == 0 or done == steps):
-                ar = masks_recall(net, val_examples, online, dev)
-                run.log({"step": done, "val": ar})
-                log(f"train-decoder: step {done} val " + " ".join(f"{k} {v:.3f}" for k, v in ar.items()))
-            if done % tc.checkpoint_every == 0 or done == steps or done == tc.stop_at:
-                checkpoint(done)
-    run.plot_losses(("loss", "loss_class", "loss_mask", "loss_dice"))
-    secs = time.perf_counter() - t0
-    final = f"{history[-1]:.3f}" if history else "n/a"
-    log(f"train-decoder: {len(history)} steps in {secs:.1f}s, final loss {final} -> {out}")
-    dist.close()
-    return {"steps": steps, "losses": history, "out": out}
+    def restore(self) -> int:
+        ckpt = self.run.load()
+        self.net.load_state_dict(ckpt["model"])
+        self.opt.load_state_dict(ckpt["optimizer"])
+        self.sched.load_state_dict(ckpt["scheduler"])
+        rng = ckpt["rng"]
+        set_rng_state(rng[self.dist.rank] if isinstance(rng, list) else rng, self.gen)
+        self.load_extra_state(ckpt)
+        self.run.truncate_log(ckpt["step"])
+        log(f"{self.command}: resumed at step {ckpt['step']}")
+        return ckpt["step"]
+
+    def fit(self) -> dict:
+        tc, steps = self.tc, self.steps
+        start = self.restore() if self.resume else 0
+        self.run.write_config(self.config)
+        self.net.train()
+        history = []
+        t0 = time.perf_counter()
+        with progress(self.command, total=steps) as bar:
+            bar.update(start)
+            for step in range(start, min(steps, tc.stop_at or steps)):
+                loss, terms = self.step_loss(step)
+                self.opt.zero_grad(set_to_none=True)
+                self.scaler.scale(loss).backward()
+                if tc.clip_grad > 0:
+                    self.scaler.unscale_(self.opt)
+                    torch.nn.utils.clip_grad_norm_(self.net.parameters(), tc.clip_grad)
+                self.scaler.step(self.opt)
+                self.scaler.update()
+                self.sched.step()
+                done = step + 1
+                self.after_step(done)
+                bar.update(1)
+                record = {"step": done, "loss": float(loss.detach()), "lr": self.sched.get_last_lr()[0],
+                          **{f"loss_{k}": v for k, v in terms.items()}}
+                history.append(record["loss"])
+                if done % tc.log_every == 0 or done == steps:
+                    self.run.log(record)
+                if self.val_examples and (done % tc.val_every == 0 or done == steps):
+                    val = self.validate(done)
+                    self.run.log({"step": done, "val": val})
+                    log(f"{self.command}: step {done} val " + " ".join(
+                        f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in val.items()))
+                if done % tc.checkpoint_every == 0 or done == steps or done == tc.stop_at:
+                    self.checkpoint(done)
+        self.run.plot_losses(("loss", "loss_class", "loss_mask", "loss_dice"))
+        final = f"{history[-1]:.3f}" if history else "n/a"
+        log(f"{self.command}: {len(history)} steps in {time.perf_counter() - t0:.1f}s, final loss {final} -> {self.out}")
+        self.dist.close()
+        return {"steps": steps, "losses": history, "out": self.out}
+
+
+def train_decoder(inputs: Sequence[str], out: str, **kwargs) -> dict:
+    """Train a class-agnostic part decoder; writes config.json, metrics.jsonl, loss.png, last.pt.
+
+    Keyword arguments are those of :class:`DecoderTrainer` (field, features, decoder, train, val, resume, ...).
+    """
+    return DecoderTrainer(inputs, out, **kwargs).fit()

@@ -1,0 +1,130 @@
+"""The k-means library: scikit-learn parity, batching, edge cases, faiss guards."""
+import numpy as np
+import pytest
+import torch
+from sklearn.cluster import KMeans as SkKMeans
+from sklearn.metrics import adjusted_rand_score
+
+from partkit._kmeans import run_batched
+from partkit.cluster import KMeans, batched_kmeans, elbow_kmeans
+from partkit.errors import PartkitError
+
+
+def blobs(n=300, d=16, k=4, spread=0.3, seed=0):
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(k, d)) * 3
+    y = rng.integers(0, k, n)
+    return (centers[y] + rng.normal(size=(n, d)) * spread).astype(np.float32), y
+
+
+def test_matches_sklearn_on_blobs_and_has_estimator_api():
+    X, y = blobs()
+    km = KMeans(4, random_state=0)
+    assert km.fit(X) is km
+    ref = SkKMeans(4, n_init=1, random_state=0).fit(X)
+    assert km.cluster_centers_.shape == (4, 16) and km.labels_.shape == (300,) and km.n_features_in_ == 16
+    assert adjusted_rand_score(y, km.labels_) == 1.0
+    assert km.inertia_ == pytest.approx(ref.inertia_, rel=1e-4)
+    assert 1 <= km.n_iter_ <= 100
+    assert (km.predict(X) == km.labels_).all()
+    assert (KMeans(4, random_state=0).fit_predict(X) == km.labels_).all()
+
+
+def test_mean_inertia_within_one_percent_of_sklearn_on_overlapping_data():
+    rng = np.random.default_rng(1)
+    problems = [blobs(200, 8, 6, spread=1.5, seed=s)[0] for s in range(12)]
+    ours = batched_kmeans(problems, 6, random_state=0)
+    ref = [SkKMeans(6, n_init=1, random_state=i).fit(x).inertia_ for i, x in enumerate(problems)]
+    assert np.mean([r.inertia for r in ours]) / np.mean(ref) < 1.01
+    assert rng is not None
+
+
+def test_estimator_equals_batched_and_batching_does_not_change_results():
+    X, _ = blobs(seed=2)
+    others = [blobs(n, 16, 3, seed=10 + n)[0] for n in (50, 120, 7, 300)]
+    single = KMeans(4, random_state=5).fit(X)
+    batched = batched_kmeans([X], 4, random_state=5)[0]
+    np.testing.assert_array_equal(single.labels_, batched.labels)
+    seeds = [[5, 0]] + [[9, i] for i in range(len(others))]
+    together = batched_kmeans([X, *others], 4, random_state=seeds)
+    np.testing.assert_array_equal(together[0].labels, batched.labels)
+    # tiny chunks: every problem solved in a batch of its own
+    alone = run_batched([X, *others], [4] * 5, init="k-means++", max_iter=100, tol=1e-4, seeds=seeds,
+                        device="cpu", chunk_bytes=1)
+    for a, b in zip(alone, together):
+        np.testing.assert_array_equal(a.labels, b.labels)
+        assert a.inertia == pytest.approx(b.inertia, rel=1e-5)
+
+
+def test_edge_cases_small_empty_constant():
+    X, _ = blobs(5)
+    r = batched_kmeans([X, X[:0], np.ones((20, 16), np.float32), X[:1]], 8)
+    assert r[0].n_clusters == 5 and sorted(r[0].labels) == [0, 1, 2, 3, 4]  # k reduced to n cells
+    assert r[1].n_clusters == 0 and r[1].labels.shape == (0,)
+    assert len(np.unique(r[2].labels)) == 1 and r[2].inertia == pytest.approx(0, abs=1e-6)  # constant features
+    assert r[3].n_clusters == 1 and r[3].labels.tolist() == [0]
+
+
+def test_bad_inputs_raise_clear_errors():
+    X, _ = blobs(20)
+    X[3, 2] = np.nan
+    with pytest.raises(PartkitError, match="NaN or inf"):
+        KMeans(2).fit(X)
+    with pytest.raises(PartkitError, match="unknown metric"):
+        KMeans(2, metric="manhattan").fit(blobs(20)[0])
+    with pytest.raises(PartkitError, match="2-D"):
+        KMeans(2).fit(np.zeros(5))
+    with pytest.raises(PartkitError, match="not fitted"):
+        KMeans(2).predict(blobs(20)[0])
+
+
+def test_cosine_is_scale_invariant_and_l2_is_not():
+    X, _ = blobs(seed=3)
+    scale = np.random.default_rng(0).uniform(0.1, 10, (len(X), 1)).astype(np.float32)
+    a = KMeans(4, metric="cosine", random_state=0).fit(X)
+    b = KMeans(4, metric="cosine", random_state=0).fit(X * scale)
+    np.testing.assert_array_equal(a.labels_, b.labels_)
+    np.testing.assert_allclose(np.linalg.norm(a.cluster_centers_, axis=1) <= 1 + 1e-5, True)
+
+
+def test_random_init_relocates_empty_clusters():
+    X = np.concatenate([np.zeros((50, 2)), [[10, 0], [11, 0], [0, 12]]]).astype(np.float32)
+    for seed in range(5):
+        r = batched_kmeans([X], 4, init="random", random_state=seed)[0]
+        assert len(np.unique(r.labels)) == 4, seed  # duplicate starts were moved to far points
+
+
+def test_warm_start_keeps_ids():
+    X, y = blobs(seed=4)
+    centers = np.stack([X[y == j].mean(0) for j in range(4)])[::-1].copy()
+    r = batched_kmeans([X, X[:40]], 1, init=centers)
+    assert (r[0].labels == 3 - y).all()
+    assert r[1].n_clusters == 4
+
+
+def test_elbow_picks_the_number_of_blobs():
+    problems = [blobs(400, 8, k, spread=0.2, seed=k)[0] for k in (2, 3, 5)]
+    got = elbow_kmeans(problems, k_range=(2, 10), fraction=0.975)
+    assert [r.n_clusters for r in got] == [2, 3, 5]
+
+
+def test_faiss_backend_is_seeded_quiet_and_subsamples(capfd):
+    X, y = blobs(3000, 8, 5, seed=6)
+    km = KMeans(5, backend="faiss", random_state=3, max_points_per_centroid=64).fit(X)
+    assert adjusted_rand_score(y, km.labels_) == 1.0
+    s = km.faiss_settings_
+    assert s["seed"] == 3 and s["max_points_per_centroid"] == 64 and s["trained_on"] == 5 * 64
+    assert s["verbose"] is False and s["init"] == "k-means++"
+    again = KMeans(5, backend="faiss", random_state=3, max_points_per_centroid=64).fit(X)
+    np.testing.assert_array_equal(km.cluster_centers_, again.cluster_centers_)
+    assert capfd.readouterr().out == ""  # nothing reached file descriptor 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_gives_the_same_labels():
+    problems = [blobs(200, 16, 4, seed=s)[0] for s in range(6)]
+    cpu = batched_kmeans(problems, 4, device="cpu")
+    gpu = batched_kmeans(problems, 4, device="cuda")
+    for a, b in zip(cpu, gpu):
+        np.testing.assert_array_equal(a.labels, b.labels)
+        assert a.inertia == pytest.approx(b.inertia, rel=1e-4)
