@@ -6,7 +6,7 @@ from typing import List, Optional
 import typer
 
 from ._common import (
-    DropOpt, InputsArg, NumShardsOpt, OutputOpt, OverwriteOpt, ShardIndexOpt, ShardSizeOpt, SkipBadOpt, cli_errors,
+    DropOpt, NumShardsOpt, OutputOpt, OverwriteOpt, ShardIndexOpt, ShardSizeOpt, SkipBadOpt, cli_errors,
     get_globals, make_output,
 )
 
@@ -14,7 +14,8 @@ from ._common import (
 @cli_errors
 def main(
     ctx: typer.Context,
-    inputs: List[str] = InputsArg,
+    inputs: List[str] = typer.Argument(None, help="Input shards: paths, globs, braces, '-' or 'pipe:CMD' "
+                                       "(default '-': stdin)."),
     scope: str = typer.Option("image", "--scope", help="image | object | dataset | cosegment."),
     k: Optional[str] = typer.Option(None, "-k", "--k", help="Parts per image/object/dataset/group, or 'auto' (elbow "
                                     "rule). Default: image 25, object 4, dataset 25, cosegment 4."),
@@ -70,7 +71,7 @@ def main(
 
     g = get_globals(ctx)
     cluster(
-        inputs,
+        inputs or ["-"],
         output=make_output(output, shard_size, overwrite, drop, num_shards, shard_index),
         scope=scope, k=k, metric=metric, init=init, max_iter=iters, tol=tol, seed=g.seed if seed is None else seed,
         device=g.device, fg_from=fg_from, fg_threshold=fg_threshold, coverage=coverage, upsample=upsample,

@@ -29,6 +29,7 @@ _COMMANDS = [
     ("cluster", "cluster"),
     ("train_decoder", "train-decoder"),
     ("predict", "predict"),
+    ("self_train", "self-train"),
     ("eval", "eval"), ("show", "show"),
 ]
 

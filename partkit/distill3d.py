@@ -232,7 +232,6 @@ class PartsTeacher:
         self.num_classes = cfg.k
         self.class_names = [f"part{i}" for i in range(cfg.k)]
         self.kmeans_ = None
-        self.coverage = 0.5
 
     def features(self, images: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
         """(V, S, S, 3) uint8 views -> (V, C, h, w) float features (on the extractor's device)."""
@@ -246,16 +245,21 @@ class PartsTeacher:
     def label(self, renders: Sequence[Rendering]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         from .cluster import KMeans
 
-        feats, cells = [], []
+        # k-means is fit on cells wholly inside the object: cells on the silhouette mix in the white
+        # background, and would otherwise cluster into rings around every view (measured on ShapeNetPart
+        # caps: 2D-only mIoU 36.6 -> 57.9 at k=4); every foreground pixel is labelled afterwards.
+        feats, cells, edge = [], [], []
         with progress("distill-3d: teacher features", total=len(renders)) as bar:
             for r in renders:
                 f = F.normalize(self.features(r.image), dim=1)
                 cover = F.adaptive_avg_pool2d(r.foreground.float()[:, None].to(f.device), f.shape[-2:])[:, 0]
-                fg = cover >= self.coverage
                 feats.append(f.half())
-                cells.append(f.permute(0, 2, 3, 1)[fg].cpu())
+                cells.append(f.permute(0, 2, 3, 1)[cover >= 1.0].cpu())
+                edge.append(f.permute(0, 2, 3, 1)[(cover >= 0.5) & (cover < 1.0)].cpu())
                 bar.update(1)
         X = torch.cat(cells).numpy()
+        if len(X) < self.cfg.k * 10:  # thin shapes: hardly any interior cells, so use the silhouette too
+            X = np.concatenate([X, torch.cat(edge).numpy()])
         if len(X) < self.cfg.k:
             raise PartkitError(f"the rendered views hold only {len(X)} foreground feature cells for -k {self.cfg.k}; "
                                "raise --size or lower -k")

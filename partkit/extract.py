@@ -19,9 +19,26 @@ from .errors import PartkitError
 from .io import Output, decode_image, encode_json, encode_npy, run_stage
 from .models import Backbone, create_backbone
 
-__all__ = ["FeatureExtractor", "extract"]
+__all__ = ["FeatureExtractor", "extract", "hypercolumn"]
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def hypercolumn(maps: Sequence[torch.Tensor], size: Optional[tuple[int, int]] = None,
+                normalize: bool = True) -> torch.Tensor:
+    """Feature maps -> one ``B x C x h x w`` float32 grid (PARTICLE's hypercolumn).
+
+    Each map is resampled bilinearly to ``size`` (when given), L2-normalised per cell (when
+    ``normalize``), then the maps are concatenated along channels.
+    """
+    maps = [m.float() for m in maps]
+    if size is not None:
+        size = tuple(size)
+        maps = [m if m.shape[-2:] == size else F.interpolate(m, size=size, mode="bilinear", align_corners=False)
+                for m in maps]
+    if normalize:
+        maps = [F.normalize(m, dim=1) for m in maps]
+    return maps[0] if len(maps) == 1 else torch.cat(maps, dim=1)
 
 
 class FeatureExtractor:
@@ -108,15 +125,12 @@ class FeatureExtractor:
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=autocast):
             maps, sal = self.backbone.forward_features(x, self.layers, facet=self.facet, saliency=self.saliency,
                                                        stride=self.stride)
-        maps = [m.float() for m in maps]
-        if self.backbone.family == "cnn":
-            h, w = x.shape[-2] // self.cell, x.shape[-1] // self.cell
-            maps = [m if m.shape[-2:] == (h, w) else F.interpolate(m, size=(h, w), mode="bilinear", align_corners=False)
-                    for m in maps]
-        if len(maps) > 1 or self.backbone.family == "cnn":
-            maps = [F.normalize(m, dim=1) for m in maps]
-        feats = maps[0] if len(maps) == 1 else torch.cat(maps, dim=1)
+        feats = hypercolumn(maps, self.grid_size(x), self.normalized)
         return feats, (sal.float() if sal is not None else None)
+
+    def grid_size(self, x: torch.Tensor) -> Optional[tuple[int, int]]:
+        """The hypercolumn grid of a CNN input batch; ``None`` for ViTs (their maps share one grid)."""
+        return (x.shape[-2] // self.cell, x.shape[-1] // self.cell) if self.backbone.family == "cnn" else None
 
     @property
     def normalized(self) -> bool:

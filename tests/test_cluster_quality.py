@@ -18,6 +18,7 @@ import pytest
 
 from conftest import read_shard, write_shard
 from partkit.cluster import cluster
+from partkit.extract import extract
 from partkit.grid import grid_to_image, image_to_cell_index
 from partkit.io import Output, decode_image, decode_label_map, encode_npy
 from partkit.metrics import nmi_score
@@ -28,13 +29,14 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 @pytest.fixture(scope="module")
 def cihp_runs(cihp_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cihp")
-    pack = f"partkit pack {cihp_dir}/images --labels {cihp_dir}/labels"
     # the real pipeline; tee keeps the features for the baselines
-    cmd = (f"{pack} | partkit extract --model efficientnet_lite0 | tee {tmp}/feats.tar | "
-           f"partkit cluster --scope object --fg-from gt_parts -k 4 > {tmp}/parts.tar && "
-           f"{pack} | partkit extract --model efficientnet_lite0 --weights none > {tmp}/random.tar")
+    cmd = (f"partkit pack {cihp_dir}/images --labels {cihp_dir}/labels | partkit extract --model efficientnet_lite0 | "
+           f"tee {tmp}/feats.tar | partkit cluster --scope object --fg-from gt_parts -k 4 > {tmp}/parts.tar")
     res = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], capture_output=True, text=True, env=ENV, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
+    # random weights: extract again in-process (it replaces its own feat.* fields)
+    extract([str(tmp / "feats.tar")], model="efficientnet_lite0", weights="none", output=Output(str(tmp / "rnd")))
+    os.replace(tmp / "rnd" / "000000.tar", tmp / "random.tar")
     # `extract --model rgb` pools 4-pixel cells; the baseline needs the hypercolumns' 8-pixel grid
     write_shard(tmp / "rgb.tar", [rgb_sample(s) for s in read_shard(tmp / "feats.tar")])
     out = {"pretrained": read_shard(tmp / "parts.tar")}

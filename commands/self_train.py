@@ -1,0 +1,80 @@
+"""Self-training: EMA teacher-student on masks, or part-contrastive backbone fine-tuning."""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import typer
+
+from partkit.decoder import TrainConfig
+from partkit.errors import PartkitError
+
+from ._common import SkipBadOpt, cli_errors, get_globals
+from .extract import _layers
+
+
+@cli_errors
+def main(
+    ctx: typer.Context,
+    inputs: List[str] = typer.Argument(..., help="Unlabelled shards (feat.npy as the teacher was trained on, or images)."),
+    out: str = typer.Option(..., "--out", help="Run folder (config.json, metrics.jsonl, loss.png, last.pt / backbone.pt)."),
+    objective: str = typer.Option("masks", "--objective", help="masks (teacher-student decoder) or part-contrast (PARTICLE)."),
+    teacher: Optional[str] = typer.Option(None, "--teacher", help="masks: the train-decoder run (or last.pt) to start from."),
+    student_init: str = typer.Option("teacher", "--student-init", help="masks: teacher (copy its weights) or scratch."),
+    burn_in: int = typer.Option(0, "--burn-in", help="masks: steps with the teacher frozen before it takes the student's weights."),
+    ema_decay: float = typer.Option(0.9996, "--ema-decay", help="masks: teacher = a*teacher + (1-a)*student after burn-in (1 = fixed)."),
+    rounds: int = typer.Option(1, "--rounds", help="Rounds of (pseudo-label, train); part-contrast: (cluster, train)."),
+    score_threshold: float = typer.Option(0.7, "--score-threshold", help="masks: keep teacher predictions scoring at least this."),
+    min_mask_area: int = typer.Option(5, "--min-mask-area", help="masks: ... whose mask has at least this many cells."),
+    labeled: Optional[List[str]] = typer.Option(None, "--labeled", help="masks: shards with ground-truth label maps (semi-supervised)."),
+    labeled_field: str = typer.Option("gt_parts.png", "--labeled-field", help="masks: label-map field of --labeled (e.g. targets.png from rank)."),
+    unsup_weight: float = typer.Option(2.0, "--unsup-weight", help="masks: lambda_u, weight of the pseudo-label loss with --labeled."),
+    model: str = typer.Option("efficientnet_lite0", "--model", help="part-contrast: backbone to fine-tune."),
+    weights: Optional[str] = typer.Option(None, "--weights", help="part-contrast: starting weights."),
+    layers: Optional[str] = typer.Option(None, "--layers", help="part-contrast: feature layers."),
+    k: int = typer.Option(25, "-k", help="part-contrast: parts per image (PARTICLE: 25 hypercolumns, 5-7 ViT keys)."),
+    size: int = typer.Option(224, "--size", help="part-contrast: image size."),
+    lr: float = typer.Option(1e-4, "--lr"),
+    batch_size: int = typer.Option(4, "--batch-size", "-b"),
+    max_steps: int = typer.Option(1000, "--max-steps", help="Steps per round."),
+    warmup: int = typer.Option(50, "--warmup"),
+    crop_grid: int = typer.Option(32, "--crop-grid", help="masks: feature cells per side after cropping."),
+    val: Optional[List[str]] = typer.Option(None, "--val", help="masks: held-out shards; teacher and student AR@k are logged."),
+    val_every: int = typer.Option(100, "--val-every"),
+    checkpoint_every: int = typer.Option(100, "--checkpoint-every"),
+    log_every: int = typer.Option(10, "--log-every"),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out exactly where it stopped."),
+    stop_at: Optional[int] = typer.Option(None, "--stop-at", help="Checkpoint and stop at this step."),
+    skip_bad: bool = SkipBadOpt,
+):
+    """Improve part predictions without labels.
+
+    --objective masks: a train-decoder teacher labels weak views, the student learns from strong
+    views (PartDistillation self-training, Guided Distillation's guided burn-in and EMA).
+    --objective part-contrast: fine-tune the backbone with PARTICLE's part-contrastive loss;
+    use the result anywhere with --weights RUN_DIR/backbone.pt.
+
+    Example: partkit self-train feats/ --teacher runs/dec --out runs/st --burn-in 500 --max-steps 2000
+    """
+    g = get_globals(ctx)
+    if objective == "masks":
+        if teacher is None:
+            raise PartkitError("--objective masks needs --teacher RUN_DIR (a train-decoder run)")
+        from partkit.selftrain import self_train_masks
+
+        tc = TrainConfig(lr=lr, batch_size=batch_size, max_steps=max_steps, warmup=warmup, crop_grid=crop_grid,
+                         checkpoint_every=checkpoint_every, val_every=val_every, log_every=log_every, stop_at=stop_at)
+        self_train_masks(inputs, out, teacher, student_init=student_init, burn_in=burn_in, ema_decay=ema_decay,
+                         rounds=rounds, score_threshold=score_threshold, min_mask_area=min_mask_area, labeled=labeled,
+                         labeled_field=labeled_field, unsup_weight=unsup_weight, train=tc, val=val, resume=resume,
+                         device=g.device, seed=g.seed, skip_bad=skip_bad)
+    elif objective == "part-contrast":
+        if teacher is not None or labeled:
+            raise PartkitError("--teacher and --labeled belong to --objective masks; part-contrast needs neither")
+        from partkit.contrast import part_contrast
+
+        part_contrast(inputs, out, model=model, weights=weights, layers=_layers(layers), rounds=rounds, k=k,
+                      steps_per_round=max_steps, batch_size=batch_size, lr=lr, size=size, device=g.device,
+                      seed=g.seed, resume=resume, stop_at=stop_at, log_every=log_every,
+                      checkpoint_every=checkpoint_every)
+    else:
+        raise PartkitError(f"unknown --objective {objective!r}; choose masks or part-contrast")

@@ -1,0 +1,223 @@
+"""``partkit self-train --objective masks``: EMA teacher-student self-training with guided burn-in.
+
+PartDistillation's self-training and Guided Distillation (Berrada et al.): a teacher (a
+``train-decoder`` checkpoint) labels weakly augmented views; the student learns from strongly
+augmented views of the same images with the geometry shared; after ``burn_in`` steps with the
+teacher frozen, the teacher takes the student's weights, then follows it by EMA. ``rounds``
+repeats the schedule with the round's result as the next teacher. ``labeled`` shards add a
+supervised loss (total = supervised + ``unsup_weight`` x pseudo-label loss).
+"""
+from __future__ import annotations
+
+import copy
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .decoder.data import MASK_FACTOR, Example, augment, collate, grid_labels
+from .decoder.model import PartDecoder
+from .decoder.predict import load_decoder
+from .decoder.train import (DecoderTrainer, OnlineFeatures, TrainConfig, _batch_indices, _features, load_examples,
+                            masks_recall)
+from .errors import PartkitError
+from .grid import sample_on_grid
+
+__all__ = ["SelfTrainer", "self_train_masks", "ema_update", "strong_photometric"]
+
+
+@torch.no_grad()
+def ema_update(teacher: torch.nn.Module, student: torch.nn.Module, decay: float) -> None:
+    """teacher = decay * teacher + (1 - decay) * student (buffers copied)."""
+    for t, s in zip(teacher.parameters(), student.parameters()):
+        t.mul_(decay).add_(s.detach(), alpha=1 - decay)
+    for t, s in zip(teacher.buffers(), student.buffers()):
+        t.copy_(s)
+
+
+def strong_photometric(x: torch.Tensor, mean, std, gen: torch.Generator) -> torch.Tensor:
+    """Colour jitter (p=0.8), random grayscale (p=0.2), Gaussian blur (p=0.5) on a normalised image.
+
+    No cutout: Guided Distillation found it harmful for masks.
+    """
+    m = torch.tensor(mean).view(3, 1, 1)
+    s = torch.tensor(std).view(3, 1, 1)
+    img = (x * s + m).clamp(0, 1)
+    r = lambda lo, hi: float(torch.empty(1).uniform_(lo, hi, generator=gen))  # noqa: E731
+    if torch.rand(1, generator=gen) < 0.8:
+        img = (img * r(0.6, 1.4)).clamp(0, 1)  # brightness
+        mu = img.mean()
+        img = ((img - mu) * r(0.6, 1.4) + mu).clamp(0, 1)  # contrast
+        gray = (0.299 * img[0] + 0.587 * img[1] + 0.114 * img[2])[None]
+        img = ((img - gray) * r(0.6, 1.4) + gray).clamp(0, 1)  # saturation
+    if torch.rand(1, generator=gen) < 0.2:
+        img = (0.299 * img[0] + 0.587 * img[1] + 0.114 * img[2])[None].expand(3, -1, -1)
+    if torch.rand(1, generator=gen) < 0.5:
+        sigma = r(0.1, 2.0)
+        k = int(2 * round(3 * sigma) + 1)
+        t = torch.arange(k, dtype=torch.float32) - k // 2
+        g = torch.exp(-t ** 2 / (2 * sigma ** 2))
+        g = g / g.sum()
+        img = F.conv2d(F.pad(img[None], (k // 2,) * 4, mode="reflect"), g.view(1, 1, 1, k).expand(3, 1, 1, k),
+                       groups=3)
+        img = F.conv2d(img, g.view(1, 1, k, 1).expand(3, 1, k, 1), groups=3)[0]
+    return (img - m) / s
+
+
+class SelfTrainer(DecoderTrainer):
+    command = "self-train"
+
+    def __init__(self, inputs: Sequence[str], out: str, teacher: str, *, student_init: str = "teacher",
+                 burn_in: int = 0, ema_decay: float = 0.9996, rounds: int = 1, score_threshold: float = 0.7,
+                 min_mask_area: int = 5, labeled: Optional[Sequence[str]] = None,
+                 labeled_field: str = "gt_parts.png", unsup_weight: float = 2.0, train: Optional[TrainConfig] = None,
+                 val: Optional[Sequence[str]] = None, resume: bool = False, device: str = "auto", seed: int = 0,
+                 skip_bad: bool = False):
+        if student_init not in ("teacher", "scratch"):
+            raise PartkitError(f"--student-init must be teacher or scratch, got {student_init!r}")
+        if not 0.0 <= ema_decay <= 1.0:
+            raise PartkitError(f"--ema-decay must lie in [0, 1], got {ema_decay}")
+        if burn_in < 0 or rounds < 1:
+            raise PartkitError("--burn-in must be >= 0 and --rounds >= 1")
+        self.teacher_path, self.student_init = teacher, student_init
+        self.burn_in, self.ema_decay, self.rounds = burn_in, ema_decay, rounds
+        self.score_threshold, self.min_mask_area, self.unsup_weight = score_threshold, min_mask_area, unsup_weight
+        teacher_net, ckpt = load_decoder(teacher, "cpu")
+        self.teacher_ckpt = ckpt
+        spec = ckpt["feature_spec"]
+        online = None
+        if ckpt.get("features") == "online":
+            online = OnlineFeatures(spec["model"], spec["weights"], spec["layers"], spec["size"], "cpu")
+        dcfg = {k: v for k, v in ckpt["decoder_config"].items() if k not in ("in_channels", "level_channels")}
+        super().__init__(inputs, out, field=None, features="online" if online else "cached", decoder=dcfg,
+                         train=train, val=val, resume=resume, device=device, seed=seed, skip_bad=skip_bad,
+                         online=online)
+        if online is not None:
+            online.fx.backbone.to(self.dev)
+            online.fx.device = self.dev
+        if self.dcfg.in_channels != teacher_net.cfg.in_channels:
+            raise PartkitError(f"the teacher was trained on {teacher_net.cfg.in_channels}-channel features but the "
+                               f"input has {self.dcfg.in_channels}; extract with the teacher's settings")
+        self.teacher = teacher_net.to(self.dev).eval()
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        if student_init == "teacher":
+            self.net.load_state_dict(self.teacher.state_dict())
+        self._mark_objects(self.examples)
+        self.labeled = (load_examples(labeled, field=labeled_field, min_part_area=0.0, online=self.online)
+                        if labeled else [])
+        self.config.update({"teacher": teacher, "student_init": student_init, "burn_in": burn_in,
+                            "ema_decay": ema_decay, "rounds": rounds, "score_threshold": score_threshold,
+                            "min_mask_area": min_mask_area, "labeled": list(labeled) if labeled else None,
+                            "labeled_field": labeled_field, "unsup_weight": unsup_weight,
+                            "strong_augment": "photometric" if online else "feature noise"})
+
+    @staticmethod
+    def _mark_objects(examples: list) -> None:
+        """Known objects (gt_objects.json) become the target map, so crops carry them along."""
+        from .decoder.data import _decode_objects
+
+        for ex in examples:
+            if "gt_objects.json" in ex.sample:
+                union = np.zeros(tuple(g * MASK_FACTOR for g in ex.meta["grid"]), bool)
+                for m in _decode_objects(ex.sample):
+                    union |= sample_on_grid(m.astype(np.uint8), ex.meta, MASK_FACTOR) > 0
+                ex.target = union.astype(np.int32)
+                ex.has_objects = True
+
+    def total_steps(self) -> int:
+        return self.rounds * super().total_steps()
+
+    # ---- one step
+    def _views(self, batch: list) -> tuple:
+        """Weak and strong features with shared geometry, plus each crop's object mask."""
+        if self.online is not None:
+            fx = self.online.fx
+            weak = _features(batch, self.online)
+            strong_imgs = torch.stack([strong_photometric(ex.image, fx.backbone.mean, fx.backbone.std, self.gen)
+                                       for ex in batch])
+            strong = self.online.features(strong_imgs, [ex.meta for ex in batch])
+        else:
+            weak = [ex.feat.float() for ex in batch]
+            strong = []
+            for f in weak:  # cached features cannot be colour-jittered: noise and channel dropout instead
+                noise = torch.randn(f.shape, generator=self.gen) * 0.1 * f.std()
+                keep = (torch.rand(f.shape[0], 1, 1, generator=self.gen) > 0.1).float()
+                strong.append((f + noise) * keep)
+        xw, xs, objects = [], [], []
+        for ex, w, s in zip(batch, weak, strong):
+            state = self.gen.get_state()
+            fw, obj = augment(Example(ex.key, w, ex.target, ex.ids, ex.classes, ex.meta), self.tc.crop_grid, self.gen)
+            self.gen.set_state(state)  # the same crop and flip for the strong view
+            fs, _ = augment(Example(ex.key, s, ex.target, ex.ids, ex.classes, ex.meta), self.tc.crop_grid, self.gen)
+            xw.append(fw)
+            xs.append(fs)
+            objects.append(obj > 0 if getattr(ex, "has_objects", False) else None)
+        return torch.stack(xw).to(self.dev), torch.stack(xs).to(self.dev), objects
+
+    @torch.no_grad()
+    def pseudo_labels(self, x_weak: torch.Tensor, objects: list) -> list[dict]:
+        """Teacher predictions kept if score >= threshold, mask area >= min_mask_area, inside an object."""
+        out = self.teacher(x_weak)
+        scores = PartDecoder.scores(out["pred_logits"])
+        masks = out["pred_masks"] > 0  # sigmoid > 0.5
+        keep = (scores >= self.score_threshold) & (masks.flatten(2).sum(-1) >= self.min_mask_area)
+        targets = []
+        for b in range(x_weak.shape[0]):
+            k = keep[b]
+            if objects[b] is not None:
+                k = k & (masks[b] & objects[b].to(masks.device)[None]).flatten(1).any(-1)
+            m = masks[b][k]
+            targets.append({"masks": m, "labels": torch.zeros(m.shape[0], dtype=torch.long, device=m.device)})
+        return targets
+
+    def step_loss(self, step: int) -> tuple[torch.Tensor, dict]:
+        batch = self.batch(step)
+        xw, xs, objects = self._views(batch)
+        targets = self.pseudo_labels(xw, objects)
+        with torch.autocast(self.dev.type, dtype=torch.float16, enabled=self.use_amp):
+            outputs = self.ddp(xs)
+        unsup, terms = self.crit(outputs, targets, self.gen)
+        terms = {f"unsup_{k}": v for k, v in terms.items()}
+        terms["pseudo_per_image"] = sum(t["masks"].shape[0] for t in targets) / len(targets)
+        loss = self.unsup_weight * unsup if self.labeled else unsup
+        if self.labeled:
+            idx = _batch_indices(step, len(self.labeled), self.tc.batch_size, self.seed * 37 + 1)
+            lab = [self.labeled[i] for i in idx]
+            feats = _features(lab, self.online)
+            items = [augment(Example(e.key, f, e.target, e.ids, e.classes, e.meta), self.tc.crop_grid, self.gen)
+                     for e, f in zip(lab, feats)]
+            x, gt = collate(items, lab, self.dev)
+            with torch.autocast(self.dev.type, dtype=torch.float16, enabled=self.use_amp):
+                sup, sup_terms = self.crit(self.ddp(x), gt, self.gen)
+            loss = sup + loss
+            terms.update({f"sup_{k}": v for k, v in sup_terms.items()})
+        return loss, terms
+
+    def after_step(self, done: int) -> None:
+        per_round = super().total_steps()
+        in_round = (done - 1) % per_round + 1
+        if in_round == self.burn_in:
+            self.teacher.load_state_dict(self.net.state_dict())  # the guided burn-in ends
+        elif in_round > self.burn_in:
+            ema_update(self.teacher, self.net, self.ema_decay)
+        if in_round == per_round and done < self.steps:
+            self.teacher.load_state_dict(self.net.state_dict())  # next round learns from this round's result
+
+    def validate(self, done: int) -> dict:
+        student = masks_recall(self.net, self.val_examples, self.online, self.dev)
+        teacher = masks_recall(self.teacher, self.val_examples, self.online, self.dev)
+        self.teacher.eval()
+        return {**{f"student {k}": v for k, v in student.items()}, **{f"teacher {k}": v for k, v in teacher.items()}}
+
+    def extra_state(self) -> dict:
+        return {"teacher": self.teacher.state_dict(), "teacher_checkpoint": self.teacher_path}
+
+    def load_extra_state(self, ckpt: dict) -> None:
+        self.teacher.load_state_dict(ckpt["teacher"])
+
+
+def self_train_masks(inputs: Sequence[str], out: str, teacher: str, **kwargs) -> dict:
+    """Run mask self-training; see :class:`SelfTrainer` for the options."""
+    return SelfTrainer(inputs, out, teacher, **kwargs).fit()
