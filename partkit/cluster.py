@@ -65,9 +65,14 @@ def _check_matrix(X, what: str = "X") -> np.ndarray:
         raise PartkitError(f"{what} must be 2-D (n_samples x n_features), got shape {X.shape}")
     if not np.issubdtype(X.dtype, np.number):
         raise PartkitError(f"{what} must be numeric, got dtype {X.dtype}")
-    if not np.isfinite(X).all():
+    if not _all_finite(X):
         raise PartkitError(f"{what} holds NaN or inf values; clean the features first")
     return X
+
+
+def _all_finite(X: np.ndarray, rows: int = 1 << 16) -> bool:
+    # in row blocks: np.isfinite on a 1 GB matrix would allocate a 256 MB mask
+    return all(np.isfinite(X[s:s + rows]).all() for s in range(0, len(X), rows))
 
 
 def _check_choice(value, choices, option: str):

@@ -525,7 +525,7 @@ class PartDistiller:
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
-                    total += float(loss) * len(x)
+                    total += float(loss.detach()) * len(x)
                     count += len(x)
                 rec = {"step": epoch + 1, "epoch": epoch + 1, "loss": total / max(count, 1)}
                 self.history_.append(rec)

@@ -20,7 +20,7 @@ from conftest import read_shard, write_shard
 from partkit.cluster import cluster
 from partkit.extract import extract
 from partkit.grid import grid_to_image, image_to_cell_index
-from partkit.io import Output, decode_image, decode_label_map, encode_npy
+from partkit.io import Output, decode_image, decode_label_map
 from partkit.metrics import nmi_score
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}

@@ -1,0 +1,503 @@
+"""``self-train --objective part-contrast``: PARTICLE's part-contrastive fine-tuning of a backbone.
+
+Each round clusters every image's dense features into parts (per-image k-means, warm-started from
+the previous round's centroids so part ids keep their meaning), then fine-tunes the backbone so
+that a part's pooled features agree across two augmented views of its image and differ from the
+other parts of the image and of the batch (Saha & Maji, "PARTICLE: Part Discovery and Contrastive
+Learning for Fine-grained Recognition", 2023; the loss is DetCon's, Henaff et al. 2021).
+
+>>> part_contrast(["cihp.tar"], "runs/pc", rounds=2, steps_per_round=500)  # doctest: +SKIP
+>>> create_backbone("efficientnet_lite0", "runs/pc")  # doctest: +SKIP  (the fine-tuned weights)
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._log import log, progress
+from ._runtime import resolve_device, seed_everything
+from ._training import Distributed, RunDir, cosine_warmup, rng_state, set_rng_state
+from ._version import __version__
+from .errors import BadSample, PartkitError
+from .extract import FeatureExtractor, hypercolumn
+from .io import decode_image, iter_samples
+
+__all__ = ["part_contrast", "part_contrast_loss", "mask_pool", "part_masks", "PartContrastNet", "make_views",
+           "DEFAULT_K"]
+
+DEFAULT_K = {"cnn": 25, "vit": 6}  # PARTICLE: 25 parts for hypercolumns, 5-7 for ViT keys
+MIN_PART_CELLS = 0.5  # a part counts as present in a view from half a feature cell on
+CROP_SCALE, CROP_RATIO = (0.08, 1.0), (3 / 4, 4 / 3)
+JITTER = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue (BYOL / PARTICLE)
+# (blur, solarize) probability of the first and second view: BYOL's asymmetric pair
+VIEW_PROBS = ((1.0, 0.0), (0.1, 0.2))
+# options that must match to --resume a run (the rest, e.g. stop_at or log_every, may change)
+_RESUME_KEYS = ("model", "weights", "layers", "facet", "rounds", "k", "steps_per_round", "batch_size", "lr",
+                "weight_decay", "warmup", "size", "momentum", "tau", "proj_dim", "proj_hidden", "seed", "keys")
+
+
+# --------------------------------------------------------------------------------------------
+# Loss and model
+
+
+def part_contrast_loss(pred1: torch.Tensor, target1: torch.Tensor, pred2: torch.Tensor, target2: torch.Tensor,
+                       tau: float = 0.1) -> torch.Tensor:
+    """PARTICLE's Eq. 3 (DetCon's InfoNCE over parts), symmetrised over the two views.
+
+    Row i of every ``N x d`` input is the same part (of some image in the batch). Latents are
+    L2-normalised and scaled to norm ``1/sqrt(tau)``; the online prediction of part i in one view
+    is scored against the target latents of all N parts in the other view: part i is the
+    positive, the other parts of its image and of the other images are the negatives.
+    """
+    def nce(pred, target):
+        p = F.normalize(pred.float(), dim=-1) * tau ** -0.5
+        t = F.normalize(target.float(), dim=-1) * tau ** -0.5
+        return F.cross_entropy(p @ t.T, torch.arange(len(p), device=p.device))
+
+    return 0.5 * (nce(pred1, target2) + nce(pred2, target1))
+
+
+def part_masks(labels: torch.Tensor, k: int, cell: int) -> torch.Tensor:
+    """``B x S x S`` part ids -> ``B x k x S/cell x S/cell`` soft masks (fraction of each cell)."""
+    onehot = F.one_hot(labels.long(), k).permute(0, 3, 1, 2).float()
+    return F.avg_pool2d(onehot, cell) if cell > 1 else onehot
+
+
+def mask_pool(feats: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """PARTICLE's Eq. 1: the average of ``B x C x h x w`` features under each of ``B x K x h x w`` masks."""
+    area = masks.sum((2, 3)).clamp_min(1e-6)
+    return torch.einsum("bkhw,bchw->bkc", masks, feats) / area[..., None]
+
+
+class MLP(nn.Sequential):
+    """Linear-LayerNorm-ReLU-Linear, the projector/predictor of PARTICLE's code (batch-independent)."""
+
+    def __init__(self, dim_in: int, hidden: int, dim_out: int):
+        super().__init__(nn.Linear(dim_in, hidden), nn.LayerNorm(hidden), nn.ReLU(inplace=True),
+                         nn.Linear(hidden, dim_out, bias=False))
+
+
+def _freeze_batchnorm(module: nn.Module) -> None:
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()  # small batches: keep the pretrained running statistics
+
+
+class PartContrastNet(nn.Module):
+    """Online backbone + projector + predictor, and the momentum (EMA) copy of backbone + projector.
+
+    ``forward(x1, x2, m1, m2)`` takes two batches of views and their ``B x K x h x w`` part masks
+    and returns ``(loss, number of parts present in both views)``.
+    """
+
+    def __init__(self, fx: FeatureExtractor, channels: int, *, proj_dim: int = 256, proj_hidden: int = 4096,
+                 tau: float = 0.1):
+        super().__init__()
+        self.layers, self.facet, self.normalize = fx.layers, fx.facet, fx.normalized
+        self.grid_size = fx.grid_size
+        self.tau = tau
+        self.backbone = fx.backbone
+        self.projector = MLP(channels, proj_hidden, proj_dim)
+        self.predictor = MLP(proj_dim, proj_hidden, proj_dim)
+        self.target = nn.ModuleDict({"backbone": copy.deepcopy(self.backbone),
+                                     "projector": copy.deepcopy(self.projector)})
+        for p in self.target.parameters():
+            p.requires_grad_(False)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        _freeze_batchnorm(self)
+        return self
+
+    def dense(self, backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The features ``extract`` writes (hypercolumn or ViT facet), with gradients."""
+        if backbone.family == "cnn":
+            x = x.contiguous(memory_format=torch.channels_last)
+        maps, _ = backbone.forward_features(x, self.layers, facet=self.facet)
+        return hypercolumn(maps, self.grid_size(x), self.normalize)
+
+    def forward(self, x1, x2, m1, m2):
+        both = (m1.sum((2, 3)) >= MIN_PART_CELLS) & (m2.sum((2, 3)) >= MIN_PART_CELLS)  # B x K
+        sel = torch.cat([both, both])
+        x, m = torch.cat([x1, x2]), torch.cat([m1, m2])
+        f = mask_pool(self.dense(self.backbone, x), m)
+        n = int(both.sum())
+        if n == 0:
+            return f.sum() * 0.0, 0  # no part survives both crops: a zero loss that keeps the graph
+        q = self.predictor(self.projector(f[sel]))
+        with torch.no_grad():
+            t = self.target["projector"](mask_pool(self.dense(self.target["backbone"], x), m)[sel])
+        return part_contrast_loss(q[:n], t[:n], q[n:], t[n:], self.tau), n
+
+    @torch.no_grad()
+    def update_target(self, momentum: float) -> None:
+        """EMA: target <- momentum * target + (1 - momentum) * online (backbone and projector)."""
+        for name in ("backbone", "projector"):
+            online, target = getattr(self, name), self.target[name]
+            for po, pt in zip(online.parameters(), target.parameters()):
+                pt.lerp_(po.detach(), 1.0 - momentum)
+            for bo, bt in zip(online.buffers(), target.buffers()):
+                bt.copy_(bo)
+
+
+# --------------------------------------------------------------------------------------------
+# Augmentation: two views of an image and its part map, cropped and flipped together
+
+
+def _uniform(gen: torch.Generator, lo: float = 0.0, hi: float = 1.0) -> float:
+    return lo + (hi - lo) * float(torch.rand((), generator=gen, dtype=torch.float64))
+
+
+def _crop_box(h: int, w: int, gen: torch.Generator) -> tuple[int, int, int, int]:
+    """torchvision's RandomResizedCrop box ``(top, left, height, width)`` drawn from ``gen``."""
+    area = h * w
+    log_ratio = (math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1]))
+    for _ in range(10):
+        target = area * _uniform(gen, *CROP_SCALE)
+        aspect = math.exp(_uniform(gen, *log_ratio))
+        cw, ch = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < cw <= w and 0 < ch <= h:
+            top = int(torch.randint(0, h - ch + 1, (), generator=gen))
+            left = int(torch.randint(0, w - cw + 1, (), generator=gen))
+            return top, left, ch, cw
+    ratio = w / h  # fallback: the central crop of the nearest allowed aspect
+    if ratio < CROP_RATIO[0]:
+        cw, ch = w, round(w / CROP_RATIO[0])
+    elif ratio > CROP_RATIO[1]:
+        ch, cw = h, round(h * CROP_RATIO[1])
+    else:
+        ch, cw = h, w
+    return (h - ch) // 2, (w - cw) // 2, ch, cw
+
+
+def _colour(img: torch.Tensor, gen: torch.Generator, blur_p: float, solarize_p: float) -> torch.Tensor:
+    """BYOL's photometric augmentations on a ``3 x S x S`` image in [0, 1]."""
+    import torchvision.transforms.v2.functional as TF
+
+    if _uniform(gen) < 0.8:
+        b, c, s, h = JITTER
+        ops = [lambda x, f=_uniform(gen, 1 - b, 1 + b): TF.adjust_brightness(x, f),
+               lambda x, f=_uniform(gen, 1 - c, 1 + c): TF.adjust_contrast(x, f),
+               lambda x, f=_uniform(gen, 1 - s, 1 + s): TF.adjust_saturation(x, f),
+               lambda x, f=_uniform(gen, -h, h): TF.adjust_hue(x, f)]
+        for i in torch.randperm(4, generator=gen).tolist():
+            img = ops[i](img)
+    if _uniform(gen) < 0.2:
+        img = TF.rgb_to_grayscale(img, num_output_channels=3)
+    if _uniform(gen) < blur_p:
+        sigma = _uniform(gen, 0.1, 2.0) * img.shape[-1] / 224  # BYOL's range, given for 224 px
+        radius = max(1, math.ceil(3 * sigma))
+        img = TF.gaussian_blur(img, [2 * radius + 1] * 2, [sigma, sigma])
+    if _uniform(gen) < solarize_p:
+        img = TF.solarize(img, 0.5)
+    return img.clamp(0, 1)
+
+
+def _view(rgb: torch.Tensor, grid_labels: torch.Tensor, cell: int, size: int, gen: torch.Generator,
+          blur_p: float, solarize_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One view of a ``3 x h x w`` uint8 image: (``3 x S x S`` float in [0, 1], ``S x S`` part ids)."""
+    top, left, ch, cw = _crop_box(rgb.shape[1], rgb.shape[2], gen)
+    crop = rgb[None, :, top:top + ch, left:left + cw].float().div_(255)
+    img = F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0]
+    # part id of the image pixel under each output pixel's centre: the part map follows the crop
+    dev = grid_labels.device
+    ys = (((torch.arange(size, device=dev) + 0.5) * (ch / size)).long().clamp_max(ch - 1) + top) // cell
+    xs = (((torch.arange(size, device=dev) + 0.5) * (cw / size)).long().clamp_max(cw - 1) + left) // cell
+    labels = grid_labels[ys[:, None], xs[None, :]]
+    if _uniform(gen) < 0.5:
+        img, labels = img.flip(-1), labels.flip(-1)
+    return _colour(img, gen, blur_p, solarize_p), labels
+
+
+def make_views(images: Sequence[torch.Tensor], labels: Sequence[torch.Tensor], *, cell: int, size: int,
+               mean, std, gen: torch.Generator):
+    """Two augmented views of each image: ``(x1, x2, labels1, labels2)``, images normalised.
+
+    ``images`` are ``3 x h x w`` uint8 tensors, ``labels`` their part-id grids (one id per feature
+    cell of ``cell`` pixels). Both views crop image and part map consistently (scale 0.08-1) and
+    flip them together; colour jitter (p 0.8), grayscale (p 0.2), blur (p 1.0 / 0.1) and
+    solarize (p 0 / 0.2) follow BYOL, as PARTICLE. All randomness comes from ``gen``.
+    """
+    out = []
+    for blur_p, solarize_p in VIEW_PROBS:
+        views = [_view(im, lab, cell, size, gen, blur_p, solarize_p) for im, lab in zip(images, labels)]
+        x = torch.stack([v[0] for v in views])
+        m = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
+        s = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
+        out.append(((x - m) / s, torch.stack([v[1] for v in views])))
+    (x1, l1), (x2, l2) = out
+    return x1, x2, l1, l2
+
+
+# --------------------------------------------------------------------------------------------
+# Data and part discovery
+
+
+@dataclass
+class _Image:
+    key: str
+    rgb: np.ndarray  # h x w x 3 uint8, already resized so the longer side is ``size``
+    tensor: torch.Tensor  # the same as 3 x h x w uint8 on the training device
+    grid: tuple[int, int]  # valid feature cells
+
+
+def _load_images(inputs: Sequence[str], fx: FeatureExtractor, device, skip_bad: bool) -> list[_Image]:
+    images, skipped = [], 0
+    for sample in iter_samples(inputs, skip_bad=skip_bad):
+        try:
+            x, geom = fx.preprocess(decode_image(sample, min_size=fx.min_size))
+        except BadSample:
+            if not skip_bad:
+                raise
+            skipped += 1
+            continue
+        rh, rw = geom["resized"]
+        # undo the normalisation: the exact resized uint8 pixels (preprocess maps them back bit for bit)
+        rgb = ((x[:, :rh, :rw] * fx.std + fx.mean) * 255).round_().clamp_(0, 255).to(torch.uint8)
+        grid = fx.valid_grid(geom, (fx.input_size // fx.cell,) * 2)
+        images.append(_Image(sample["__key__"], rgb.permute(1, 2, 0).numpy().copy(), rgb.to(device), grid))
+    if skipped:
+        log(f"part-contrast: skipped {skipped} bad samples")
+    return images
+
+
+@torch.no_grad()
+def discover_parts(fx: FeatureExtractor, images: Sequence[_Image], k: int, *, init=None, seed: int = 0,
+                   batch_size: int = 16):
+    """Per-image k-means of the current features: ``(centroids, part-id grids)``.
+
+    ``init`` (per-image centroids of the previous round) warm-starts k-means so ids keep their
+    meaning across rounds; otherwise k-means++ with seed ``(seed, i)`` for image i.
+    """
+    from .cluster import batched_kmeans
+
+    problems = []
+    for s in range(0, len(images), batch_size):
+        chunk = images[s:s + batch_size]
+        with torch.inference_mode():
+            feats, _ = fx.forward(torch.stack([fx.preprocess(im.rgb)[0] for im in chunk]))
+        for im, f in zip(chunk, feats):
+            gh, gw = im.grid
+            problems.append(f[:, :gh, :gw].reshape(f.shape[0], -1).T.cpu().numpy())
+    results = batched_kmeans(problems, k, metric="cosine", init="k-means++" if init is None else list(init),
+                             random_state=seed, device=fx.device)
+    labels = [torch.from_numpy(r.labels.reshape(im.grid)).to(im.tensor.device) for r, im in zip(results, images)]
+    return [r.centers for r in results], labels, float(sum(r.inertia for r in results))
+
+
+def _batch_indices(step: int, n: int, batch: int, rank: int, world: int, seed: int) -> list[int]:
+    """Positions ``step*B*world + rank*B ...`` in a stream of per-epoch seeded permutations."""
+    start = (step * world + rank) * batch
+    out = []
+    for p in range(start, start + batch):
+        epoch, i = divmod(p, n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        out.append(int(perm[i]))
+    return out
+
+
+def _step_generator(seed: int, rank: int, step: int) -> torch.Generator:
+    # every step's randomness derives from (seed, rank, step), so a resumed run draws the same views
+    state = np.random.SeedSequence([seed, rank, step]).generate_state(2, dtype=np.uint64)
+    return torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))
+
+
+# --------------------------------------------------------------------------------------------
+# Weights export
+
+
+def _export_state(backbone: nn.Module, clip_model: Optional[nn.Module]) -> dict:
+    """The backbone's weights in the layout ``create_backbone(name, file)`` loads."""
+    module = clip_model if clip_model is not None else getattr(backbone, "net", None)
+    if module is None:
+        raise PartkitError(f"{backbone.name}: cannot export weights of a custom-built backbone")
+    return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+
+
+def _build(model: str, weights: Optional[str]):
+    """(backbone, full open_clip model or None): open_clip's loader expects both towers' weights."""
+    from .models import create_backbone, create_clip, get_spec
+
+    spec = get_spec(model)
+    if spec.family == "pixels":
+        raise PartkitError(f"{model!r} has no weights to fine-tune; pick a CNN or ViT backbone (see `partkit models`)")
+    if spec.source.startswith("open_clip:"):
+        backbone, clip_model, _ = create_clip(model, weights)
+        return backbone, clip_model
+    return create_backbone(model, weights), None
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+
+
+def _check(rounds, k, steps_per_round, batch_size, lr, size, momentum, tau, log_every, checkpoint_every, stop_at,
+           warmup, proj_dim, proj_hidden):
+    positive = {"--rounds": rounds, "--steps-per-round": steps_per_round, "--batch-size": batch_size,
+                "--size": size, "--log-every": log_every, "--checkpoint-every": checkpoint_every,
+                "--proj-dim": proj_dim, "--proj-hidden": proj_hidden}
+    for name, v in positive.items():
+        if v < 1:
+            raise PartkitError(f"{name} must be at least 1, got {v}")
+    if k is not None and k < 2:
+        raise PartkitError(f"-k must be at least 2 parts per image, got {k}")
+    if not lr > 0:
+        raise PartkitError(f"--lr must be positive, got {lr}")
+    if not 0 <= momentum <= 1:
+        raise PartkitError(f"--momentum is the EMA decay of the momentum encoder, in [0, 1]; got {momentum}")
+    if not tau > 0:
+        raise PartkitError(f"--tau must be positive, got {tau}")
+    if stop_at is not None and stop_at < 1:
+        raise PartkitError(f"--stop-at must be a step >= 1, got {stop_at}")
+    if warmup is not None and warmup < 0:
+        raise PartkitError(f"--warmup must be >= 0, got {warmup}")
+
+
+def part_contrast(
+    inputs: Sequence[str],
+    out: str,
+    *,
+    model: str = "efficientnet_lite0",
+    weights: Optional[str] = None,
+    layers: Optional[Sequence[int]] = None,
+    facet: Optional[str] = None,
+    rounds: int = 2,
+    k: Optional[int] = None,
+    steps_per_round: int = 500,
+    batch_size: int = 16,
+    lr: float = 0.005,
+    weight_decay: float = 1.5e-6,
+    warmup: Optional[int] = None,
+    size: int = 224,
+    momentum: float = 0.996,
+    tau: float = 0.1,
+    proj_dim: int = 256,
+    proj_hidden: int = 4096,
+    device: str = "auto",
+    seed: int = 0,
+    resume: bool = False,
+    stop_at: Optional[int] = None,
+    log_every: int = 10,
+    checkpoint_every: int = 100,
+    skip_bad: bool = False,
+) -> dict:
+    """Fine-tune a registry backbone with PARTICLE's part discovery + part-contrastive rounds.
+
+    ``k`` parts per image (default 25 for CNN hypercolumns, 6 for ViTs); ``rounds`` x
+    ``steps_per_round`` SGD steps (momentum 0.9, PARTICLE's ``lr`` and ``weight_decay``, linear
+    ``warmup`` (default 5% of the steps) then cosine decay); views are ``size`` x ``size``;
+    ``momentum`` is the EMA decay of the target encoder, ``tau`` the temperature. Writes
+    ``backbone.pt`` (load it with ``create_backbone(model, out)``), ``config.json``,
+    ``metrics.jsonl``, ``loss.png`` and ``last.pt`` (``resume=True`` continues exactly;
+    ``stop_at`` stops early with a checkpoint). Every process of a torchrun job holds all images
+    and takes its own slice of each batch.
+    """
+    _check(rounds, k, steps_per_round, batch_size, lr, size, momentum, tau, log_every, checkpoint_every, stop_at,
+           warmup, proj_dim, proj_hidden)
+    dist = Distributed(resolve_device(device))
+    dev = dist.device
+    run = RunDir(out, main=dist.main, resume=resume)
+    seed_everything(seed)
+    backbone, clip_model = _build(model, weights)
+    fx = FeatureExtractor(backbone, layers=layers, facet=facet, size=size, device=str(dev))
+    k = k if k is not None else DEFAULT_K[backbone.family]
+    images = _load_images(inputs, fx, dev, skip_bad)
+    if not images:
+        raise PartkitError("part-contrast: the input holds no images; pack some with `partkit pack`")
+    if batch_size > len(images):
+        log(f"part-contrast: --batch-size {batch_size} is more than the {len(images)} images; using {len(images)}")
+        batch_size = len(images)
+    channels = sum(backbone.channels[i] for i in fx.layers)
+    net = PartContrastNet(fx, channels, proj_dim=proj_dim, proj_hidden=proj_hidden, tau=tau).to(dev)
+    ddp = dist.wrap(net)
+    params = [p for p in net.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
+    total = rounds * steps_per_round
+    warmup = warmup if warmup is not None else total // 20
+    sched = cosine_warmup(opt, warmup, total)
+    keys = [im.key for im in images]
+    config = {"command": "self-train", "objective": "part-contrast", "inputs": list(inputs), "model": model,
+              "weights": weights, "backbone_weights": backbone.weights, "layers": fx.layers, "facet": fx.facet,
+              "rounds": rounds, "k": k, "steps_per_round": steps_per_round, "steps": total, "batch_size": batch_size,
+              "lr": lr, "weight_decay": weight_decay, "warmup": warmup, "size": size, "momentum": momentum,
+              "tau": tau, "proj_dim": proj_dim, "proj_hidden": proj_hidden, "seed": seed, "world": dist.world,
+              "keys": keys, "images": len(images), "cell": fx.cell, "input_size": fx.input_size,
+              "mean": list(backbone.mean), "std": list(backbone.std), "partkit_version": __version__,
+              "torch": torch.__version__}
+
+    start, centers, labels, label_round = 0, None, None, -1
+    if resume:
+        ckpt = run.load()
+        saved = ckpt.get("config", {})
+        for key in _RESUME_KEYS:
+            if key in saved and saved[key] != config[key]:
+                what = "the input images" if key == "keys" else f"--{key.replace('_', '-')}"
+                raise PartkitError(f"cannot resume {out!r}: {what} differ from the run's ({saved[key]!r} there); "
+                                   f"rerun with the same options or pick a new output folder")
+        net.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        set_rng_state(ckpt["rng"])
+        start, centers, label_round = ckpt["step"], ckpt["centroids"], ckpt["round"]
+        labels = [lab.to(dev) for lab in ckpt["labels"]] if ckpt["labels"] is not None else None
+        run.truncate_log(start)
+        log(f"part-contrast: resumed at step {start} (round {label_round + 1})")
+    run.write_config(config)
+
+    def save(step: int) -> None:
+        if not dist.main:
+            return
+        run.save({"backbone": _export_state(backbone, clip_model), "model": model, "mean": list(backbone.mean),
+                  "std": list(backbone.std)}, "backbone.pt")
+        run.save({"model": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                  "rng": rng_state(), "step": step, "round": label_round, "centroids": centers,
+                  "labels": [lab.cpu() for lab in labels] if labels is not None else None, "config": config})
+
+    history = []
+    t0 = time.perf_counter()
+    end = min(total, stop_at or total)
+    net.train()
+    with progress("part-contrast", total=total) as bar:
+        bar.update(start)
+        for step in range(start, end):
+            r = step // steps_per_round
+            if r != label_round:
+                net.eval()
+                centers, labels, inertia = discover_parts(fx, images, k, init=centers, seed=seed,
+                                                          batch_size=batch_size)
+                net.train()
+                label_round = r
+                log(f"part-contrast: round {r + 1}/{rounds}: {k} parts per image, k-means inertia {inertia:.1f}")
+            idx = _batch_indices(step, len(images), batch_size, dist.rank, dist.world, seed)
+            x1, x2, l1, l2 = make_views([images[i].tensor for i in idx], [labels[i] for i in idx], cell=fx.cell,
+                                        size=fx.input_size, mean=backbone.mean, std=backbone.std,
+                                        gen=_step_generator(seed, dist.rank, step))
+            loss, parts = ddp(x1, x2, part_masks(l1, k, fx.cell), part_masks(l2, k, fx.cell))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            net.update_target(momentum)
+            bar.update(1)
+            done = step + 1
+            history.append(float(loss.detach()))
+            if done % log_every == 0 or done % steps_per_round == 0:
+                run.log({"step": done, "round": r + 1, "loss": history[-1], "parts": parts,
+                         "lr": sched.get_last_lr()[0]})
+            if done % checkpoint_every == 0 or done == end:
+                save(done)
+    run.plot_losses(("loss",))
+    secs = time.perf_counter() - t0
+    final = f"{history[-1]:.3f}" if history else "n/a"
+    log(f"part-contrast: {len(history)} steps in {secs:.1f}s, final loss {final} -> {out}")
+    dist.close()
+    return {"out": out, "steps": total, "done": end, "rounds": rounds, "k": k, "losses": history,
+            "backbone": run.file("backbone.pt")}
