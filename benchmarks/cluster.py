@@ -93,6 +93,7 @@ sys.path.insert(0, sys.argv[1])
 from benchmarks.cluster import blob_rows
 which, n, d, k, seed, threads = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6]), int(sys.argv[7])
 import faiss, torch
+from partkit.cluster import KMeans
 torch.set_num_threads(threads); faiss.omp_set_num_threads(threads)
 X = blob_rows(n, d, seed)
 t = time.perf_counter()
@@ -102,7 +103,6 @@ if which == "faiss":
     dist, labels = km.index.search(X, 1)
     inertia = float(dist.sum(dtype=np.float64))
 else:
-    from partkit.cluster import KMeans
     km = KMeans(k, backend="faiss", random_state=seed).fit(X)
     inertia = km.inertia_
 seconds = time.perf_counter() - t

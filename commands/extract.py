@@ -5,8 +5,6 @@ from typing import List, Optional
 
 import typer
 
-from partkit.extract import extract
-
 from ._common import (DropOpt, InputsArg, NumShardsOpt, OutputOpt, OverwriteOpt, ShardIndexOpt, ShardSizeOpt,
                       SkipBadOpt, cli_errors, get_globals, make_output)
 
@@ -50,6 +48,8 @@ def main(
 
     Example: partkit pack images/ | partkit extract --model efficientnet_lite0 --layers 2,3,4 > feats.tar
     """
+    from partkit.extract import extract
+
     g = get_globals(ctx)
     extract(inputs or ["-"], model=model, weights=weights, layers=_layers(layers), facet=facet, stride=stride,
             grid_stride=grid_stride, size=size, keep_aspect=keep_aspect, saliency=saliency, batch_size=batch_size,

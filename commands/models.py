@@ -7,7 +7,6 @@ import sys
 import typer
 
 from partkit._log import console
-from partkit.models import describe, list_backbones
 
 from ._common import cli_errors
 
@@ -22,6 +21,8 @@ def main(
     Weights: "local" means usable offline (a file in $PARTKIT_WEIGHTS_DIR or a package that ships them);
     the others download from the hub on first use, as timm and open_clip do.
     """
+    from partkit.models import describe, list_backbones
+
     rows = [describe(n) for n in list_backbones(pattern)]
     if as_json:
         sys.stdout.write(json.dumps(rows, indent=1) + "\n")

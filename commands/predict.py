@@ -5,8 +5,6 @@ from typing import List, Optional
 
 import typer
 
-from partkit.decoder import predict
-
 from ._common import (DropOpt, NumShardsOpt, OutputOpt, OverwriteOpt, ShardIndexOpt, ShardSizeOpt, SkipBadOpt,
                       cli_errors, get_globals, make_output)
 
@@ -34,6 +32,8 @@ def main(
 
     Example: partkit predict --checkpoint runs/dec feats.tar --topk 50 --label-map | partkit eval ar
     """
+    from partkit.decoder import predict
+
     g = get_globals(ctx)
     predict(inputs or ["-"], checkpoint, topk=topk, score_threshold=score_threshold, mask_threshold=mask_threshold,
             label_map=label_map, batch_size=batch_size, device=g.device, skip_bad=skip_bad, use_teacher=teacher,

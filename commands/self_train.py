@@ -5,7 +5,6 @@ from typing import List, Optional
 
 import typer
 
-from partkit.decoder import TrainConfig
 from partkit.errors import PartkitError
 
 from ._common import SkipBadOpt, cli_errors, get_globals
@@ -59,6 +58,7 @@ def main(
     if objective == "masks":
         if teacher is None:
             raise PartkitError("--objective masks needs --teacher RUN_DIR (a train-decoder run)")
+        from partkit.decoder import TrainConfig
         from partkit.selftrain import self_train_masks
 
         tc = TrainConfig(lr=lr, batch_size=batch_size, max_steps=max_steps, warmup=warmup, crop_grid=crop_grid,

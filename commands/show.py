@@ -62,3 +62,21 @@ def confusion(
 ):
     """Heat map of predicted cluster x ground-truth part (each cluster's pixels split over parts)."""
     _render(inputs, "confusion", output, pred=pred, gt_field=gt_field, region=region, skip_bad=skip_bad)
+
+
+@app.command("points")
+@cli_errors
+def points(
+    inputs: list[str] = InputsArg,
+    output: str = typer.Option(..., "--output", "-o", help="Folder for one <key>.png per point cloud."),
+    fields: list[str] = typer.Option(["pred_parts.npy", "gt_parts.npy"], "--field",
+                                     help="Per-point label field to colour by, one row each (repeatable)."),
+    max_samples: int = typer.Option(16, "--max", help="Draw the first N point clouds."),
+    size: int = typer.Option(256, "--size", help="Pixels per view."),
+    skip_bad: bool = SkipBadOpt,
+):
+    """Point clouds from three views, coloured by predicted and ground-truth part ids (one PNG per shape)."""
+    from partkit.render3d import show_points
+
+    for path in show_points(inputs, output, fields=fields, max_samples=max_samples, size=size, skip_bad=skip_bad):
+        log(f"show points: wrote {path}")

@@ -5,8 +5,6 @@ from typing import List, Optional
 
 import typer
 
-from partkit.decoder import TrainConfig, train_decoder
-
 from ._common import SkipBadOpt, cli_errors, get_globals
 from .extract import _layers
 
@@ -48,6 +46,8 @@ def main(
     Example: partkit train-decoder clusters/ --out runs/dec --max-steps 2000 --val val.tar
     Distributed: torchrun --nproc_per_node=2 $(which partkit) train-decoder ...
     """
+    from partkit.decoder import TrainConfig, train_decoder
+
     g = get_globals(ctx)
     tc = TrainConfig(lr=lr, weight_decay=weight_decay, batch_size=batch_size, max_steps=max_steps, epochs=epochs,
                      warmup=warmup, clip_grad=clip_grad, amp=amp, crop_grid=crop_grid, checkpoint_every=checkpoint_every,

@@ -22,7 +22,7 @@ import torch
 from .errors import PartkitError
 
 __all__ = ["DEFAULT_ELEVATIONS", "DEFAULT_AZIMUTHS", "Cameras", "Rendering", "make_cameras", "auto_radius",
-           "render_points", "backproject", "label_colors", "render_views_png"]
+           "render_points", "backproject", "label_colors", "render_views_png", "show_points"]
 
 # 10 views: a ring of 5 above and 5 below the equator (ShapeNet is y-up), as PartSLIP's 10 views.
 DEFAULT_ELEVATIONS = (30.0, -20.0)
@@ -249,3 +249,46 @@ def render_views_png(path: Optional[str], points: np.ndarray, panels: Sequence[t
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         Image.fromarray(picture).save(path, format="PNG")
     return picture
+
+
+def show_points(inputs: Sequence[str], out_dir: str, *, fields: Sequence[str] = ("pred_parts.npy", "gt_parts.npy"),
+                max_samples: int = 16, size: int = 256, skip_bad: bool = False) -> list[str]:
+    """One ``<key>.png`` per point-cloud sample: a row per label field present, three views each.
+
+    Samples with none of ``fields`` are drawn grey (shading only).
+    """
+    import os
+
+    from .errors import BadSample
+    from .io import decode_npy, iter_samples
+    from .pointcloud import decode_shape
+
+    if max_samples < 1:
+        raise PartkitError(f"--max must be at least 1, got {max_samples}")
+    if os.path.isfile(out_dir):
+        raise PartkitError(f"--output {out_dir!r} is a file; pass a folder for the pictures")
+    written = []
+    for sample in iter_samples(inputs, skip_bad=skip_bad):
+        if len(written) >= max_samples:
+            break
+        try:
+            shape = decode_shape(sample)
+            panels = []
+            for name in fields:
+                if name in sample:
+                    labels = decode_npy(sample, name).reshape(-1)
+                    if len(labels) != len(shape):
+                        raise BadSample(sample["__key__"], f"'{name}' has {len(labels)} labels for {len(shape)} points")
+                    panels.append((name, labels))
+        except BadSample:
+            if skip_bad:
+                continue
+            raise
+        if not panels:
+            panels = [("points", np.full((len(shape), 3), int(255 * _BASE_GREY), np.uint8))]
+        path = os.path.join(out_dir, f"{sample['__key__']}.png")
+        render_views_png(path, shape.points, panels, normals=shape.normals, size=size)
+        written.append(path)
+    if not written:
+        raise PartkitError("show points: the input holds no point-cloud samples; run `partkit pack` on point clouds")
+    return written

@@ -1,0 +1,90 @@
+"""Distil 2D part labels of rendered views into a 3D point-cloud segmenter (PartDistill)."""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import typer
+
+from partkit.errors import PartkitError
+
+from ._common import DropOpt, OutputOpt, OverwriteOpt, ShardSizeOpt, SkipBadOpt, cli_errors, get_globals, make_output
+
+
+def _floats(text: str, opt: str) -> tuple:
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise PartkitError(f"{opt} must be comma-separated numbers (degrees), got {text!r}") from None
+    if not values:
+        raise PartkitError(f"{opt} needs at least one angle")
+    return values
+
+
+def _ints(text: Optional[str], opt: str) -> Optional[tuple]:
+    if text is None:
+        return None
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise PartkitError(f"{opt} must be comma-separated integers, got {text!r}") from None
+
+
+@cli_errors
+def main(
+    ctx: typer.Context,
+    inputs: List[str] = typer.Argument(None, help="Input shards of point clouds from `partkit pack` (default '-': stdin)."),
+    teacher: str = typer.Option("parts", "--teacher", help="2D teacher: 'parts' (unsupervised extract + dataset "
+                                                             "k-means, offline) or 'clip' (text-prompted, MaskCLIP)."),
+    teacher_model: Optional[str] = typer.Option(None, "--teacher-model", help="Backbone registry name (default: "
+                                                "efficientnet_lite0 for parts, clip_vitb16 for clip)."),
+    weights: Optional[str] = typer.Option(None, "--weights", help="Teacher weights: file, hub tag or 'none'."),
+    layers: Optional[str] = typer.Option(None, "--layers", help="parts teacher: backbone layers, e.g. 2,3,4."),
+    k: int = typer.Option(8, "-k", help="parts teacher: number of parts to discover (over-segmenting helps)."),
+    parts: Optional[str] = typer.Option(None, "--parts", help="clip teacher: part names, e.g. 'peak,panel' "
+                                                              "(default: the samples' json 'parts')."),
+    category: Optional[str] = typer.Option(None, "--category", help="clip teacher: category in the prompts "
+                                                                    "(default: the samples' json)."),
+    elevations: str = typer.Option("30,-20", "--elevations", help="Camera elevations in degrees (y is up); "
+                                                                  "the views are every elevation x azimuth."),
+    azimuths: str = typer.Option("0,72,144,216,288", "--azimuths", help="Camera azimuths in degrees."),
+    size: int = typer.Option(224, "--size", help="Rendered view size in pixels."),
+    radius: Optional[int] = typer.Option(None, "--radius", help="Splat radius in pixels (default: from point count)."),
+    temperature: Optional[float] = typer.Option(None, "--temperature", help="Teacher softmax temperature "
+                                                                            "(default 0.05 parts, 0.01 clip)."),
+    width: int = typer.Option(64, "--width", help="Student channels per EdgeConv."),
+    depth: int = typer.Option(3, "--depth", help="Student EdgeConv layers."),
+    knn: int = typer.Option(16, "--knn", help="Student neighbours per point."),
+    points: int = typer.Option(1024, "--points", help="Points per shape in a training step."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Shapes per training step."),
+    epochs: int = typer.Option(60, "--epochs", help="Training epochs over all shapes."),
+    lr: float = typer.Option(1e-3, "--lr", help="AdamW learning rate."),
+    plateau: float = typer.Option(0.01, "--plateau", help="Backward distillation starts when the 5-epoch mean "
+                                                          "loss changes by less than this fraction."),
+    backward: bool = typer.Option(True, "--backward/--no-backward", help="Backward distillation (label reweighting)."),
+    out: Optional[str] = typer.Option(None, "--out", help="Run folder: student weights, config.json, metrics.jsonl, "
+                                                          "loss.png."),
+    output: str = OutputOpt,
+    shard_size: int = ShardSizeOpt,
+    overwrite: bool = OverwriteOpt,
+    drop: List[str] = DropOpt,
+    skip_bad: bool = SkipBadOpt,
+):
+    """Add pred_parts.npy (a part id per point) and pred_parts.json to every point-cloud sample.
+
+    Renders each shape from several views, labels the views with a 2D teacher, back-projects the
+    labels onto the points and trains one point-cloud student on all shapes (PartDistill).
+
+    Example: partkit pack caps.npz | partkit distill-3d --teacher parts -k 8 --out runs/caps | partkit eval miou-3d
+    """
+    from partkit.distill3d import DistillConfig, distill_3d
+
+    g = get_globals(ctx)
+    cfg = DistillConfig(
+        teacher=teacher, teacher_model=teacher_model, weights=weights, layers=_ints(layers, "--layers"), k=k,
+        parts=[p.strip() for p in parts.split(",") if p.strip()] if parts else None, category=category,
+        elevations=_floats(elevations, "--elevations"), azimuths=_floats(azimuths, "--azimuths"), size=size,
+        radius=radius, temperature=temperature, width=width, depth=depth, knn=knn, points=points,
+        batch_size=batch_size, epochs=epochs, lr=lr, plateau=plateau, backward=backward, seed=g.seed,
+        device=g.device)
+    distill_3d(inputs or ["-"], cfg, out=out, skip_bad=skip_bad,
+               output=make_output(output, shard_size, overwrite, drop, None, None))
