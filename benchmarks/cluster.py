@@ -87,14 +87,15 @@ def per_image(args, threads: int) -> None:
 
 
 _CHILD = r"""
-import json, resource, sys, time
+import json, sys, time
 import numpy as np
 sys.path.insert(0, sys.argv[1])
 from benchmarks.cluster import blob_rows
 which, n, d, k, seed, threads = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6]), int(sys.argv[7])
-import faiss, torch
-from partkit.cluster import KMeans
-torch.set_num_threads(threads); faiss.omp_set_num_threads(threads)
+import faiss
+if which == "partkit":
+    from partkit.cluster import KMeans  # imports no torch on this path
+faiss.omp_set_num_threads(threads)
 X = blob_rows(n, d, seed)
 t = time.perf_counter()
 if which == "faiss":
@@ -106,7 +107,9 @@ else:
     km = KMeans(k, backend="faiss", random_state=seed).fit(X)
     inertia = km.inertia_
 seconds = time.perf_counter() - t
-print(json.dumps({"seconds": seconds, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+# VmHWM: this process's own peak (ru_maxrss would include the parent's at fork time)
+hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0]
+print(json.dumps({"seconds": seconds, "rss_mb": int(hwm.split()[1]) / 1024,
                   "inertia": inertia}))
 """
 

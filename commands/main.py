@@ -32,6 +32,7 @@ _COMMANDS = [
     ("self_train", "self-train"),
     ("distill3d", "distill-3d"),
     ("eval", "eval"), ("show", "show"),
+    ("rank", "rank"),
 ]
 
 

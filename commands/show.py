@@ -42,11 +42,21 @@ def overlays(
 @cli_errors
 def purity(
     inputs: list[str] = InputsArg,
-    output: str = typer.Option("purity.png", "--output", "-o", help="PNG file."),
+    output: str = typer.Option("purity.png", "--output", "-o", help="PNG file (a folder with --per-class)."),
     pred: str = PredOpt,
+    per_class: bool = typer.Option(False, "--per-class",
+                                   help="One figure per object class from `partkit rank apply` (ranked.json, "
+                                        "ranked_parts.png), highest-scoring instances, plus index.html."),
     skip_bad: bool = SkipBadOpt,
 ):
     """For each discovered part, a 3x3 grid of the images where it is largest, highlighted."""
+    if per_class:
+        from partkit.rank import purity_per_class
+
+        folder = output[:-4] if output.endswith(".png") else output
+        for name, path in purity_per_class(inputs, folder, skip_bad=skip_bad).items():
+            log(f"show purity {name}: wrote {path}")
+        return
     _render(inputs, "purity", output, pred=pred, skip_bad=skip_bad)
 
 

@@ -12,15 +12,16 @@ The public wrappers (``KMeans``, ``batched_kmeans``) live in :mod:`partkit.clust
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import numpy as np
-import torch
 
 from .errors import PartkitError
 
-__all__ = ["KMeansResult", "normalize_rows", "run_batched", "kmeans_plusplus", "faiss_kmeans", "elbow_pick"]
+__all__ = ["KMeansResult", "normalize_rows", "run_batched", "kmeans_plusplus", "kmeans_plusplus_numpy", "faiss_kmeans",
+           "faiss_assign", "elbow_pick"]
 
 METRICS = ("cosine", "l2")
 INITS = ("k-means++", "random")
@@ -81,8 +82,14 @@ def _select(v: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 
 
 def kmeans_plusplus(X: torch.Tensor, x2: torch.Tensor, mask: torch.Tensor, n: torch.Tensor, kk: torch.Tensor,
-                    draws: Sequence[dict]) -> torch.Tensor:
-    """Greedy k-means++ seeding (as scikit-learn) for a padded batch ``B x N x D``; returns ``B x K x D``."""
+                    draws: Sequence[dict]):
+    """Greedy k-means++ seeding (as scikit-learn) for a padded batch ``B x N x D``.
+
+    Returns the ``B x K x D`` centres and, for free, each cell's nearest centre and squared
+    distance to it (the first Lloyd assignment).
+    """
+    import torch
+
     B, N, D = X.shape
     K = int(kk.max())
     dev = X.device
@@ -101,29 +108,35 @@ def kmeans_plusplus(X: torch.Tensor, x2: torch.Tensor, mask: torch.Tensor, n: to
     C[:, 0] = _take(X, ar, first)
     closest = torch.baddbmm((x2 + _take(x2, ar, first)[:, None])[:, None, :], C[:, :1], X.transpose(1, 2), alpha=-2)
     closest = closest[:, 0].clamp_min(0) * mask
+    labels = torch.zeros((B, N), dtype=torch.long, device=dev)
     pot = closest.sum(1, dtype=torch.float64)
     for c in range(1, K):
         cum = closest.cumsum(1, dtype=torch.float64)
         r = U[:, c - 1] * pot[:, None]
         cand = torch.minimum(torch.searchsorted(cum, r), (n - 1)[:, None])  # B x L
         Xc = _take(X, ar[:, None], cand)  # B x L x D
-        d = torch.baddbmm(x2[:, None, :] + x2.gather(1, cand)[:, :, None], Xc, X.transpose(1, 2), alpha=-2)
-        d = torch.minimum(d.clamp_min_(0), closest[:, None, :]) * mask[:, None, :]
+        raw = torch.baddbmm(x2[:, None, :] + x2.gather(1, cand)[:, :, None], Xc, X.transpose(1, 2), alpha=-2)
+        d = torch.minimum(raw.clamp_min_(0), closest[:, None, :]) * mask[:, None, :]
         p = d.sum(2, dtype=torch.float64).masked_fill(~trial_ok, math.inf)
         best = p.argmin(1)
         take = c < kk
         C[:, c] = torch.where(take[:, None], _take(Xc, ar, best), C[:, c])
+        labels = torch.where(take[:, None] & (_take(raw, ar, best) < closest), c, labels)
         closest = torch.where(take[:, None], _take(d, ar, best), closest)
         pot = torch.where(take, p.gather(1, best[:, None])[:, 0], pot)
-    return C
+    return C, labels, closest
 
 
 def _sqnorm(X: torch.Tensor) -> torch.Tensor:
+    import torch
+
     return torch.linalg.vector_norm(X, dim=-1).square()
 
 
 def _assign(X: torch.Tensor, x2: torch.Tensor, C: torch.Tensor, cbad: torch.Tensor):
     """Nearest centre per cell: (labels, squared distance to it)."""
+    import torch
+
     c2 = _sqnorm(C).masked_fill(cbad, math.inf)
     # scores as B x K x N: measured ~1.6x faster than B x N x K for small K
     s = torch.baddbmm(c2[:, :, None], C, X.transpose(1, 2), alpha=-2)
@@ -133,6 +146,8 @@ def _assign(X: torch.Tensor, x2: torch.Tensor, C: torch.Tensor, cbad: torch.Tens
 
 def _relocate_empty(b: int, X, mask, C_new, sums, counts, owner, cvalid, K: int) -> None:
     """Move each empty centre of problem ``b`` onto the cell farthest from its centre (scikit-learn's rule)."""
+    import torch
+
     empty = ((counts[b, :K] == 0) & cvalid[b]).nonzero().flatten().tolist()
     valid = mask[b].nonzero().flatten()
     lab = owner[b, valid]
@@ -154,15 +169,18 @@ def _relocate_empty(b: int, X, mask, C_new, sums, counts, owner, cvalid, K: int)
             C_new[b, old] = sums[b, old] / counts[b, old]
 
 
-def _lloyd_chunk(X, x2, mask, n, kk, C, max_iter: int, tol: float, relocate: bool):
+def _lloyd_chunk(X, x2, mask, n, kk, C, max_iter: int, tol: float, relocate: bool, first=None):
     """Lloyd iterations on one padded chunk; yields ``(index_in_chunk, labels, centers, inertia, n_iter, converged)``.
 
     Stops as scikit-learn: when no label changes (strict), or when the centres move less than
     ``tol`` times the mean feature variance (then one more assignment gives the labels). After the
     first iteration, the centroid sums are updated only for cells that changed cluster. Finished
     problems stay in the batch, frozen, until a quarter of it is done; then it is compacted, so
-    copies stay rare.
+    copies stay rare. ``first`` is the (labels, squared distances) of the first assignment when
+    the seeding already computed them.
     """
+    import torch
+
     B, N, D = X.shape
     K = C.shape[1]
     dev = X.device
@@ -194,7 +212,7 @@ def _lloyd_chunk(X, x2, mask, n, kk, C, max_iter: int, tol: float, relocate: boo
             alive = st["alive"]
         X, mask, C, owner, sums, counts = st["X"], st["mask"], st["C"], st["owner"], st["sums"], st["counts"]
         B = X.shape[0]
-        labels, d1 = _assign(X, st["x2"], C, st["cbad"])
+        labels, d1 = first if it == 0 and first is not None else _assign(X, st["x2"], C, st["cbad"])
         labels = labels.masked_fill(~mask, K)
         fin = alive & (st["pending"] | (it >= max_iter))
         if fin.any():
@@ -252,6 +270,54 @@ def _chunks(sizes: Sequence[int], dim: int, chunk_bytes: int):
         start += per
 
 
+def _solve_chunk(chunk: list, problems, sizes, kk_all, init, seeds, max_iter, tol, dev, trials, results) -> None:
+    import torch
+
+    warm = not isinstance(init, str)
+    D = problems[chunk[0]].shape[1]
+    B, N = len(chunk), sizes[chunk[0]]
+    Xn = np.empty((B, N, D), np.float32)
+    for j, i in enumerate(chunk):
+        Xn[j, :sizes[i]] = problems[i]
+        Xn[j, sizes[i]:] = 0
+    X = torch.from_numpy(Xn).to(dev)
+    n = torch.tensor([sizes[i] for i in chunk], device=dev)
+    kk = torch.tensor([kk_all[i] for i in chunk], device=dev)
+    mask = torch.arange(N, device=dev)[None, :] < n[:, None]
+    x2 = _sqnorm(X)
+    K = int(kk.max())
+    first = None
+    if warm:
+        Cn = np.zeros((B, K, D), np.float32)
+        for j, i in enumerate(chunk):
+            Cn[j, :kk_all[i]] = init[i]
+        C = torch.from_numpy(Cn).to(dev)
+    else:
+        draws = [_draws(seeds[i], sizes[i], kk_all[i], init, trials) for i in chunk]
+        if init == "random":
+            C = X.new_zeros(B, K, D)
+            for j, d in enumerate(draws):
+                C[j, :len(d["pick"])] = X[j, torch.from_numpy(d["pick"]).to(dev)]
+        else:
+            C, lab0, d0 = kmeans_plusplus(X, x2, mask, n, kk, draws)
+            first = (lab0, d0)
+    for j, labels, centers, inertia, it, conv in _lloyd_chunk(X, x2, mask, n, kk, C, max_iter, tol, not warm, first):
+        i = chunk[j]
+        results[i] = KMeansResult(centers[:kk_all[i]].float().cpu().numpy(), labels.cpu().numpy().astype(np.int64),
+                                  inertia, it, kk_all[i], conv)
+
+
+def _single_threaded(fn):
+    """Run ``fn`` with torch limited to one thread in the calling (worker) thread."""
+    def run(*args):
+        import torch
+
+        torch.set_num_threads(1)
+        return fn(*args)
+
+    return run
+
+
 def run_batched(problems: Sequence[np.ndarray], ks: Sequence[int], *, init, max_iter: int, tol: float,
                 seeds: Sequence, device, trials: Optional[int] = None,
                 chunk_bytes: int = CHUNK_BYTES) -> list[KMeansResult]:
@@ -259,7 +325,13 @@ def run_batched(problems: Sequence[np.ndarray], ks: Sequence[int], *, init, max_
 
     ``init`` is ``"k-means++"``, ``"random"`` or a list of per-problem ``k_i x D`` arrays (warm start,
     which keeps empty clusters in place so that ids keep their meaning).
+
+    On CPU with several torch threads, chunks run in parallel, one thread each: the ops on a
+    cache-sized chunk are too small to split, and OpenMP barriers on many small ops collapse
+    when the cores are shared (measured 5-20x slower under load).
     """
+    import torch
+
     dev = torch.device(device)
     D = problems[0].shape[1] if problems else 0
     results: list[Optional[KMeansResult]] = [None] * len(problems)
@@ -270,35 +342,51 @@ def run_batched(problems: Sequence[np.ndarray], ks: Sequence[int], *, init, max_
             results[i] = KMeansResult(np.zeros((kk_all[i] if warm else 0, D), np.float32),
                                       np.zeros(0, np.int64), 0.0, 0, kk_all[i] if warm else 0, True)
     sizes = [p.shape[0] if results[i] is None else 0 for i, p in enumerate(problems)]
-    for chunk in _chunks(sizes, D, chunk_bytes):
-        B, N = len(chunk), sizes[chunk[0]]
-        Xn = np.zeros((B, N, D), np.float32)
-        for j, i in enumerate(chunk):
-            Xn[j, :sizes[i]] = problems[i]
-        X = torch.from_numpy(Xn).to(dev)
-        n = torch.tensor([sizes[i] for i in chunk], device=dev)
-        kk = torch.tensor([kk_all[i] for i in chunk], device=dev)
-        mask = torch.arange(N, device=dev)[None, :] < n[:, None]
-        x2 = _sqnorm(X)
-        K = int(kk.max())
-        if warm:
-            Cn = np.zeros((B, K, D), np.float32)
-            for j, i in enumerate(chunk):
-                Cn[j, :kk_all[i]] = init[i]
-            C = torch.from_numpy(Cn).to(dev)
-        else:
-            draws = [_draws(seeds[i], sizes[i], kk_all[i], init, trials) for i in chunk]
-            if init == "random":
-                C = X.new_zeros(B, K, D)
-                for j, d in enumerate(draws):
-                    C[j, :len(d["pick"])] = X[j, torch.from_numpy(d["pick"]).to(dev)]
-            else:
-                C = kmeans_plusplus(X, x2, mask, n, kk, draws)
-        for j, labels, centers, inertia, it, conv in _lloyd_chunk(X, x2, mask, n, kk, C, max_iter, tol, not warm):
-            i = chunk[j]
-            results[i] = KMeansResult(centers[:kk_all[i]].float().cpu().numpy(), labels.cpu().numpy().astype(np.int64),
-                                      inertia, it, kk_all[i], conv)
+    chunks = list(_chunks(sizes, D, chunk_bytes))
+    args = (problems, sizes, kk_all, init, seeds, max_iter, tol, dev, trials, results)
+    workers = min(torch.get_num_threads(), len(chunks))
+    if dev.type != "cpu" or workers < 2:
+        for chunk in chunks:
+            _solve_chunk(chunk, *args)
+        return results  # type: ignore[return-value]
+    threads = torch.get_num_threads()
+    try:
+        with ThreadPoolExecutor(workers, thread_name_prefix="partkit-kmeans") as pool:
+            list(pool.map(_single_threaded(lambda c: _solve_chunk(c, *args)), chunks))
+    finally:
+        torch.set_num_threads(threads)  # MKL's thread count is process-wide
     return results  # type: ignore[return-value]
+
+
+def kmeans_plusplus_numpy(X: np.ndarray, k: int, draws: dict) -> np.ndarray:
+    """k-means++ seeds for one big ``n x D`` float32 array (numpy and BLAS only, no torch)."""
+    n = len(X)
+    x2 = np.einsum("ij,ij->i", X, X)
+    C = np.empty((k, X.shape[1]), np.float32)
+    first = min(int(draws["first"] * n), n - 1)
+    C[0] = X[first]
+    closest = np.maximum(x2 + x2[first] - 2 * (X @ X[first]), 0)
+    pot = closest.sum(dtype=np.float64)
+    for c in range(1, k):
+        cand = np.minimum(np.searchsorted(np.cumsum(closest, dtype=np.float64), draws["u"][c - 1] * pot), n - 1)
+        d = x2[None, :] + x2[cand][:, None] - 2 * (X[cand] @ X.T)
+        np.maximum(d, 0, out=d)
+        np.minimum(d, closest[None, :], out=d)
+        p = d.sum(1, dtype=np.float64)
+        best = int(p.argmin())
+        C[c], closest, pot = X[cand[best]], d[best], p[best]
+    return C
+
+
+def _faiss_threads(threads: Optional[int]) -> int:
+    import faiss
+
+    return int(threads or faiss.omp_get_max_threads())
+
+
+# k-means++ for the faiss path runs on this many rows per centroid: seeding streams its input once
+# per centre, so on all k*256 training rows it would cost a third of the whole fit at k=256.
+SEED_POINTS_PER_CENTROID = 32
 
 
 def faiss_kmeans(X: np.ndarray, k: int, *, max_iter: int, seed: int, max_points_per_centroid: int = 256,
@@ -306,8 +394,9 @@ def faiss_kmeans(X: np.ndarray, k: int, *, max_iter: int, seed: int, max_points_
     """k-means on one big ``n x D`` float32 array with faiss; returns ``(centers, settings)``.
 
     faiss's traps are set explicitly: ``verbose`` off (it prints to fd 1 with C printf), our own
-    seeded subsample of ``k * max_points_per_centroid`` points (faiss would draw one with seed 1234),
-    and k-means++ seeding (faiss's random start loses badly at large k).
+    seeded subsample of ``k * max_points_per_centroid`` rows (faiss would draw one with seed 1234),
+    and greedy k-means++ seeds (faiss's random start loses badly at large k), drawn from
+    ``k * SEED_POINTS_PER_CENTROID`` of those rows. Needs no torch, so the footprint is faiss's.
     """
     import faiss
     from threadpoolctl import threadpool_limits
@@ -315,32 +404,30 @@ def faiss_kmeans(X: np.ndarray, k: int, *, max_iter: int, seed: int, max_points_
     n, D = X.shape
     rng = _rng([seed, 1])
     m = k * max_points_per_centroid
-    sub = np.sort(rng.choice(n, size=m, replace=False)) if n > m else None
-    train = X[sub] if sub is not None else X
-    if isinstance(init, str):
-        if init == "random":
-            C0 = train[_rng([seed, 2]).choice(train.shape[0], size=k, replace=False)]
+    train = X[np.sort(rng.choice(n, size=m, replace=False))] if n > m else X
+    train = np.ascontiguousarray(train, dtype=np.float32)
+    threads = _faiss_threads(threads)
+    with threadpool_limits(threads):
+        if isinstance(init, str):
+            pool = train
+            if init == "k-means++" and len(train) > k * SEED_POINTS_PER_CENTROID:
+                pool = train[np.sort(_rng([seed, 3]).choice(len(train), k * SEED_POINTS_PER_CENTROID, replace=False))]
+            draws = _draws([seed, 2], len(pool), k, init, trials)
+            C0 = pool[draws["pick"]] if init == "random" else kmeans_plusplus_numpy(pool, k, draws)
         else:
-            t = torch.from_numpy(np.ascontiguousarray(train))[None]
-            nn_ = torch.tensor([train.shape[0]])
-            draws = [_draws([seed, 2], train.shape[0], k, "k-means++", trials)]
-            C0 = kmeans_plusplus(t, _sqnorm(t), torch.ones(1, train.shape[0], dtype=torch.bool), nn_,
-                                 torch.tensor([k]), draws)[0].numpy()
-    else:
-        C0 = np.asarray(init, np.float32)
-    settings = {"niter": int(max_iter), "seed": int(seed), "max_points_per_centroid": int(max_points_per_centroid),
-                "min_points_per_centroid": 1, "trained_on": int(train.shape[0]), "nredo": 1, "spherical": False,
-                "verbose": False, "init": init if isinstance(init, str) else "warm-start",
-                "threads": int(threads or torch.get_num_threads())}
-    km = faiss.Kmeans(D, k, niter=max_iter, seed=seed, max_points_per_centroid=max_points_per_centroid,
-                      min_points_per_centroid=1, nredo=1, spherical=False, verbose=False)
-    previous = faiss.omp_get_max_threads()
-    try:
-        with threadpool_limits(settings["threads"]):
-            faiss.omp_set_num_threads(settings["threads"])
-            km.train(np.ascontiguousarray(train, dtype=np.float32), init_centroids=np.ascontiguousarray(C0, np.float32))
-    finally:
-        faiss.omp_set_num_threads(previous)
+            C0 = np.asarray(init, np.float32)
+        settings = {"niter": int(max_iter), "seed": int(seed), "max_points_per_centroid": int(max_points_per_centroid),
+                    "min_points_per_centroid": 1, "trained_on": int(len(train)), "nredo": 1, "spherical": False,
+                    "verbose": False, "init": init if isinstance(init, str) else "warm-start", "threads": threads,
+                    "seeded_from": int(min(len(train), k * SEED_POINTS_PER_CENTROID))}
+        km = faiss.Kmeans(D, k, niter=max_iter, seed=seed, max_points_per_centroid=max_points_per_centroid,
+                          min_points_per_centroid=1, nredo=1, spherical=False, verbose=False)
+        previous = faiss.omp_get_max_threads()
+        try:
+            faiss.omp_set_num_threads(threads)
+            km.train(train, init_centroids=np.ascontiguousarray(C0, np.float32))
+        finally:
+            faiss.omp_set_num_threads(previous)
     return np.asarray(km.centroids, np.float32).reshape(k, D), settings
 
 
@@ -349,7 +436,7 @@ def faiss_assign(X: np.ndarray, centers: np.ndarray, threads: Optional[int] = No
     import faiss
     from threadpoolctl import threadpool_limits
 
-    threads = threads or torch.get_num_threads()
+    threads = _faiss_threads(threads)
     index = faiss.IndexFlatL2(centers.shape[1])
     index.add(np.ascontiguousarray(centers, np.float32))
     previous = faiss.omp_get_max_threads()

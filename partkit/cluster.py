@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 from typing import Iterator, Optional, Sequence, Union
 
 import numpy as np
-import torch
 
 from ._kmeans import (
     CHUNK_BYTES, INITS, METRICS, KMeansResult, elbow_pick, faiss_assign, faiss_kmeans, normalize_rows, run_batched,
@@ -128,7 +127,7 @@ def batched_kmeans(problems: Sequence[np.ndarray], n_clusters: Union[int, Sequen
     else:
         _check_choice(init, INITS, "init")
     return run_batched(mats, ks, init=init, max_iter=max_iter, tol=tol, seeds=_seeds(random_state, len(mats)),
-                       device=resolve_device(str(device)) if not isinstance(device, torch.device) else device)
+                       device=resolve_device(str(device)))
 
 
 def _sse_about_mean(x: np.ndarray) -> float:
@@ -159,6 +158,8 @@ def elbow_kmeans(problems: Sequence[np.ndarray], *, k_range: tuple[int, int] = (
 
 def _nearest(X: np.ndarray, centers: np.ndarray, device="cpu", rows: int = 65536):
     """Nearest centre per row (labels, squared distances), in row chunks to bound memory."""
+    import torch
+
     dev = torch.device(device)
     C = torch.from_numpy(np.ascontiguousarray(centers, np.float32)).to(dev)
     c2 = (C * C).sum(1)
@@ -211,6 +212,9 @@ class KMeans:
             raise PartkitError(f"n_clusters must be at least 1, got {self.n_clusters}")
         if len(X) == 0:
             raise PartkitError("X has no rows; k-means needs at least one sample")
+        if not isinstance(self.init, str) and np.shape(self.init) != (self.n_clusters, X.shape[1]):
+            raise PartkitError(f"init has shape {np.shape(self.init)}; expected (n_clusters, n_features) = "
+                               f"({self.n_clusters}, {X.shape[1]})")
         seed = 0 if self.random_state is None else int(self.random_state)
         backend = self._pick_backend(len(X))
         if backend == "torch":
@@ -258,7 +262,7 @@ class _Opts:
     max_iter: int
     tol: float
     seed: int
-    device: torch.device
+    device: "torch.device"
     fg_from: Optional[str]
     fg_threshold: float
     coverage: float
@@ -597,9 +601,6 @@ def _object_record(rec: dict, res: KMeansResult, k_requested, n: int) -> dict:
     return out
 
 
-_EMPTY = KMeansResult(np.zeros((0, 1), np.float32), np.zeros(0, np.int64), 0.0, 0, 0, True)
-
-
 # --------------------------------------------------------------------------------------------
 # Scopes image and object: one batched solve per run_stage batch
 
@@ -634,7 +635,7 @@ def _solve_local(items: list, opts: _Opts) -> list:
     problems, seeds, inits, where = [], [], [], []
     for a, item in enumerate(items):
         for j, idx in enumerate(item.cells):
-            if len(idx) == 0 or item.objects[j].get("note", "").startswith("crowd"):
+            if len(idx) == 0:
                 continue
             init, ids = _warm_init(item, idx, opts)
             problems.append(item.X[idx])
@@ -780,7 +781,7 @@ def _assign_global(items: list, centers: np.ndarray, opts: _Opts, extra: dict) -
                                f"{item.X.shape[1]}; use centroids fitted on the same model and layers")
         per_object = []
         for rec, idx in zip(item.objects, item.cells):
-            if len(idx) == 0 or rec.get("note", "").startswith("crowd"):
+            if len(idx) == 0:
                 per_object.append((np.zeros(len(idx), np.int64), {**rec, "cells": int(len(idx)), "parts": []}))
                 continue
             labels, dist = _nearest(item.X[idx], centers, opts.device)

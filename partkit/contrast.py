@@ -12,6 +12,7 @@ Learning for Fine-grained Recognition", 2023; the loss is DetCon's, Henaff et al
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
 import time
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ from .extract import FeatureExtractor, hypercolumn
 from .io import decode_image, iter_samples
 
 __all__ = ["part_contrast", "part_contrast_loss", "mask_pool", "part_masks", "PartContrastNet", "make_views",
-           "DEFAULT_K"]
+           "discover_parts", "DEFAULT_K"]
 
 DEFAULT_K = {"cnn": 25, "vit": 6}  # PARTICLE: 25 parts for hypercolumns, 5-7 for ViT keys
 MIN_PART_CELLS = 0.5  # a part counts as present in a view from half a feature cell on
@@ -40,8 +41,9 @@ JITTER = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue (BYOL / P
 # (blur, solarize) probability of the first and second view: BYOL's asymmetric pair
 VIEW_PROBS = ((1.0, 0.0), (0.1, 0.2))
 # options that must match to --resume a run (the rest, e.g. stop_at or log_every, may change)
+_PROBE = 0x9E3779B9  # generator word of the fixed probe views
 _RESUME_KEYS = ("model", "weights", "layers", "facet", "rounds", "k", "steps_per_round", "batch_size", "lr",
-                "weight_decay", "warmup", "size", "momentum", "tau", "proj_dim", "proj_hidden", "seed", "keys")
+                "weight_decay", "warmup", "size", "momentum", "tau", "proj_dim", "proj_hidden", "seed", "images_digest")
 
 
 # --------------------------------------------------------------------------------------------
@@ -249,7 +251,8 @@ class _Image:
     grid: tuple[int, int]  # valid feature cells
 
 
-def _load_images(inputs: Sequence[str], fx: FeatureExtractor, device, skip_bad: bool) -> list[_Image]:
+def _load_images(inputs: Sequence[str], fx: FeatureExtractor, device, skip_bad: bool) -> tuple[list, int]:
+    """Every image of the input, resized as ``extract`` would, kept in memory: ``(images, skipped)``."""
     images, skipped = [], 0
     for sample in iter_samples(inputs, skip_bad=skip_bad):
         try:
@@ -264,15 +267,12 @@ def _load_images(inputs: Sequence[str], fx: FeatureExtractor, device, skip_bad: 
         rgb = ((x[:, :rh, :rw] * fx.std + fx.mean) * 255).round_().clamp_(0, 255).to(torch.uint8)
         grid = fx.valid_grid(geom, (fx.input_size // fx.cell,) * 2)
         images.append(_Image(sample["__key__"], rgb.permute(1, 2, 0).numpy().copy(), rgb.to(device), grid))
-    if skipped:
-        log(f"part-contrast: skipped {skipped} bad samples")
-    return images
+    return images, skipped
 
 
-@torch.no_grad()
 def discover_parts(fx: FeatureExtractor, images: Sequence[_Image], k: int, *, init=None, seed: int = 0,
                    batch_size: int = 16):
-    """Per-image k-means of the current features: ``(centroids, part-id grids)``.
+    """Per-image k-means (cosine) of the current features: ``(centroids, part-id grids, total inertia)``.
 
     ``init`` (per-image centroids of the previous round) warm-starts k-means so ids keep their
     meaning across rounds; otherwise k-means++ with seed ``(seed, i)`` for image i.
@@ -304,10 +304,21 @@ def _batch_indices(step: int, n: int, batch: int, rank: int, world: int, seed: i
     return out
 
 
-def _step_generator(seed: int, rank: int, step: int) -> torch.Generator:
+def _generator(*words: int) -> torch.Generator:
     # every step's randomness derives from (seed, rank, step), so a resumed run draws the same views
-    state = np.random.SeedSequence([seed, rank, step]).generate_state(2, dtype=np.uint64)
+    state = np.random.SeedSequence(list(words)).generate_state(1, dtype=np.uint64)
     return torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))
+
+
+@torch.no_grad()
+def _probe_loss(net: PartContrastNet, images: list, labels: list, fx: FeatureExtractor, k: int, batch_size: int,
+                seed: int) -> float:
+    """The loss on one fixed batch of views: unlike the training loss, comparable from step to step."""
+    idx = list(range(min(batch_size, len(images))))
+    x1, x2, l1, l2 = make_views([images[i].tensor for i in idx], [labels[i] for i in idx], cell=fx.cell,
+                                size=fx.input_size, mean=fx.backbone.mean, std=fx.backbone.std,
+                                gen=_generator(seed, _PROBE))
+    return float(net(x1, x2, part_masks(l1, k, fx.cell), part_masks(l2, k, fx.cell))[0])
 
 
 # --------------------------------------------------------------------------------------------
@@ -316,9 +327,7 @@ def _step_generator(seed: int, rank: int, step: int) -> torch.Generator:
 
 def _export_state(backbone: nn.Module, clip_model: Optional[nn.Module]) -> dict:
     """The backbone's weights in the layout ``create_backbone(name, file)`` loads."""
-    module = clip_model if clip_model is not None else getattr(backbone, "net", None)
-    if module is None:
-        raise PartkitError(f"{backbone.name}: cannot export weights of a custom-built backbone")
+    module = clip_model if clip_model is not None else backbone.net
     return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
 
 
@@ -326,20 +335,21 @@ def _build(model: str, weights: Optional[str]):
     """(backbone, full open_clip model or None): open_clip's loader expects both towers' weights."""
     from .models import create_backbone, create_clip, get_spec
 
-    spec = get_spec(model)
-    if spec.family == "pixels":
-        raise PartkitError(f"{model!r} has no weights to fine-tune; pick a CNN or ViT backbone (see `partkit models`)")
-    if spec.source.startswith("open_clip:"):
+    if get_spec(model).source.startswith("open_clip:"):
         backbone, clip_model, _ = create_clip(model, weights)
         return backbone, clip_model
-    return create_backbone(model, weights), None
+    backbone = create_backbone(model, weights)
+    if not isinstance(getattr(backbone, "net", None), nn.Module):
+        raise PartkitError(f"{model!r} is built by a custom builder whose weights cannot be saved for "
+                           f"create_backbone; fine-tune a timm or open_clip backbone")
+    return backbone, None
 
 
 # --------------------------------------------------------------------------------------------
 # Training
 
 
-def _check(rounds, k, steps_per_round, batch_size, lr, size, momentum, tau, log_every, checkpoint_every, stop_at,
+def _check(model, rounds, k, steps_per_round, batch_size, lr, size, momentum, tau, log_every, checkpoint_every, stop_at,
            warmup, proj_dim, proj_hidden):
     positive = {"--rounds": rounds, "--steps-per-round": steps_per_round, "--batch-size": batch_size,
                 "--size": size, "--log-every": log_every, "--checkpoint-every": checkpoint_every,
@@ -359,6 +369,10 @@ def _check(rounds, k, steps_per_round, batch_size, lr, size, momentum, tau, log_
         raise PartkitError(f"--stop-at must be a step >= 1, got {stop_at}")
     if warmup is not None and warmup < 0:
         raise PartkitError(f"--warmup must be >= 0, got {warmup}")
+    from .models import get_spec
+
+    if get_spec(model).family == "pixels":
+        raise PartkitError(f"{model!r} has no weights to fine-tune; pick a CNN or ViT backbone (see `partkit models`)")
 
 
 def part_contrast(
@@ -391,7 +405,9 @@ def part_contrast(
 ) -> dict:
     """Fine-tune a registry backbone with PARTICLE's part discovery + part-contrastive rounds.
 
-    ``k`` parts per image (default 25 for CNN hypercolumns, 6 for ViTs); ``rounds`` x
+    The features are those ``partkit extract`` gives for ``model``/``weights``/``layers``/``facet``
+    (CNN hypercolumns, ViT patch tokens or another facet), images resized to ``size`` for part
+    discovery. ``k`` parts per image (default 25 for CNN hypercolumns, 6 for ViTs); ``rounds`` x
     ``steps_per_round`` SGD steps (momentum 0.9, PARTICLE's ``lr`` and ``weight_decay``, linear
     ``warmup`` (default 5% of the steps) then cosine decay); views are ``size`` x ``size``;
     ``momentum`` is the EMA decay of the target encoder, ``tau`` the temperature. Writes
@@ -400,20 +416,23 @@ def part_contrast(
     ``stop_at`` stops early with a checkpoint). Every process of a torchrun job holds all images
     and takes its own slice of each batch.
     """
-    _check(rounds, k, steps_per_round, batch_size, lr, size, momentum, tau, log_every, checkpoint_every, stop_at,
-           warmup, proj_dim, proj_hidden)
+    _check(model, rounds, k, steps_per_round, batch_size, lr, size, momentum, tau, log_every, checkpoint_every,
+           stop_at, warmup, proj_dim, proj_hidden)
     dist = Distributed(resolve_device(device))
     dev = dist.device
+    say = log if dist.main else (lambda message: None)
     run = RunDir(out, main=dist.main, resume=resume)
     seed_everything(seed)
     backbone, clip_model = _build(model, weights)
     fx = FeatureExtractor(backbone, layers=layers, facet=facet, size=size, device=str(dev))
     k = k if k is not None else DEFAULT_K[backbone.family]
-    images = _load_images(inputs, fx, dev, skip_bad)
+    images, skipped = _load_images(inputs, fx, dev, skip_bad)
+    if skipped:
+        say(f"part-contrast: skipped {skipped} bad samples")
     if not images:
         raise PartkitError("part-contrast: the input holds no images; pack some with `partkit pack`")
     if batch_size > len(images):
-        log(f"part-contrast: --batch-size {batch_size} is more than the {len(images)} images; using {len(images)}")
+        say(f"part-contrast: --batch-size {batch_size} is more than the {len(images)} images; using {len(images)}")
         batch_size = len(images)
     channels = sum(backbone.channels[i] for i in fx.layers)
     net = PartContrastNet(fx, channels, proj_dim=proj_dim, proj_hidden=proj_hidden, tau=tau).to(dev)
@@ -423,33 +442,33 @@ def part_contrast(
     total = rounds * steps_per_round
     warmup = warmup if warmup is not None else total // 20
     sched = cosine_warmup(opt, warmup, total)
-    keys = [im.key for im in images]
+    digest = hashlib.sha1("\n".join(im.key for im in images).encode()).hexdigest()
     config = {"command": "self-train", "objective": "part-contrast", "inputs": list(inputs), "model": model,
               "weights": weights, "backbone_weights": backbone.weights, "layers": fx.layers, "facet": fx.facet,
               "rounds": rounds, "k": k, "steps_per_round": steps_per_round, "steps": total, "batch_size": batch_size,
               "lr": lr, "weight_decay": weight_decay, "warmup": warmup, "size": size, "momentum": momentum,
               "tau": tau, "proj_dim": proj_dim, "proj_hidden": proj_hidden, "seed": seed, "world": dist.world,
-              "keys": keys, "images": len(images), "cell": fx.cell, "input_size": fx.input_size,
+              "images": len(images), "images_digest": digest, "cell": fx.cell, "input_size": fx.input_size,
               "mean": list(backbone.mean), "std": list(backbone.std), "partkit_version": __version__,
               "torch": torch.__version__}
 
-    start, centers, labels, label_round = 0, None, None, -1
+    start, centers, labels, label_round, probe = 0, None, None, -1, None
     if resume:
         ckpt = run.load()
         saved = ckpt.get("config", {})
         for key in _RESUME_KEYS:
             if key in saved and saved[key] != config[key]:
-                what = "the input images" if key == "keys" else f"--{key.replace('_', '-')}"
+                what = "the input images" if key == "images_digest" else f"--{key.replace('_', '-')}"
                 raise PartkitError(f"cannot resume {out!r}: {what} differ from the run's ({saved[key]!r} there); "
                                    f"rerun with the same options or pick a new output folder")
         net.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
         set_rng_state(ckpt["rng"])
-        start, centers, label_round = ckpt["step"], ckpt["centroids"], ckpt["round"]
+        start, centers, label_round, probe = ckpt["step"], ckpt["centroids"], ckpt["round"] - 1, ckpt["probe"]
         labels = [lab.to(dev) for lab in ckpt["labels"]] if ckpt["labels"] is not None else None
         run.truncate_log(start)
-        log(f"part-contrast: resumed at step {start} (round {label_round + 1})")
+        say(f"part-contrast: resumed at step {start} (round {label_round + 1})")
     run.write_config(config)
 
     def save(step: int) -> None:
@@ -458,8 +477,9 @@ def part_contrast(
         run.save({"backbone": _export_state(backbone, clip_model), "model": model, "mean": list(backbone.mean),
                   "std": list(backbone.std)}, "backbone.pt")
         run.save({"model": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                  "rng": rng_state(), "step": step, "round": label_round, "centroids": centers,
-                  "labels": [lab.cpu() for lab in labels] if labels is not None else None, "config": config})
+                  "rng": rng_state(), "step": step, "round": label_round + 1, "centroids": centers,
+                  "labels": [lab.cpu() for lab in labels] if labels is not None else None, "probe": probe,
+                  "config": config})
 
     history = []
     t0 = time.perf_counter()
@@ -475,11 +495,13 @@ def part_contrast(
                                                           batch_size=batch_size)
                 net.train()
                 label_round = r
-                log(f"part-contrast: round {r + 1}/{rounds}: {k} parts per image, k-means inertia {inertia:.1f}")
+                probe = _probe_loss(net, images, labels, fx, k, batch_size, seed)
+                say(f"part-contrast: round {r + 1}/{rounds}: {k} parts per image, k-means inertia {inertia:.1f}, "
+                    f"probe loss {probe:.3f}")
             idx = _batch_indices(step, len(images), batch_size, dist.rank, dist.world, seed)
             x1, x2, l1, l2 = make_views([images[i].tensor for i in idx], [labels[i] for i in idx], cell=fx.cell,
                                         size=fx.input_size, mean=backbone.mean, std=backbone.std,
-                                        gen=_step_generator(seed, dist.rank, step))
+                                        gen=_generator(seed, dist.rank, step))
             loss, parts = ddp(x1, x2, part_masks(l1, k, fx.cell), part_masks(l2, k, fx.cell))
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -489,15 +511,20 @@ def part_contrast(
             bar.update(1)
             done = step + 1
             history.append(float(loss.detach()))
+            record = {"step": done, "round": r + 1, "loss": history[-1], "parts": parts, "lr": sched.get_last_lr()[0]}
+            if done % steps_per_round == 0:
+                # the loss on fixed views at the start and the end of the round (same part maps)
+                record["probe"] = [probe, _probe_loss(net, images, labels, fx, k, batch_size, seed)]
+                say(f"part-contrast: round {r + 1} done, probe loss {record['probe'][0]:.3f} -> "
+                    f"{record['probe'][1]:.3f}")
             if done % log_every == 0 or done % steps_per_round == 0:
-                run.log({"step": done, "round": r + 1, "loss": history[-1], "parts": parts,
-                         "lr": sched.get_last_lr()[0]})
+                run.log(record)
             if done % checkpoint_every == 0 or done == end:
                 save(done)
     run.plot_losses(("loss",))
     secs = time.perf_counter() - t0
     final = f"{history[-1]:.3f}" if history else "n/a"
-    log(f"part-contrast: {len(history)} steps in {secs:.1f}s, final loss {final} -> {out}")
+    say(f"part-contrast: {len(history)} steps in {secs:.1f}s, final loss {final} -> {out}")
     dist.close()
     return {"out": out, "steps": total, "done": end, "rounds": rounds, "k": k, "losses": history,
             "backbone": run.file("backbone.pt")}

@@ -19,7 +19,7 @@ import json
 import math
 import os
 from dataclasses import asdict, dataclass, field, fields
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -54,7 +54,7 @@ class DistillConfig:
     teacher_model: Optional[str] = None  # default: efficientnet_lite0 (parts) / clip_vitb16 (clip)
     weights: Optional[str] = None
     layers: Optional[Sequence[int]] = None  # feature layers of the parts teacher's backbone
-    k: int = 4  # parts teacher: number of parts
+    k: int = 8  # parts teacher: number of parts (over-segmenting, then matching, works best)
     parts: Optional[Sequence[str]] = None  # clip teacher: part names (default: the samples' json "parts")
     category: Optional[str] = None  # clip prompts (default: the samples' json "category")
     elevations: Sequence[float] = DEFAULT_ELEVATIONS
@@ -232,6 +232,7 @@ class PartsTeacher:
         self.num_classes = cfg.k
         self.class_names = [f"part{i}" for i in range(cfg.k)]
         self.kmeans_ = None
+        self._cache: dict[int, torch.Tensor] = {}
 
     def features(self, images: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
         """(V, S, S, 3) uint8 views -> (V, C, h, w) float features (on the extractor's device)."""
@@ -242,36 +243,50 @@ class PartsTeacher:
                 out.append(self.fx.forward(x)[0])
         return torch.cat(out)
 
-    def label(self, renders: Sequence[Rendering]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def fit(self, render: Callable[[int], Rendering], num_shapes: int) -> "PartsTeacher":
+        """One k-means over the foreground cells of the views of (a seeded subset of) the shapes.
+
+        ``render(i)`` renders shape ``i``. Shapes are added until ``max_cells`` cells are in hand,
+        so memory stays bounded however many shapes there are; their features are kept for
+        :meth:`__call__`, the other shapes' are computed there.
+        """
         from .cluster import KMeans
 
         # k-means is fit on cells wholly inside the object: cells on the silhouette mix in the white
         # background, and would otherwise cluster into rings around every view (measured on ShapeNetPart
         # caps: 2D-only mIoU 36.6 -> 57.9 at k=4); every foreground pixel is labelled afterwards.
-        feats, cells, edge = [], [], []
-        with progress("distill-3d: teacher features", total=len(renders)) as bar:
-            for r in renders:
-                f = F.normalize(self.features(r.image), dim=1)
-                cover = F.adaptive_avg_pool2d(r.foreground.float()[:, None].to(f.device), f.shape[-2:])[:, 0]
-                feats.append(f.half())
-                cells.append(f.permute(0, 2, 3, 1)[cover >= 1.0].cpu())
-                edge.append(f.permute(0, 2, 3, 1)[(cover >= 0.5) & (cover < 1.0)].cpu())
-                bar.update(1)
-        X = torch.cat(cells).numpy()
+        order = np.random.default_rng(self.cfg.seed).permutation(num_shapes)
+        cells, edge, chosen, total = {}, {}, [], 0
+        for i in order:
+            if total >= self.cfg.max_cells:
+                break
+            r = render(int(i))
+            f = F.normalize(self.features(r.image), dim=1)
+            cover = F.adaptive_avg_pool2d(r.foreground.float()[:, None].to(f.device), f.shape[-2:])[:, 0]
+            self._cache[int(i)] = f.half()
+            cells[int(i)] = f.permute(0, 2, 3, 1)[cover >= 1.0].cpu()
+            edge[int(i)] = f.permute(0, 2, 3, 1)[(cover >= 0.5) & (cover < 1.0)].cpu()
+            total += len(cells[int(i)])
+            chosen.append(int(i))
+        chosen.sort()  # the cells' order (and so k-means++) does not depend on which shape came first
+        X = torch.cat([cells[i] for i in chosen]).numpy()
         if len(X) < self.cfg.k * 10:  # thin shapes: hardly any interior cells, so use the silhouette too
-            X = np.concatenate([X, torch.cat(edge).numpy()])
+            X = np.concatenate([X, torch.cat([edge[i] for i in chosen]).numpy()])
         if len(X) < self.cfg.k:
             raise PartkitError(f"the rendered views hold only {len(X)} foreground feature cells for -k {self.cfg.k}; "
                                "raise --size or lower -k")
         rng = np.random.default_rng(self.cfg.seed)
         fit = X if len(X) <= self.cfg.max_cells else X[np.sort(rng.choice(len(X), self.cfg.max_cells, replace=False))]
         self.kmeans_ = KMeans(self.cfg.k, metric="cosine", random_state=self.cfg.seed).fit(fit)
-        centers = F.normalize(torch.as_tensor(self.kmeans_.cluster_centers_, dtype=torch.float32), dim=1)
-        out = []
-        for f, r in zip(feats, renders):
-            sims = torch.einsum("vchw,kc->vkhw", f.float(), centers.to(f.device))
-            out.append(_to_pixels(sims, self.cfg.size, self.cfg.tau, r.index.to(f.device)))
-        return out
+        self.centers_ = F.normalize(torch.as_tensor(self.kmeans_.cluster_centers_, dtype=torch.float32), dim=1)
+        return self
+
+    def __call__(self, r: Rendering, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Shape ``i``'s views -> per-pixel (label, confidence)."""
+        f = self._cache.pop(i, None)
+        f = F.normalize(self.features(r.image), dim=1) if f is None else f.float()
+        sims = torch.einsum("vchw,kc->vkhw", f, self.centers_.to(f.device))
+        return _to_pixels(sims, self.cfg.size, self.cfg.tau, r.index.to(f.device))
 
 
 class ClipTeacher:
@@ -318,16 +333,15 @@ class ClipTeacher:
             t = t @ self.visual.proj
         return F.normalize(t, dim=-1).permute(0, 3, 1, 2)
 
-    def label(self, renders: Sequence[Rendering]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        out = []
-        with progress("distill-3d: clip teacher", total=len(renders)) as bar:
-            for r in renders:
-                x = torch.stack([self.fx.preprocess(im)[0] for im in r.image.cpu().numpy()])
-                emb = self.dense(x)
-                sims = torch.einsum("vdhw,pd->vphw", emb, self.text.to(emb.device))
-                out.append(_to_pixels(sims, self.cfg.size, self.cfg.tau, r.index.to(emb.device)))
-                bar.update(1)
-        return out
+    def fit(self, render: Callable[[int], Rendering], num_shapes: int) -> "ClipTeacher":
+        return self  # nothing to fit: the classes are the text prompts
+
+    def __call__(self, r: Rendering, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Shape ``i``'s views -> per-pixel (label, confidence)."""
+        x = torch.stack([self.fx.preprocess(im)[0] for im in r.image.cpu().numpy()])
+        emb = self.dense(x)
+        sims = torch.einsum("vdhw,pd->vphw", emb, self.text.to(emb.device))
+        return _to_pixels(sims, self.cfg.size, self.cfg.tau, r.index.to(emb.device))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -452,17 +466,23 @@ class PartDistiller:
         self.text_ = getattr(teacher, "text", None)
         C = teacher.num_classes
 
-        renders = [render_shape(s, cfg, self.device_) for s in shapes]
-        labelled = teacher.label(renders)
+        def render(i: int) -> Rendering:
+            return render_shape(shapes[i], cfg, self.device_)
+
+        teacher.fit(render, len(shapes))
         self.teacher_ = {"name": cfg.teacher, "model": cfg.model_name,
                          "weights": getattr(teacher.fx.backbone, "weights", None)}
         self.data_ = []
-        for key, s, r, (lab, conf) in zip(keys, shapes, renders, labelled):
-            pl = PointLabels.gather(r.index.to(lab.device), lab, conf, len(s), C)
-            d = _ShapeData(key, self._inputs(s), pl)
-            d.target, d.weight = pl.targets()
-            self.data_.append(d)
-        del renders, labelled, teacher
+        with progress(f"distill-3d: {cfg.teacher} teacher", total=len(shapes)) as bar:
+            for i, (key, s) in enumerate(zip(keys, shapes)):
+                r = render(i)
+                lab, conf = teacher(r, i)
+                pl = PointLabels.gather(r.index.to(lab.device), lab, conf, len(s), C)
+                d = _ShapeData(key, self._inputs(s), pl)
+                d.target, d.weight = pl.targets()
+                self.data_.append(d)
+                bar.update(1)
+        del teacher
         self.pseudo_labels_ = [d.target.cpu().numpy() for d in self.data_]
         seen = sum(int((d.target >= 0).sum()) for d in self.data_) / sum(len(d.target) for d in self.data_)
         log(f"distill-3d: {len(shapes)} shapes x {cfg.num_views} views labelled by the {cfg.teacher} teacher "
@@ -564,20 +584,21 @@ class PartDistiller:
         return {"event": "backward", "region_iou": float(torch.cat(ious).mean()), "relabelled": changed / total}
 
     @torch.no_grad()
-    def _predict_feats(self, feats: torch.Tensor) -> torch.Tensor:
-        """Labels for all points: random disjoint chunks of ``points`` points (the training density)."""
+    def _predict_feats(self, feats: torch.Tensor, passes: int = 3) -> torch.Tensor:
+        """Labels for all points: each pass cuts the points into random disjoint chunks of ``points``
+        points (the training density); the passes' probabilities are averaged."""
         self.student_.eval()
         n, N = self.config.points, len(feats)
         gen = torch.Generator().manual_seed(self.config.seed)
-        perm = torch.randperm(N, generator=gen).to(feats.device)
-        out = torch.empty(N, dtype=torch.long, device=feats.device)
-        for i in range(0, N, n):
-            own = perm[i:i + n]
-            pad = n - len(own)
-            idx = own if pad <= 0 or N <= n else torch.cat([own, perm[torch.randint(N, (pad,), generator=gen)]])
-            logits = self.student_(feats[idx][None])[0]
-            out[own] = logits[:len(own)].argmax(1)
-        return out
+        prob = torch.zeros(N, len(self.classes_), device=feats.device)
+        for _ in range(passes):
+            perm = torch.randperm(N, generator=gen).to(feats.device)
+            for i in range(0, N, n):
+                own = perm[i:i + n]
+                pad = n - len(own)
+                idx = own if pad <= 0 or N <= n else torch.cat([own, perm[torch.randint(N, (pad,), generator=gen)]])
+                prob[own] += self.student_(feats[idx][None])[0, :len(own)].softmax(-1)
+        return prob.argmax(1)
 
     def predict(self, shapes: Sequence[Shape]) -> list[np.ndarray]:
         """Student labels (indices into ``classes_``) for every point of every shape."""
@@ -640,6 +661,8 @@ def distill_3d(inputs: Sequence[str], config: Optional[DistillConfig] = None, *,
     if out is not None:
         from ._training import RunDir
 
+        if os.path.exists(os.path.join(out, "last.pt")):
+            raise PartkitError(f"--out {out!r} already holds a run (last.pt); pick a new --out or delete that folder")
         run = RunDir(out)
     errors: list[str] = []
     samples = list(iter_samples(inputs, skip_bad=skip_bad, errors=errors))

@@ -31,6 +31,15 @@ PRODUCERS = {
     "parts.png": "partkit cluster",
     "parts.json": "partkit cluster",
     "points.npy": "partkit pack (3D inputs)",
+    "gt_parts.npy": "partkit pack (3D inputs with part labels)",
+    "pred_parts.npy": "partkit distill-3d",
+    "pred_parts.json": "partkit distill-3d",
+    "proposals.json": "partkit predict",
+    "proposals.npy": "partkit predict",
+    "ranked.json": "partkit rank apply",
+    "ranked_parts.png": "partkit rank apply",
+    "targets.png": "partkit rank apply --as-targets",
+    "targets.json": "partkit rank apply --as-targets",
 }
 
 

@@ -86,7 +86,7 @@ def make_cameras(elevations: Sequence[float] = DEFAULT_ELEVATIONS, azimuths: Seq
 
 def auto_radius(num_points: int, size: int) -> int:
     """A splat radius (pixels) that closes the gaps between points without blurring parts."""
-    return max(1, int(round(0.9 * size / math.sqrt(max(num_points, 1)))))
+    return max(1, math.ceil(0.9 * size / math.sqrt(max(num_points, 1))))
 
 
 def _disk(radius: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,11 +111,13 @@ class Rendering:
         return self.index >= 0
 
 
-def _zbuffer(cams: Cameras, points: torch.Tensor, radius: int, near: float, far: float) -> torch.Tensor:
+def _zbuffer(cams: Cameras, points: torch.Tensor, radius: int, near: float, far: float, fill: int = 0,
+             hole_depth: float = 0.1) -> torch.Tensor:
     """Packed (depth, index) key of the nearest splat at every pixel, (V, H*W); ``_EMPTY`` if none.
 
     The buffer is padded by ``radius`` on every side, so every splat offset of a point whose
     centre is in the image stays in bounds: one flat add and one scatter per offset, no masks.
+    ``fill`` > 0 then closes see-through holes (:func:`_fill_holes`) within that many pixels.
     """
     V, N, S = len(cams), len(points), cams.size
     P = S + 2 * radius
@@ -126,25 +128,57 @@ def _zbuffer(cams: Cameras, points: torch.Tensor, radius: int, near: float, far:
     key = (q.to(torch.int64) << _INDEX_BITS) | torch.arange(N, device=points.device)  # nearer first, then lower index
     key = torch.where(inside, key, torch.full_like(key, _EMPTY))
     view = torch.arange(V, device=points.device)[:, None]
-    base = torch.where(inside, (view * P + y0 + radius) * P + x0 + radius, torch.zeros_like(x0)).reshape(-1)
+    # points outside the image aim at an in-bounds pixel with the empty key, which never wins
+    base = torch.where(inside, (view * P + y0 + radius) * P + x0 + radius,
+                       torch.full_like(x0, radius * P + radius)).reshape(-1)
     key = key.reshape(-1)
     keys = torch.full((V * P * P,), _EMPTY, dtype=torch.int64, device=points.device)
     dx, dy = _disk(radius, "cpu")
-    for off in (dy * P + dx).tolist():  # <= 13 offsets for radius 2: a loop over the disk, not the points
+    for off in (dy * P + dx).tolist():  # a loop over the disk (13 offsets at radius 2), not the points
         keys.scatter_reduce_(0, base + off, key, reduce="amin")
     keys = keys.view(V, P, P)[:, radius:radius + S, radius:radius + S]
+    if fill > 0:
+        keys = _fill_holes(keys, fill, int(hole_depth / (far - near) * _DEPTH_LEVELS))
     return keys.reshape(V, S * S)
+
+
+def _window_min(keys: torch.Tensor, w: int) -> torch.Tensor:
+    """Minimum over a (2w+1)^2 window, as two separable passes of shifted minima (int64 has no min-pool)."""
+    out = keys
+    for dim in (1, 2):
+        n = out.shape[dim]
+        pad = torch.full(out.shape[:dim] + (w,) + out.shape[dim + 1:], _EMPTY, dtype=out.dtype, device=out.device)
+        padded = torch.cat([pad, out, pad], dim)
+        acc = out.clone()
+        for o in range(2 * w + 1):
+            acc = torch.minimum(acc, padded.narrow(dim, o, n))
+        out = acc
+    return out
+
+
+def _fill_holes(keys: torch.Tensor, w: int, depth_q: int) -> torch.Tensor:
+    """Where a surface shows through a gap between the splats of a nearer one, draw the nearer one.
+
+    A foreground pixel much deeper (by ``depth_q``) than the nearest point within ``w`` pixels
+    sees through a hole; it takes that nearest point, so back-facing points never leak through.
+    """
+    near = _window_min(keys, w)
+    fg = keys != _EMPTY
+    hole = fg & ((keys >> _INDEX_BITS) > (near >> _INDEX_BITS) + depth_q)
+    return torch.where(hole, near, keys)
 
 
 def render_points(points, normals=None, colors=None, *, cameras: Optional[Cameras] = None,
                   elevations: Sequence[float] = DEFAULT_ELEVATIONS, azimuths: Sequence[float] = DEFAULT_AZIMUTHS,
                   size: int = 224, radius: Optional[int] = None, distance: float = 2.5,
-                  device=None) -> Rendering:
+                  fill_holes: Optional[int] = None, device=None) -> Rendering:
     """Render a point cloud (inside the unit sphere) from every camera.
 
     Shading is Lambertian from ``normals`` with a light at the camera (two-sided, so flipped
     normals shade alike), or by depth without normals; points are grey on white unless
-    ``colors`` (N x 3 uint8) are given.
+    ``colors`` (N x 3 uint8) are given. Gaps between splats through which a farther surface
+    shows are closed by the nearest point within ``fill_holes`` pixels (default ``2 * radius``;
+    0 turns it off), so back faces stay hidden on sparse clouds.
     """
     pts = torch.as_tensor(np.asarray(points, np.float32) if not torch.is_tensor(points) else points,
                           dtype=torch.float32, device=device)
@@ -159,7 +193,8 @@ def render_points(points, normals=None, colors=None, *, cameras: Optional[Camera
         raise PartkitError(f"splat radius must be >= 0 pixels, got {radius}")
     dist = cams.eye.norm(dim=1)
     near, far = float(dist.min()) - 1.01, float(dist.max()) + 1.01
-    keys = _zbuffer(cams, pts, radius, near, far)
+    fill = 2 * radius if fill_holes is None else int(fill_holes)
+    keys = _zbuffer(cams, pts, radius, near, far, fill)
     V, S, N = len(cams), cams.size, len(pts)
     fg = keys != _EMPTY
     index = torch.where(fg, keys & ((1 << _INDEX_BITS) - 1), torch.full_like(keys, -1))

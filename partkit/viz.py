@@ -13,7 +13,7 @@ from __future__ import annotations
 import colorsys
 import heapq
 import os
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -130,7 +130,7 @@ def _thumbnail(image: np.ndarray, pred: np.ndarray, part: int, size: int) -> np.
 
 class PurityGrid:
     """PartDistillation's purity figure: for each discovered part, the ``n_rows`` x ``n_rows``
-    images where it covers the most pixels, with that part highlighted.
+    images where it covers the most pixels (or scores highest), with that part highlighted.
 
     ``update(key, image, pred, group=...)`` keeps only the best few thumbnails per (group, part),
     so memory does not grow with the dataset. ``group`` (e.g. an object class) gives one
@@ -142,12 +142,16 @@ class PurityGrid:
         >>> grid.save("purity.png")  # doctest: +SKIP
     """
 
-    def __init__(self, n_rows: int = 3, thumb: int = 128, columns: int = 4):
+    def __init__(self, n_rows: int = 3, thumb: int = 128, columns: int = 4,
+                 title: Optional[Callable[[Optional[str], int], str]] = None):
         self.n_rows, self.thumb, self.columns = n_rows, thumb, columns
+        self.title = title or (lambda group, part: f"part {part}")
         self.heaps: dict[tuple, list] = {}
         self.order = 0
 
-    def update(self, key: str, image: np.ndarray, pred: np.ndarray, group: Optional[str] = None) -> None:
+    def update(self, key: str, image: np.ndarray, pred: np.ndarray, group: Optional[str] = None,
+               scores: Optional[dict] = None) -> None:
+        """``scores`` ({part: value}, e.g. a detection score) ranks the instances instead of their area."""
         counts = np.bincount(np.asarray(pred).ravel().astype(np.int64))
         keep = self.n_rows * self.n_rows
         for part in np.flatnonzero(counts):
@@ -155,7 +159,7 @@ class PurityGrid:
                 continue
             heap = self.heaps.setdefault((group, int(part)), [])
             # Min-heap on (area, -order): the earliest sample wins ties, so output is deterministic.
-            item = (int(counts[part]), -self.order)
+            item = (int(counts[part]) if scores is None else float(scores.get(int(part), 0.0)), -self.order)
             if len(heap) < keep or item > heap[0][:2]:
                 entry = (*item, key, _thumbnail(image, pred, int(part), self.thumb))
                 (heapq.heappush if len(heap) < keep else heapq.heapreplace)(heap, entry)
@@ -177,7 +181,7 @@ class PurityGrid:
                 r, c = divmod(i, self.n_rows)
                 y, x = r * (self.thumb + 2), c * (self.thumb + 2)
                 block[y:y + self.thumb, x:x + self.thumb] = entry[3]
-            tiles.append(_titled(block, f"part {part}"))
+            tiles.append(_titled(block, self.title(group, part)))
         rows = [_hstack(tiles[i:i + self.columns], gap=12) for i in range(0, len(tiles), self.columns)]
         width = max(r.shape[1] for r in rows)
         rows = [np.pad(r, ((0, 12), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in rows]

@@ -295,7 +295,7 @@ def test_cosegment_shares_parts_within_a_category(shard_factory):
     other = np.random.default_rng(1).normal(size=(6, C))  # a different category looks different
     samples = [sample(f"cat{i}", i, category="cat", **{"saliency.npy": sal}) for i in range(3)]
     samples += [sample(f"dog{i}", i, protos=other, category="dog", **{"saliency.npy": sal}) for i in range(2)]
-    out = run_cli(["cluster", shard_factory(samples), "--scope", "cosegment", "-k", "2"])
+    out = run_cli(["cluster", shard_factory(samples), "--scope", "cosegment", "-k", "2", "--k-max", "4"])
     labs = {s["__key__"]: parts(s)[0] for s in out}
     recs = {s["__key__"]: parts(s)[1] for s in out}
     for key, lab in labs.items():
@@ -304,7 +304,8 @@ def test_cosegment_shares_parts_within_a_category(shard_factory):
     assert (labs["cat0"] == labs["cat2"]).all() and (labs["dog0"] == labs["dog1"]).all()
     assert recs["cat0"]["group"] == "cat" and recs["cat0"]["group_size"] == 3 and recs["dog1"]["group_size"] == 2
     assert recs["cat0"]["fg_clusters"] >= 1 and recs["cat0"]["fg_votes_needed"] == 3
-    one = run_cli(["cluster", shard_factory(samples), "--scope", "cosegment", "-k", "4", "--group-by", "none"])
+    one = run_cli(["cluster", shard_factory(samples), "--scope", "cosegment", "-k", "4", "--group-by", "none",
+                   "--k-max", "4"])
     assert {parts(s)[1]["group"] for s in one} == {"all"} and parts(one[0])[1]["group_size"] == 5
 
 

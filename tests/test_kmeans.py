@@ -31,12 +31,10 @@ def test_matches_sklearn_on_blobs_and_has_estimator_api():
 
 
 def test_mean_inertia_within_one_percent_of_sklearn_on_overlapping_data():
-    rng = np.random.default_rng(1)
     problems = [blobs(200, 8, 6, spread=1.5, seed=s)[0] for s in range(12)]
     ours = batched_kmeans(problems, 6, random_state=0)
     ref = [SkKMeans(6, n_init=1, random_state=i).fit(x).inertia_ for i, x in enumerate(problems)]
     assert np.mean([r.inertia for r in ours]) / np.mean(ref) < 1.01
-    assert rng is not None
 
 
 def test_estimator_equals_batched_and_batching_does_not_change_results():
@@ -103,8 +101,8 @@ def test_warm_start_keeps_ids():
 
 
 def test_elbow_picks_the_number_of_blobs():
-    problems = [blobs(400, 8, k, spread=0.2, seed=k)[0] for k in (2, 3, 5)]
-    got = elbow_kmeans(problems, k_range=(2, 10), fraction=0.975)
+    problems = [blobs(300, 8, k, spread=0.2, seed=k)[0] for k in (2, 3, 5)]
+    got = elbow_kmeans(problems, k_range=(2, 7), fraction=0.975)
     assert [r.n_clusters for r in got] == [2, 3, 5]
 
 

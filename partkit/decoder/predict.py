@@ -6,6 +6,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from .._runtime import resolve_device
 from .._training import load_checkpoint
@@ -13,7 +14,7 @@ from ..errors import BadSample, PartkitError
 from ..io import Output, decode_json, decode_npy, encode_json, encode_npy, encode_png, run_stage
 from .model import DecoderConfig, PartDecoder
 
-__all__ = ["load_decoder", "predict", "masks_to_image"]
+__all__ = ["load_decoder", "predict", "masks_to_image", "proposals_from_labels", "encode_proposals"]
 
 
 def load_decoder(checkpoint: str, device="cpu", ema: bool = False) -> tuple[PartDecoder, dict]:
@@ -36,6 +37,42 @@ def masks_to_image(logits: torch.Tensor, meta: dict) -> torch.Tensor:
     return F.interpolate(up[None, :, :rh, :rw], size=(H, W), mode="bilinear", align_corners=False)[0]
 
 
+def encode_proposals(binary: np.ndarray, scores: np.ndarray) -> list[dict]:
+    """Q x H x W boolean masks + scores -> proposals.json entries (compressed RLE, bbox, area)."""
+    from pycocotools import mask as mask_utils
+
+    out = []
+    for i, (m, s) in enumerate(zip(binary, scores)):
+        rle = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
+        out.append({"id": i + 1, "score": round(float(s), 6),
+                    "bbox": [round(float(v), 2) for v in mask_utils.toBbox(rle)], "area": int(mask_utils.area(rle)),
+                    "segmentation": {"size": list(m.shape), "counts": rle["counts"].decode()}})
+    return out
+
+
+def proposals_from_labels(sample: dict, field: str = "parts.png") -> dict:
+    """Each id of a label map (e.g. raw clusters) as one proposal at image size, scored by its area share.
+
+    Lets ``eval ar`` compare raw cluster proposals with the decoder's on equal terms.
+    """
+    from ..grid import grid_to_image
+    from ..io import decode_label_map
+
+    labels = decode_label_map(sample, field)
+    meta_field = field.rsplit(".", 1)[0] + ".json"
+    meta = decode_json(sample, meta_field) if meta_field in sample else {}
+    if "grid" in meta and list(labels.shape) == list(meta["grid"]):
+        labels = grid_to_image(labels, meta)
+    elif "json" in sample:
+        info = decode_json(sample, "json")
+        if labels.shape != (info["height"], info["width"]):
+            labels = np.asarray(Image.fromarray(labels).resize((info["width"], info["height"]), Image.NEAREST))
+    ids, counts = np.unique(labels[(labels > 0) & (labels != 255)], return_counts=True)
+    order = np.argsort(-counts, kind="stable")
+    binary = np.stack([labels == ids[i] for i in order]) if len(ids) else np.zeros((0, *labels.shape), bool)
+    return {"proposals": encode_proposals(binary, counts[order] / max(1, counts.sum())), "source": field}
+
+
 def predict(
     inputs: Sequence[str],
     checkpoint: str,
@@ -51,8 +88,6 @@ def predict(
     use_teacher: bool = False,
 ) -> dict:
     """Add ``proposals.json`` (RLE masks, scores, boxes, areas) and ``proposals.npy`` (query features)."""
-    from pycocotools import mask as mask_utils
-
     if topk < 1:
         raise PartkitError(f"--topk must be at least 1, got {topk}")
     dev = resolve_device(device)
@@ -90,15 +125,7 @@ def predict(
                 logits = masks_to_image(out["pred_masks"][0][order].float(), meta)
                 probs = logits.sigmoid()
                 binary = (probs > mask_threshold).cpu().numpy()
-                s = scores[order].cpu().numpy()
-                proposals = []
-                for i, m in enumerate(binary):
-                    rle = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
-                    proposals.append({"id": i + 1, "score": round(float(s[i]), 6),
-                                      "bbox": [round(float(v), 2) for v in mask_utils.toBbox(rle)],
-                                      "area": int(mask_utils.area(rle)),
-                                      "segmentation": {"size": list(m.shape), "counts": rle["counts"].decode()}})
-                doc = {"proposals": proposals, "topk": topk, "score_threshold": score_threshold,
+                doc = {"proposals": encode_proposals(binary, scores[order].cpu().numpy()), "topk": topk, "score_threshold": score_threshold,
                        "mask_threshold": mask_threshold, "checkpoint": checkpoint}
                 new = {**sample, "proposals.json": encode_json(doc),
                        "proposals.npy": encode_npy(out["query_feats"][0][order].cpu().numpy().astype(np.float16))}

@@ -1,0 +1,83 @@
+"""Class-specific part ranking of decoder proposals (PartDistillation stage two)."""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import typer
+
+from partkit import rank as R
+
+from ._common import (DropOpt, NumShardsOpt, OutputOpt, OverwriteOpt, ShardIndexOpt, ShardSizeOpt, SkipBadOpt,
+                      cli_errors, get_globals, make_output)
+
+app = typer.Typer(
+    help="Rank part proposals per object class: fit per-class part clusters, then score and label proposals.",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+)
+
+InputsOpt = typer.Argument(None, help="Input shards with proposals.json + proposals.npy (default '-': stdin).")
+ObjectsFromOpt = typer.Option(None, "--objects-from",
+                              help="gt_objects: instances from --objects-field; gt_parts: all labelled pixels of "
+                                   "gt_parts.png are one object. [fit default: gt_objects; apply: as fitted]")
+ObjectsFieldOpt = typer.Option(None, "--objects-field",
+                               help="JSON field of object instances, e.g. predicted masks. [default: gt_objects.json]")
+DefaultClassOpt = typer.Option(None, "--default-class",
+                               help="Class of objects whose sample has no 'category' (e.g. person).")
+
+
+@app.command("fit")
+@cli_errors
+def fit(
+    ctx: typer.Context,
+    inputs: List[str] = InputsOpt,
+    model_out: str = typer.Option(..., "--model-out", "-m", help="Model file to write (.npz)."),
+    k: int = typer.Option(8, "-k", help="Part clusters per object class."),
+    score_threshold: float = typer.Option(0.3, "--score-threshold", help="Candidates score above this."),
+    min_area: float = typer.Option(0.05, "--min-area", help="Candidates win at least this fraction of their object."),
+    max_object_fraction: Optional[float] = typer.Option(
+        None, "--max-object-fraction", help="Drop clusters whose masks cover more than this fraction of the object "
+                                            "on average (the paper uses 0.5). [default: keep all]"),
+    objects_from: Optional[str] = ObjectsFromOpt,
+    objects_field: Optional[str] = ObjectsFieldOpt,
+    default_class: Optional[str] = DefaultClassOpt,
+    max_iter: int = typer.Option(300, "--max-iter", help="Lloyd iterations at most."),
+    skip_bad: bool = SkipBadOpt,
+):
+    """Cluster the candidate proposals of each object class (weighted k-means) and save the model.
+
+    Example: partkit rank fit preds/ --model-out rank.npz -k 8
+    """
+    g = get_globals(ctx)
+    R.fit(inputs or ["-"], model_out, n_clusters=k, score_threshold=score_threshold, min_area=min_area,
+          max_object_fraction=max_object_fraction, objects_from=objects_from or "gt_objects",
+          objects_field=objects_field or "gt_objects.json", default_class=default_class, max_iter=max_iter,
+          seed=g.seed, device=g.device, skip_bad=skip_bad)
+
+
+@app.command("apply")
+@cli_errors
+def apply(
+    inputs: List[str] = InputsOpt,
+    model: str = typer.Option(..., "--model", "-m", help="Model file from `partkit rank fit`."),
+    as_targets: bool = typer.Option(False, "--as-targets",
+                                    help="Also write targets.png + targets.json (class-specific parts) for "
+                                         "self-train --labeled."),
+    objects_from: Optional[str] = ObjectsFromOpt,
+    objects_field: Optional[str] = ObjectsFieldOpt,
+    default_class: Optional[str] = DefaultClassOpt,
+    output: str = OutputOpt,
+    shard_size: int = ShardSizeOpt,
+    overwrite: bool = OverwriteOpt,
+    drop: List[str] = DropOpt,
+    skip_bad: bool = SkipBadOpt,
+    num_shards: Optional[int] = NumShardsOpt,
+    shard_index: Optional[int] = ShardIndexOpt,
+):
+    """Add ranked.json (proposals with class, part cluster, final score) and ranked_parts.png.
+
+    Part ids: class_index * k + cluster + 1 (0 = background). Example: partkit rank apply preds/ --model rank.npz
+    """
+    R.apply(inputs or ["-"], model, as_targets=as_targets, objects_from=objects_from, objects_field=objects_field,
+            default_class=default_class, skip_bad=skip_bad,
+            output=make_output(output, shard_size, overwrite, drop, num_shards, shard_index))

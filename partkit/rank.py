@@ -1,0 +1,817 @@
+"""Class-specific part ranking: PartDistillation's stage two (Cho et al., CVPR 2023, Sec. 4.3).
+
+Class-agnostic part proposals (``partkit predict``) become part clusters of each object class,
+scored by how typical they are for that class:
+
+1. **Association** (Eq. 1): each proposal goes to the object it overlaps most (mask IoU) and takes
+   that object's class; proposals overlapping no object are dropped.
+2. **Candidates**: every object pixel goes to its most confident proposal (argmax of mask x
+   score); a proposal is a candidate when its score is above ``score_threshold`` and it wins at
+   least ``min_area`` of its object.
+3. **Clusters**: per class, weighted k-means (weights = scores) on the L2-normalised query
+   features of the candidates pooled over the dataset; all classes are solved in one batch.
+4. **Density** (Eq. 2): ``r_k = softmax_k(-||f - mu_k||^2)`` over the class's centroids; the final
+   score is ``objectness x max_k r_k`` and the part's cluster is ``argmax_k r_k``.
+
+Part ids are global across classes: ``class_index * k + cluster + 1`` (0 = background), with
+``class_index`` the position in the model's sorted class list.
+
+>>> import numpy as np
+>>> rng = np.random.default_rng(0)
+>>> X, y = rng.normal(size=(60, 16)).astype(np.float32), np.array(["cat", "dog"] * 30)
+>>> ranker = PartRanker(3, random_state=0).fit(X, y, sample_weight=np.full(60, 0.9))
+>>> score, cluster, _ = ranker.rank(X[:2], y[:2], objectness=np.array([0.9, 0.5]))
+>>> ranker.part_ids(y[:2], cluster).tolist() == [int(cluster[0]) + 1, 3 + int(cluster[1]) + 1]
+True
+
+The stages are :func:`fit` (``partkit rank fit``) and :func:`apply` (``partkit rank apply``).
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import re
+import warnings
+import zipfile
+import zlib
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from ._kmeans import CHUNK_BYTES, KMeansResult, _chunks, _draws, _take, normalize_rows
+from ._log import log, progress
+from ._runtime import resolve_device
+from ._version import __version__
+from .errors import BadSample, PartkitError, missing_field
+from .io import (
+    Output, decode_image, decode_json, decode_label_map, decode_npy, encode_json, encode_png, iter_samples, run_stage,
+    write_atomic,
+)
+
+__all__ = [
+    "PartRanker", "Association", "weighted_kmeans", "density", "associate", "fit", "apply", "purity_per_class",
+    "OBJECT_SOURCES", "ID_SCHEME",
+]
+
+OBJECT_SOURCES = ("gt_objects", "gt_parts")
+ID_SCHEME = "class_index * k + cluster + 1; 0 = background"
+_FORMAT = "partkit-rank-1"
+
+
+# --------------------------------------------------------------------------------------------
+# Weighted batched k-means
+
+
+def _weighted_plusplus(X, Xt, x2, W, n, kk, draws) -> torch.Tensor:
+    """Greedy k-means++ with sample weights (scikit-learn's rule) on a padded ``B x N x D`` batch
+    (``Xt`` is the same batch as ``B x D x N``)."""
+    B, N, D = X.shape
+    K = int(kk.max())
+    dev = X.device
+    ar = torch.arange(B, device=dev)
+    L = max(d["u"].shape[1] for d in draws) if K > 1 else 1
+    U = np.zeros((B, max(K - 1, 0), L))
+    trial_ok = np.zeros((B, L), dtype=bool)
+    for b, d in enumerate(draws):
+        U[b, :d["u"].shape[0], :d["u"].shape[1]] = d["u"]
+        trial_ok[b, :d["u"].shape[1]] = True
+    U, trial_ok = torch.from_numpy(U).to(dev), torch.from_numpy(trial_ok).to(dev)
+    cw = W.cumsum(1, dtype=torch.float64)
+    r0 = torch.tensor([d["first"] for d in draws], device=dev, dtype=torch.float64)[:, None] * cw[:, -1:]
+    first = torch.minimum(torch.searchsorted(cw, r0)[:, 0], n - 1)  # the first centre is drawn with p ~ weight
+    C = X.new_zeros(B, K, D)
+    C[:, 0] = _take(X, ar, first)
+    closest = (x2 + x2.gather(1, first[:, None]) - 2 * torch.bmm(C[:, :1], Xt)[:, 0]).clamp_min(0)
+    pot = (closest * W).sum(1, dtype=torch.float64)
+    for c in range(1, K):
+        cum = (closest * W).cumsum(1, dtype=torch.float64)
+        cand = torch.minimum(torch.searchsorted(cum, U[:, c - 1] * pot[:, None]), (n - 1)[:, None])  # B x L
+        Xc = _take(X, ar[:, None], cand)
+        d = torch.baddbmm(x2[:, None, :] + x2.gather(1, cand)[:, :, None], Xc, Xt, alpha=-2)  # B x L x N
+        d = torch.minimum(d.clamp_min_(0), closest[:, None, :])
+        p = (d * W[:, None, :]).sum(2, dtype=torch.float64).masked_fill(~trial_ok, math.inf)
+        best = p.argmin(1)
+        take = c < kk
+        C[:, c] = torch.where(take[:, None], _take(Xc, ar, best), C[:, c])
+        closest = torch.where(take[:, None], _take(d, ar, best), closest)
+        pot = torch.where(take, p.gather(1, best[:, None])[:, 0], pot)
+    return C
+
+
+def _assign(Xt, x2, C, cbad):
+    """Nearest valid centre per row: (labels, squared distance)."""
+    c2 = (C * C).sum(-1).masked_fill(cbad, math.inf)
+    # C @ Xt with Xt contiguous (B x D x N): measured 1.5-2x faster on CPU than X @ C^T for k <= 8
+    d, labels = torch.baddbmm(c2[:, :, None], C, Xt, alpha=-2).min(1)
+    return labels, (d + x2).clamp_min(0)
+
+
+def _weighted_lloyd(X, Xt, x2, W, valid, C, cbad, max_iter: int, tol: torch.Tensor):
+    """Lloyd iterations with scikit-learn's stopping rules (strict label convergence, or a centre shift
+    below ``tol``; then one more assignment) and its relocation of empty clusters to far points.
+
+    The weighted centroid sums are computed in full once, then updated only for the rows that
+    changed cluster (few after the first iterations), which halves the passes over ``X``.
+    """
+    B, N, D = X.shape
+    K = C.shape[1]
+    dev = X.device
+    active = torch.ones(B, dtype=torch.bool, device=dev)
+    strict = torch.zeros_like(active)
+    n_iter = torch.zeros(B, dtype=torch.long, device=dev)
+    base = (torch.arange(B, device=dev) * K)[:, None]
+    labels_old = owner = sums = wsum = None
+    for it in range(max_iter):
+        labels, d = _assign(Xt, x2, C, cbad)
+        if it == 0:
+            onehot = X.new_zeros(B, K, N).scatter_(1, labels[:, None, :], W[:, None, :])
+            sums, wsum = torch.bmm(onehot, X), onehot.sum(2)
+            owner = labels.clone()  # the cluster whose sums hold each row
+        else:
+            moved = ((labels != owner) & valid & active[:, None]).flatten().nonzero().flatten()
+            if moved.numel():
+                w = W.view(-1).index_select(0, moved)
+                rows = X.view(B * N, D).index_select(0, moved) * w[:, None]
+                new, old = (labels + base).view(-1).index_select(0, moved), (owner + base).view(-1).index_select(0, moved)
+                sums.view(B * K, D).index_add_(0, new, rows).index_add_(0, old, rows, alpha=-1)
+                wsum.view(-1).index_add_(0, new, w).index_add_(0, old, w, alpha=-1)
+                owner.view(-1).index_copy_(0, moved, labels.view(-1).index_select(0, moved))
+        empty = (wsum <= 0) & ~cbad & active[:, None]
+        for b in empty.any(1).nonzero().flatten().tolist():
+            far = torch.argsort(d[b].masked_fill(~valid[b], -1.0), descending=True, stable=True)
+            for j, i in zip(empty[b].nonzero().flatten().tolist(), far.tolist()):
+                old_j, xw = int(owner[b, i]), X[b, i] * W[b, i]
+                sums[b, old_j] -= xw
+                wsum[b, old_j] -= W[b, i]
+                sums[b, j], wsum[b, j], owner[b, i] = xw, W[b, i], j
+        C_new = torch.where(wsum[..., None] > 0, sums / wsum.clamp_min(1e-30)[..., None], C)
+        shift = ((C_new - C) ** 2).sum((1, 2))
+        same = torch.zeros_like(active) if labels_old is None else ((labels == labels_old) | ~valid).all(1)
+        n_iter += active.long()
+        C = torch.where(active[:, None, None], C_new, C)
+        strict |= active & same
+        active &= ~same & (shift > tol)
+        if not active.any():
+            break
+        labels_old = labels
+    labels, d = _assign(Xt, x2, C, cbad)
+    return C, labels, (d * W).sum(1, dtype=torch.float64), n_iter, strict | ~active
+
+
+def weighted_kmeans(problems: Sequence[np.ndarray], weights: Sequence[np.ndarray], n_clusters, *,
+                    max_iter: int = 300, tol: float = 1e-4, seeds: Optional[Sequence] = None, device="cpu",
+                    chunk_bytes: int = CHUNK_BYTES) -> list[KMeansResult]:
+    """Weighted k-means (k-means++ seeding, Lloyd) on many problems at once, batched on padded tensors.
+
+    ``problems[i]`` is ``n_i x D`` (used as given), ``weights[i]`` its ``n_i`` positive sample
+    weights; ``n_clusters`` is one k or one per problem (``min(k, n_i)`` centres are used).
+    ``inertia`` is the weighted sum of squared distances, as scikit-learn's with ``sample_weight``.
+    Problem i draws its random numbers from ``seeds[i]`` (default ``[0, i]``) alone.
+
+    >>> X = np.random.default_rng(0).normal(size=(50, 4)).astype(np.float32)
+    >>> [r.n_clusters for r in weighted_kmeans([X, X[:2]], [np.ones(50), np.ones(2)], 3)]
+    [3, 2]
+    """
+    if max_iter < 1:
+        raise PartkitError(f"max_iter must be at least 1, got {max_iter}")
+    problems = [np.ascontiguousarray(p, dtype=np.float32) for p in problems]
+    weights = [np.asarray(w, dtype=np.float32).reshape(-1) for w in weights]
+    if len(weights) != len(problems):
+        raise PartkitError(f"{len(weights)} weight vectors for {len(problems)} problems; give one per problem")
+    for i, (p, w) in enumerate(zip(problems, weights)):
+        if p.ndim != 2 or len(w) != len(p):
+            raise PartkitError(f"problem {i}: features {p.shape} and {len(w)} weights do not match")
+        if len(w) and not (np.isfinite(w).all() and w.min() > 0):
+            raise PartkitError(f"problem {i}: sample weights must be positive and finite")
+    ks = [int(n_clusters)] * len(problems) if np.isscalar(n_clusters) else [int(k) for k in n_clusters]
+    if len(ks) != len(problems) or (ks and min(ks) < 1):
+        raise PartkitError("n_clusters must be one positive k, or one per problem")
+    seeds = [[0, i] for i in range(len(problems))] if seeds is None else list(seeds)
+    dev = torch.device(device)
+    D = problems[0].shape[1] if problems else 0
+    results: list[Optional[KMeansResult]] = [None] * len(problems)
+    sizes = [len(p) for p in problems]
+    for i, n in enumerate(sizes):
+        if n == 0:
+            results[i] = KMeansResult(np.zeros((0, D), np.float32), np.zeros(0, np.int64), 0.0, 0, 0, True)
+    for chunk in _chunks(sizes, D, chunk_bytes):
+        B, N = len(chunk), sizes[chunk[0]]
+        Xn, Wn = np.empty((B, N, D), np.float32), np.zeros((B, N), np.float32)
+        for j, i in enumerate(chunk):
+            Xn[j, :sizes[i]], Xn[j, sizes[i]:], Wn[j, :sizes[i]] = problems[i], 0, weights[i]
+        X, W = torch.from_numpy(Xn).to(dev), torch.from_numpy(Wn).to(dev)
+        Xt = X.transpose(1, 2).contiguous()
+        n = torch.tensor([sizes[i] for i in chunk], device=dev)
+        kk = torch.tensor([min(ks[i], sizes[i]) for i in chunk], device=dev)
+        valid = torch.arange(N, device=dev)[None, :] < n[:, None]
+        x2 = torch.linalg.vector_norm(X, dim=-1).square()
+        # scikit-learn's tolerance: tol x the mean per-feature variance, = (E||x||^2 - ||E x||^2) / D
+        mean = X.sum(1).double() / n[:, None]
+        tol_b = tol * (x2.sum(1, dtype=torch.float64) / n - (mean * mean).sum(1)).clamp_min(0) / D
+        draws = [_draws(seeds[i], sizes[i], min(ks[i], sizes[i]), "k-means++", None) for i in chunk]
+        C = _weighted_plusplus(X, Xt, x2, W, n, kk, draws)
+        cbad = torch.arange(C.shape[1], device=dev)[None, :] >= kk[:, None]
+        C, labels, inertia, n_iter, conv = _weighted_lloyd(X, Xt, x2, W, valid, C, cbad, max_iter,
+                                                           tol_b.to(X.dtype))
+        for j, i in enumerate(chunk):
+            k = int(kk[j])
+            results[i] = KMeansResult(C[j, :k].cpu().numpy(), labels[j, :sizes[i]].cpu().numpy().astype(np.int64),
+                                      float(inertia[j]), int(n_iter[j]), k, bool(conv[j]))
+    return results  # type: ignore[return-value]
+
+
+def density(X: np.ndarray, centers: np.ndarray) -> np.ndarray:
+    """Eq. 2 for one class: ``r[i, k] = softmax_k(-||X[i] - centers[k]||^2)`` (rows of X as given)."""
+    X = np.asarray(X, np.float32)
+    C = np.asarray(centers, np.float32)
+    d = (X * X).sum(1, dtype=np.float64)[:, None] - 2.0 * (X @ C.T).astype(np.float64) \
+        + (C * C).sum(1, dtype=np.float64)[None, :]
+    z = -np.maximum(d, 0.0)
+    z -= z.max(1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(1, keepdims=True)
+
+
+# --------------------------------------------------------------------------------------------
+# The estimator
+
+
+def _group_rows(index: np.ndarray, count: int) -> list:
+    """Row numbers of each value 0..count-1 of ``index``, in order (one sort, not ``count`` scans)."""
+    order = np.argsort(index, kind="stable")
+    bounds = np.searchsorted(index[order], np.arange(count + 1))
+    return [order[bounds[j]:bounds[j + 1]] for j in range(count)]
+
+
+def _class_seed(seed: int, name: str) -> list:
+    # From the class name, so a class's clusters do not depend on which other classes exist.
+    return [int(seed), zlib.crc32(name.encode("utf-8"))]
+
+
+def _npz_bytes(arrays: dict) -> bytes:
+    """An .npz with fixed member timestamps, so the same model gives the same bytes."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name in sorted(arrays):
+            member = io.BytesIO()
+            np.lib.format.write_array(member, np.asarray(arrays[name]), allow_pickle=False)
+            zf.writestr(zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0)), member.getvalue(),
+                        compress_type=zipfile.ZIP_DEFLATED)
+    return buf.getvalue()
+
+
+class PartRanker:
+    """Per-class part clusters of proposal features and the density score of Eq. 2.
+
+    ``fit(X, y, sample_weight)`` clusters the L2-normalised rows of ``X`` separately for each class
+    in ``y`` (weighted k-means, all classes batched). ``max_object_fraction`` drops clusters whose
+    members cover more than that share of their object on average (whole-object "parts", Sec. 5.4).
+
+    Attributes: ``classes_`` (sorted), ``cluster_centers_`` (C x k x D, zero rows past a class's
+    ``n_clusters_``), ``n_clusters_``, ``inertia_`` (per class, weighted), ``counts_`` and
+    ``object_fraction_`` (C x k), ``dropped_`` (C x k bool), ``labels_``, ``n_features_in_``.
+    """
+
+    def __init__(self, n_clusters: int = 8, *, score_threshold: float = 0.3, min_area: float = 0.05,
+                 max_object_fraction: Optional[float] = None, max_iter: int = 300, tol: float = 1e-4,
+                 random_state: int = 0, device="cpu"):
+        self.n_clusters = n_clusters
+        self.score_threshold = score_threshold
+        self.min_area = min_area
+        self.max_object_fraction = max_object_fraction
+        self.max_iter = max_iter
+        self.tol = tol
+        self.random_state = random_state
+        self.device = device
+
+    def _check_params(self) -> None:
+        if int(self.n_clusters) < 1:
+            raise PartkitError(f"-k must be at least 1, got {self.n_clusters}")
+        if not 0 <= self.score_threshold < 1:
+            raise PartkitError(f"--score-threshold must be in [0, 1), got {self.score_threshold}")
+        if not 0 <= self.min_area <= 1:
+            raise PartkitError(f"--min-area must be a fraction of the object in [0, 1], got {self.min_area}")
+        if self.max_object_fraction is not None and not 0 < self.max_object_fraction <= 1:
+            raise PartkitError(f"--max-object-fraction must be in (0, 1], got {self.max_object_fraction}")
+        if self.max_iter < 1:
+            raise PartkitError(f"--max-iter must be at least 1, got {self.max_iter}")
+
+    def fit(self, X, y, sample_weight=None, object_fraction=None) -> "PartRanker":
+        self._check_params()
+        X = np.asarray(X, dtype=np.float32)
+        y = np.asarray(y).astype(str)
+        if X.ndim != 2 or len(X) != len(y) or len(X) == 0:
+            raise PartkitError(f"X must be n x D with one class per row and n >= 1; got X {X.shape}, {len(y)} classes")
+        if not np.isfinite(X).all():
+            raise PartkitError("proposal features hold NaN or inf values")
+        w = np.ones(len(X), np.float32) if sample_weight is None else np.asarray(sample_weight, np.float32)
+        k = int(self.n_clusters)
+        self.classes_, inverse = np.unique(y, return_inverse=True)
+        rows = _group_rows(inverse, len(self.classes_))
+        order = np.concatenate(rows)
+        X = normalize_rows(X[order], "cosine")  # sorted by class once, so each class is a view
+        bounds = np.cumsum([0] + [len(r) for r in rows])
+        res = weighted_kmeans([X[a:b] for a, b in zip(bounds, bounds[1:])], [w[r] for r in rows], k,
+                              max_iter=self.max_iter, tol=self.tol,
+                              seeds=[_class_seed(self.random_state, c) for c in self.classes_],
+                              device=resolve_device(str(self.device)))
+        C, D = len(self.classes_), X.shape[1]
+        self.cluster_centers_ = np.zeros((C, k, D), np.float32)
+        self.n_clusters_ = np.array([r.n_clusters for r in res], np.int64)
+        self.inertia_ = np.array([r.inertia for r in res])
+        self.n_iter_ = np.array([r.n_iter for r in res], np.int64)
+        self.counts_ = np.zeros((C, k), np.int64)
+        self.object_fraction_ = np.full((C, k), np.nan)
+        self.labels_ = np.zeros(len(X), np.int64)
+        frac = None if object_fraction is None else np.asarray(object_fraction, np.float64)
+        for j, (r, rw) in enumerate(zip(res, rows)):
+            self.cluster_centers_[j, :r.n_clusters] = r.centers
+            self.labels_[rw] = r.labels
+            self.counts_[j] = np.bincount(r.labels, minlength=k)
+            if frac is not None:
+                sums = np.bincount(r.labels, weights=frac[rw], minlength=k)
+                self.object_fraction_[j] = np.where(self.counts_[j] > 0, sums / np.maximum(self.counts_[j], 1), np.nan)
+        self.dropped_ = np.zeros((C, k), bool)
+        if self.max_object_fraction is not None:
+            self.dropped_ = np.nan_to_num(self.object_fraction_) > self.max_object_fraction
+        self.n_features_in_ = D
+        return self
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "cluster_centers_"):
+            raise PartkitError("this PartRanker is not fitted yet; call fit() or PartRanker.load(path)")
+
+    def class_index(self, y) -> np.ndarray:
+        """Index of each class name in ``classes_``, -1 for classes the model has not seen."""
+        self._check_fitted()
+        y = np.asarray(y).astype(str)
+        pos = np.searchsorted(self.classes_, y)
+        pos = np.minimum(pos, len(self.classes_) - 1)
+        return np.where(self.classes_[pos] == y, pos, -1) if len(y) else np.zeros(0, np.int64)
+
+    def predict_proba(self, X, y) -> np.ndarray:
+        """``r`` of Eq. 2 (n x k) over each row's class clusters; 0 past a class's ``n_clusters_``."""
+        self._check_fitted()
+        X = np.asarray(X, np.float32)
+        r = np.zeros((len(X), self.cluster_centers_.shape[1]))
+        if len(X) == 0:
+            return r
+        X = normalize_rows(X, "cosine")
+        if X.shape[1] != self.n_features_in_:
+            raise PartkitError(f"features have {X.shape[1]} dimensions but the ranking model was fitted on "
+                               f"{self.n_features_in_}; use proposals from the same decoder")
+        ci = self.class_index(y)
+        if (ci < 0).any():
+            raise PartkitError(f"class {np.asarray(y)[ci < 0][0]!r} is not in the model; known: "
+                               f"{', '.join(self.classes_[:10])}")
+        for j, rows in enumerate(_group_rows(ci, len(self.classes_))):  # one small product per class
+            if len(rows):
+                kj = int(self.n_clusters_[j])
+                r[rows, :kj] = density(X[rows], self.cluster_centers_[j, :kj])
+        return r
+
+    def rank(self, X, y, objectness=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per row: (final score = objectness x max_k r_k, cluster = argmax_k r_k, density = max_k r_k)."""
+        r = self.predict_proba(X, y)
+        cluster = r.argmax(1) if len(r) else np.zeros(0, np.int64)
+        best = r.max(1) if len(r) else np.zeros(0)
+        obj = np.ones(len(r)) if objectness is None else np.asarray(objectness, np.float64)
+        return obj * best, cluster, best
+
+    def part_ids(self, y, cluster) -> np.ndarray:
+        """Global part ids: ``class_index * k + cluster + 1``."""
+        return self.class_index(y) * self.cluster_centers_.shape[1] + np.asarray(cluster) + 1
+
+    def id_names(self) -> dict:
+        """``{part id: "class/cluster"}`` for every cluster that was fitted and not dropped."""
+        k = self.cluster_centers_.shape[1]
+        return {int(j * k + c + 1): f"{name}/{c}" for j, name in enumerate(self.classes_)
+                for c in range(int(self.n_clusters_[j])) if not self.dropped_[j, c]}
+
+    def save(self, path: str, meta: Optional[dict] = None) -> str:
+        """Write the model as an .npz (arrays + a JSON ``meta`` string), atomically."""
+        self._check_fitted()
+        info = {"format": _FORMAT, "classes": self.classes_.tolist(), "k": int(self.cluster_centers_.shape[1]),
+                "id_scheme": ID_SCHEME, "params": {n: getattr(self, n) for n in (
+                    "n_clusters", "score_threshold", "min_area", "max_object_fraction", "max_iter", "tol",
+                    "random_state")}, "partkit_version": __version__, **(meta or {})}
+        arrays = {"centroids": self.cluster_centers_, "n_clusters": self.n_clusters_, "inertia": self.inertia_,
+                  "counts": self.counts_, "object_fraction": self.object_fraction_, "dropped": self.dropped_,
+                  "meta": np.array(json.dumps(info, sort_keys=True))}
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
+            raise PartkitError(f"cannot write the model to {path!r}: folder {folder!r} does not exist")
+        write_atomic(path, _npz_bytes(arrays))
+        self.meta_ = info
+        return path
+
+    @classmethod
+    def load(cls, path: str) -> "PartRanker":
+        if not os.path.isfile(path):
+            raise PartkitError(f"ranking model {path!r} not found; write one with `partkit rank fit ... --model-out {path}`")
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                arrays = {name: z[name] for name in z.files}
+            info = json.loads(str(arrays["meta"][()]))
+        except Exception:
+            raise PartkitError(f"{path!r} is not a ranking model written by `partkit rank fit`") from None
+        if info.get("format") != _FORMAT:
+            raise PartkitError(f"{path!r} is not a ranking model written by `partkit rank fit`")
+        self = cls(**info["params"])
+        self.classes_ = np.array(info["classes"])
+        self.cluster_centers_ = arrays["centroids"].astype(np.float32)
+        self.n_clusters_, self.inertia_ = arrays["n_clusters"], arrays["inertia"]
+        self.counts_, self.object_fraction_, self.dropped_ = arrays["counts"], arrays["object_fraction"], arrays["dropped"]
+        self.n_features_in_ = self.cluster_centers_.shape[2]
+        self.meta_ = info
+        return self
+
+
+# --------------------------------------------------------------------------------------------
+# Association and candidates on one image
+
+
+@dataclass
+class Association:
+    """Per proposal: its object (index, -1 if none), the IoU with it, and the share of the object's
+    pixels it wins (most confident proposal there) and covers."""
+
+    object_index: np.ndarray
+    iou: np.ndarray
+    win_fraction: np.ndarray
+    cover_fraction: np.ndarray
+
+    def candidates(self, scores, score_threshold: float, min_area: float) -> np.ndarray:
+        """Proposals scoring above ``score_threshold`` that win at least ``min_area`` of their object."""
+        return (self.object_index >= 0) & (np.asarray(scores) > score_threshold) & (self.win_fraction >= min_area)
+
+
+def _winners(masks: np.ndarray, conf: np.ndarray) -> np.ndarray:
+    """For each pixel (column of ``masks``, n x P bool), the row with the highest ``conf`` that covers it
+    (the argmax of mask x conf; ties to the lower row), or -1 where none does."""
+    best = np.full(masks.shape[1], -1, np.int64)
+    for i in np.argsort(-np.asarray(conf, np.float64), kind="stable"):
+        best[masks[i] & (best < 0)] = i
+    return best
+
+
+def associate(masks: np.ndarray, scores: np.ndarray, object_masks: np.ndarray) -> Association:
+    """Eq. 1 on one image: each proposal (K x H x W bool masks) to the object (M x H x W) of highest IoU.
+
+    >>> m = np.zeros((2, 4, 4), bool); m[0, :2] = True; m[1, 2:, :2] = True
+    >>> a = associate(m, np.array([0.9, 0.8]), m[:1].copy())
+    >>> a.object_index.tolist(), a.win_fraction.tolist()
+    ([0, -1], [1.0, 0.0])
+    """
+    K, M = len(masks), len(object_masks)
+    out = Association(np.full(K, -1, np.int64), np.zeros(K), np.zeros(K), np.zeros(K))
+    if K == 0 or M == 0:
+        return out
+    flat = masks.reshape(K, -1)
+    area_p = flat.sum(1)
+    subs = [flat[:, np.flatnonzero(om.ravel())] for om in object_masks]  # proposals on each object's pixels
+    area_o = np.array([s.shape[1] for s in subs], np.float64)
+    inter = np.stack([s.sum(1) for s in subs], 1).astype(np.float64)
+    iou = inter / np.maximum(area_p[:, None] + area_o[None, :] - inter, 1)
+    best = iou.argmax(1)
+    out.iou = iou[np.arange(K), best]
+    out.object_index = np.where(out.iou > 0, best, -1)
+    for m in range(M):
+        members = np.flatnonzero(out.object_index == m)
+        if not len(members):
+            continue
+        sub = subs[m][members]
+        win = _winners(sub, np.asarray(scores)[members])
+        out.win_fraction[members] = np.bincount(win[win >= 0], minlength=len(members)) / area_o[m]
+        out.cover_fraction[members] = sub.sum(1) / area_o[m]
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Reading samples
+
+
+@dataclass
+class _Objects:
+    source: str  # gt_objects | gt_parts
+    field: str  # the JSON field read for gt_objects
+    default_class: Optional[str]
+
+    def record(self) -> dict:
+        return {"objects_from": self.source, "objects_field": self.field, "default_class": self.default_class}
+
+
+@dataclass
+class _Image:
+    key: str
+    size: tuple
+    proposals: list  # proposals.json entries
+    scores: np.ndarray
+    feats: np.ndarray
+    masks: np.ndarray  # K x H x W bool
+    objects: list  # {"id", "class"} per object
+    object_masks: np.ndarray  # M x H x W bool
+    assoc: Association
+
+    def object_classes(self) -> np.ndarray:
+        """The class of each proposal's object ('' when it has none)."""
+        names = np.array([o["class"] for o in self.objects] + [""])
+        return names[self.assoc.object_index]
+
+
+def _decode_rles(segs: list, key: str, field: str, size: tuple) -> np.ndarray:
+    """COCO RLEs (compressed or not) at image size -> N x H x W bool."""
+    from pycocotools import mask as mask_utils
+
+    H, W = size
+    rles = []
+    for seg in segs:
+        if not isinstance(seg, dict) or "size" not in seg or "counts" not in seg:
+            raise BadSample(key, f"'{field}' masks must be COCO RLE {{\"size\": [h, w], \"counts\": ...}}")
+        if [int(s) for s in seg["size"]] != [H, W]:
+            raise BadSample(key, f"a mask in '{field}' is {seg['size'][1]}x{seg['size'][0]} but the image is {W}x{H}")
+        counts = seg["counts"]
+        rles.append(mask_utils.frPyObjects(seg, H, W) if isinstance(counts, list)
+                    else {"size": [H, W], "counts": counts.encode("ascii") if isinstance(counts, str) else counts})
+    if not rles:
+        return np.zeros((0, H, W), bool)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # pycocotools under numpy 2
+            dec = mask_utils.decode(rles)
+    except Exception:
+        raise BadSample(key, f"'{field}' holds an unreadable RLE mask") from None
+    return np.ascontiguousarray(dec.transpose(2, 0, 1)).view(bool)
+
+
+def _sample_class(sample: dict, default: Optional[str]) -> str:
+    info = decode_json(sample, "json") if "json" in sample else {}
+    name = info.get("category") if isinstance(info, dict) else None
+    if name is None and default is None:
+        raise BadSample(sample["__key__"], "has no object class: its 'json' has no \"category\"; give --default-class "
+                                           "NAME (e.g. person) or pack with --category")
+    return str(name if name is not None else default)
+
+
+def _image_size(sample: dict, proposals: list, objects: _Objects) -> tuple:
+    if proposals:
+        return tuple(int(s) for s in proposals[0]["segmentation"]["size"])
+    info = decode_json(sample, "json") if "json" in sample else {}
+    if isinstance(info, dict) and "height" in info and "width" in info:
+        return int(info["height"]), int(info["width"])
+    if objects.source == "gt_parts":
+        return decode_label_map(sample, "gt_parts.png").shape
+    raise BadSample(sample["__key__"], "has no proposals and no image size in its 'json'")
+
+
+def _read_objects(sample: dict, size: tuple, opts: _Objects) -> tuple[list, np.ndarray]:
+    key = sample["__key__"]
+    if opts.source == "gt_parts":
+        lab = decode_label_map(sample, "gt_parts.png")
+        if lab.shape != tuple(size):
+            raise BadSample(key, f"gt_parts.png is {lab.shape[1]}x{lab.shape[0]} but the proposals are {size[1]}x{size[0]}")
+        mask = (lab != 0) & (lab != (65535 if lab.dtype == np.uint16 else 255))
+        if not mask.any():
+            return [], np.zeros((0, *size), bool)
+        return [{"id": 1, "class": _sample_class(sample, opts.default_class)}], mask[None]
+    if opts.field not in sample:
+        if "gt_parts.png" in sample and opts.field == "gt_objects.json":
+            raise BadSample(key, "has no 'gt_objects.json'; use --objects-from gt_parts (the labelled pixels are one "
+                                 "object) or pack with --coco FILE")
+        raise missing_field(key, opts.field)
+    doc = decode_json(sample, opts.field)
+    objs = doc.get("objects") if isinstance(doc, dict) else doc
+    if not isinstance(objs, list):
+        raise BadSample(key, f"'{opts.field}' must be {{\"objects\": [...]}} as gt_objects.json (docs/FORMAT.md)")
+    objs = [o for o in objs if isinstance(o, dict) and not o.get("iscrowd")]  # crowd regions are not instances
+    records = []
+    for i, o in enumerate(objs):
+        name = o.get("category", o.get("category_id"))
+        records.append({"id": o.get("id", i + 1),
+                        "class": str(name) if name is not None else _sample_class(sample, opts.default_class)})
+    return records, _decode_rles([o.get("segmentation") for o in objs], key, opts.field, size)
+
+
+def _read(sample: dict, opts: _Objects) -> _Image:
+    key = sample["__key__"]
+    doc = decode_json(sample, "proposals.json")
+    props = doc.get("proposals") if isinstance(doc, dict) else doc
+    if not isinstance(props, list) or not all(isinstance(p, dict) and "segmentation" in p and "score" in p
+                                              for p in props):
+        raise BadSample(key, "'proposals.json' must hold {\"proposals\": [{\"segmentation\", \"score\", ...}]}; "
+                             "re-run `partkit predict`")
+    feats = decode_npy(sample, "proposals.npy")
+    if feats.ndim != 2 or len(feats) != len(props):
+        raise BadSample(key, f"proposals.npy has shape {feats.shape} for {len(props)} proposals; both must come "
+                             "from the same `partkit predict` run")
+    feats = feats.astype(np.float32)
+    if not np.isfinite(feats).all():
+        raise BadSample(key, "proposals.npy holds NaN or inf values")
+    size = _image_size(sample, props, opts)
+    masks = _decode_rles([p["segmentation"] for p in props], key, "proposals.json", size)
+    scores = np.array([float(p["score"]) for p in props], np.float64)
+    objects, object_masks = _read_objects(sample, size, opts)
+    return _Image(key, size, props, scores, feats, masks, objects, object_masks,
+                  associate(masks, scores, object_masks))
+
+
+# --------------------------------------------------------------------------------------------
+# The stages
+
+
+def _check_objects(objects_from: str, objects_field: str) -> None:
+    if objects_from not in OBJECT_SOURCES:
+        raise PartkitError(f"--objects-from must be one of {', '.join(OBJECT_SOURCES)}, got {objects_from!r}")
+    if not objects_field.endswith(".json"):
+        raise PartkitError(f"--objects-field names a JSON field of instances (like gt_objects.json), got {objects_field!r}")
+
+
+def fit(inputs: Sequence[str], model_out: str, *, n_clusters: int = 8, score_threshold: float = 0.3,
+        min_area: float = 0.05, max_object_fraction: Optional[float] = None, objects_from: str = "gt_objects",
+        objects_field: str = "gt_objects.json", default_class: Optional[str] = None, max_iter: int = 300,
+        tol: float = 1e-4, seed: int = 0, device: str = "auto", skip_bad: bool = False) -> PartRanker:
+    """Pool candidate proposals per object class over the input, cluster them, save the model.
+
+    >>> fit(["preds/"], "rank.npz", n_clusters=8, objects_from="gt_parts", default_class="person")  # doctest: +SKIP
+    """
+    ranker = PartRanker(n_clusters, score_threshold=score_threshold, min_area=min_area,
+                        max_object_fraction=max_object_fraction, max_iter=max_iter, tol=tol, random_state=seed,
+                        device=device)
+    ranker._check_params()
+    _check_objects(objects_from, objects_field)
+    resolve_device(device)
+    opts = _Objects(objects_from, objects_field, default_class)
+    feats, classes, weights, fractions = [], [], [], []
+    counts = {"samples": 0, "proposals": 0, "associated": 0, "candidates": 0}
+    skipped, read_errors = [], []
+    with progress("rank fit") as bar:
+        for sample in iter_samples(inputs, skip_bad=skip_bad, errors=read_errors):
+            try:
+                img = _read(sample, opts)
+            except BadSample as e:
+                if not skip_bad:
+                    raise
+                skipped.append({"key": e.key, "reason": e.reason})
+                continue
+            cand = img.assoc.candidates(img.scores, score_threshold, min_area)
+            feats.append(img.feats[cand])
+            classes.append(img.object_classes()[cand])
+            weights.append(img.scores[cand])
+            fractions.append(img.assoc.cover_fraction[cand])
+            counts["samples"] += 1
+            counts["proposals"] += len(img.scores)
+            counts["associated"] += int((img.assoc.object_index >= 0).sum())
+            counts["candidates"] += int(cand.sum())
+            bar.update()
+    for msg in read_errors:
+        log(f"rank fit: skipped unreadable input: {msg}")
+    if counts["samples"] == 0:
+        raise PartkitError("rank fit: the input holds no usable samples; check the input shards")
+    if counts["candidates"] == 0:
+        raise PartkitError(f"rank fit: no candidate parts in {counts['samples']} samples ({counts['associated']} of "
+                           f"{counts['proposals']} proposals overlap an object); lower --score-threshold "
+                           f"({score_threshold}) or --min-area ({min_area}), or check --objects-from")
+    ranker.fit(np.concatenate(feats), np.concatenate(classes), np.concatenate(weights), np.concatenate(fractions))
+    ranker.save(model_out, {"objects": opts.record(), "counts": counts, "skipped": skipped, "seed": seed})
+    dropped = int(ranker.dropped_.sum())
+    log(f"rank fit: {counts['candidates']} candidates of {counts['proposals']} proposals in {counts['samples']} "
+        f"samples -> {len(ranker.classes_)} classes x k={n_clusters}"
+        f"{f', {dropped} clusters dropped' if dropped else ''}; wrote {model_out}")
+    return ranker
+
+
+def _label_map(img: _Image, rows: np.ndarray, conf: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Object pixels to the part id of their most confident proposal among ``rows`` (others 0)."""
+    out = np.zeros(img.size, np.int64)
+    flat = out.reshape(-1)
+    for m, om in enumerate(img.object_masks):
+        sel = np.flatnonzero(img.assoc.object_index[rows] == m)
+        if not len(sel):
+            continue
+        pix = np.flatnonzero(om.ravel())
+        win = _winners(img.masks.reshape(len(img.masks), -1)[rows[sel]][:, pix], conf[sel])
+        flat[pix[win >= 0]] = ids[sel][win[win >= 0]]
+    return out
+
+
+def _round(x: float) -> float:
+    return float(f"{x:.6g}")
+
+
+def _apply_one(sample: dict, ranker: PartRanker, opts: _Objects, as_targets: bool, model_name: str) -> dict:
+    img = _read(sample, opts)
+    cls = img.object_classes()
+    known = (img.assoc.object_index >= 0) & (ranker.class_index(cls) >= 0)
+    rows = np.flatnonzero(known)
+    score, cluster, dens = ranker.rank(img.feats[rows], cls[rows], img.scores[rows])
+    ids = ranker.part_ids(cls[rows], cluster)
+    keep = ~ranker.dropped_[ranker.class_index(cls[rows]), cluster]
+    cand = img.assoc.candidates(img.scores, ranker.score_threshold, ranker.min_area)[rows]
+    entries = []
+    for i in np.flatnonzero(keep):
+        p, o = img.proposals[rows[i]], img.objects[img.assoc.object_index[rows[i]]]
+        entries.append({"proposal": p.get("id", int(rows[i]) + 1), "object": o["id"], "class": o["class"],
+                        "cluster": int(cluster[i]), "part_id": int(ids[i]), "score": _round(score[i]),
+                        "objectness": _round(img.scores[rows[i]]), "density": _round(dens[i]),
+                        "iou": _round(img.assoc.iou[rows[i]]), "candidate": bool(cand[i]),
+                        "segmentation": p["segmentation"], **{f: p[f] for f in ("bbox", "area") if f in p}})
+    entries.sort(key=lambda e: -e["score"])  # stable: ties keep proposal order
+    assigned = int((img.assoc.object_index >= 0).sum())
+    doc = {"proposals": entries, "objects": img.objects, "classes": ranker.classes_.tolist(),
+           "k": int(ranker.cluster_centers_.shape[1]), "id_scheme": ID_SCHEME, "model": model_name,
+           "dropped": int((~keep).sum()), "unassociated": len(img.scores) - assigned,
+           "unknown_class": assigned - len(rows)}
+    new = {**sample, "ranked.json": encode_json(doc),
+           "ranked_parts.png": encode_png(_label_map(img, rows[keep], score[keep], ids[keep]))}
+    if as_targets:
+        sel = keep & cand
+        new["targets.png"] = encode_png(_label_map(img, rows[sel], score[sel], ids[sel]))
+        new["targets.json"] = encode_json({"classes": {str(i): n for i, n in ranker.id_names().items()},
+                                           "background": 0, "id_scheme": ID_SCHEME, "model": model_name})
+    return new
+
+
+def apply(inputs: Sequence[str], model: str, *, as_targets: bool = False, objects_from: Optional[str] = None,
+          objects_field: Optional[str] = None, default_class: Optional[str] = None, output: Output = Output(),
+          skip_bad: bool = False) -> dict:
+    """Add ``ranked.json`` and ``ranked_parts.png`` (plus ``targets.png``/``targets.json`` with
+    ``as_targets``) to every sample. Object options default to those the model was fitted with.
+
+    >>> apply(["preds/"], "rank.npz", output=Output("ranked/"))  # doctest: +SKIP
+    """
+    ranker = PartRanker.load(model)
+    fitted = ranker.meta_.get("objects", {})
+    opts = _Objects(objects_from or fitted.get("objects_from", "gt_objects"),
+                    objects_field or fitted.get("objects_field", "gt_objects.json"),
+                    default_class if default_class is not None else fitted.get("default_class"))
+    _check_objects(opts.source, opts.field)
+    name = os.path.basename(model)
+    config = {"model": name, "as_targets": as_targets, **opts.record()}
+    return run_stage(inputs, lambda items: items, output=output, name="rank apply", skip_bad=skip_bad, config=config,
+                     prepare=lambda s: _apply_one(s, ranker, opts, as_targets, name))
+
+
+# --------------------------------------------------------------------------------------------
+# Pictures: purity per (class, part cluster)
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name) or "_"
+
+
+def purity_per_class(inputs: Sequence[str], out_dir: str, *, n_rows: int = 3, skip_bad: bool = False) -> dict:
+    """For each class, a figure with one ``n_rows`` x ``n_rows`` grid per part cluster: the
+    highest-scoring instances (from ``ranked.json``), part highlighted; plus ``index.html``."""
+    from . import viz
+
+    grid, k, samples, skipped = None, None, 0, []
+    with progress("show purity --per-class") as bar:
+        for sample in iter_samples(inputs, skip_bad=skip_bad):
+            try:
+                doc = decode_json(sample, "ranked.json")
+                labels = decode_label_map(sample, "ranked_parts.png").astype(np.int64)
+                image = decode_image(sample)
+                if image.shape[:2] != labels.shape:
+                    raise BadSample(sample["__key__"], "ranked_parts.png and the image differ in size")
+            except BadSample as e:
+                if not skip_bad:
+                    raise
+                skipped.append(e.key)
+                continue
+            k = int(doc["k"])
+            if grid is None:
+                grid = viz.PurityGrid(n_rows, title=lambda group, part: f"{group} cluster {(part - 1) % k} (id {part})")
+            best: dict = {}
+            for p in doc["proposals"]:
+                best[p["part_id"]] = max(best.get(p["part_id"], 0.0), p["score"])
+            for j, name in enumerate(doc["classes"]):
+                mine = (labels > j * k) & (labels <= (j + 1) * k)
+                if mine.any():
+                    grid.update(sample["__key__"], image, np.where(mine, labels, 0), group=name,
+                                scores={pid: s for pid, s in best.items() if j * k < pid <= (j + 1) * k})
+            samples += 1
+            bar.update()
+    if grid is None or not grid.groups():
+        raise PartkitError("no ranked parts to draw; run `partkit rank apply` on these samples first")
+    os.makedirs(out_dir, exist_ok=True)
+    files, rows = {}, []
+    for g in grid.groups():
+        fname = f"purity_{_safe(str(g))}.png"
+        files[str(g)] = viz.save_png(os.path.join(out_dir, fname), grid.render(g))
+        rows.append(f"<h2>{_html(str(g))}</h2>\n<img src=\"{fname}\" alt=\"{_html(str(g))}\">")
+    html = ("<!doctype html>\n<meta charset=\"utf-8\">\n<title>partkit purity per class</title>\n"
+            f"<h1>Part clusters per class</h1>\n<p>{samples} samples; each grid shows the highest-scoring instances of "
+            f"one cluster (part id = class_index * {k} + cluster + 1).</p>\n" + "\n".join(rows) + "\n")
+    files["index"] = os.path.join(out_dir, "index.html")
+    write_atomic(files["index"], html.encode("utf-8"))
+    return files
+
+
+def _html(text: str) -> str:
+    import html
+
+    return html.escape(text, quote=True)
