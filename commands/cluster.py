@@ -20,7 +20,8 @@ def main(
     k: Optional[str] = typer.Option(None, "-k", "--k", help="Parts per image/object/dataset/group, or 'auto' (elbow "
                                     "rule). Default: image 25, object 4, dataset 25, cosegment 4."),
     metric: str = typer.Option("cosine", "--metric", help="cosine (L2-normalise features first) or l2."),
-    init: str = typer.Option("k-means++", "--init", help="k-means++ or random."),
+    init: str = typer.Option("k-means++", "--init", help="k-means++ (greedy, as scikit-learn), k-means|| "
+                             "(Bahmani et al.: fewer passes, faster at large k) or random."),
     iters: Optional[int] = typer.Option(None, "--iters", help="Maximum Lloyd iterations [default: 100; dataset: 25]."),
     tol: float = typer.Option(1e-4, "--tol", help="Stop when centres move less than this (relative to the variance)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed [default: the global --seed]."),
@@ -46,7 +47,8 @@ def main(
                                  "images ('none': one group)."),
     votes: float = typer.Option(0.75, "--votes", help="cosegment: fraction of a group's images in which a cluster "
                                 "must be salient to count as foreground."),
-    elbow: float = typer.Option(0.975, "--elbow", help="k auto: smallest k reaching this fraction of the inertia drop."),
+    elbow: float = typer.Option(0.975, "--elbow", help="k auto: the smallest k reaching this fraction of the "
+                                "inertia drop."),
     k_max: int = typer.Option(14, "--k-max", help="k auto: largest k tried (from 2)."),
     max_points_per_centroid: int = typer.Option(256, "--max-points-per-centroid", help="dataset: fit on at most "
                                                 "k times this many cells (a seeded uniform sample)."),

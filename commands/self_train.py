@@ -21,7 +21,7 @@ def main(
     student_init: str = typer.Option("teacher", "--student-init", help="masks: teacher (copy its weights) or scratch."),
     burn_in: int = typer.Option(0, "--burn-in", help="masks: steps with the teacher frozen before it takes the student's weights."),
     ema_decay: float = typer.Option(0.9996, "--ema-decay", help="masks: teacher = a*teacher + (1-a)*student after burn-in (1 = fixed)."),
-    rounds: int = typer.Option(1, "--rounds", help="Rounds of (pseudo-label, train); part-contrast: (cluster, train)."),
+    rounds: Optional[int] = typer.Option(None, "--rounds", help="Rounds of (pseudo-label, train) [1]; part-contrast: (cluster, train) [2]."),
     score_threshold: float = typer.Option(0.7, "--score-threshold", help="masks: keep teacher predictions scoring at least this."),
     min_mask_area: int = typer.Option(5, "--min-mask-area", help="masks: ... whose mask has at least this many cells."),
     labeled: Optional[List[str]] = typer.Option(None, "--labeled", help="masks: shards with ground-truth label maps (semi-supervised)."),
@@ -30,12 +30,18 @@ def main(
     model: str = typer.Option("efficientnet_lite0", "--model", help="part-contrast: backbone to fine-tune."),
     weights: Optional[str] = typer.Option(None, "--weights", help="part-contrast: starting weights."),
     layers: Optional[str] = typer.Option(None, "--layers", help="part-contrast: feature layers."),
-    k: int = typer.Option(25, "-k", help="part-contrast: parts per image (PARTICLE: 25 hypercolumns, 5-7 ViT keys)."),
+    facet: Optional[str] = typer.Option(None, "--facet", help="part-contrast: ViT facet (token, key, query, value)."),
+    k: Optional[int] = typer.Option(None, "-k", help="part-contrast: parts per image [default: 25 for CNNs, 6 for ViTs]."),
     size: int = typer.Option(224, "--size", help="part-contrast: image size."),
-    lr: float = typer.Option(1e-4, "--lr"),
-    batch_size: int = typer.Option(4, "--batch-size", "-b"),
-    max_steps: int = typer.Option(1000, "--max-steps", help="Steps per round."),
-    warmup: int = typer.Option(50, "--warmup"),
+    momentum: float = typer.Option(0.996, "--momentum", help="part-contrast: EMA decay of the momentum encoder."),
+    tau: float = typer.Option(0.1, "--tau", help="part-contrast: temperature (latents scaled to norm 1/sqrt(tau))."),
+    proj_dim: int = typer.Option(256, "--proj-dim", help="part-contrast: projector/predictor output size."),
+    proj_hidden: int = typer.Option(4096, "--proj-hidden", help="part-contrast: projector/predictor hidden size."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="[default: 1e-4 AdamW for masks; 0.005 SGD for part-contrast]"),
+    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="[default: 0.05 masks; 1.5e-6 part-contrast]"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="[default: 4 masks; 16 part-contrast]"),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Steps per round [default: 1000 masks; 500 part-contrast]."),
+    warmup: Optional[int] = typer.Option(None, "--warmup", help="Warm-up steps [default: 50 masks; 5% of steps part-contrast]."),
     crop_grid: int = typer.Option(32, "--crop-grid", help="masks: feature cells per side after cropping."),
     val: Optional[List[str]] = typer.Option(None, "--val", help="masks: held-out shards; teacher and student AR@k are logged."),
     val_every: int = typer.Option(100, "--val-every"),
@@ -61,10 +67,12 @@ def main(
         from partkit.decoder import TrainConfig
         from partkit.selftrain import self_train_masks
 
-        tc = TrainConfig(lr=lr, batch_size=batch_size, max_steps=max_steps, warmup=warmup, crop_grid=crop_grid,
+        given = {"lr": lr, "weight_decay": weight_decay, "batch_size": batch_size, "max_steps": max_steps,
+                 "warmup": warmup}
+        tc = TrainConfig(**{k_: v for k_, v in given.items() if v is not None}, crop_grid=crop_grid,
                          checkpoint_every=checkpoint_every, val_every=val_every, log_every=log_every, stop_at=stop_at)
         self_train_masks(inputs, out, teacher, student_init=student_init, burn_in=burn_in, ema_decay=ema_decay,
-                         rounds=rounds, score_threshold=score_threshold, min_mask_area=min_mask_area, labeled=labeled,
+                         rounds=rounds or 1, score_threshold=score_threshold, min_mask_area=min_mask_area, labeled=labeled,
                          labeled_field=labeled_field, unsup_weight=unsup_weight, train=tc, val=val, resume=resume,
                          device=g.device, seed=g.seed, skip_bad=skip_bad)
     elif objective == "part-contrast":
@@ -72,9 +80,12 @@ def main(
             raise PartkitError("--teacher and --labeled belong to --objective masks; part-contrast needs neither")
         from partkit.contrast import part_contrast
 
-        part_contrast(inputs, out, model=model, weights=weights, layers=_layers(layers), rounds=rounds, k=k,
-                      steps_per_round=max_steps, batch_size=batch_size, lr=lr, size=size, device=g.device,
-                      seed=g.seed, resume=resume, stop_at=stop_at, log_every=log_every,
-                      checkpoint_every=checkpoint_every)
+        given = {"lr": lr, "weight_decay": weight_decay, "batch_size": batch_size, "steps_per_round": max_steps,
+                 "warmup": warmup}
+        part_contrast(inputs, out, model=model, weights=weights, layers=_layers(layers), facet=facet, rounds=rounds or 2,
+                      k=k, size=size, momentum=momentum, tau=tau, proj_dim=proj_dim, proj_hidden=proj_hidden,
+                      device=g.device, seed=g.seed, resume=resume, stop_at=stop_at, log_every=log_every,
+                      checkpoint_every=checkpoint_every, skip_bad=skip_bad,
+                      **{k_: v for k_, v in given.items() if v is not None})
     else:
         raise PartkitError(f"unknown --objective {objective!r}; choose masks or part-contrast")

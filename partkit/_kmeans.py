@@ -3,9 +3,13 @@
 Many small problems (the cells of one image or one object) are sorted by size, cut into chunks
 that fit in cache, zero-padded to ``B x N x D`` and solved together: distances with one
 ``baddbmm``, centroid sums with ``index_add_``. After the first iteration the sums are updated
-only for the cells that changed cluster, and problems that converged leave the chunk. All random
-draws are made per problem on the CPU from the problem's own seed, so a problem's result does not
-depend on which others share its chunk, and CPU and CUDA runs make the same choices.
+only for the cells that changed cluster, and problems that converged leave the chunk. On CPU,
+chunks run in parallel threads of one torch thread each. All random draws are made per problem on
+the CPU from the problem's own seed, so a problem's result does not depend on which others share
+its chunk, and CPU and CUDA runs make the same choices.
+
+torch is imported only where it is used: the faiss path (one big problem) needs numpy and faiss
+alone, so its memory footprint is faiss's (importing torch costs ~500 MB of RSS).
 
 The public wrappers (``KMeans``, ``batched_kmeans``) live in :mod:`partkit.cluster`.
 """
@@ -20,13 +24,15 @@ import numpy as np
 
 from .errors import PartkitError
 
-__all__ = ["KMeansResult", "normalize_rows", "run_batched", "kmeans_plusplus", "kmeans_plusplus_numpy", "faiss_kmeans",
-           "faiss_assign", "elbow_pick"]
+__all__ = ["KMeansResult", "normalize_rows", "run_batched", "kmeans_plusplus", "kmeans_parallel",
+           "kmeans_plusplus_numpy", "faiss_kmeans", "faiss_assign", "elbow_pick"]
 
 METRICS = ("cosine", "l2")
-INITS = ("k-means++", "random")
-# Working-set size of one chunk: ~a quarter of this machine's L3, so a chunk stays in cache
-# across its iterations (measured ~2x faster than one big padded batch).
+INITS = ("k-means++", "k-means||", "random")
+# k-means|| seeding: rounds, and candidates drawn per round per centre
+PARALLEL_ROUNDS, PARALLEL_OVERSAMPLE = 2, 2
+# Working-set size of one chunk: a quarter of this machine's L3, so a chunk stays in cache across
+# its iterations (one padded batch of a hundred images ran several times slower here).
 CHUNK_BYTES = 8 << 20
 
 
@@ -68,11 +74,15 @@ def _draws(seed, n: int, k: int, init: str, trials: Optional[int]) -> dict:
     if init == "random":
         return {"pick": rng.choice(n, size=k, replace=False)}
     L = trials or n_local_trials(k)
+    if init == "k-means||":
+        return {"first": rng.random(), "rounds": rng.random((PARALLEL_ROUNDS, PARALLEL_OVERSAMPLE * k)),
+                "u": rng.random((max(k - 1, 0), L))}
     return {"first": rng.random(), "u": rng.random((max(k - 1, 0), L))}
 
 
 def _take(X: torch.Tensor, b: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
-    """``X[b, i]`` for a ``B x N x ...`` tensor via ``index_select`` (advanced indexing is several times slower on CPU)."""
+    """``X[b, i]`` for a ``B x N x ...`` tensor, via ``index_select`` (advanced indexing is several times
+    slower on CPU)."""
     B, N = X.shape[:2]
     return X.reshape(B * N, *X.shape[2:]).index_select(0, (b * N + i).flatten()).view(*i.shape, *X.shape[2:])
 
@@ -125,6 +135,74 @@ def kmeans_plusplus(X: torch.Tensor, x2: torch.Tensor, mask: torch.Tensor, n: to
         closest = torch.where(take[:, None], _take(d, ar, best), closest)
         pot = torch.where(take, p.gather(1, best[:, None])[:, 0], pot)
     return C, labels, closest
+
+
+def kmeans_parallel(X: torch.Tensor, x2: torch.Tensor, mask: torch.Tensor, n: torch.Tensor, kk: torch.Tensor,
+                    draws: Sequence[dict]):
+    """k-means|| seeding (Bahmani et al. 2012) for a padded batch: a few rounds that each draw
+    ``PARALLEL_OVERSAMPLE * k`` candidates by D^2 sampling (one batched product per round instead
+    of one pass over the cells per centre), then greedy k-means++ on the candidates weighted by
+    the cells nearest to each. Returns the ``B x K x D`` centres."""
+    import torch
+
+    B, N, D = X.shape
+    K = int(kk.max())
+    dev = X.device
+    ar = torch.arange(B, device=dev)
+    R, Lmax = PARALLEL_ROUNDS, PARALLEL_OVERSAMPLE * K
+    U = np.zeros((B, R, Lmax))
+    ok = np.zeros((B, Lmax), dtype=bool)
+    for b, d in enumerate(draws):
+        U[b, :, :d["rounds"].shape[1]] = d["rounds"]
+        ok[b, :d["rounds"].shape[1]] = True
+    U, ok = torch.from_numpy(U).to(dev), torch.from_numpy(ok).to(dev)
+    first = torch.minimum((torch.tensor([d["first"] for d in draws], device=dev) * n.to(torch.float64)).long(), n - 1)
+    picks = [first[:, None]]
+    closest = torch.baddbmm((x2 + _take(x2, ar, first)[:, None])[:, None, :], _take(X, ar, first)[:, None],
+                            X.transpose(1, 2), alpha=-2)[:, 0].clamp_min(0) * mask
+    owner = torch.zeros((B, N), dtype=torch.long, device=dev)
+    for r in range(R):
+        cum = closest.cumsum(1, dtype=torch.float64)
+        cand = torch.minimum(torch.searchsorted(cum, U[:, r] * cum[:, -1:]), (n - 1)[:, None])  # B x L
+        d = torch.baddbmm(x2[:, None, :] + x2.gather(1, cand)[:, :, None], _take(X, ar[:, None], cand),
+                          X.transpose(1, 2), alpha=-2).masked_fill_(~ok[:, :, None], math.inf)
+        dmin, arg = d.min(1)
+        closer = dmin < closest
+        owner = torch.where(closer, arg + 1 + r * Lmax, owner)
+        closest = torch.where(closer, dmin.clamp_min(0), closest) * mask
+        picks.append(cand)
+    cand = torch.cat(picks, 1)  # B x M
+    M = cand.shape[1]
+    valid = torch.cat([torch.ones(B, 1, dtype=torch.bool, device=dev), ok.repeat(1, R)], 1)
+    w = torch.zeros(B, M, dtype=X.dtype, device=dev).scatter_add_(1, owner, mask.to(X.dtype))
+    Y = _take(X, ar[:, None], cand)
+    y2 = x2.gather(1, cand)
+    G = torch.baddbmm(y2[:, :, None] + y2[:, None, :], Y, Y.transpose(1, 2), alpha=-2).clamp_min_(0)
+    # weighted greedy k-means++ over the M candidates (as kmeans_plusplus, on a tiny problem)
+    L = max(d["u"].shape[1] for d in draws) if K > 1 else 1
+    Ut = np.zeros((B, max(K - 1, 0), L))
+    trial_ok = np.zeros((B, L), dtype=bool)
+    for b, d in enumerate(draws):
+        Ut[b, :d["u"].shape[0], :d["u"].shape[1]] = d["u"]
+        trial_ok[b, :d["u"].shape[1]] = True
+    Ut, trial_ok = torch.from_numpy(Ut).to(dev), torch.from_numpy(trial_ok).to(dev)
+    w = w * valid
+    chosen = torch.zeros(B, K, dtype=torch.long, device=dev)
+    j0 = torch.searchsorted(w.cumsum(1, dtype=torch.float64), (torch.tensor([d["first"] for d in draws], device=dev)
+                                                               * w.sum(1, dtype=torch.float64))[:, None])
+    j0 = torch.minimum(j0[:, 0], torch.full_like(j0[:, 0], M - 1))
+    chosen[:, 0] = j0
+    cl = _take(G, ar, j0)
+    for c in range(1, K):
+        wc = (w * cl).cumsum(1, dtype=torch.float64)
+        t = torch.searchsorted(wc, Ut[:, c - 1] * wc[:, -1:]).clamp_max_(M - 1)
+        nd = torch.minimum(_take(G, ar[:, None], t), cl[:, None, :])
+        p = (nd * w[:, None, :]).sum(2, dtype=torch.float64).masked_fill(~trial_ok, math.inf)
+        best = p.argmin(1)
+        take = c < kk
+        chosen[:, c] = torch.where(take, t.gather(1, best[:, None])[:, 0], chosen[:, c])
+        cl = torch.where(take[:, None], _take(nd, ar, best), cl)
+    return _take(Y, ar[:, None], chosen)
 
 
 def _sqnorm(X: torch.Tensor) -> torch.Tensor:
@@ -298,6 +376,8 @@ def _solve_chunk(chunk: list, problems, sizes, kk_all, init, seeds, max_iter, to
             C = X.new_zeros(B, K, D)
             for j, d in enumerate(draws):
                 C[j, :len(d["pick"])] = X[j, torch.from_numpy(d["pick"]).to(dev)]
+        elif init == "k-means||":
+            C = kmeans_parallel(X, x2, mask, n, kk, draws)
         else:
             C, lab0, d0 = kmeans_plusplus(X, x2, mask, n, kk, draws)
             first = (lab0, d0)

@@ -23,13 +23,13 @@ import tempfile
 import warnings
 import zlib
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence, Union
 
 import numpy as np
 
 from ._kmeans import (
-    CHUNK_BYTES, INITS, METRICS, KMeansResult, elbow_pick, faiss_assign, faiss_kmeans, normalize_rows, run_batched,
+    INITS, METRICS, KMeansResult, elbow_pick, faiss_assign, faiss_kmeans, normalize_rows, run_batched,
 )
 from ._log import log
 from ._runtime import resolve_device
@@ -386,7 +386,8 @@ class _Item:
 def _geometry(meta: dict, key: str) -> dict:
     missing = [k for k in GEOMETRY_KEYS if k not in meta]
     if missing:
-        raise BadSample(key, f"feat.json lacks {', '.join(missing)}; re-run `partkit extract` to record the grid geometry")
+        raise BadSample(key, f"feat.json lacks {', '.join(missing)}; "
+                             "re-run `partkit extract` to record the grid geometry")
     return meta
 
 
@@ -427,7 +428,8 @@ def _decode_rle(obj: dict, key: str, size: tuple) -> np.ndarray:
 
     seg = obj.get("segmentation")
     if not isinstance(seg, dict) or "counts" not in seg or "size" not in seg:
-        raise BadSample(key, "gt_objects.json object has no RLE 'segmentation' {size, counts}; re-run `partkit pack --coco`")
+        raise BadSample(key, "gt_objects.json object has no RLE 'segmentation' {size, counts}; "
+                             "re-run `partkit pack --coco`")
     if tuple(seg["size"]) != tuple(size):
         raise BadSample(key, f"gt_objects.json mask size {seg['size']} differs from the image size {list(size)}")
     try:
@@ -650,7 +652,8 @@ def _solve_local(items: list, opts: _Opts) -> list:
         probs = [problems[i] for i in fresh]
         sds = [seeds[i] for i in fresh]
         if opts.k == "auto":
-            got = elbow_kmeans(probs, k_range=(2, opts.k_max), fraction=opts.elbow, init=opts.init, random_state=sds, **kw)
+            got = elbow_kmeans(probs, k_range=(2, opts.k_max), fraction=opts.elbow, init=opts.init,
+                               random_state=sds, **kw)
         else:
             got = batched_kmeans(probs, opts.k, init=opts.init, random_state=sds, **kw)
         for i, r in zip(fresh, got):
@@ -707,7 +710,7 @@ def _replayable(inputs: Sequence[str]) -> Iterator[list]:
                 out.append(path)
             else:
                 out.append(spec)
-        log(f"cluster: --scope needs two passes over the input; buffered the stream in {tmp}")
+        log("cluster: this scope reads the input twice; buffered the stream to a temporary file")
         yield out
 
 
@@ -746,7 +749,8 @@ def _fit_dataset(fit_inputs: Sequence[str], k: int, opts: _Opts, skip_bad: bool)
     if total == 0:
         raise PartkitError("--scope dataset found no feature cells to fit on; check the inputs (and --fg-from)")
     if len({x.shape[1] for x in buf_x}) > 1:
-        raise PartkitError("the samples' features have different channel counts; cluster one model's features at a time")
+        raise PartkitError("the samples' features have different channel counts; "
+                           "cluster one model's features at a time")
     x, _, pos = _keep_smallest(buf_x, buf_key, buf_pos, m)
     train = x[0][np.argsort(pos[0], kind="stable")]
     k_used = min(k, len(train))
@@ -799,8 +803,8 @@ def _assign_global(items: list, centers: np.ndarray, opts: _Opts, extra: dict) -
 def _fit_group(X: np.ndarray, k, opts: _Opts, seed: list) -> KMeansResult:
     """One k-means over a group's cells (torch below FAISS_MIN_ROWS rows, else faiss); ``k`` may be 'auto'."""
     if len(X) >= FAISS_MIN_ROWS and k != "auto":
-        km = KMeans(k, metric="l2", init=opts.init, max_iter=opts.max_iter, random_state=int(zlib.crc32(str(seed).encode())),
-                    device=opts.device, backend="faiss", max_points_per_centroid=opts.max_points_per_centroid).fit(X)
+        km = KMeans(k, metric="l2", init=opts.init, max_iter=opts.max_iter, random_state=zlib.crc32(str(seed).encode()),
+                    backend="faiss", max_points_per_centroid=opts.max_points_per_centroid).fit(X)
         return KMeansResult(km.cluster_centers_, km.labels_, km.inertia_, km.n_iter_, len(km.cluster_centers_), True)
     kw = dict(init=opts.init, max_iter=opts.max_iter, tol=opts.tol, random_state=[seed], device=opts.device)
     if k == "auto":
@@ -876,7 +880,7 @@ def _cosegment(inputs: Sequence[str], opts: _Opts, skip_bad: bool) -> dict:
     results = {}
     for name in sorted(groups, key=lambda g: (g is None, str(g))):
         results.update(_cosegment_group(groups[name], opts, "" if name is None else str(name)))
-        log(f"cluster: group {name!r}: {len(groups[name])} images")
+        log(f"cluster: group {'(no ' + str(opts.group_by) + ')' if name is None else name}: {len(groups[name])} images")
     return results
 
 
@@ -953,7 +957,7 @@ def cluster(
                  max_iter=max_iter or (25 if scope == "dataset" else 100), tol=tol, seed=int(seed),
                  device=resolve_device(device), fg_from=fg_from, fg_threshold=fg_threshold, coverage=coverage,
                  upsample=upsample, min_area=min_area, min_area_action=min_area_action, warm=warm,
-                 warm_name=None if warm_start is None else ("parts" if isinstance(warm, str) else os.path.basename(warm_start)),
+                 warm_name=warm_start if warm_start in (None, "parts") else os.path.basename(warm_start),
                  elbow=elbow, k_max=k_max, votes=votes, group_by=group_by,
                  max_points_per_centroid=max_points_per_centroid)
     config = {"options": opts.record(), "upsample": upsample, "centroids": centroids, "fit_on": list(fit_on or [])}

@@ -40,8 +40,8 @@ CROP_SCALE, CROP_RATIO = (0.08, 1.0), (3 / 4, 4 / 3)
 JITTER = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue (BYOL / PARTICLE)
 # (blur, solarize) probability of the first and second view: BYOL's asymmetric pair
 VIEW_PROBS = ((1.0, 0.0), (0.1, 0.2))
-# options that must match to --resume a run (the rest, e.g. stop_at or log_every, may change)
 _PROBE = 0x9E3779B9  # generator word of the fixed probe views
+# options that must match to --resume a run (the rest, e.g. stop_at or log_every, may change)
 _RESUME_KEYS = ("model", "weights", "layers", "facet", "rounds", "k", "steps_per_round", "batch_size", "lr",
                 "weight_decay", "warmup", "size", "momentum", "tau", "proj_dim", "proj_hidden", "seed", "images_digest")
 
@@ -458,9 +458,9 @@ def part_contrast(
         saved = ckpt.get("config", {})
         for key in _RESUME_KEYS:
             if key in saved and saved[key] != config[key]:
-                what = "the input images" if key == "images_digest" else f"--{key.replace('_', '-')}"
-                raise PartkitError(f"cannot resume {out!r}: {what} differ from the run's ({saved[key]!r} there); "
-                                   f"rerun with the same options or pick a new output folder")
+                what = "the list of input images" if key == "images_digest" else f"--{key.replace('_', '-')}"
+                raise PartkitError(f"cannot resume {out!r}: {what} does not match the run's ({saved[key]!r} "
+                                   f"there, {config[key]!r} now); rerun with the same options or pick a new --out")
         net.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
@@ -496,8 +496,7 @@ def part_contrast(
                 net.train()
                 label_round = r
                 probe = _probe_loss(net, images, labels, fx, k, batch_size, seed)
-                say(f"part-contrast: round {r + 1}/{rounds}: {k} parts per image, k-means inertia {inertia:.1f}, "
-                    f"probe loss {probe:.3f}")
+                say(f"part-contrast: round {r + 1}/{rounds}, {k} parts, inertia {inertia:.1f}, probe loss {probe:.3f}")
             idx = _batch_indices(step, len(images), batch_size, dist.rank, dist.world, seed)
             x1, x2, l1, l2 = make_views([images[i].tensor for i in idx], [labels[i] for i in idx], cell=fx.cell,
                                         size=fx.input_size, mean=backbone.mean, std=backbone.std,

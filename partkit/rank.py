@@ -42,7 +42,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from ._kmeans import CHUNK_BYTES, KMeansResult, _chunks, _draws, _take, normalize_rows
+from ._kmeans import CHUNK_BYTES, KMeansResult, _chunks, _draws
 from ._log import log, progress
 from ._runtime import resolve_device
 from ._version import __version__
@@ -66,12 +66,16 @@ _FORMAT = "partkit-rank-1"
 # Weighted batched k-means
 
 
-def _weighted_plusplus(X, Xt, x2, W, n, kk, draws) -> torch.Tensor:
-    """Greedy k-means++ with sample weights (scikit-learn's rule) on a padded ``B x N x D`` batch
-    (``Xt`` is the same batch as ``B x D x N``)."""
-    B, N, D = X.shape
+def _columns(Xt, b, i) -> torch.Tensor:
+    """Rows ``(b, i)`` of a batch stored transposed (``B x D x N``), as ``len(b) x D``."""
+    return Xt[b, :, i]
+
+
+def _weighted_plusplus(Xt, x2, W, n, kk, draws) -> torch.Tensor:
+    """Greedy k-means++ with sample weights (scikit-learn's rule) on a padded batch ``Xt`` (``B x D x N``)."""
+    B, D, N = Xt.shape
     K = int(kk.max())
-    dev = X.device
+    dev = Xt.device
     ar = torch.arange(B, device=dev)
     L = max(d["u"].shape[1] for d in draws) if K > 1 else 1
     U = np.zeros((B, max(K - 1, 0), L))
@@ -83,68 +87,66 @@ def _weighted_plusplus(X, Xt, x2, W, n, kk, draws) -> torch.Tensor:
     cw = W.cumsum(1, dtype=torch.float64)
     r0 = torch.tensor([d["first"] for d in draws], device=dev, dtype=torch.float64)[:, None] * cw[:, -1:]
     first = torch.minimum(torch.searchsorted(cw, r0)[:, 0], n - 1)  # the first centre is drawn with p ~ weight
-    C = X.new_zeros(B, K, D)
-    C[:, 0] = _take(X, ar, first)
-    closest = (x2 + x2.gather(1, first[:, None]) - 2 * torch.bmm(C[:, :1], Xt)[:, 0]).clamp_min(0)
-    pot = (closest * W).sum(1, dtype=torch.float64)
+    C = Xt.new_zeros(B, K, D)
+    C[:, 0] = _columns(Xt, ar, first)
+    closest = (x2 + x2.gather(1, first[:, None]) - 2 * torch.bmm(C[:, :1], Xt)[:, 0]).clamp_min_(0)
     for c in range(1, K):
         cum = (closest * W).cumsum(1, dtype=torch.float64)
-        cand = torch.minimum(torch.searchsorted(cum, U[:, c - 1] * pot[:, None]), (n - 1)[:, None])  # B x L
-        Xc = _take(X, ar[:, None], cand)
-        d = torch.baddbmm(x2[:, None, :] + x2.gather(1, cand)[:, :, None], Xc, Xt, alpha=-2)  # B x L x N
-        d = torch.minimum(d.clamp_min_(0), closest[:, None, :])
-        p = (d * W[:, None, :]).sum(2, dtype=torch.float64).masked_fill(~trial_ok, math.inf)
+        cand = torch.minimum(torch.searchsorted(cum, U[:, c - 1] * cum[:, -1:]), (n - 1)[:, None])  # B x L
+        Xc = _columns(Xt, ar[:, None], cand)  # B x L x D
+        # bmm then in-place adds: baddbmm with a broadcast input measured 4x slower on CPU
+        d = torch.bmm(Xc, Xt).mul_(-2).add_(x2[:, None, :]).add_(x2.gather(1, cand)[:, :, None]).clamp_min_(0)
+        d = torch.minimum(d, closest[:, None, :], out=d)
+        p = torch.bmm(d, W[:, :, None])[..., 0].masked_fill_(~trial_ok, math.inf)  # potential per candidate
         best = p.argmin(1)
-        take = c < kk
-        C[:, c] = torch.where(take[:, None], _take(Xc, ar, best), C[:, c])
-        closest = torch.where(take[:, None], _take(d, ar, best), closest)
-        pot = torch.where(take, p.gather(1, best[:, None])[:, 0], pot)
+        take = (c < kk)[:, None]
+        C[:, c] = torch.where(take, Xc[ar, best], C[:, c])
+        closest = torch.where(take, d[ar, best], closest)
     return C
 
 
 def _assign(Xt, x2, C, cbad):
     """Nearest valid centre per row: (labels, squared distance)."""
-    c2 = (C * C).sum(-1).masked_fill(cbad, math.inf)
+    c2 = (C * C).sum(-1).masked_fill_(cbad, math.inf)
     # C @ Xt with Xt contiguous (B x D x N): measured 1.5-2x faster on CPU than X @ C^T for k <= 8
-    d, labels = torch.baddbmm(c2[:, :, None], C, Xt, alpha=-2).min(1)
-    return labels, (d + x2).clamp_min(0)
+    d, labels = torch.bmm(C, Xt).mul_(-2).add_(c2[:, :, None]).min(1)
+    return labels, d.add_(x2).clamp_min_(0)
 
 
-def _weighted_lloyd(X, Xt, x2, W, valid, C, cbad, max_iter: int, tol: torch.Tensor):
+def _weighted_lloyd(Xt, x2, W, valid, C, cbad, max_iter: int, tol: torch.Tensor):
     """Lloyd iterations with scikit-learn's stopping rules (strict label convergence, or a centre shift
     below ``tol``; then one more assignment) and its relocation of empty clusters to far points.
 
     The weighted centroid sums are computed in full once, then updated only for the rows that
-    changed cluster (few after the first iterations), which halves the passes over ``X``.
+    changed cluster (few after the first iterations), which halves the passes over the data.
     """
-    B, N, D = X.shape
+    B, D, N = Xt.shape
     K = C.shape[1]
-    dev = X.device
+    dev = Xt.device
     active = torch.ones(B, dtype=torch.bool, device=dev)
     strict = torch.zeros_like(active)
     n_iter = torch.zeros(B, dtype=torch.long, device=dev)
-    base = (torch.arange(B, device=dev) * K)[:, None]
     labels_old = owner = sums = wsum = None
     for it in range(max_iter):
         labels, d = _assign(Xt, x2, C, cbad)
         if it == 0:
-            onehot = X.new_zeros(B, K, N).scatter_(1, labels[:, None, :], W[:, None, :])
-            sums, wsum = torch.bmm(onehot, X), onehot.sum(2)
+            onehot = Xt.new_zeros(B, K, N).scatter_(1, labels[:, None, :], W[:, None, :])
+            sums, wsum = torch.bmm(onehot, Xt.transpose(1, 2)), onehot.sum(2)
             owner = labels.clone()  # the cluster whose sums hold each row
         else:
-            moved = ((labels != owner) & valid & active[:, None]).flatten().nonzero().flatten()
-            if moved.numel():
-                w = W.view(-1).index_select(0, moved)
-                rows = X.view(B * N, D).index_select(0, moved) * w[:, None]
-                new, old = (labels + base).view(-1).index_select(0, moved), (owner + base).view(-1).index_select(0, moved)
+            bi, ii = ((labels != owner) & valid & active[:, None]).nonzero(as_tuple=True)
+            if bi.numel():
+                w = W[bi, ii]
+                rows = _columns(Xt, bi, ii) * w[:, None]
+                new, old = bi * K + labels[bi, ii], bi * K + owner[bi, ii]
                 sums.view(B * K, D).index_add_(0, new, rows).index_add_(0, old, rows, alpha=-1)
                 wsum.view(-1).index_add_(0, new, w).index_add_(0, old, w, alpha=-1)
-                owner.view(-1).index_copy_(0, moved, labels.view(-1).index_select(0, moved))
+                owner[bi, ii] = labels[bi, ii]
         empty = (wsum <= 0) & ~cbad & active[:, None]
         for b in empty.any(1).nonzero().flatten().tolist():
             far = torch.argsort(d[b].masked_fill(~valid[b], -1.0), descending=True, stable=True)
             for j, i in zip(empty[b].nonzero().flatten().tolist(), far.tolist()):
-                old_j, xw = int(owner[b, i]), X[b, i] * W[b, i]
+                old_j, xw = int(owner[b, i]), Xt[b, :, i] * W[b, i]
                 sums[b, old_j] -= xw
                 wsum[b, old_j] -= W[b, i]
                 sums[b, j], wsum[b, j], owner[b, i] = xw, W[b, i], j
@@ -158,65 +160,74 @@ def _weighted_lloyd(X, Xt, x2, W, valid, C, cbad, max_iter: int, tol: torch.Tens
         if not active.any():
             break
         labels_old = labels
-    labels, d = _assign(Xt, x2, C, cbad)
+    if not bool(strict.all()):  # else labels and distances already belong to the final centres
+        labels, d = _assign(Xt, x2, C, cbad)
     return C, labels, (d * W).sum(1, dtype=torch.float64), n_iter, strict | ~active
 
 
-def weighted_kmeans(problems: Sequence[np.ndarray], weights: Sequence[np.ndarray], n_clusters, *,
-                    max_iter: int = 300, tol: float = 1e-4, seeds: Optional[Sequence] = None, device="cpu",
-                    chunk_bytes: int = CHUNK_BYTES) -> list[KMeansResult]:
-    """Weighted k-means (k-means++ seeding, Lloyd) on many problems at once, batched on padded tensors.
+def weighted_kmeans(X: np.ndarray, sample_weight: np.ndarray, groups: Sequence[np.ndarray], n_clusters, *,
+                    metric: str = "l2", max_iter: int = 300, tol: float = 1e-4, seeds: Optional[Sequence] = None,
+                    device="cpu", chunk_bytes: int = CHUNK_BYTES) -> list[KMeansResult]:
+    """Weighted k-means (k-means++ seeding, Lloyd) of each group of rows of ``X``, all groups batched.
 
-    ``problems[i]`` is ``n_i x D`` (used as given), ``weights[i]`` its ``n_i`` positive sample
-    weights; ``n_clusters`` is one k or one per problem (``min(k, n_i)`` centres are used).
-    ``inertia`` is the weighted sum of squared distances, as scikit-learn's with ``sample_weight``.
-    Problem i draws its random numbers from ``seeds[i]`` (default ``[0, i]``) alone.
+    ``groups[i]`` holds the row numbers of problem i; ``sample_weight`` (one positive weight per row)
+    weights the means and the inertia, as scikit-learn's ``sample_weight``. ``n_clusters`` is one k or
+    one per problem (``min(k, n_i)`` centres are used). ``metric="cosine"`` L2-normalises the rows
+    first (inside each batch, so ``X`` is never copied whole). Problem i draws its random numbers
+    from ``seeds[i]`` (default ``[0, i]``) alone, so its result does not depend on the other groups.
 
-    >>> X = np.random.default_rng(0).normal(size=(50, 4)).astype(np.float32)
-    >>> [r.n_clusters for r in weighted_kmeans([X, X[:2]], [np.ones(50), np.ones(2)], 3)]
+    >>> X = np.random.default_rng(0).normal(size=(52, 4)).astype(np.float32)
+    >>> [r.n_clusters for r in weighted_kmeans(X, np.ones(52), [np.arange(50), np.arange(50, 52)], 3)]
     [3, 2]
     """
     if max_iter < 1:
         raise PartkitError(f"max_iter must be at least 1, got {max_iter}")
-    problems = [np.ascontiguousarray(p, dtype=np.float32) for p in problems]
-    weights = [np.asarray(w, dtype=np.float32).reshape(-1) for w in weights]
-    if len(weights) != len(problems):
-        raise PartkitError(f"{len(weights)} weight vectors for {len(problems)} problems; give one per problem")
-    for i, (p, w) in enumerate(zip(problems, weights)):
-        if p.ndim != 2 or len(w) != len(p):
-            raise PartkitError(f"problem {i}: features {p.shape} and {len(w)} weights do not match")
-        if len(w) and not (np.isfinite(w).all() and w.min() > 0):
-            raise PartkitError(f"problem {i}: sample weights must be positive and finite")
-    ks = [int(n_clusters)] * len(problems) if np.isscalar(n_clusters) else [int(k) for k in n_clusters]
-    if len(ks) != len(problems) or (ks and min(ks) < 1):
-        raise PartkitError("n_clusters must be one positive k, or one per problem")
-    seeds = [[0, i] for i in range(len(problems))] if seeds is None else list(seeds)
+    if metric not in ("l2", "cosine"):
+        raise PartkitError(f"unknown metric {metric!r}; use l2 or cosine")
+    X = np.asarray(X, dtype=np.float32)
+    w_all = np.asarray(sample_weight, dtype=np.float32).reshape(-1)
+    if X.ndim != 2 or len(w_all) != len(X):
+        raise PartkitError(f"X must be n x D with one weight per row; got X {X.shape} and {len(w_all)} weights")
+    if len(w_all) and not (np.isfinite(w_all).all() and w_all.min() > 0):
+        raise PartkitError("sample weights must be positive and finite")
+    groups = [np.asarray(g, dtype=np.int64).reshape(-1) for g in groups]
+    ks = [int(n_clusters)] * len(groups) if np.isscalar(n_clusters) else [int(k) for k in n_clusters]
+    if len(ks) != len(groups) or (ks and min(ks) < 1):
+        raise PartkitError("n_clusters must be one positive k, or one per group")
+    seeds = [[0, i] for i in range(len(groups))] if seeds is None else list(seeds)
     dev = torch.device(device)
-    D = problems[0].shape[1] if problems else 0
-    results: list[Optional[KMeansResult]] = [None] * len(problems)
-    sizes = [len(p) for p in problems]
+    D = X.shape[1]
+    results: list[Optional[KMeansResult]] = [None] * len(groups)
+    sizes = [len(g) for g in groups]
     for i, n in enumerate(sizes):
         if n == 0:
             results[i] = KMeansResult(np.zeros((0, D), np.float32), np.zeros(0, np.int64), 0.0, 0, 0, True)
-    for chunk in _chunks(sizes, D, chunk_bytes):
+    chunks = list(_chunks(sizes, D, chunk_bytes))
+    # one buffer for every chunk: fresh 10-100 MB allocations cost page faults on each chunk
+    buf = np.empty(max((len(c) * sizes[c[0]] for c in chunks), default=0) * D, np.float32)
+    for chunk in chunks:
         B, N = len(chunk), sizes[chunk[0]]
-        Xn, Wn = np.empty((B, N, D), np.float32), np.zeros((B, N), np.float32)
+        Xn, Wn = buf[:B * D * N].reshape(B, D, N), np.zeros((B, N), np.float32)
         for j, i in enumerate(chunk):
-            Xn[j, :sizes[i]], Xn[j, sizes[i]:], Wn[j, :sizes[i]] = problems[i], 0, weights[i]
-        X, W = torch.from_numpy(Xn).to(dev), torch.from_numpy(Wn).to(dev)
-        Xt = X.transpose(1, 2).contiguous()
+            Xn[j, :, :sizes[i]], Xn[j, :, sizes[i]:], Wn[j, :sizes[i]] = X[groups[i]].T, 0, w_all[groups[i]]
+        Xt, W = torch.from_numpy(Xn).to(dev), torch.from_numpy(Wn).to(dev)
         n = torch.tensor([sizes[i] for i in chunk], device=dev)
         kk = torch.tensor([min(ks[i], sizes[i]) for i in chunk], device=dev)
         valid = torch.arange(N, device=dev)[None, :] < n[:, None]
-        x2 = torch.linalg.vector_norm(X, dim=-1).square()
+        x2 = torch.linalg.vector_norm(Xt, dim=1).square()
+        if not bool(torch.isfinite(x2).all()):
+            raise PartkitError("features hold NaN or inf values")
+        if metric == "cosine":
+            norm = x2.sqrt()
+            Xt /= norm.clamp_min(1e-12)[:, None, :]
+            x2 = (norm > 0).to(x2.dtype)  # unit rows; zero rows stay zero
         # scikit-learn's tolerance: tol x the mean per-feature variance, = (E||x||^2 - ||E x||^2) / D
-        mean = X.sum(1).double() / n[:, None]
+        mean = Xt.sum(2).double() / n[:, None]
         tol_b = tol * (x2.sum(1, dtype=torch.float64) / n - (mean * mean).sum(1)).clamp_min(0) / D
         draws = [_draws(seeds[i], sizes[i], min(ks[i], sizes[i]), "k-means++", None) for i in chunk]
-        C = _weighted_plusplus(X, Xt, x2, W, n, kk, draws)
+        C = _weighted_plusplus(Xt, x2, W, n, kk, draws)
         cbad = torch.arange(C.shape[1], device=dev)[None, :] >= kk[:, None]
-        C, labels, inertia, n_iter, conv = _weighted_lloyd(X, Xt, x2, W, valid, C, cbad, max_iter,
-                                                           tol_b.to(X.dtype))
+        C, labels, inertia, n_iter, conv = _weighted_lloyd(Xt, x2, W, valid, C, cbad, max_iter, tol_b.to(Xt.dtype))
         for j, i in enumerate(chunk):
             k = int(kk[j])
             results[i] = KMeansResult(C[j, :k].cpu().numpy(), labels[j, :sizes[i]].cpu().numpy().astype(np.int64),
@@ -227,9 +238,13 @@ def weighted_kmeans(problems: Sequence[np.ndarray], weights: Sequence[np.ndarray
 def density(X: np.ndarray, centers: np.ndarray) -> np.ndarray:
     """Eq. 2 for one class: ``r[i, k] = softmax_k(-||X[i] - centers[k]||^2)`` (rows of X as given)."""
     X = np.asarray(X, np.float32)
+    return _softmax_neg_sqdist(X @ np.asarray(centers, np.float32).T, (X * X).sum(1, dtype=np.float64), centers)
+
+
+def _softmax_neg_sqdist(dots: np.ndarray, x2: np.ndarray, centers: np.ndarray) -> np.ndarray:
+    """softmax_k(-||x - c_k||^2) from the dot products ``x . c_k`` and the squared norms ``||x||^2``."""
     C = np.asarray(centers, np.float32)
-    d = (X * X).sum(1, dtype=np.float64)[:, None] - 2.0 * (X @ C.T).astype(np.float64) \
-        + (C * C).sum(1, dtype=np.float64)[None, :]
+    d = x2[:, None] - 2.0 * dots.astype(np.float64) + (C * C).sum(1, dtype=np.float64)[None, :]
     z = -np.maximum(d, 0.0)
     z -= z.max(1, keepdims=True)
     e = np.exp(z)
@@ -306,17 +321,11 @@ class PartRanker:
         y = np.asarray(y).astype(str)
         if X.ndim != 2 or len(X) != len(y) or len(X) == 0:
             raise PartkitError(f"X must be n x D with one class per row and n >= 1; got X {X.shape}, {len(y)} classes")
-        if not np.isfinite(X).all():
-            raise PartkitError("proposal features hold NaN or inf values")
         w = np.ones(len(X), np.float32) if sample_weight is None else np.asarray(sample_weight, np.float32)
         k = int(self.n_clusters)
         self.classes_, inverse = np.unique(y, return_inverse=True)
         rows = _group_rows(inverse, len(self.classes_))
-        order = np.concatenate(rows)
-        X = normalize_rows(X[order], "cosine")  # sorted by class once, so each class is a view
-        bounds = np.cumsum([0] + [len(r) for r in rows])
-        res = weighted_kmeans([X[a:b] for a, b in zip(bounds, bounds[1:])], [w[r] for r in rows], k,
-                              max_iter=self.max_iter, tol=self.tol,
+        res = weighted_kmeans(X, w, rows, k, metric="cosine", max_iter=self.max_iter, tol=self.tol,
                               seeds=[_class_seed(self.random_state, c) for c in self.classes_],
                               device=resolve_device(str(self.device)))
         C, D = len(self.classes_), X.shape[1]
@@ -360,18 +369,20 @@ class PartRanker:
         r = np.zeros((len(X), self.cluster_centers_.shape[1]))
         if len(X) == 0:
             return r
-        X = normalize_rows(X, "cosine")
-        if X.shape[1] != self.n_features_in_:
-            raise PartkitError(f"features have {X.shape[1]} dimensions but the ranking model was fitted on "
-                               f"{self.n_features_in_}; use proposals from the same decoder")
+        if X.ndim != 2 or X.shape[1] != self.n_features_in_:
+            raise PartkitError(f"features have shape {X.shape} but the ranking model was fitted on "
+                               f"{self.n_features_in_} dimensions; use proposals from the same decoder")
         ci = self.class_index(y)
         if (ci < 0).any():
             raise PartkitError(f"class {np.asarray(y)[ci < 0][0]!r} is not in the model; known: "
                                f"{', '.join(self.classes_[:10])}")
+        # rows are L2-normalised on the fly (x / |x|, so |x|^2 = 1, 0 for zero rows) rather than copied
+        norm = np.sqrt(np.einsum("ij,ij->i", X, X, dtype=np.float64))
+        inv = np.where(norm > 0, 1.0 / np.maximum(norm, 1e-12), 0.0)
         for j, rows in enumerate(_group_rows(ci, len(self.classes_))):  # one small product per class
             if len(rows):
-                kj = int(self.n_clusters_[j])
-                r[rows, :kj] = density(X[rows], self.cluster_centers_[j, :kj])
+                C = self.cluster_centers_[j, :int(self.n_clusters_[j])]
+                r[rows, :len(C)] = _softmax_neg_sqdist((X[rows] @ C.T) * inv[rows, None], (norm[rows] > 0) * 1.0, C)
         return r
 
     def rank(self, X, y, objectness=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

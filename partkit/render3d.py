@@ -1,9 +1,9 @@
 """Point-splatting renderer in torch: views of a point cloud, the point seen at every pixel, and back.
 
-Each point is drawn as a disk of ``radius`` pixels at its projected centre; a z-buffer keeps
-the nearest. Depth and point index are packed into one int64 key (depth in the high bits), so
-one ``scatter_reduce(amin)`` over all views and splat offsets resolves visibility, with no loop
-over points. The result keeps, for every pixel, the index of the visible point (-1 for
+Each point is drawn as a square of half-width ``radius`` pixels at its projected centre; a
+z-buffer keeps the nearest. Depth and point index are packed into one int64 key (depth in the
+high bits), so one ``scatter_reduce(amin)`` over all views, then a min filter for the splat
+extent, resolve visibility with no loop over points. The result keeps, for every pixel, the index of the visible point (-1 for
 background), which is what back-projection of 2D labels needs.
 
 >>> r = render_points(points, normals, size=224)  # doctest: +SKIP
@@ -85,15 +85,8 @@ def make_cameras(elevations: Sequence[float] = DEFAULT_ELEVATIONS, azimuths: Seq
 
 
 def auto_radius(num_points: int, size: int) -> int:
-    """A splat radius (pixels) that closes the gaps between points without blurring parts."""
+    """A splat half-width (pixels) that closes the gaps between points without blurring parts."""
     return max(1, math.ceil(0.9 * size / math.sqrt(max(num_points, 1))))
-
-
-def _disk(radius: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    r = torch.arange(-radius, radius + 1, device=device)
-    dy, dx = torch.meshgrid(r, r, indexing="ij")
-    keep = dx * dx + dy * dy <= radius * radius + radius // 2
-    return dx[keep], dy[keep]
 
 
 @dataclass
@@ -115,44 +108,46 @@ def _zbuffer(cams: Cameras, points: torch.Tensor, radius: int, near: float, far:
              hole_depth: float = 0.1) -> torch.Tensor:
     """Packed (depth, index) key of the nearest splat at every pixel, (V, H*W); ``_EMPTY`` if none.
 
-    The buffer is padded by ``radius`` on every side, so every splat offset of a point whose
-    centre is in the image stays in bounds: one flat add and one scatter per offset, no masks.
-    ``fill`` > 0 then closes see-through holes (:func:`_fill_holes`) within that many pixels.
+    Each point's key goes to its centre pixel with one ``scatter_reduce(amin)`` over all views;
+    a square splat of half-width ``radius`` is then a min filter of that buffer (the nearest
+    point whose splat covers a pixel is the nearest centre within ``radius`` of it). ``fill`` > 0
+    then closes see-through holes (:func:`_fill_holes`) within that many pixels.
     """
     V, N, S = len(cams), len(points), cams.size
-    P = S + 2 * radius
     px, py, z = cams.project(points)
     x0, y0 = px.floor().to(torch.int64), py.floor().to(torch.int64)
     inside = (x0 >= 0) & (x0 < S) & (y0 >= 0) & (y0 < S) & (z > 0)
     q = ((z - near) / (far - near)).clamp(0, 1) * _DEPTH_LEVELS
     key = (q.to(torch.int64) << _INDEX_BITS) | torch.arange(N, device=points.device)  # nearer first, then lower index
-    key = torch.where(inside, key, torch.full_like(key, _EMPTY))
+    key = torch.where(inside, key, torch.full_like(key, _EMPTY))  # outside points aim at pixel 0 and never win
     view = torch.arange(V, device=points.device)[:, None]
-    # points outside the image aim at an in-bounds pixel with the empty key, which never wins
-    base = torch.where(inside, (view * P + y0 + radius) * P + x0 + radius,
-                       torch.full_like(x0, radius * P + radius)).reshape(-1)
-    key = key.reshape(-1)
-    keys = torch.full((V * P * P,), _EMPTY, dtype=torch.int64, device=points.device)
-    dx, dy = _disk(radius, "cpu")
-    for off in (dy * P + dx).tolist():  # a loop over the disk (13 offsets at radius 2), not the points
-        keys.scatter_reduce_(0, base + off, key, reduce="amin")
-    keys = keys.view(V, P, P)[:, radius:radius + S, radius:radius + S]
+    flat = torch.where(inside, (view * S + y0) * S + x0, torch.zeros_like(x0))
+    keys = torch.full((V * S * S,), _EMPTY, dtype=torch.int64, device=points.device)
+    keys.scatter_reduce_(0, flat.reshape(-1), key.reshape(-1), reduce="amin")
+    keys = keys.view(V, S, S)
+    if radius > 0:
+        keys = _window_min(keys, radius)
     if fill > 0:
         keys = _fill_holes(keys, fill, int(hole_depth / (far - near) * _DEPTH_LEVELS))
     return keys.reshape(V, S * S)
 
 
 def _window_min(keys: torch.Tensor, w: int) -> torch.Tensor:
-    """Minimum over a (2w+1)^2 window, as two separable passes of shifted minima (int64 has no min-pool)."""
+    """Minimum over the (2w+1)^2 window around each pixel of (V, H, W) int64 keys (int64 has no min-pool).
+
+    Separable, and each axis by doubling: log2(2w+1) + 1 elementwise minima instead of 2w+1.
+    """
+    length = 2 * w + 1
     out = keys
     for dim in (1, 2):
         n = out.shape[dim]
         pad = torch.full(out.shape[:dim] + (w,) + out.shape[dim + 1:], _EMPTY, dtype=out.dtype, device=out.device)
-        padded = torch.cat([pad, out, pad], dim)
-        acc = out.clone()
-        for o in range(2 * w + 1):
-            acc = torch.minimum(acc, padded.narrow(dim, o, n))
-        out = acc
+        f = torch.cat([pad, out, pad], dim)
+        m = 1
+        while 2 * m <= length:  # f[i] = min over [i, i + m) of the padded axis
+            f = torch.minimum(f.narrow(dim, 0, f.shape[dim] - m), f.narrow(dim, m, f.shape[dim] - m))
+            m *= 2
+        out = torch.minimum(f.narrow(dim, 0, n), f.narrow(dim, length - m, n))
     return out
 
 

@@ -85,6 +85,17 @@ def test_cosine_is_scale_invariant_and_l2_is_not():
     np.testing.assert_allclose(np.linalg.norm(a.cluster_centers_, axis=1) <= 1 + 1e-5, True)
 
 
+@pytest.mark.parametrize("init", ["k-means||", "random"])
+def test_other_inits_find_the_blobs_and_do_not_depend_on_batching(init):
+    X, y = blobs(seed=7)
+    others = [blobs(n, 16, 3, seed=n)[0] for n in (30, 200)]
+    alone = batched_kmeans([X], 4, init=init, random_state=[[1, 2]])[0]
+    together = batched_kmeans([*others, X], 4, init=init, random_state=[[0, 0], [0, 1], [1, 2]])[2]
+    np.testing.assert_array_equal(alone.labels, together.labels)
+    if init == "k-means||":
+        assert adjusted_rand_score(y, alone.labels) == 1.0
+
+
 def test_random_init_relocates_empty_clusters():
     X = np.concatenate([np.zeros((50, 2)), [[10, 0], [11, 0], [0, 12]]]).astype(np.float32)
     for seed in range(5):

@@ -96,3 +96,11 @@ def test_open_clip_tower_gives_dense_tokens():
     with torch.inference_mode():
         feats, sal = bb.forward_features(torch.randn(1, 3, 64, 64), [1], facet="value", saliency=True)
     assert feats[0].shape == (1, 64, 4, 4) and sal.shape == (1, 4, 4)
+
+
+def test_weights_file_carries_its_preprocessing(tmp_path):
+    bb = create_backbone("efficientnet_lite0")
+    path = tmp_path / "ft.pt"
+    torch.save({"backbone": bb.net.state_dict(), "mean": list(bb.mean), "std": list(bb.std)}, path)
+    again = create_backbone("efficientnet_lite0", str(path))
+    assert again.mean == bb.mean and again.std == bb.std  # not timm's 0.5/0.5 for tf_efficientnet_lite0

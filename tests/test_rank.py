@@ -139,6 +139,13 @@ def test_density_matches_a_direct_computation():
     assert ids.tolist() == [(0 if c == "a" else 3) + k + 1 for c, k in zip(y, cluster)]
 
 
+def _solve(problems, weights, k, **kw):
+    """weighted_kmeans on a list of problems (stacked, one group each)."""
+    bounds = np.cumsum([0] + [len(p) for p in problems])
+    return weighted_kmeans(np.concatenate(problems), np.concatenate(weights),
+                           [np.arange(a, b) for a, b in zip(bounds, bounds[1:])], k, **kw)
+
+
 def test_weighted_kmeans_inertia_matches_sklearn_sample_weight():
     from sklearn.cluster import KMeans
     from sklearn.datasets import make_blobs
@@ -149,25 +156,32 @@ def test_weighted_kmeans_inertia_matches_sklearn_sample_weight():
             yield X.astype(np.float32), np.random.default_rng(i).uniform(0.3, 1.0, n)
 
     separated = list(blobs(1.0))
-    results = weighted_kmeans([X for X, _ in separated], [w for _, w in separated], 6)
+    results = _solve([X for X, _ in separated], [w for _, w in separated], 6)
     for (X, w), r in zip(separated, results):
         ref = KMeans(6, n_init=1, random_state=0).fit(X, sample_weight=w)
         assert r.inertia == pytest.approx(ref.inertia_, rel=0.01)
         assert r.inertia == pytest.approx(np.sum(w * np.sum((X - r.centers[r.labels]) ** 2, axis=1)), rel=1e-4)
         # Lloyd alone: scikit-learn started from our seeding ends where we end.
-        same_start = KMeans(6, n_init=1, init=r.centers)
-        assert same_start.fit(X, sample_weight=w).inertia_ == pytest.approx(r.inertia, rel=1e-4)
+        same_start = KMeans(6, n_init=1, init=r.centers).fit(X, sample_weight=w)
+        assert same_start.inertia_ == pytest.approx(r.inertia, rel=1e-4)
     for X, w in blobs(4.0):  # overlapping blobs: local minima differ per seed, so compare the best of 10
-        ours = weighted_kmeans([X] * 10, [w] * 10, 6, seeds=[[s, 0] for s in range(10)])
+        ours = _solve([X] * 10, [w] * 10, 6, seeds=[[s, 0] for s in range(10)])
         ref = KMeans(6, n_init=10, random_state=0).fit(X, sample_weight=w)
         assert min(r.inertia for r in ours) == pytest.approx(ref.inertia_, rel=0.01)
         assert all(r.converged for r in ours)
-    # Results do not depend on which problems share a batch.
-    alone = weighted_kmeans([separated[1][0]], [separated[1][1]], 6, seeds=[[0, 1]])[0]
+    # Results do not depend on which problems share a batch, nor on the order of the rows given.
+    alone = _solve([separated[1][0]], [separated[1][1]], 6, seeds=[[0, 1]])[0]
     np.testing.assert_allclose(alone.centers, results[1].centers, rtol=1e-5, atol=1e-5)
-    # Weights pull the centre: one cluster is the weighted mean.
-    X = np.array([[0.0], [1.0]], np.float32)
-    assert weighted_kmeans([X], [np.array([3.0, 1.0])], 1)[0].centers[0, 0] == pytest.approx(0.25)
+    # Weights pull the centre: one cluster is the weighted mean; cosine normalises the rows first.
+    X = np.array([[0.0, 1.0], [2.0, 0.0]], np.float32)
+    assert _solve([X], [np.array([3.0, 1.0])], 1)[0].centers[0].tolist() == pytest.approx([0.5, 0.75])
+    assert _solve([X], [np.array([3.0, 1.0])], 1, metric="cosine")[0].centers[0].tolist() == pytest.approx([0.25, 0.75])
+    # Duplicate points leave clusters empty after seeding: they are relocated, never NaN.
+    dup = np.repeat(np.array([[0.0], [1.0], [5.0]], np.float32), [2, 2, 1], axis=0)
+    r = _solve([dup], [np.ones(5)], 4)[0]
+    assert np.isfinite(r.centers).all() and r.inertia == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(PartkitError, match="NaN or inf"):
+        _solve([np.full((3, 2), np.nan, np.float32)], [np.ones(3)], 2)
 
 
 def test_same_seed_same_model_and_outputs(tmp_path, shard_factory):

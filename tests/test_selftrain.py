@@ -122,3 +122,24 @@ def test_self_train_ddp_two_processes(teacher, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     ckpt = torch.load(tmp_path / "st" / "last.pt", weights_only=False)
     assert ckpt["step"] == 2 and ckpt["config"]["world"] == 2 and "teacher" in ckpt
+
+
+def test_cli_objectives_and_option_errors(tmp_path, cihp_dir):
+    from typer.testing import CliRunner
+
+    from commands.main import app
+    from partkit.io import Output
+    from partkit.pack import pack
+
+    runner = CliRunner()
+    pack([str(cihp_dir / "images")], output=Output(str(tmp_path / "imgs")))
+    res = runner.invoke(app, ["self-train", str(tmp_path / "imgs"), "--out", str(tmp_path / "x")])
+    assert res.exit_code == 2 and "needs --teacher" in res.stderr
+    res = runner.invoke(app, ["self-train", str(tmp_path / "imgs"), "--out", str(tmp_path / "x"), "--objective", "nope"])
+    assert res.exit_code == 2 and "unknown --objective" in res.stderr
+    res = runner.invoke(app, ["--seed", "1", "self-train", str(tmp_path / "imgs"), "--objective", "part-contrast",
+                              "--out", str(tmp_path / "pc"), "--model", "timm:vit_tiny_patch16_224", "--weights", "none",
+                              "--size", "32", "-k", "3", "--max-steps", "1", "--rounds", "1", "--batch-size", "2",
+                              "--proj-hidden", "32", "--proj-dim", "16"])
+    assert res.exit_code == 0, res.stderr
+    assert (tmp_path / "pc" / "backbone.pt").exists()

@@ -21,8 +21,9 @@ __all__ = ["create_backbone", "create_clip", "list_backbones", "register_backbon
            "Backbone", "FACETS", "find_local"]
 
 
-def _load_into(net, spec: BackboneSpec, path: str) -> None:
-    sd = load_state_dict(path)
+def _load_into(net, spec: BackboneSpec, path: str) -> dict:
+    """Load weights into ``net``; returns the preprocessing (mean/std) the file carries, if any."""
+    sd, prep = load_state_dict(path, with_preprocessing=True)
     ref = list(net.state_dict())
     remap = spec.remap or (presets.remap_by_order(ref) if spec.package_cfg.get("remap") == "by_order" else None)
     if remap is not None:
@@ -33,6 +34,7 @@ def _load_into(net, spec: BackboneSpec, path: str) -> None:
         raise PartkitError(
             f"weights file {path!r} does not fit {spec.name}: {len(missing)} missing and {len(unexpected)} "
             f"unexpected keys (e.g. {', '.join(show)}); pass weights saved for this architecture")
+    return prep
 
 
 def create_backbone(name: str, weights: Optional[str] = None) -> Backbone:
@@ -90,11 +92,12 @@ def _create_timm(spec: BackboneSpec, arch: str, src: WeightSource) -> Backbone:
             net = timm.create_model(full, pretrained=True, **kwargs)
     else:
         net = timm.create_model(arch, pretrained=False, **kwargs)
-        if src.kind in ("file", "package"):
-            _load_into(net, spec, src.value)
+        prep = _load_into(net, spec, src.value) if src.kind in ("file", "package") else {}
     cfg = dict(net.pretrained_cfg)
     if src.kind == "package":
         cfg.update({k: v for k, v in spec.package_cfg.items() if k in ("mean", "std")})
+    if src.kind in ("file", "package"):
+        cfg.update(prep)  # statistics saved with fine-tuned weights win
     net.eval()
     cls = TimmViT if is_vit else TimmCNN
     return cls(spec.name, net, cfg.get("mean", (0.5,) * 3), cfg.get("std", (0.5,) * 3), src.describe(),
@@ -108,8 +111,9 @@ def _create_open_clip(spec: BackboneSpec, arch: str, src: WeightSource, model=No
     visual = model.visual
     if not hasattr(visual, "conv1") or not hasattr(visual, "transformer"):
         raise PartkitError(f"{spec.name}: only open_clip ViT image towers give dense features; pick a ViT-* model")
-    mean = getattr(visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN
-    std = getattr(visual, "image_std", None) or open_clip.OPENAI_DATASET_STD
+    prep = getattr(model, "partkit_preprocessing", {})
+    mean = prep.get("mean") or getattr(visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN
+    std = prep.get("std") or getattr(visual, "image_std", None) or open_clip.OPENAI_DATASET_STD
     visual.eval()
     return OpenClipViT(spec.name, visual, mean, std, src.describe(), default_layers=spec.default_layers or (-1,))
 
@@ -154,7 +158,7 @@ def _open_clip_model(spec: BackboneSpec, arch: str, src: WeightSource):
             return open_clip.create_model(arch, pretrained=src.value)
     model = open_clip.create_model(arch, pretrained=None)
     if src.kind in ("file", "package"):
-        _load_into(model, spec, src.value)
+        model.partkit_preprocessing = _load_into(model, spec, src.value)  # mean/std saved with the weights
     return model
 
 

@@ -101,23 +101,34 @@ def offline_error(spec: BackboneSpec, reason: str = "") -> PartkitError:
     )
 
 
-def load_state_dict(path: str) -> dict:
-    """Read a state dict from .safetensors/.pt/.pth; unwraps ``{"state_dict"|"model"|"backbone": ...}``."""
+def load_state_dict(path: str, with_preprocessing: bool = False):
+    """Read a state dict from .safetensors/.pt/.pth; unwraps ``{"state_dict"|"model"|"backbone": ...}``.
+
+    With ``with_preprocessing``, also returns the ``mean``/``std`` a partkit-saved file carries
+    (fine-tuned weights keep the statistics they were trained with).
+    """
     try:
         if path.endswith(".safetensors"):
             from safetensors.torch import load_file
 
-            sd = load_file(path)
+            raw = load_file(path)
         else:
             import torch
 
-            sd = torch.load(path, map_location="cpu", weights_only=True)
+            raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise PartkitError(f"cannot read weights file {path!r}: not a valid torch/safetensors file "
                            f"({type(e).__name__}); re-download or re-export it") from None
+    sd = raw
     for key in ("backbone", "state_dict", "model"):
         if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
             sd = sd[key]
+            break
     if not isinstance(sd, dict) or not sd:
         raise PartkitError(f"weights file {path!r} holds no state dict")
-    return {k[7:] if k.startswith("module.") else k: v for k, v in sd.items()}
+    sd = {k[7:] if k.startswith("module.") else k: v for k, v in sd.items()}
+    if not with_preprocessing:
+        return sd
+    prep = {k: tuple(float(x) for x in raw[k]) for k in ("mean", "std") if isinstance(raw, dict) and k in raw
+            and isinstance(raw[k], (list, tuple))}
+    return sd, prep
