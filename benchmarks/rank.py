@@ -113,7 +113,8 @@ def main(argv=None) -> int:
     res = {}
     for name in ("partkit", "sklearn"):
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--n", str(args.n), "--dim", str(args.dim),
-               "--classes", str(args.classes), "-k", str(args.k), "--seed", str(args.seed), "--repeat", str(args.repeat)]
+               "--classes", str(args.classes), "-k", str(args.k), "--seed", str(args.seed),
+               "--repeat", str(args.repeat)]
         env = dict(os.environ)
         if args.threads:
             env.update({v: str(args.threads) for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")})
@@ -121,15 +122,16 @@ def main(argv=None) -> int:
         res[name] = json.loads(out.stdout.strip().splitlines()[-1])
     for name, label in (("partkit", "partkit batched"), ("sklearn", "sklearn loop")):
         r = res[name]
-        print(f"{label:16s} fit {r['fit_s']:7.3f} s  apply {r['apply_s']:6.3f} s  total {r['fit_s'] + r['apply_s']:7.3f} s"
+        print(f"{label:16s} fit {r['fit_s']:7.3f} s  apply {r['apply_s']:6.3f} s  "
+              f"total {r['fit_s'] + r['apply_s']:7.3f} s"
               f" (CPU {r['cpu_s']:7.3f} s)  inertia {r['inertia']:.2f}  peak RSS {r['peak_rss_mb']:7.1f} MB "
               f"(+{r['peak_rss_mb'] - r['rss_before_mb']:.1f} MB over data and imports)")
     p, s = res["partkit"], res["sklearn"]
     speed = (s["fit_s"] + s["apply_s"]) / (p["fit_s"] + p["apply_s"])
     inertia = p["inertia"] / s["inertia"]
     ok = speed >= 3 and abs(inertia - 1) <= 0.01
-    print(f"speed-up ratio sklearn / partkit: {speed:.2f}x wall (target >= 3x); fit alone {s['fit_s'] / p['fit_s']:.2f}x; "
-          f"CPU time {s['cpu_s'] / p['cpu_s']:.2f}x")
+    print(f"speed-up ratio sklearn / partkit: {speed:.2f}x wall (target >= 3x); "
+          f"fit alone {s['fit_s'] / p['fit_s']:.2f}x; CPU time {s['cpu_s'] / p['cpu_s']:.2f}x")
     print(f"inertia ratio partkit / sklearn: {inertia:.4f} (target within 1%)")
     print(f"peak RSS ratio partkit / sklearn: {p['peak_rss_mb'] / s['peak_rss_mb']:.2f}")
     print("targets met" if ok else "TARGETS NOT MET")

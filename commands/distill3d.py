@@ -32,7 +32,7 @@ def _ints(text: Optional[str], opt: str) -> Optional[tuple]:
 @cli_errors
 def main(
     ctx: typer.Context,
-    inputs: List[str] = typer.Argument(None, help="Input shards of point clouds from `partkit pack` (default '-': stdin)."),
+    inputs: List[str] = typer.Argument(None, help="Point-cloud shards from `partkit pack` (default '-': stdin)."),
     teacher: str = typer.Option("parts", "--teacher", help="2D teacher: 'parts' (unsupervised extract + dataset "
                                                              "k-means, offline) or 'clip' (text-prompted, MaskCLIP)."),
     teacher_model: Optional[str] = typer.Option(None, "--teacher-model", help="Backbone registry name (default: "
@@ -40,7 +40,7 @@ def main(
     weights: Optional[str] = typer.Option(None, "--weights", help="Teacher weights: file, hub tag or 'none'."),
     layers: Optional[str] = typer.Option(None, "--layers", help="parts teacher: backbone layers, e.g. 2,3,4."),
     k: int = typer.Option(8, "-k", help="parts teacher: number of parts to discover (over-segmenting helps)."),
-    parts: Optional[str] = typer.Option(None, "--parts", help="clip teacher: part names, e.g. 'peak,panel' "
+    parts: Optional[str] = typer.Option(None, "--parts", help="clip teacher: part names, e.g. 'panel,peak' "
                                                               "(default: the samples' json 'parts')."),
     category: Optional[str] = typer.Option(None, "--category", help="clip teacher: category in the prompts "
                                                                     "(default: the samples' json)."),
@@ -48,7 +48,8 @@ def main(
                                                                   "the views are every elevation x azimuth."),
     azimuths: str = typer.Option("0,72,144,216,288", "--azimuths", help="Camera azimuths in degrees."),
     size: int = typer.Option(224, "--size", help="Rendered view size in pixels."),
-    radius: Optional[int] = typer.Option(None, "--radius", help="Splat radius in pixels (default: from point count)."),
+    radius: Optional[int] = typer.Option(None, "--radius", help="Splat half-width in pixels (default: from the "
+                                                                "point count and size)."),
     temperature: Optional[float] = typer.Option(None, "--temperature", help="Teacher softmax temperature "
                                                                             "(default 0.05 parts, 0.01 clip)."),
     width: int = typer.Option(64, "--width", help="Student channels per EdgeConv."),

@@ -5,8 +5,6 @@ from typing import List, Optional
 
 import typer
 
-from partkit import rank as R
-
 from ._common import (DropOpt, NumShardsOpt, OutputOpt, OverwriteOpt, ShardIndexOpt, ShardSizeOpt, SkipBadOpt,
                       cli_errors, get_globals, make_output)
 
@@ -48,6 +46,8 @@ def fit(
 
     Example: partkit rank fit preds/ --model-out rank.npz -k 8
     """
+    from partkit import rank as R
+
     g = get_globals(ctx)
     R.fit(inputs or ["-"], model_out, n_clusters=k, score_threshold=score_threshold, min_area=min_area,
           max_object_fraction=max_object_fraction, objects_from=objects_from or "gt_objects",
@@ -78,6 +78,8 @@ def apply(
 
     Part ids: class_index * k + cluster + 1 (0 = background). Example: partkit rank apply preds/ --model rank.npz
     """
+    from partkit import rank as R
+
     R.apply(inputs or ["-"], model, as_targets=as_targets, objects_from=objects_from, objects_field=objects_field,
             default_class=default_class, skip_bad=skip_bad,
             output=make_output(output, shard_size, overwrite, drop, num_shards, shard_index))

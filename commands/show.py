@@ -51,8 +51,11 @@ def purity(
 ):
     """For each discovered part, a 3x3 grid of the images where it is largest, highlighted."""
     if per_class:
+        from partkit.errors import PartkitError
         from partkit.rank import purity_per_class
 
+        if pred != "parts.png":
+            raise PartkitError("--per-class reads ranked_parts.png and ranked.json; drop --pred")
         folder = output[:-4] if output.endswith(".png") else output
         for name, path in purity_per_class(inputs, folder, skip_bad=skip_bad).items():
             log(f"show purity {name}: wrote {path}")

@@ -15,10 +15,9 @@ patch-text similarity for given part names).
 """
 from __future__ import annotations
 
-import json
 import math
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -232,6 +231,7 @@ class PartsTeacher:
         self.num_classes = cfg.k
         self.class_names = [f"part{i}" for i in range(cfg.k)]
         self.kmeans_ = None
+        self.n_init = 3
         self._cache: dict[int, torch.Tensor] = {}
 
     def features(self, images: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
@@ -277,7 +277,9 @@ class PartsTeacher:
                                "raise --size or lower -k")
         rng = np.random.default_rng(self.cfg.seed)
         fit = X if len(X) <= self.cfg.max_cells else X[np.sort(rng.choice(len(X), self.cfg.max_cells, replace=False))]
-        self.kmeans_ = KMeans(self.cfg.k, metric="cosine", random_state=self.cfg.seed).fit(fit)
+        runs = [KMeans(self.cfg.k, metric="cosine", random_state=self.cfg.seed + t).fit(fit)
+                for t in range(self.n_init)]
+        self.kmeans_ = min(runs, key=lambda km: km.inertia_)  # best of n_init starts, as scikit-learn
         self.centers_ = F.normalize(torch.as_tensor(self.kmeans_.cluster_centers_, dtype=torch.float32), dim=1)
         return self
 
@@ -529,6 +531,7 @@ class PartDistiller:
         text = self.text_.to(self.device_) if self.text_ is not None else None
         self.student_ = PointStudent(in_dim, C, width=cfg.width, depth=cfg.depth, k=cfg.knn, text=text).to(self.device_)
         opt = torch.optim.AdamW(self.student_.parameters(), lr=cfg.lr, weight_decay=1e-4)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs, eta_min=0.05 * cfg.lr)
         gen = torch.Generator().manual_seed(cfg.seed)
         cw = self._class_weights(C)
         self.history_, self.backward_epoch_ = [], None
@@ -566,6 +569,8 @@ class PartDistiller:
                         self.backward_epoch_ = epoch + 1
                         cw = self._class_weights(C)
                     prev_ma = ma
+                rec["lr"] = sched.get_last_lr()[0]
+                sched.step()
                 if run_dir is not None:
                     run_dir.log(rec)
                 bar.update(1)

@@ -71,8 +71,12 @@ def _columns(Xt, b, i) -> torch.Tensor:
     return Xt[b, :, i]
 
 
-def _weighted_plusplus(Xt, x2, W, n, kk, draws) -> torch.Tensor:
-    """Greedy k-means++ with sample weights (scikit-learn's rule) on a padded batch ``Xt`` (``B x D x N``)."""
+def _weighted_plusplus(Xt, x2, W, n, kk, draws):
+    """Greedy k-means++ with sample weights (scikit-learn's rule) on a padded batch ``Xt`` (``B x D x N``).
+
+    Returns the centres and, for free, each row's nearest centre and squared distance to it (the
+    first Lloyd assignment).
+    """
     B, D, N = Xt.shape
     K = int(kk.max())
     dev = Xt.device
@@ -90,6 +94,7 @@ def _weighted_plusplus(Xt, x2, W, n, kk, draws) -> torch.Tensor:
     C = Xt.new_zeros(B, K, D)
     C[:, 0] = _columns(Xt, ar, first)
     closest = (x2 + x2.gather(1, first[:, None]) - 2 * torch.bmm(C[:, :1], Xt)[:, 0]).clamp_min_(0)
+    labels = torch.zeros(B, N, dtype=torch.long, device=dev)
     for c in range(1, K):
         cum = (closest * W).cumsum(1, dtype=torch.float64)
         cand = torch.minimum(torch.searchsorted(cum, U[:, c - 1] * cum[:, -1:]), (n - 1)[:, None])  # B x L
@@ -101,8 +106,10 @@ def _weighted_plusplus(Xt, x2, W, n, kk, draws) -> torch.Tensor:
         best = p.argmin(1)
         take = (c < kk)[:, None]
         C[:, c] = torch.where(take, Xc[ar, best], C[:, c])
-        closest = torch.where(take, d[ar, best], closest)
-    return C
+        new = d[ar, best]  # already min(distance to the new centre, closest)
+        labels = torch.where(take & (new < closest), c, labels)
+        closest = torch.where(take, new, closest)
+    return C, labels, closest
 
 
 def _assign(Xt, x2, C, cbad):
@@ -113,7 +120,7 @@ def _assign(Xt, x2, C, cbad):
     return labels, d.add_(x2).clamp_min_(0)
 
 
-def _weighted_lloyd(Xt, x2, W, valid, C, cbad, max_iter: int, tol: torch.Tensor):
+def _weighted_lloyd(Xt, x2, W, valid, C, cbad, max_iter: int, tol: torch.Tensor, first: tuple):
     """Lloyd iterations with scikit-learn's stopping rules (strict label convergence, or a centre shift
     below ``tol``; then one more assignment) and its relocation of empty clusters to far points.
 
@@ -128,7 +135,7 @@ def _weighted_lloyd(Xt, x2, W, valid, C, cbad, max_iter: int, tol: torch.Tensor)
     n_iter = torch.zeros(B, dtype=torch.long, device=dev)
     labels_old = owner = sums = wsum = None
     for it in range(max_iter):
-        labels, d = _assign(Xt, x2, C, cbad)
+        labels, d = first if it == 0 else _assign(Xt, x2, C, cbad)
         if it == 0:
             onehot = Xt.new_zeros(B, K, N).scatter_(1, labels[:, None, :], W[:, None, :])
             sums, wsum = torch.bmm(onehot, Xt.transpose(1, 2)), onehot.sum(2)
@@ -204,30 +211,35 @@ def weighted_kmeans(X: np.ndarray, sample_weight: np.ndarray, groups: Sequence[n
             results[i] = KMeansResult(np.zeros((0, D), np.float32), np.zeros(0, np.int64), 0.0, 0, 0, True)
     chunks = list(_chunks(sizes, D, chunk_bytes))
     # one buffer for every chunk: fresh 10-100 MB allocations cost page faults on each chunk
-    buf = np.empty(max((len(c) * sizes[c[0]] for c in chunks), default=0) * D, np.float32)
+    buf = torch.empty(max((len(c) * sizes[c[0]] for c in chunks), default=0) * D)
+    Xs, ws = torch.from_numpy(X), torch.from_numpy(w_all)
     for chunk in chunks:
         B, N = len(chunk), sizes[chunk[0]]
-        Xn, Wn = buf[:B * D * N].reshape(B, D, N), np.zeros((B, N), np.float32)
+        Xn, Wn, x2 = buf[:B * D * N].view(B, D, N), torch.zeros(B, N), torch.zeros(B, N)
         for j, i in enumerate(chunk):
-            Xn[j, :, :sizes[i]], Xn[j, :, sizes[i]:], Wn[j, :sizes[i]] = X[groups[i]].T, 0, w_all[groups[i]]
-        Xt, W = torch.from_numpy(Xn).to(dev), torch.from_numpy(Wn).to(dev)
+            g = torch.from_numpy(groups[i])
+            rows = Xs.index_select(0, g)
+            norm = torch.linalg.vector_norm(rows, dim=1)
+            if metric == "cosine":
+                rows /= norm.clamp_min(1e-12)[:, None]
+                norm = (norm > 0).to(norm.dtype)  # unit rows; zero rows stay zero
+            Xn[j, :, :sizes[i]].copy_(rows.T)
+            Xn[j, :, sizes[i]:] = 0
+            Wn[j, :sizes[i]], x2[j, :sizes[i]] = ws.index_select(0, g), norm.square()
+        if not bool(torch.isfinite(x2).all()):
+            raise PartkitError("features hold NaN or inf values")
+        Xt, W, x2 = Xn.to(dev), Wn.to(dev), x2.to(dev)
         n = torch.tensor([sizes[i] for i in chunk], device=dev)
         kk = torch.tensor([min(ks[i], sizes[i]) for i in chunk], device=dev)
         valid = torch.arange(N, device=dev)[None, :] < n[:, None]
-        x2 = torch.linalg.vector_norm(Xt, dim=1).square()
-        if not bool(torch.isfinite(x2).all()):
-            raise PartkitError("features hold NaN or inf values")
-        if metric == "cosine":
-            norm = x2.sqrt()
-            Xt /= norm.clamp_min(1e-12)[:, None, :]
-            x2 = (norm > 0).to(x2.dtype)  # unit rows; zero rows stay zero
         # scikit-learn's tolerance: tol x the mean per-feature variance, = (E||x||^2 - ||E x||^2) / D
         mean = Xt.sum(2).double() / n[:, None]
         tol_b = tol * (x2.sum(1, dtype=torch.float64) / n - (mean * mean).sum(1)).clamp_min(0) / D
         draws = [_draws(seeds[i], sizes[i], min(ks[i], sizes[i]), "k-means++", None) for i in chunk]
-        C = _weighted_plusplus(Xt, x2, W, n, kk, draws)
+        C, labels0, d0 = _weighted_plusplus(Xt, x2, W, n, kk, draws)
         cbad = torch.arange(C.shape[1], device=dev)[None, :] >= kk[:, None]
-        C, labels, inertia, n_iter, conv = _weighted_lloyd(Xt, x2, W, valid, C, cbad, max_iter, tol_b.to(Xt.dtype))
+        C, labels, inertia, n_iter, conv = _weighted_lloyd(Xt, x2, W, valid, C, cbad, max_iter, tol_b.to(Xt.dtype),
+                                                           (labels0, d0))
         for j, i in enumerate(chunk):
             k = int(kk[j])
             results[i] = KMeansResult(C[j, :k].cpu().numpy(), labels[j, :sizes[i]].cpu().numpy().astype(np.int64),
@@ -378,6 +390,8 @@ class PartRanker:
                                f"{', '.join(self.classes_[:10])}")
         # rows are L2-normalised on the fly (x / |x|, so |x|^2 = 1, 0 for zero rows) rather than copied
         norm = np.sqrt(np.einsum("ij,ij->i", X, X, dtype=np.float64))
+        if not np.isfinite(norm).all():
+            raise PartkitError("proposal features hold NaN or inf values")
         inv = np.where(norm > 0, 1.0 / np.maximum(norm, 1e-12), 0.0)
         for j, rows in enumerate(_group_rows(ci, len(self.classes_))):  # one small product per class
             if len(rows):
@@ -423,7 +437,8 @@ class PartRanker:
     @classmethod
     def load(cls, path: str) -> "PartRanker":
         if not os.path.isfile(path):
-            raise PartkitError(f"ranking model {path!r} not found; write one with `partkit rank fit ... --model-out {path}`")
+            raise PartkitError(f"ranking model {path!r} not found; write one with "
+                               f"`partkit rank fit ... --model-out {path}`")
         try:
             with np.load(path, allow_pickle=False) as z:
                 arrays = {name: z[name] for name in z.files}
@@ -436,7 +451,8 @@ class PartRanker:
         self.classes_ = np.array(info["classes"])
         self.cluster_centers_ = arrays["centroids"].astype(np.float32)
         self.n_clusters_, self.inertia_ = arrays["n_clusters"], arrays["inertia"]
-        self.counts_, self.object_fraction_, self.dropped_ = arrays["counts"], arrays["object_fraction"], arrays["dropped"]
+        self.counts_, self.dropped_ = arrays["counts"], arrays["dropped"]
+        self.object_fraction_ = arrays["object_fraction"]
         self.n_features_in_ = self.cluster_centers_.shape[2]
         self.meta_ = info
         return self
@@ -584,7 +600,8 @@ def _read_objects(sample: dict, size: tuple, opts: _Objects) -> tuple[list, np.n
     if opts.source == "gt_parts":
         lab = decode_label_map(sample, "gt_parts.png")
         if lab.shape != tuple(size):
-            raise BadSample(key, f"gt_parts.png is {lab.shape[1]}x{lab.shape[0]} but the proposals are {size[1]}x{size[0]}")
+            raise BadSample(key, f"gt_parts.png is {lab.shape[1]}x{lab.shape[0]} but the proposals are "
+                                 f"{size[1]}x{size[0]}")
         mask = (lab != 0) & (lab != (65535 if lab.dtype == np.uint16 else 255))
         if not mask.any():
             return [], np.zeros((0, *size), bool)
@@ -638,7 +655,8 @@ def _check_objects(objects_from: str, objects_field: str) -> None:
     if objects_from not in OBJECT_SOURCES:
         raise PartkitError(f"--objects-from must be one of {', '.join(OBJECT_SOURCES)}, got {objects_from!r}")
     if not objects_field.endswith(".json"):
-        raise PartkitError(f"--objects-field names a JSON field of instances (like gt_objects.json), got {objects_field!r}")
+        raise PartkitError(f"--objects-field names a JSON field of instances (like gt_objects.json), "
+                           f"got {objects_field!r}")
 
 
 def fit(inputs: Sequence[str], model_out: str, *, n_clusters: int = 8, score_threshold: float = 0.3,

@@ -3,11 +3,11 @@
 Each point is drawn as a square of half-width ``radius`` pixels at its projected centre; a
 z-buffer keeps the nearest. Depth and point index are packed into one int64 key (depth in the
 high bits), so one ``scatter_reduce(amin)`` over all views, then a min filter for the splat
-extent, resolve visibility with no loop over points. The result keeps, for every pixel, the index of the visible point (-1 for
-background), which is what back-projection of 2D labels needs.
+extent, resolve visibility with no loop over points. The result keeps, for every pixel, the
+index of the visible point (-1 for background), which is what back-projection of 2D labels needs.
 
 >>> r = render_points(points, normals, size=224)  # doctest: +SKIP
->>> r.image.shape, r.index.shape  # (V, H, W, 3) uint8, (V, H, W) int64
+>>> r.image.shape, r.index.shape  # (V, H, W, 3) uint8, (V, H, W) int64  # doctest: +SKIP
 >>> votes = backproject(r.index, labels_2d, len(points), num_classes=4)  # doctest: +SKIP
 """
 from __future__ import annotations

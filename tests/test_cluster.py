@@ -228,6 +228,17 @@ def test_object_scope_from_gt_parts_and_saliency(shard_factory):
     assert (lab3 == 0).all()  # nothing is salient enough
 
 
+def test_coverage_decides_which_partly_covered_cells_belong_to_the_mask(shard_factory):
+    lab = up(LAYOUT.astype(np.uint8))
+    lab[:, S + 3:2 * S] = 1  # column 1 of cells is 5/8 covered
+    path = shard_factory([sample("a", **{"gt_parts.png": png(lab)})])
+    args = ["--device", "cpu", "cluster", path, "--scope", "object", "--fg-from", "gt_parts", "-k", "2"]
+    _, rec = parts(run_cli(args)[0])
+    assert rec["objects"][0]["cells"] == 56
+    _, rec = parts(run_cli(args + ["--coverage", "0.9"])[0])
+    assert rec["objects"][0]["cells"] == 48 and rec["coverage"] == 0.9
+
+
 # ---------------------------------------------------------------------------------------------
 # scope dataset
 
@@ -269,8 +280,8 @@ def test_dataset_scope_reads_stdin_twice_and_fits_on_a_subset(shard_factory):
     for s, t in zip(from_file, read_shard(result.stdout_bytes)):
         np.testing.assert_array_equal(parts(s)[0], parts(t)[0])
     fit = shard_factory([sample("a", 0)])
-    sub = run_cli(["cluster", path, "--scope", "dataset", "-k", "3", "--fit-on", fit])
-    assert parts(sub[0])[1]["faiss"]["fit_samples"] == 1
+    sub = run_cli(["cluster", path, "--scope", "dataset", "-k", "3", "--fit-on", fit, "--max-points-per-centroid", "4"])
+    assert parts(sub[0])[1]["faiss"]["fit_samples"] == 1 and parts(sub[0])[1]["faiss"]["trained_on"] == 12
     assert same_partition(parts(sub[1])[0], LAYOUT)
 
 

@@ -82,7 +82,8 @@ def test_npy_and_shapenet_txt(tmp_path):
     rows = np.column_stack([xyzn, rng.integers(12, 16, 50)])
     np.savetxt(tmp_path / "1a2b.txt", rows, fmt="%.6f")
     t = read_shape(str(tmp_path / "1a2b.txt"))
-    assert t.labels.dtype == np.int64 and set(t.labels) <= {12, 13, 14, 15} and np.allclose(t.points, xyzn[:, :3], atol=1e-5)
+    assert t.labels.dtype == np.int64 and set(t.labels) <= {12, 13, 14, 15}
+    assert np.allclose(t.points, xyzn[:, :3], atol=1e-5)
     np.save(tmp_path / "bad.npy", np.zeros((4, 5)))
     with pytest.raises(ValueError, match="N x 3"):
         read_shape(str(tmp_path / "bad.npy"))
@@ -143,7 +144,8 @@ def test_pack_meshes_is_deterministic_and_keeps_images_apart(tmp_path, cihp_dir)
 
 
 def test_pack_bad_3d_file_names_it_or_is_skipped(tmp_path):
-    (tmp_path / "broken.ply").write_bytes(b"ply\nformat ascii 1.0\nelement vertex 2\nproperty float x\nend_header\n1\n2\n")
+    (tmp_path / "broken.ply").write_bytes(
+        b"ply\nformat ascii 1.0\nelement vertex 2\nproperty float x\nend_header\n1\n2\n")
     (tmp_path / "ok.npy").write_bytes(b"")
     np.save(tmp_path / "ok.npy", np.zeros((5, 3), np.float32))
     with pytest.raises(BadSample, match="broken.ply"):

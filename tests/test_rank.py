@@ -52,7 +52,8 @@ def _two_class_samples(n=6, seed=0, D=16):
         for j, (cls, (r, c)) in enumerate((("cat", (0, 0)), ("dog", (16, 16)))):
             obj = np.zeros((32, 32), bool)
             obj[r:r + 16, c:c + 16] = True
-            objects.append({"id": j + 1, "category_id": j + 1, "category": cls, "iscrowd": 0, "segmentation": _rle(obj)})
+            objects.append({"id": j + 1, "category_id": j + 1, "category": cls, "iscrowd": 0,
+                            "segmentation": _rle(obj)})
             head, body = obj.copy(), obj.copy()
             head[r + 8:] = False
             body[:r + 8] = False

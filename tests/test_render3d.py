@@ -89,7 +89,8 @@ def test_cameras_and_errors():
     assert len(cams) == 4 and torch.allclose(cams.rotation @ cams.rotation.transpose(1, 2), torch.eye(3), atol=1e-5)
     px, py, z = cams.project(torch.zeros(1, 3))
     assert torch.allclose(px, torch.full_like(px, 32.0)) and torch.allclose(z, torch.full_like(z, 2.5))
-    far = render_points(np.array([[0, 0, 0], [5, 0, 0], [0, -9, 0]], np.float32), size=16, radius=2)
+    far = render_points(np.array([[0, 0, 0], [5, 0, 0], [0, -9, 0]], np.float32), elevations=[0], azimuths=[0],
+                        size=16, radius=2)
     assert set(torch.unique(far.index).tolist()) == {-1, 0}  # points outside the view are dropped, no error
     with pytest.raises(PartkitError, match="N x 3"):
         render_points(np.zeros((0, 3)))
