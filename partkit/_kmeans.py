@@ -487,18 +487,21 @@ def faiss_kmeans(X: np.ndarray, k: int, *, max_iter: int, seed: int, max_points_
     train = X[np.sort(rng.choice(n, size=m, replace=False))] if n > m else X
     train = np.ascontiguousarray(train, dtype=np.float32)
     threads = _faiss_threads(threads)
-    with threadpool_limits(threads):
-        if isinstance(init, str):
-            pool = train
-            if init == "k-means++" and len(train) > k * SEED_POINTS_PER_CENTROID:
-                pool = train[np.sort(_rng([seed, 3]).choice(len(train), k * SEED_POINTS_PER_CENTROID, replace=False))]
-            draws = _draws([seed, 2], len(pool), k, init, trials)
+    if isinstance(init, str):
+        pool = train
+        if init != "random" and len(train) > k * SEED_POINTS_PER_CENTROID:
+            pool = train[np.sort(_rng([seed, 3]).choice(len(train), k * SEED_POINTS_PER_CENTROID, replace=False))]
+        draws = _draws([seed, 2], len(pool), k, "random" if init == "random" else "k-means++", trials)
+        # one BLAS thread: the seeding's products are small, and a second OpenBLAS thread made it ~3x slower
+        with threadpool_limits(1):
             C0 = pool[draws["pick"]] if init == "random" else kmeans_plusplus_numpy(pool, k, draws)
-        else:
-            C0 = np.asarray(init, np.float32)
+    else:
+        C0 = np.asarray(init, np.float32)
+    with threadpool_limits(threads):
         settings = {"niter": int(max_iter), "seed": int(seed), "max_points_per_centroid": int(max_points_per_centroid),
                     "min_points_per_centroid": 1, "trained_on": int(len(train)), "nredo": 1, "spherical": False,
-                    "verbose": False, "init": init if isinstance(init, str) else "warm-start", "threads": threads,
+                    "verbose": False, "threads": threads,
+                    "init": ("random" if init == "random" else "k-means++") if isinstance(init, str) else "warm-start",
                     "seeded_from": int(min(len(train), k * SEED_POINTS_PER_CENTROID))}
         km = faiss.Kmeans(D, k, niter=max_iter, seed=seed, max_points_per_centroid=max_points_per_centroid,
                           min_points_per_centroid=1, nredo=1, spherical=False, verbose=False)

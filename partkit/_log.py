@@ -20,7 +20,7 @@ def set_verbosity(quiet: bool = False, show_progress: Optional[bool] = None) -> 
 
 def log(message: str) -> None:
     if not _state["quiet"]:
-        console.print(message, markup=False)
+        console.print(message, markup=False, soft_wrap=True)  # one log line stays one line in files
 
 
 class _NoProgress:

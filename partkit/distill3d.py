@@ -145,12 +145,13 @@ class PointLabels:
     def gather(cls, index: torch.Tensor, labels: torch.Tensor, conf: torch.Tensor, num_points: int,
                num_classes: int) -> "PointLabels":
         V = index.shape[0]
-        ok = (index >= 0) & (labels >= 0)
-        view = torch.arange(V, device=index.device).view(V, *([1] * (index.ndim - 1))).expand_as(index)
-        key = (view[ok] * num_points + index[ok]) * num_classes + labels[ok].long()
+        pos = ((index >= 0) & (labels >= 0)).reshape(-1).nonzero().squeeze(1)  # once, then cheap gathers
+        view = pos // (index.numel() // V)
+        key = (view * num_points + index.reshape(-1)[pos]) * num_classes + labels.reshape(-1)[pos].long()
         rows, inv = torch.unique(key, return_inverse=True)
-        weight = torch.zeros(len(rows), device=index.device).index_add_(0, inv, conf[ok].float())
-        pixels = torch.zeros(len(rows), device=index.device).index_add_(0, inv, torch.ones_like(conf[ok].float()))
+        c = conf.reshape(-1)[pos].float()
+        weight = torch.zeros(len(rows), device=index.device).index_add_(0, inv, c)
+        pixels = torch.zeros(len(rows), device=index.device).index_add_(0, inv, torch.ones_like(c))
         label = rows % num_classes
         point = (rows // num_classes) % num_points
         return cls(rows // (num_classes * num_points), point, label, weight, pixels, num_points, V, num_classes)

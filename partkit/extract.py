@@ -129,8 +129,8 @@ class FeatureExtractor:
         return feats, (sal.float() if sal is not None else None)
 
     def grid_size(self, x: torch.Tensor) -> Optional[tuple[int, int]]:
-        """The hypercolumn grid of a CNN input batch; ``None`` for ViTs (their maps share one grid)."""
-        return (x.shape[-2] // self.cell, x.shape[-1] // self.cell) if self.backbone.family == "cnn" else None
+        """The hypercolumn grid of a CNN (or pixel) input batch; ``None`` for ViTs (their maps share one grid)."""
+        return (x.shape[-2] // self.cell, x.shape[-1] // self.cell) if self.backbone.family != "vit" else None
 
     @property
     def normalized(self) -> bool:

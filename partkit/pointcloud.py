@@ -316,6 +316,9 @@ def read_shape(path: str, *, index: Optional[int] = None, num_points: int = 2048
     else:
         with np.load(io.BytesIO(data), allow_pickle=False) as npz:
             shape = _npz_shape(npz, index)
+    if shape.points.ndim != 2 or shape.points.shape[1] != 3:
+        raise ValueError(f"points have shape {shape.points.shape}; expected N x 3 (one shape per file, or an npz "
+                         "with an 'offsets' array)")
     if shape.faces is not None and len(shape.faces):
         if shape.faces.min() < 0 or shape.faces.max() >= len(shape.points):
             raise ValueError("faces refer to vertices that do not exist")

@@ -13,13 +13,16 @@ index of the visible point (-1 for background), which is what back-projection of
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
-from .errors import PartkitError
+from .errors import BadSample, PartkitError
+from .io import decode_npy, iter_samples
+from .pointcloud import decode_shape, normalize
 
 __all__ = ["DEFAULT_ELEVATIONS", "DEFAULT_AZIMUTHS", "Cameras", "Rendering", "make_cameras", "auto_radius",
            "render_points", "backproject", "label_colors", "render_views_png", "show_points"]
@@ -137,18 +140,17 @@ def _window_min(keys: torch.Tensor, w: int) -> torch.Tensor:
 
     Separable, and each axis by doubling: log2(2w+1) + 1 elementwise minima instead of 2w+1.
     """
+    V, H, W = keys.shape
     length = 2 * w + 1
-    out = keys
-    for dim in (1, 2):
-        n = out.shape[dim]
-        pad = torch.full(out.shape[:dim] + (w,) + out.shape[dim + 1:], _EMPTY, dtype=out.dtype, device=out.device)
-        f = torch.cat([pad, out, pad], dim)
+    f = torch.full((V, H + 2 * w, W + 2 * w), _EMPTY, dtype=keys.dtype, device=keys.device)
+    f[:, w:w + H, w:w + W] = keys
+    for dim, n in ((1, H), (2, W)):
         m = 1
-        while 2 * m <= length:  # f[i] = min over [i, i + m) of the padded axis
+        while 2 * m <= length:  # f[i] = min over [i, i + m) along the padded axis
             f = torch.minimum(f.narrow(dim, 0, f.shape[dim] - m), f.narrow(dim, m, f.shape[dim] - m))
             m *= 2
-        out = torch.minimum(f.narrow(dim, 0, n), f.narrow(dim, length - m, n))
-    return out
+        f = torch.minimum(f.narrow(dim, 0, n), f.narrow(dim, length - m, n))
+    return f
 
 
 def _fill_holes(keys: torch.Tensor, w: int, depth_q: int) -> torch.Tensor:
@@ -258,10 +260,9 @@ def render_views_png(path: Optional[str], points: np.ndarray, panels: Sequence[t
     """
     from PIL import Image, ImageDraw
 
-    pts = torch.as_tensor(np.asarray(points, np.float32))
-    from .pointcloud import normalize
+    from .viz import save_png
 
-    pts = torch.from_numpy(normalize(pts.numpy())[0])
+    pts = torch.from_numpy(normalize(points)[0])
     cams = make_cameras(elevations, azimuths, size=size)
     rows = []
     for title, values in panels:
@@ -274,10 +275,7 @@ def render_views_png(path: Optional[str], points: np.ndarray, panels: Sequence[t
         rows.append(np.concatenate([np.asarray(bar), row], axis=0))
     picture = np.concatenate(rows, axis=0) if rows else np.full((size, size, 3), 255, np.uint8)
     if path:
-        import os
-
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        Image.fromarray(picture).save(path, format="PNG")
+        save_png(path, picture)
     return picture
 
 
@@ -287,12 +285,6 @@ def show_points(inputs: Sequence[str], out_dir: str, *, fields: Sequence[str] = 
 
     Samples with none of ``fields`` are drawn grey (shading only).
     """
-    import os
-
-    from .errors import BadSample
-    from .io import decode_npy, iter_samples
-    from .pointcloud import decode_shape
-
     if max_samples < 1:
         raise PartkitError(f"--max must be at least 1, got {max_samples}")
     if os.path.isfile(out_dir):

@@ -41,8 +41,8 @@ def test_decoder_recalls_parts_at_least_as_well_as_raw_clusters(clusters):
     raw = [{**s, "proposals.json": encode_json(proposals_from_labels(s, "parts.png"))}
            for s in read_shard(tmp / "parts" / "000000.tar")]
     raw_ar = _ar(write_shard(tmp / "raw.tar", [{k: v for k, v in s.items() if k != "__url__"} for s in raw]))
-    tc = TrainConfig(max_steps=150, batch_size=2, warmup=10, lr=3e-4, crop_grid=20, num_points=256,
-                     checkpoint_every=150, log_every=25)
+    tc = TrainConfig(max_steps=400, batch_size=2, warmup=10, lr=1e-3, crop_grid=20, num_points=256,
+                     checkpoint_every=400, log_every=50)
     train_decoder([str(tmp / "parts")], str(tmp / "run"), train=tc, seed=0,
                   decoder={"num_queries": 30, "hidden_dim": 64, "num_heads": 4, "ffn_dim": 256, "num_layers": 2})
     predict([str(tmp / "parts")], str(tmp / "run"), topk=30, output=Output(str(tmp / "pred")))

@@ -8,14 +8,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import ROOT, SHAPENET, read_shard
+from conftest import ROOT, SHAPENET, read_shard, write_shard
 from partkit.distill3d import PartDistiller, PointLabels, PointStudent, distill_3d, fill_unlabelled
 from partkit.errors import BadSample, PartkitError
 from partkit.io import Output, decode_json, decode_npy
-from partkit.metrics import Contingency, match_clusters, shape_miou
 from partkit.pointcloud import normalize, read_shape
-
-CAP_PARTS = [6, 7]
 
 
 @pytest.fixture(autouse=True)
@@ -36,15 +33,14 @@ def cap_shapes(names=("cap_test", "cap_val")):
     return shapes
 
 
-def miou(gts, preds, parts=CAP_PARTS):
-    """ShapeNetPart per-shape mIoU x100, predicted ids majority-matched to parts over the whole category
-    (as `partkit eval miou-3d`)."""
-    pooled = Contingency()
-    for g, p in zip(gts, preds):
-        pooled.update(g, p)
-    mapping = match_clusters(pooled.table_, "majority")
-    return 100 * float(np.mean([shape_miou(Contingency().update(g, p).table_, parts, mapping)
-                                for g, p in zip(gts, preds)]))
+def miou(gts, preds, path):
+    """`partkit eval miou-3d` (ShapeNetPart per-shape mIoU x100, predicted ids majority-matched to the parts
+    over the category) of per-point predictions."""
+    from partkit.evaluate import evaluate
+
+    write_shard(path, [{"__key__": f"s{i}", "gt_parts.npy": g, "pred_parts.npy": np.asarray(p, np.int64),
+                        "json": b'{"category": "cap"}'} for i, (g, p) in enumerate(zip(gts, preds))])
+    return evaluate([str(path)], ["miou-3d"])["metrics"]["miou-3d"]["value"]
 
 
 def test_point_labels_votes_targets_and_region_iou():
@@ -113,7 +109,7 @@ def test_clip_teacher_end_to_end_with_a_tiny_random_clip(tmp_path):
     assert d.classes_ == ["crown", "visor", "button"]
 
 
-def test_parts_teacher_on_shapenetpart_caps():
+def test_parts_teacher_on_shapenetpart_caps(tmp_path):
     """The parts teacher (efficientnet_lite0 hypercolumns of 10 grey views at 160 px, k=8 dataset k-means)
     on the 16 shared Cap shapes, 3D mIoU with discovered ids majority-matched to the 2 true parts.
 
@@ -132,9 +128,9 @@ def test_parts_teacher_on_shapenetpart_caps():
 
     xyz = [normalize(s.points)[0] for s in shapes]
     km = KMeans(8, metric="l2", random_state=0).fit(np.concatenate(xyz))
-    scores = {"xyz k-means": miou(gts, [km.predict(x) for x in xyz]),
-              "2D-only": miou(gts, [fill_unlabelled(x, p) for x, p in zip(xyz, d.pseudo_labels_)]),
-              "student": miou(gts, student)}
+    scores = {"xyz k-means": miou(gts, [km.predict(x) for x in xyz], tmp_path / "xyz.tar"),
+              "2D-only": miou(gts, [fill_unlabelled(x, p) for x, p in zip(xyz, d.pseudo_labels_)], tmp_path / "2d.tar"),
+              "student": miou(gts, student, tmp_path / "student.tar")}
     print("cap mIoU:", {k: round(v, 1) for k, v in scores.items()}, "backward at epoch", d.backward_epoch_)
     assert d.backward_epoch_ is not None
     assert scores["student"] > scores["2D-only"] + 5 and scores["student"] > scores["xyz k-means"] + 5

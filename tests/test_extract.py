@@ -88,3 +88,10 @@ def test_odd_images_and_bad_images(tmp_path):
     summary = extract([src], model="timm:vit_tiny_patch16_224", weights="none", size=32, skip_bad=True,
                       output=Output(str(tmp_path / "o3")))
     assert summary["skipped"] == 2 and summary["written"] == 3
+
+
+def test_rgb_grid_stride_matches_its_recorded_grid(tmp_path, cihp_shard):
+    extract([cihp_shard], model="rgb", size=64, grid_stride=8, output=Output(str(tmp_path / "r8")))
+    s = read_shard(tmp_path / "r8" / "000000.tar")[0]
+    meta, feat = decode_json(s, "feat.json"), decode_npy(s, "feat.npy")
+    assert meta["stride"] == 8 and list(feat.shape[1:]) == meta["grid"] == [-(-r // 8) for r in meta["resized"]]

@@ -114,3 +114,14 @@ def test_pictures_and_show_points(tmp_path):
     assert res.exit_code == 0, res.output
     files = sorted(p.name for p in (tmp_path / "pics").iterdir())
     assert files == ["cap_val_000.png", "cap_val_001.png"]
+
+
+@pytest.mark.parametrize("w", [1, 2, 3, 5])
+def test_window_min_matches_brute_force(w):
+    from partkit.render3d import _EMPTY, _window_min
+
+    keys = torch.randint(0, 1000, (2, 13, 17))
+    keys[0, 3, 4] = _EMPTY
+    ref = torch.stack([torch.stack([keys[:, max(0, y - w):y + w + 1, max(0, x - w):x + w + 1].amin((1, 2))
+                                    for x in range(17)], -1) for y in range(13)], -2)
+    assert torch.equal(_window_min(keys, w), ref)

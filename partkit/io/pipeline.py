@@ -168,6 +168,7 @@ def run_stage(
                 continue
             yield index, sample
 
+    stream = _prepared(todo(), prepare, prepare_workers, 2 * batch_size + 2)
     try:
         with progress(f"{name}") as bar:
             batch: list = []
@@ -183,7 +184,7 @@ def run_stage(
                 bar.update(len(batch))
                 batch.clear()
 
-            for index, sample, prepared in _prepared(todo(), prepare, prepare_workers, 2 * batch_size + 2):
+            for index, sample, prepared in stream:
                 if batch and index // shard_size != batch[0][0] // shard_size:
                     flush()  # batches never straddle shards, so a shard closes as soon as it is full
                 batch.append((index, sample, prepared))
@@ -197,6 +198,8 @@ def run_stage(
     except BaseException:
         sink.abort()
         raise
+    finally:
+        stream.close()  # close the readers (and worker threads) even when a sample stopped the run
     if totals["read"] == 0 and not (world > 1 and (source is not None or not select_for_rank(expand_urls(inputs), rank, world))):
         raise PartkitError(f"{name}: the input holds no samples; check the input shards (are they empty?)")
     for msg in read_errors:
