@@ -111,3 +111,17 @@ def test_torchrun_two_processes_split_the_shards(tmp_path, cihp_dir):
     assert keys == sorted(p.stem for p in (cihp_dir / "images").glob("*.jpg"))
     # rank 0 took input shards 0, 2, 4 (3 samples -> 2 output shards), rank 1 took 1, 3
     assert sorted(p.name for p in (tmp_path / "out").glob("*.tar")) == ["000000.tar", "000001.tar", "000002.tar"]
+
+
+def test_drop_progress_and_quiet(tmp_path, cihp_dir):
+    src = tmp_path / "p.tar"
+    res = runner.invoke(app, ["pack", str(cihp_dir / "images"), "-o", str(tmp_path / "packed")])
+    assert res.exit_code == 0
+    res = runner.invoke(app, ["--progress", "extract", str(tmp_path / "packed"), "--model", "rgb", "--size", "32",
+                              "--drop", "jpg", "--drop", "json"])
+    assert res.exit_code == 0
+    names = tar_names(res.stdout_bytes)
+    assert names and not any(n.endswith((".jpg", ".json")) and not n.endswith("feat.json") for n in names)
+    assert "extract" in res.stderr  # progress and the summary line went to stderr, the tar to stdout
+    res = runner.invoke(app, ["--quiet", "extract", str(tmp_path / "packed"), "--model", "rgb", "--size", "32"])
+    assert res.exit_code == 0 and res.stderr == ""
