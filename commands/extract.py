@@ -5,7 +5,7 @@ from typing import List, Optional
 
 import typer
 
-from ._common import (DropOpt, InputsArg, NumShardsOpt, OutputOpt, OverwriteOpt, ShardIndexOpt, ShardSizeOpt,
+from ._common import (DropOpt, NumShardsOpt, OutputOpt, OverwriteOpt, ShardIndexOpt, ShardSizeOpt,
                       SkipBadOpt, cli_errors, get_globals, make_output)
 
 

@@ -7,7 +7,7 @@ import typer
 
 from partkit.pack import pack
 
-from ._common import (InputsArg, NumShardsOpt, OutputOpt, OverwriteOpt, ShardIndexOpt, ShardSizeOpt, SkipBadOpt,
+from ._common import (NumShardsOpt, OutputOpt, OverwriteOpt, ShardIndexOpt, ShardSizeOpt, SkipBadOpt,
                       cli_errors, make_output)
 
 

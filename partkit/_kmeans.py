@@ -91,6 +91,22 @@ def _select(v: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return v.index_select(0, rows)
 
 
+def trial_table(draws: list, B: int, K: int, dev):
+    """Per-problem uniform draws of k-means++ local trials, padded into ``B x (K-1) x L`` tensors.
+
+    Returns ``(U, trial_ok)``: the draws and which of the ``L`` trial slots each problem uses.
+    """
+    import torch
+
+    L = max(d["u"].shape[1] for d in draws) if K > 1 else 1
+    U = np.zeros((B, max(K - 1, 0), L))
+    trial_ok = np.zeros((B, L), dtype=bool)
+    for b, d in enumerate(draws):
+        U[b, :d["u"].shape[0], :d["u"].shape[1]] = d["u"]
+        trial_ok[b, :d["u"].shape[1]] = True
+    return torch.from_numpy(U).to(dev), torch.from_numpy(trial_ok).to(dev)
+
+
 def kmeans_plusplus(X: torch.Tensor, x2: torch.Tensor, mask: torch.Tensor, n: torch.Tensor, kk: torch.Tensor,
                     draws: Sequence[dict]):
     """Greedy k-means++ seeding (as scikit-learn) for a padded batch ``B x N x D``.
@@ -104,14 +120,7 @@ def kmeans_plusplus(X: torch.Tensor, x2: torch.Tensor, mask: torch.Tensor, n: to
     K = int(kk.max())
     dev = X.device
     ar = torch.arange(B, device=dev)
-    L = max(d["u"].shape[1] for d in draws) if K > 1 else 1
-    U = np.zeros((B, max(K - 1, 0), L))
-    trial_ok = np.zeros((B, L), dtype=bool)
-    for b, d in enumerate(draws):
-        U[b, :d["u"].shape[0], :d["u"].shape[1]] = d["u"]
-        trial_ok[b, :d["u"].shape[1]] = True
-    U = torch.from_numpy(U).to(dev)
-    trial_ok = torch.from_numpy(trial_ok).to(dev)
+    U, trial_ok = trial_table(draws, B, K, dev)
     nf = n.to(torch.float64)
     first = torch.minimum((torch.tensor([d["first"] for d in draws], device=dev) * nf).long(), n - 1)
     C = X.new_zeros(B, K, D)
@@ -179,13 +188,7 @@ def kmeans_parallel(X: torch.Tensor, x2: torch.Tensor, mask: torch.Tensor, n: to
     y2 = x2.gather(1, cand)
     G = torch.baddbmm(y2[:, :, None] + y2[:, None, :], Y, Y.transpose(1, 2), alpha=-2).clamp_min_(0)
     # weighted greedy k-means++ over the M candidates (as kmeans_plusplus, on a tiny problem)
-    L = max(d["u"].shape[1] for d in draws) if K > 1 else 1
-    Ut = np.zeros((B, max(K - 1, 0), L))
-    trial_ok = np.zeros((B, L), dtype=bool)
-    for b, d in enumerate(draws):
-        Ut[b, :d["u"].shape[0], :d["u"].shape[1]] = d["u"]
-        trial_ok[b, :d["u"].shape[1]] = True
-    Ut, trial_ok = torch.from_numpy(Ut).to(dev), torch.from_numpy(trial_ok).to(dev)
+    Ut, trial_ok = trial_table(draws, B, K, dev)
     w = w * valid
     chosen = torch.zeros(B, K, dtype=torch.long, device=dev)
     j0 = torch.searchsorted(w.cumsum(1, dtype=torch.float64), (torch.tensor([d["first"] for d in draws], device=dev)

@@ -42,7 +42,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from ._kmeans import CHUNK_BYTES, KMeansResult, _chunks, _draws
+from ._kmeans import CHUNK_BYTES, KMeansResult, _chunks, _draws, trial_table
 from ._log import log, progress
 from ._runtime import resolve_device
 from ._version import __version__
@@ -81,13 +81,7 @@ def _weighted_plusplus(Xt, x2, W, n, kk, draws):
     K = int(kk.max())
     dev = Xt.device
     ar = torch.arange(B, device=dev)
-    L = max(d["u"].shape[1] for d in draws) if K > 1 else 1
-    U = np.zeros((B, max(K - 1, 0), L))
-    trial_ok = np.zeros((B, L), dtype=bool)
-    for b, d in enumerate(draws):
-        U[b, :d["u"].shape[0], :d["u"].shape[1]] = d["u"]
-        trial_ok[b, :d["u"].shape[1]] = True
-    U, trial_ok = torch.from_numpy(U).to(dev), torch.from_numpy(trial_ok).to(dev)
+    U, trial_ok = trial_table(draws, B, K, dev)
     cw = W.cumsum(1, dtype=torch.float64)
     r0 = torch.tensor([d["first"] for d in draws], device=dev, dtype=torch.float64)[:, None] * cw[:, -1:]
     first = torch.minimum(torch.searchsorted(cw, r0)[:, 0], n - 1)  # the first centre is drawn with p ~ weight

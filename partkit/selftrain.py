@@ -9,14 +9,13 @@ supervised loss (total = supervised + ``unsup_weight`` x pseudo-label loss).
 """
 from __future__ import annotations
 
-import copy
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .decoder.data import MASK_FACTOR, Example, augment, collate, grid_labels
+from .decoder.data import MASK_FACTOR, Example, augment, collate
 from .decoder.model import PartDecoder
 from .decoder.predict import load_decoder
 from .decoder.train import (DecoderTrainer, OnlineFeatures, TrainConfig, _batch_indices, _features, load_examples,

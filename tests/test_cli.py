@@ -2,7 +2,6 @@
 import os
 import shutil
 import subprocess
-import sys
 
 import pytest
 from typer.testing import CliRunner
@@ -114,7 +113,7 @@ def test_torchrun_two_processes_split_the_shards(tmp_path, cihp_dir):
 
 
 def test_drop_progress_and_quiet(tmp_path, cihp_dir):
-    src = tmp_path / "p.tar"
+
     res = runner.invoke(app, ["pack", str(cihp_dir / "images"), "-o", str(tmp_path / "packed")])
     assert res.exit_code == 0
     res = runner.invoke(app, ["--progress", "extract", str(tmp_path / "packed"), "--model", "rgb", "--size", "32",

@@ -1,7 +1,6 @@
 """partkit pack: real images and labels, COCO instances, bad files."""
 import json
 
-import numpy as np
 import pytest
 from PIL import Image
 

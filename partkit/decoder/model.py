@@ -9,8 +9,8 @@ Each query yields a mask logit map, part/no-part logits, and a feature vector.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
-from typing import Optional, Sequence
+from dataclasses import asdict, dataclass
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F

@@ -1,7 +1,7 @@
 """``partkit predict``: part proposals from a trained decoder, as RLE masks with scores and features."""
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
