@@ -12,6 +12,7 @@ from typing import Iterator, Optional, Sequence
 
 from .errors import BadSample, PartkitError
 from .io import Output, encode_json, run_stage
+from .io.urls import expand_paths
 from .io.codecs import IMAGE_EXTS, _open_checked
 from .pointcloud import POINT_EXTS, list_shapes, prepare_shape
 
@@ -28,28 +29,12 @@ def sample_key(path: str) -> str:
 
 def find_images(specs: Sequence[str], exts: Sequence[str] = IMAGE_EXTS) -> list[str]:
     """Image files (or files with ``exts``) from folders (recursive), globs or paths; sorted within each spec."""
-    from braceexpand import braceexpand
+    def in_folder(folder: str) -> list[str]:
+        return [p for p in glob.glob(os.path.join(glob.escape(folder), "**", "*"), recursive=True)
+                if p.lower().rsplit(".", 1)[-1] in exts and os.path.isfile(p)]
 
-    found: list[str] = []
-    for spec in specs:
-        for part in braceexpand(spec):
-            if os.path.isdir(part):
-                files = sorted(p for p in glob.glob(os.path.join(glob.escape(part), "**", "*"), recursive=True)
-                               if p.lower().rsplit(".", 1)[-1] in exts and os.path.isfile(p))
-                if not files:
-                    what = "images" if tuple(exts) == IMAGE_EXTS else "images, point clouds or meshes"
-                    raise PartkitError(f"folder {part!r} holds no {what} ({', '.join(exts)})")
-                found.extend(files)
-            elif set("*?[") & set(part):
-                files = sorted(glob.glob(part))
-                if not files:
-                    raise PartkitError(f"pattern {part!r} matches no file")
-                found.extend(files)
-            elif os.path.isfile(part):
-                found.append(part)
-            else:
-                raise PartkitError(f"input {part!r} does not exist; check the path")
-    return found
+    what = "images" if tuple(exts) == IMAGE_EXTS else "images, point clouds or meshes"
+    return expand_paths(specs, in_folder, f"{what} ({', '.join(exts)})")
 
 
 def find_inputs(specs: Sequence[str]) -> list[str]:

@@ -9,19 +9,44 @@ import glob
 import os
 import subprocess
 import sys
-from typing import BinaryIO, Iterator, Sequence
+from typing import BinaryIO, Callable, Iterator, Sequence
 
 from braceexpand import braceexpand
 
 from ..errors import PartkitError
 
-__all__ = ["expand_urls", "open_url", "select_for_rank"]
+__all__ = ["expand_paths", "expand_urls", "open_url", "select_for_rank"]
 
 _GLOB_CHARS = set("*?[")
 
 
+def expand_paths(specs: Sequence[str], folder_files: Callable[[str], list[str]], what: str) -> list[str]:
+    """Expand paths, globs, brace patterns and folders (via ``folder_files``) into sorted file lists.
+
+    Each spec's matches are sorted; spec order is kept. ``what`` names the files in errors.
+    """
+    found: list[str] = []
+    for spec in specs:
+        for part in braceexpand(spec):
+            if os.path.isdir(part):
+                files = folder_files(part)
+                if not files:
+                    raise PartkitError(f"folder {part!r} holds no {what}; point at the files or a glob")
+                found.extend(sorted(files))
+            elif _GLOB_CHARS & set(part):
+                files = sorted(glob.glob(part))
+                if not files:
+                    raise PartkitError(f"pattern {part!r} matches no file; check the path")
+                found.extend(files)
+            elif os.path.exists(part):
+                found.append(part)
+            else:
+                raise PartkitError(f"input {part!r} does not exist; check the path")
+    return found
+
+
 def expand_urls(inputs: Sequence[str]) -> list[str]:
-    """Expand input specs into URLs; each spec's matches are sorted, spec order is kept.
+    """Expand input specs into shard URLs; ``-`` and ``pipe:CMD`` pass through, folders give their ``*.tar``.
 
     >>> expand_urls(["shards/{000000..000001}.tar"])  # doctest: +SKIP
     ['shards/000000.tar', 'shards/000001.tar']
@@ -30,22 +55,9 @@ def expand_urls(inputs: Sequence[str]) -> list[str]:
     for spec in inputs:
         if spec == "-" or spec.startswith("pipe:"):
             urls.append(spec)
-            continue
-        for part in braceexpand(spec):
-            if os.path.isdir(part):
-                found = sorted(glob.glob(os.path.join(glob.escape(part), "*.tar")))
-                if not found:
-                    raise PartkitError(f"input folder {part!r} holds no .tar shards; point at the shards or a glob")
-                urls.extend(found)
-            elif _GLOB_CHARS & set(part):
-                found = sorted(glob.glob(part))
-                if not found:
-                    raise PartkitError(f"input pattern {part!r} matches no file; check the path")
-                urls.extend(found)
-            elif os.path.exists(part):
-                urls.append(part)
-            else:
-                raise PartkitError(f"input {part!r} does not exist; check the path (or use '-' for stdin)")
+        else:
+            urls.extend(expand_paths([spec], lambda d: glob.glob(os.path.join(glob.escape(d), "*.tar")),
+                                     ".tar shards"))
     return urls
 
 
