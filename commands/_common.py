@@ -69,6 +69,16 @@ NumShardsOpt = typer.Option(None, "--num-shards", help="Split the input shards o
 ShardIndexOpt = typer.Option(None, "--shard-index", help="Which of the --num-shards processes this is.")
 
 
+def parse_ints(text: Optional[str], opt: str) -> Optional[List[int]]:
+    """``"2,3,-1"`` -> ``[2, 3, -1]``; ``None`` or empty -> ``None``; anything else a one-line error."""
+    if not text:
+        return None
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise PartkitError(f"{opt} must be comma-separated integers, got {text!r}") from None
+
+
 def make_output(output: str, shard_size: int, overwrite: bool, drop: List[str],
                 num_shards: Optional[int], shard_index: Optional[int]) -> Output:
     return Output(path=output, shard_size=shard_size, overwrite=overwrite, drop=tuple(drop),

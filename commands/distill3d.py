@@ -7,7 +7,8 @@ import typer
 
 from partkit.errors import PartkitError
 
-from ._common import DropOpt, OutputOpt, OverwriteOpt, ShardSizeOpt, SkipBadOpt, cli_errors, get_globals, make_output
+from ._common import (DropOpt, OutputOpt, OverwriteOpt, ShardSizeOpt, SkipBadOpt, cli_errors, get_globals,
+                      make_output, parse_ints)
 
 
 def _floats(text: str, opt: str) -> tuple:
@@ -18,15 +19,6 @@ def _floats(text: str, opt: str) -> tuple:
     if not values:
         raise PartkitError(f"{opt} needs at least one angle")
     return values
-
-
-def _ints(text: Optional[str], opt: str) -> Optional[tuple]:
-    if text is None:
-        return None
-    try:
-        return tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise PartkitError(f"{opt} must be comma-separated integers, got {text!r}") from None
 
 
 @cli_errors
@@ -81,7 +73,7 @@ def main(
 
     g = get_globals(ctx)
     cfg = DistillConfig(
-        teacher=teacher, teacher_model=teacher_model, weights=weights, layers=_ints(layers, "--layers"), k=k,
+        teacher=teacher, teacher_model=teacher_model, weights=weights, layers=parse_ints(layers, "--layers"), k=k,
         parts=[p.strip() for p in parts.split(",") if p.strip()] if parts else None, category=category,
         elevations=_floats(elevations, "--elevations"), azimuths=_floats(azimuths, "--azimuths"), size=size,
         radius=radius, temperature=temperature, width=width, depth=depth, knn=knn, points=points,

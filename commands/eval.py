@@ -16,7 +16,7 @@ from partkit._log import console
 from partkit.errors import PartkitError
 from partkit.evaluate import METRICS, EvalOptions, evaluate
 
-from ._common import SkipBadOpt, cli_errors, get_globals
+from ._common import SkipBadOpt, cli_errors, get_globals, parse_ints
 
 _INPUT_CHARS = set("/.*?{[-:")
 
@@ -38,13 +38,6 @@ def split_args(args: List[str]) -> tuple[list[str], list[str]]:
     if not metrics:
         raise PartkitError(f"no metric given; choose from {', '.join(METRICS)}")
     return metrics, inputs or ["-"]
-
-
-def _ints(text: str, opt: str) -> list[int]:
-    try:
-        return [int(k) for k in text.split(",") if k.strip()]
-    except ValueError:
-        raise PartkitError(f"{opt} must be comma-separated integers, got {text!r}") from None
 
 
 def _load_json(path: Optional[str], opt: str):
@@ -144,7 +137,7 @@ def main(
     metrics, inputs = split_args(args)
     options = EvalOptions(
         pred=pred, gt_field=gt_field, region=region, at=at, match=match, match_on=match_on, proposals=proposals,
-        gt=gt, ks=_ints(ks, "--ks"), max_dets=max_dets, feat=feat, patch=patch, exclude_self=exclude_self,
+        gt=gt, ks=parse_ints(ks, "--ks") or [], max_dets=max_dets, feat=feat, patch=patch, exclude_self=exclude_self,
         kpt_min_visibility=kpt_min_v, category_parts=_load_json(category_parts, "--category-parts"),
         probe_train=probe_train, probe_target=probe_target, probe_c=probe_c, seed=g.seed, skip_bad=skip_bad,
         viz_dir=viz, viz_max=viz_max)

@@ -6,18 +6,7 @@ from typing import List, Optional
 import typer
 
 from ._common import (DropOpt, NumShardsOpt, OutputOpt, OverwriteOpt, ShardIndexOpt, ShardSizeOpt,
-                      SkipBadOpt, cli_errors, get_globals, make_output)
-
-
-def _layers(text: Optional[str]) -> Optional[List[int]]:
-    if not text:
-        return None
-    try:
-        return [int(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        from partkit.errors import PartkitError
-
-        raise PartkitError(f"--layers takes comma-separated integers such as 2,3,4 or -1; got {text!r}") from None
+                      SkipBadOpt, cli_errors, get_globals, make_output, parse_ints)
 
 
 @cli_errors
@@ -51,7 +40,7 @@ def main(
     from partkit.extract import extract
 
     g = get_globals(ctx)
-    extract(inputs or ["-"], model=model, weights=weights, layers=_layers(layers), facet=facet, stride=stride,
+    extract(inputs or ["-"], model=model, weights=weights, layers=parse_ints(layers, "--layers"), facet=facet, stride=stride,
             grid_stride=grid_stride, size=size, keep_aspect=keep_aspect, saliency=saliency, batch_size=batch_size,
             workers=workers, device=g.device, dtype=dtype, seed=g.seed, skip_bad=skip_bad,
             output=make_output(output, shard_size, overwrite, drop, num_shards, shard_index))

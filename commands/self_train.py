@@ -7,8 +7,7 @@ import typer
 
 from partkit.errors import PartkitError
 
-from ._common import SkipBadOpt, cli_errors, get_globals
-from .extract import _layers
+from ._common import SkipBadOpt, cli_errors, get_globals, parse_ints
 
 
 @cli_errors
@@ -82,7 +81,7 @@ def main(
 
         given = {"lr": lr, "weight_decay": weight_decay, "batch_size": batch_size, "steps_per_round": max_steps,
                  "warmup": warmup}
-        part_contrast(inputs, out, model=model, weights=weights, layers=_layers(layers), facet=facet, rounds=rounds or 2,
+        part_contrast(inputs, out, model=model, weights=weights, layers=parse_ints(layers, "--layers"), facet=facet, rounds=rounds or 2,
                       k=k, size=size, momentum=momentum, tau=tau, proj_dim=proj_dim, proj_hidden=proj_hidden,
                       device=g.device, seed=g.seed, resume=resume, stop_at=stop_at, log_every=log_every,
                       checkpoint_every=checkpoint_every, skip_bad=skip_bad,

@@ -5,8 +5,7 @@ from typing import List, Optional
 
 import typer
 
-from ._common import SkipBadOpt, cli_errors, get_globals
-from .extract import _layers
+from ._common import SkipBadOpt, cli_errors, get_globals, parse_ints
 
 
 @cli_errors
@@ -53,6 +52,6 @@ def main(
                      warmup=warmup, clip_grad=clip_grad, amp=amp, crop_grid=crop_grid, checkpoint_every=checkpoint_every,
                      val_every=val_every, log_every=log_every, stop_at=stop_at)
     train_decoder(inputs, out, field=field, min_part_area=min_part_area, features=features, model=model,
-                  weights=weights, layers=_layers(layers), size=size,
+                  weights=weights, layers=parse_ints(layers, "--layers"), size=size,
                   decoder={"num_queries": queries, "num_layers": dec_layers, "hidden_dim": hidden}, train=tc,
                   val=val, resume=resume, device=g.device, seed=g.seed, skip_bad=skip_bad)
