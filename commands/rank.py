@@ -51,7 +51,7 @@ def fit(
     g = get_globals(ctx)
     R.fit(inputs or ["-"], model_out, n_clusters=k, score_threshold=score_threshold, min_area=min_area,
           max_object_fraction=max_object_fraction, objects_from=objects_from or "gt_objects",
-          objects_field=objects_field or "gt_objects.json", default_class=default_class, max_iter=max_iter,
+          objects_field=objects_field, default_class=default_class, max_iter=max_iter,
           seed=g.seed, device=g.device, skip_bad=skip_bad)
 
 

@@ -495,12 +495,10 @@ def _foreground(sample: dict, meta: dict, opts: _Opts, h: int, w: int, key: str)
 
 def _load(sample: dict, opts: _Opts) -> _Item:
     key = sample["__key__"]
-    feat = decode_npy(sample, "feat.npy")
+    feat = decode_npy(sample, "feat.npy", 3, "C x h x w")
     meta = decode_json(sample, "feat.json")
-    if feat.ndim != 3 or min(feat.shape) < 1:
+    if min(feat.shape) < 1:
         raise BadSample(key, f"feat.npy has shape {feat.shape}; expected C x h x w")
-    if not np.isfinite(feat).all():
-        raise BadSample(key, "feat.npy holds NaN or inf values; re-extract its features (float16 overflow?)")
     C, h, w = feat.shape
     if "grid" in meta and list(meta["grid"]) != [h, w]:
         raise BadSample(key, f"feat.json grid {meta['grid']} does not match feat.npy's {h}x{w}")
@@ -1007,9 +1005,7 @@ def _load_light(sample: dict, opts: _Opts) -> _Item:
     """Pass 2 of cosegment: only what writing needs (the grid shape and geometry)."""
     key = sample["__key__"]
     meta = decode_json(sample, "feat.json")
-    feat = decode_npy(sample, "feat.npy")
-    if feat.ndim != 3:
-        raise BadSample(key, f"feat.npy has shape {feat.shape}; expected C x h x w")
+    feat = decode_npy(sample, "feat.npy", 3, "C x h x w")
     return _Item(sample, key, meta, tuple(feat.shape[1:]), np.zeros((0, 0), np.float32), [], [])
 
 

@@ -251,16 +251,16 @@ class _Image:
     grid: tuple[int, int]  # valid feature cells
 
 
-def _load_images(inputs: Sequence[str], fx: FeatureExtractor, device, skip_bad: bool) -> tuple[list, int]:
+def _load_images(inputs: Sequence[str], fx: FeatureExtractor, device, skip_bad: bool) -> tuple[list, list]:
     """Every image of the input, resized as ``extract`` would, kept in memory: ``(images, skipped)``."""
-    images, skipped = [], 0
+    images, skipped = [], []
     for sample in iter_samples(inputs, skip_bad=skip_bad):
         try:
             x, geom = fx.preprocess(decode_image(sample, min_size=fx.min_size))
-        except BadSample:
+        except BadSample as e:
             if not skip_bad:
                 raise
-            skipped += 1
+            skipped.append({"key": e.key, "reason": e.reason})
             continue
         rh, rw = geom["resized"]
         # undo the normalisation: the exact resized uint8 pixels (preprocess maps them back bit for bit)
@@ -428,7 +428,7 @@ def part_contrast(
     k = k if k is not None else DEFAULT_K[backbone.family]
     images, skipped = _load_images(inputs, fx, dev, skip_bad)
     if skipped:
-        say(f"part-contrast: skipped {skipped} bad samples")
+        say(f"part-contrast: skipped {len(skipped)} bad samples")
     if not images:
         raise PartkitError("part-contrast: the input holds no images; pack some with `partkit pack`")
     if batch_size > len(images):
@@ -449,8 +449,8 @@ def part_contrast(
               "lr": lr, "weight_decay": weight_decay, "warmup": warmup, "size": size, "momentum": momentum,
               "tau": tau, "proj_dim": proj_dim, "proj_hidden": proj_hidden, "seed": seed, "world": dist.world,
               "images": len(images), "images_digest": digest, "cell": fx.cell, "input_size": fx.input_size,
-              "mean": list(backbone.mean), "std": list(backbone.std), "partkit_version": __version__,
-              "torch": torch.__version__}
+              "mean": list(backbone.mean), "std": list(backbone.std), "skipped_samples": skipped,
+              "partkit_version": __version__, "torch": torch.__version__}
 
     start, centers, labels, label_round, probe = 0, None, None, -1, None
     if resume:

@@ -98,6 +98,9 @@ class DistillConfig:
             raise PartkitError("--elevations and --azimuths need at least one angle each")
         if any(abs(e) > 90 for e in self.elevations):
             raise PartkitError(f"--elevations must lie in -90..90 degrees, got {list(self.elevations)}")
+        if self.teacher != "clip" and (self.parts or self.category):
+            raise PartkitError("--parts and --category name the prompts of --teacher clip; the parts teacher "
+                               "discovers its -k parts without names, so drop them (or use --teacher clip)")
         if self.parts is not None and len(self.parts) < 2:
             raise PartkitError(f"--parts needs at least two part names, got {list(self.parts)}")
         return self
@@ -693,9 +696,6 @@ def distill_3d(inputs: Sequence[str], config: Optional[DistillConfig] = None, *,
         raise PartkitError("distill-3d: no sample holds a readable point cloud ('points.npy'); run `partkit pack` "
                            "on point clouds or meshes first")
     distiller = PartDistiller(cfg)
-    if run is not None:
-        run.write_config({"options": asdict(cfg), "inputs": list(inputs), "shapes": len(shapes),
-                          "partkit_version": __version__})
     distiller.fit(shapes, keys, run_dir=run)
     preds = dict(zip(keys, distiller.predict(shapes)))
     ids = np.asarray(class_ids(distiller, shapes), np.int64)

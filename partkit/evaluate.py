@@ -157,7 +157,13 @@ class SampleView:
 
     @cached_property
     def gt(self) -> np.ndarray:
-        return decode_label_map(self.sample, self.gt_field)
+        gt = decode_label_map(self.sample, self.gt_field)
+        meta = self.meta if isinstance(self.meta, dict) else {}
+        size = (meta.get("height"), meta.get("width"))
+        if None not in size and tuple(gt.shape) != size:
+            raise BadSample(self.key, f"'{self.gt_field}' is {gt.shape[1]}x{gt.shape[0]} but the image is "
+                                      f"{size[1]}x{size[0]} (json); ground truth must be at image size")
+        return gt
 
     @cached_property
     def ignore_id(self) -> int:

@@ -13,7 +13,7 @@ from typing import Iterator, Optional, Sequence
 from .errors import BadSample, PartkitError
 from .io import Output, encode_json, run_stage
 from .io.urls import expand_paths
-from .io.codecs import IMAGE_EXTS, _open_checked
+from .io.codecs import IMAGE_EXTS, MIN_IMAGE_SIDE, _open_checked
 from .pointcloud import POINT_EXTS, list_shapes, prepare_shape
 
 __all__ = ["pack", "find_images", "find_inputs", "sample_key"]
@@ -135,6 +135,10 @@ def pack(
     become 3D samples (:mod:`partkit.pointcloud`); an npz with ``offsets`` gives one per shape.
     """
     files = find_inputs(images)
+    shapes = [p for p in files if _is_3d(p)]
+    if shapes and (labels or coco):
+        raise PartkitError(f"--labels and --coco are for images, but {shapes[0]!r} is a point cloud (3D inputs carry "
+                           "their part labels inside the file); pack images and point clouds separately")
     if points_per_shape < 1:
         raise PartkitError(f"--points-per-shape must be at least 1, got {points_per_shape}")
     entries = [(k, p, i) for p in files
@@ -161,7 +165,7 @@ def pack(
                                  provenance=provenance)
         with open(path, "rb") as f:
             data = f.read()
-        im = _open_checked(data, key, f"image {path}")
+        im = _open_checked(data, key, f"image {path}", MIN_IMAGE_SIDE)
         width, height = im.size
         ext = path.rsplit(".", 1)[-1].lower()
         ext = _EXT_ALIASES.get(ext, ext)

@@ -422,8 +422,9 @@ class PartRanker:
                   "counts": self.counts_, "object_fraction": self.object_fraction_, "dropped": self.dropped_,
                   "meta": np.array(json.dumps(info, sort_keys=True))}
         folder = os.path.dirname(os.path.abspath(path))
-        if not os.path.isdir(folder):
-            raise PartkitError(f"cannot write the model to {path!r}: folder {folder!r} does not exist")
+        if os.path.exists(folder) and not os.path.isdir(folder):
+            raise PartkitError(f"cannot write the model to {path!r}: {folder!r} is a file, not a folder")
+        os.makedirs(folder, exist_ok=True)
         write_atomic(path, _npz_bytes(arrays))
         self.meta_ = info
         return path
@@ -631,8 +632,6 @@ def _read(sample: dict, opts: _Objects) -> _Image:
         raise BadSample(key, f"proposals.npy has shape {feats.shape} for {len(props)} proposals; both must come "
                              "from the same `partkit predict` run")
     feats = feats.astype(np.float32)
-    if not np.isfinite(feats).all():
-        raise BadSample(key, "proposals.npy holds NaN or inf values")
     size = _image_size(sample, props, opts)
     masks = _decode_rles([p["segmentation"] for p in props], key, "proposals.json", size)
     scores = np.array([float(p["score"]) for p in props], np.float64)
@@ -645,17 +644,25 @@ def _read(sample: dict, opts: _Objects) -> _Image:
 # The stages
 
 
-def _check_objects(objects_from: str, objects_field: str) -> None:
-    if objects_from not in OBJECT_SOURCES:
-        raise PartkitError(f"--objects-from must be one of {', '.join(OBJECT_SOURCES)}, got {objects_from!r}")
-    if not objects_field.endswith(".json"):
-        raise PartkitError(f"--objects-field names a JSON field of instances (like gt_objects.json), "
-                           f"got {objects_field!r}")
+def _objects(objects_from: Optional[str], objects_field: Optional[str], default_class: Optional[str],
+             fitted: Optional[dict] = None) -> _Objects:
+    """The object options given, else as fitted, else the defaults; checked."""
+    fitted = fitted or {}
+    source = objects_from or fitted.get("objects_from", "gt_objects")
+    if source not in OBJECT_SOURCES:
+        raise PartkitError(f"--objects-from must be one of {', '.join(OBJECT_SOURCES)}, got {source!r}")
+    if objects_field is not None and source != "gt_objects":
+        raise PartkitError(f"--objects-field names instance masks for --objects-from gt_objects; with {source} "
+                           "the objects come from gt_parts.png, so drop --objects-field")
+    field = objects_field or fitted.get("objects_field", "gt_objects.json")
+    if not field.endswith(".json"):
+        raise PartkitError(f"--objects-field names a JSON field of instances (like gt_objects.json), got {field!r}")
+    return _Objects(source, field, default_class if default_class is not None else fitted.get("default_class"))
 
 
 def fit(inputs: Sequence[str], model_out: str, *, n_clusters: int = 8, score_threshold: float = 0.3,
         min_area: float = 0.05, max_object_fraction: Optional[float] = None, objects_from: str = "gt_objects",
-        objects_field: str = "gt_objects.json", default_class: Optional[str] = None, max_iter: int = 300,
+        objects_field: Optional[str] = None, default_class: Optional[str] = None, max_iter: int = 300,
         tol: float = 1e-4, seed: int = 0, device: str = "auto", skip_bad: bool = False) -> PartRanker:
     """Pool candidate proposals per object class over the input, cluster them, save the model.
 
@@ -665,9 +672,8 @@ def fit(inputs: Sequence[str], model_out: str, *, n_clusters: int = 8, score_thr
                         max_object_fraction=max_object_fraction, max_iter=max_iter, tol=tol, random_state=seed,
                         device=device)
     ranker._check_params()
-    _check_objects(objects_from, objects_field)
+    opts = _objects(objects_from, objects_field, default_class)
     resolve_device(device)
-    opts = _Objects(objects_from, objects_field, default_class)
     feats, classes, weights, fractions = [], [], [], []
     counts = {"samples": 0, "proposals": 0, "associated": 0, "candidates": 0}
     skipped, read_errors = [], []
@@ -768,10 +774,7 @@ def apply(inputs: Sequence[str], model: str, *, as_targets: bool = False, object
     """
     ranker = PartRanker.load(model)
     fitted = ranker.meta_.get("objects", {})
-    opts = _Objects(objects_from or fitted.get("objects_from", "gt_objects"),
-                    objects_field or fitted.get("objects_field", "gt_objects.json"),
-                    default_class if default_class is not None else fitted.get("default_class"))
-    _check_objects(opts.source, opts.field)
+    opts = _objects(objects_from, objects_field, default_class, fitted)
     name = os.path.basename(model)
     config = {"model": name, "as_targets": as_targets, **opts.record()}
     return run_stage(inputs, lambda items: items, output=output, name="rank apply", skip_bad=skip_bad, config=config,

@@ -49,6 +49,10 @@ def grid_labels(sample: dict, field: str, meta: dict) -> np.ndarray:
     gh, gw = meta["grid"]
     if labels.shape == (gh, gw):  # already at grid resolution (cluster's default)
         return np.kron(labels, np.ones((MASK_FACTOR, MASK_FACTOR), np.int32))
+    H, W = meta["image_size"]
+    if labels.shape != (H, W):
+        raise BadSample(sample["__key__"], f"label map '{field}' is {labels.shape[1]}x{labels.shape[0]}, neither "
+                                           f"the feature grid {gw}x{gh} nor the image {W}x{H}; regenerate it")
     return sample_on_grid(labels, meta, MASK_FACTOR)
 
 
@@ -90,8 +94,6 @@ def example_from_sample(sample: dict, *, field: Optional[str] = "parts.png", min
     feat = decode_npy(sample, "feat.npy")
     if feat.ndim != 3 or list(feat.shape[1:]) != list(meta["grid"]):
         raise BadSample(key, f"feat.npy has shape {feat.shape}, not C x {meta['grid']} as feat.json says")
-    if not np.isfinite(feat).all():
-        raise BadSample(key, "feat.npy holds NaN or inf values; re-run `partkit extract`")
     target, ids, classes = targets_from_sample(sample, meta, field=field, min_part_area=min_part_area,
                                                class_map=class_map)
     return Example(key, torch.from_numpy(feat.astype(np.float16)), target, ids, classes, meta)

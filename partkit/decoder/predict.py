@@ -21,8 +21,11 @@ def load_decoder(checkpoint: str, device="cpu", ema: bool = False) -> tuple[Part
     ckpt = load_checkpoint(checkpoint)
     if "decoder_config" not in ckpt:
         raise PartkitError(f"{checkpoint!r} is not a part-decoder checkpoint (no decoder_config)")
+    if ema and "teacher" not in ckpt:
+        raise PartkitError(f"--teacher reads the EMA teacher of a self-train run, but {checkpoint!r} has none "
+                           "(a train-decoder run?); drop --teacher")
     net = PartDecoder(DecoderConfig(**ckpt["decoder_config"]))
-    state = ckpt.get("teacher") if ema and "teacher" in ckpt else ckpt["model"]
+    state = ckpt["teacher"] if ema else ckpt["model"]
     net.load_state_dict(state)
     return net.to(device).eval(), ckpt
 

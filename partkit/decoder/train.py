@@ -71,9 +71,13 @@ class OnlineFeatures:
 
 
 def load_examples(inputs: Sequence[str], *, field: Optional[str], min_part_area: float, rank: int = 0, world: int = 1,
-                  online: Optional[OnlineFeatures] = None, skip_bad: bool = False, class_map=None) -> list:
-    """Read this rank's shards into memory as training examples (features kept as float16)."""
-    examples, skipped = [], 0
+                  online: Optional[OnlineFeatures] = None, skip_bad: bool = False, class_map=None,
+                  skipped: Optional[list] = None) -> list:
+    """Read this rank's shards into memory as training examples (features kept as float16).
+
+    With ``skip_bad``, bad samples are left out and recorded in ``skipped`` as ``{"key", "reason"}``.
+    """
+    examples, skipped = [], skipped if skipped is not None else []
     for sample in iter_samples(inputs, rank=rank, world=world, skip_bad=skip_bad):
         try:
             if online is not None:
@@ -84,15 +88,15 @@ def load_examples(inputs: Sequence[str], *, field: Optional[str], min_part_area:
                 ex.image = x
             else:
                 ex = example_from_sample(sample, field=field, min_part_area=min_part_area, class_map=class_map)
-        except BadSample:
+        except BadSample as e:
             if not skip_bad:
                 raise
-            skipped += 1
+            skipped.append({"key": e.key, "reason": e.reason})
             continue
         ex.sample = {k: v for k, v in sample.items() if k in ("__key__", "gt_parts.png", "gt_objects.json", "json")}
         examples.append(ex)
     if skipped:
-        log(f"skipped {skipped} bad training samples")
+        log(f"skipped {len(skipped)} bad training samples")
     return examples
 
 
@@ -173,9 +177,13 @@ class DecoderTrainer:
             raise missing_field(first["__key__"], field)
         if online is None and (features == "online" or (features == "auto" and "feat.npy" not in first)):
             online = OnlineFeatures(model, weights, layers, size, self.dev)
+        elif online is None and (weights is not None or layers is not None):
+            raise PartkitError("--weights and --layers choose the backbone of --features online, but these inputs "
+                               "are trained on their cached feat.npy; drop them or pass --features online")
         self.online = online
+        self.skipped: list = []
         self.examples = load_examples(inputs, field=field, min_part_area=min_part_area, rank=self.dist.rank,
-                                      world=self.dist.world, online=online, skip_bad=skip_bad)
+                                      world=self.dist.world, online=online, skip_bad=skip_bad, skipped=self.skipped)
         if not self.examples:
             raise PartkitError(f"{self.command}: no usable training samples")
         gt = "gt_parts.png" if val and "gt_parts.png" in first else field
@@ -199,6 +207,7 @@ class DecoderTrainer:
                        "features": "online" if online else "cached", "feature_spec": self.feature_spec,
                        "decoder": self.dcfg.to_dict(), "train": dict(tc.__dict__), "steps": self.steps, "seed": seed,
                        "world": self.dist.world, "val": list(val) if val else None,
+                       "skipped_samples": self.skipped,
                        "partkit_version": __version__, "torch": torch.__version__}
 
     # ---- hooks for subclasses

@@ -4,7 +4,7 @@ from __future__ import annotations
 import io
 import json
 import warnings
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 from PIL import Image
@@ -20,6 +20,8 @@ IMAGE_EXTS = ("jpg", "png", "jpeg", "webp", "bmp", "tif", "tiff")
 # Images above this many pixels are refused before decoding (a 20,000 x 20,000 header
 # would otherwise allocate 1.2 GB); raise it with PARTKIT_MAX_PIXELS.
 MAX_PIXELS = 8192 * 8192
+# Images with a side below this are refused: nothing can be segmented into parts there.
+MIN_IMAGE_SIDE = 8
 Image.MAX_IMAGE_PIXELS = None  # we check sizes ourselves, with a message that says what to do
 
 
@@ -43,7 +45,7 @@ def image_field(sample: dict) -> str:
     raise missing_field(sample["__key__"], "jpg")
 
 
-def _open_checked(data: bytes, key: str, what: str) -> Image.Image:
+def _open_checked(data: bytes, key: str, what: str, min_side: int = 1) -> Image.Image:
     if len(data) == 0:
         raise BadSample(key, f"{what} is empty (0 bytes)")
     try:
@@ -55,6 +57,9 @@ def _open_checked(data: bytes, key: str, what: str) -> Image.Image:
     w, h = im.size
     if w < 1 or h < 1:
         raise BadSample(key, f"{what} has zero size ({w}x{h})")
+    if min(w, h) < min_side:
+        raise BadSample(key, f"{what} is only {w}x{h} pixels, below the {min_side}-pixel minimum side; "
+                             "drop it or pass --skip-bad")
     if w * h > _max_pixels():
         raise BadSample(
             key, f"{what} is {w}x{h}, above the {_max_pixels()}-pixel limit; downscale it or raise PARTKIT_MAX_PIXELS"
@@ -66,7 +71,7 @@ def decode_image(sample: dict, min_size: int = 1) -> np.ndarray:
     """The sample's image as H x W x 3 uint8 RGB (grayscale, RGBA, palette, 16-bit converted)."""
     key = sample["__key__"]
     ext = image_field(sample)
-    im = _open_checked(sample[ext], key, f"image field '{ext}'")
+    im = _open_checked(sample[ext], key, f"image field '{ext}'", MIN_IMAGE_SIDE)
     try:
         if im.mode in ("I;16", "I;16B", "I;16L", "I"):
             arr = np.asarray(im, dtype=np.float64)
@@ -132,13 +137,22 @@ def encode_image_png(rgb: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def decode_npy(sample: dict, field: str) -> np.ndarray:
+def decode_npy(sample: dict, field: str, ndim: Optional[int] = None, expect: str = "") -> np.ndarray:
+    """A ``.npy`` field as a numeric array: refuses strings/objects, NaN/inf and (with ``ndim``) the wrong rank."""
     key = sample["__key__"]
     data = get_field(sample, field)
     try:
-        return np.load(io.BytesIO(data), allow_pickle=False)
+        arr = np.load(io.BytesIO(data), allow_pickle=False)
     except Exception:
         raise BadSample(key, f"field '{field}' is not a valid .npy array") from None
+    what = f"; expected {expect}" if expect else ""
+    if arr.dtype.kind not in "biuf":
+        raise BadSample(key, f"field '{field}' holds {arr.dtype} values, not numbers{what}")
+    if ndim is not None and arr.ndim != ndim:
+        raise BadSample(key, f"field '{field}' has shape {arr.shape}{what or f'; expected {ndim} dimensions'}")
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        raise BadSample(key, f"field '{field}' holds NaN or inf values; regenerate it (float16 overflow?)")
+    return arr
 
 
 def encode_npy(arr: np.ndarray) -> bytes:

@@ -85,7 +85,7 @@ class FolderSink:
         return f"{shard * self.world + self.rank:06d}"
 
     def _mine(self, path: str) -> bool:
-        stem = os.path.basename(path).split(".")[0].lstrip(".")
+        stem = os.path.basename(path).lstrip(".").split(".")[0]  # 000012.tar or .000012.tar.tmp-PID
         return stem.isdigit() and int(stem) % self.world == self.rank
 
     def _cleanup(self) -> None:
