@@ -147,7 +147,8 @@ def main(
         print_table(report)
     text = json.dumps(report, indent=2, sort_keys=False)
     if json_path:
-        with open(json_path, "w") as f:
-            f.write(text + "\n")
+        from partkit.io import write_atomic
+
+        write_atomic(json_path, (text + "\n").encode())
     else:
         typer.echo(text)

@@ -78,7 +78,7 @@ def test_odd_images_and_bad_images(tmp_path):
     extract([src], model="timm:vit_tiny_patch16_224", weights="none", size=32, output=Output(str(tmp_path / "o")))
     assert len(read_shard(tmp_path / "o" / "000000.tar")) == 3
 
-    bad = good + [{"__key__": "tiny", "png": _png(Image.new("RGB", (1, 1)))},
+    bad = good + [{"__key__": "tiny", "png": _png(Image.new("RGB", (12, 12)))},
                   {"__key__": "notimg", "jpg": b"GIF89a nonsense"}]
     src = write_shard(tmp_path / "bad.tar", bad)
     with pytest.raises(BadSample, match="smaller than the model's 16-pixel patch"):

@@ -159,7 +159,7 @@ def test_image_codecs_handle_modes_and_bad_bytes():
 
     gray16 = Image.fromarray((np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16))
     rgba = Image.new("RGBA", (10, 12), (255, 0, 0, 128))
-    for im in (gray16, rgba, Image.new("L", (5, 7)), Image.new("P", (4, 4))):
+    for im in (gray16, rgba, Image.new("L", (9, 11)), Image.new("P", (8, 8))):
         arr = decode_image({"__key__": "k", "png": enc(im)})
         assert arr.dtype == np.uint8 and arr.shape == (im.size[1], im.size[0], 3)
     with pytest.raises(BadSample, match="not a readable image"):
@@ -167,7 +167,9 @@ def test_image_codecs_handle_modes_and_bad_bytes():
     with pytest.raises(BadSample, match="empty"):
         decode_image({"__key__": "k", "jpg": b""})
     with pytest.raises(BadSample, match="smaller than"):
-        decode_image({"__key__": "k", "png": enc(Image.new("RGB", (1, 1)))}, min_size=16)
+        decode_image({"__key__": "k", "png": enc(Image.new("RGB", (12, 12)))}, min_size=16)
+    with pytest.raises(BadSample, match="below the 8-pixel minimum side"):
+        decode_image({"__key__": "k", "png": enc(Image.new("RGB", (1, 1)))})
     with pytest.raises(BadSample, match="has no 'jpg' field; run `partkit pack`"):
         decode_image({"__key__": "k"})
     labels = np.array([[0, 1], [300, 2]])
