@@ -304,8 +304,8 @@ def _load_centroids(path: str, what: str) -> np.ndarray:
         arr = np.load(path, allow_pickle=False)
     except Exception:
         raise PartkitError(f"{what} file {path!r} is not a readable .npy array") from None
-    if arr.ndim != 2 or arr.shape[0] < 1:
-        raise PartkitError(f"{what} file {path!r} holds shape {arr.shape}; expected k x C centroids")
+    if arr.ndim != 2 or arr.shape[0] < 1 or arr.dtype.kind not in "biuf":
+        raise PartkitError(f"{what} file {path!r} holds {arr.dtype} {arr.shape}; expected k x C centroids")
     if not np.isfinite(arr).all():
         raise PartkitError(f"{what} file {path!r} holds NaN or inf values")
     return np.ascontiguousarray(arr, np.float32)
@@ -449,8 +449,6 @@ def _foreground(sample: dict, meta: dict, opts: _Opts, h: int, w: int, key: str)
         sal = decode_npy(sample, "saliency.npy").astype(np.float32)
         if sal.shape != (h, w):
             raise BadSample(key, f"saliency.npy has shape {sal.shape}, not the feature grid {h}x{w}")
-        if not np.isfinite(sal).all():
-            raise BadSample(key, "saliency.npy holds NaN or inf values")
         flat = sal.reshape(-1)
         return [{"id": None, "source": "saliency"}], [np.flatnonzero(flat > opts.fg_threshold)], flat
     _geometry(meta, key)

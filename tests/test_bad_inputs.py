@@ -281,13 +281,13 @@ CHECKPOINT_CASES = [
     ("cluster-centroids", ["cluster", "{inp}", "--scope", "dataset", "-k", "2", "--centroids", "{ckpt}", "-o",
                            "{out}"], "feat", ["missing", "garbage", "wrong_shape"], "npy"),
     ("cluster-warm-start", ["cluster", "{inp}", "-k", "2", "--warm-start", "{ckpt}", "-o", "{out}"], "feat",
-     ["missing", "garbage", "wrong_shape"], "npy"),
+     ["missing", "garbage", "wrong_shape", "strings"], "npy"),
     ("distill-3d-weights", ["distill-3d", "{inp}", "--weights", "{ckpt}", "--out", "{out}/run", "-o", "{out}/p"],
      "pts", ["missing", "garbage"], "pt"),
 ]
 CORRUPT = ("corrupt", "not a valid", "not a readable", "not a ranking model")
 CHECKPOINT_NEEDLES = {"missing": ("not found", "does not exist"), "garbage": CORRUPT, "truncated": CORRUPT,
-                      "decoder": "weights", "wrong_shape": "channels"}
+                      "decoder": "weights", "wrong_shape": "channels", "strings": "expected k x C"}
 
 
 @pytest.fixture(scope="module")
@@ -303,6 +303,7 @@ def checkpoints(base, tmp_path_factory):
         (tmp / f"{name}.npy").write_bytes(data)
     (tmp / "missing").mkdir()  # a folder without last.pt
     np.save(tmp / "wrong_shape.npy", np.zeros((2, 5), np.float32))  # 5 channels; the features have 3
+    np.save(tmp / "strings.npy", np.full((2, 3), "x"))
     return tmp
 
 
