@@ -260,7 +260,7 @@ def _load_images(inputs: Sequence[str], fx: FeatureExtractor, device, skip_bad: 
         except BadSample as e:
             if not skip_bad:
                 raise
-            skipped.append({"key": e.key, "reason": e.reason})
+            skipped.append(e.record())
             continue
         rh, rw = geom["resized"]
         # undo the normalisation: the exact resized uint8 pixels (preprocess maps them back bit for bit)

@@ -16,6 +16,10 @@ class BadSample(PartkitError):
         self.reason = reason
         super().__init__(f"sample {key!r}: {reason}")
 
+    def record(self) -> dict:
+        """How a ``--skip-bad`` run reports this sample (stats files, run configs, eval reports)."""
+        return {"key": self.key, "reason": self.reason}
+
 
 # Which command produces a field, so a missing-field error can say what to run first.
 PRODUCERS = {

@@ -740,7 +740,7 @@ def _run(inputs: Sequence[str], accumulators: list, o: EvalOptions, what: str) -
             except BadSample as e:
                 if not o.skip_bad:
                     raise
-                run.skipped.append({"key": e.key, "reason": e.reason})
+                run.skipped.append(e.record())
                 continue
             for acc, payload in zip(accumulators, payloads):
                 acc.commit(payload)

@@ -684,7 +684,7 @@ def fit(inputs: Sequence[str], model_out: str, *, n_clusters: int = 8, score_thr
             except BadSample as e:
                 if not skip_bad:
                     raise
-                skipped.append({"key": e.key, "reason": e.reason})
+                skipped.append(e.record())
                 continue
             cand = img.assoc.candidates(img.scores, score_threshold, min_area)
             feats.append(img.feats[cand])

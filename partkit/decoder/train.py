@@ -91,7 +91,7 @@ def load_examples(inputs: Sequence[str], *, field: Optional[str], min_part_area:
         except BadSample as e:
             if not skip_bad:
                 raise
-            skipped.append({"key": e.key, "reason": e.reason})
+            skipped.append(e.record())
             continue
         ex.sample = {k: v for k, v in sample.items() if k in ("__key__", "gt_parts.png", "gt_objects.json", "json")}
         examples.append(ex)

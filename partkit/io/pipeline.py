@@ -149,7 +149,7 @@ def run_stage(
         if isinstance(result, BadSample):
             if not skip_bad:
                 raise result
-            state.skipped.append({"key": result.key, "reason": result.reason})
+            state.skipped.append(result.record())
             totals["skipped"] += 1
             return
         for f in drop:
