@@ -1,0 +1,70 @@
+#!/usr/bin/env python
+"""Run the quick start and every example script, print the sha1 of every shard they write.
+
+Used to show that a refactor leaves outputs byte-identical:
+
+    python scripts/output_digests.py > before.txt     # on the old tree
+    python scripts/output_digests.py > after.txt      # on the new tree
+    python scripts/output_digests.py --compare before.txt
+
+Shards are the ``.tar`` files (samples written with fixed mtime and seeds). Model files and JSON
+reports are listed too (``--all``) but they can legitimately carry versions or timings.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def digests(out: Path, every: bool) -> dict[str, str]:
+    found = {}
+    for p in sorted(out.rglob("*")):
+        if p.is_file() and (every or p.suffix == ".tar"):
+            found[str(p.relative_to(out))] = hashlib.sha1(p.read_bytes()).hexdigest()
+    return found
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--compare", help="a file this script wrote before; exit 1 when any shard differs")
+    ap.add_argument("--all", action="store_true", help="list every output file, not only shards")
+    ap.add_argument("--only", nargs="*", help="example script names to run (default: all)")
+    args = ap.parse_args()
+    scripts = sorted(p.name for p in (ROOT / "examples").glob("*.sh"))
+    if args.only:
+        scripts = [s for s in scripts if s in args.only or s.removesuffix(".sh") in args.only]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    lines = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for script in scripts:
+            out = Path(tmp) / script.removesuffix(".sh")
+            res = subprocess.run(["bash", str(ROOT / "examples" / script), str(out)], cwd=tmp, env=env,
+                                 capture_output=True, text=True)
+            if res.returncode != 0:
+                print(f"{script} failed:\n{res.stderr[-3000:]}", file=sys.stderr)
+                return 2
+            for name, sha in digests(out, args.all).items():
+                lines.append(f"{sha}  {script}:{name}")
+    if not args.compare:
+        print("\n".join(lines))
+        return 0
+    want = dict(reversed(l.split("  ", 1)) for l in Path(args.compare).read_text().splitlines() if l.strip())
+    got = dict(reversed(l.split("  ", 1)) for l in lines)
+    if args.only:
+        want = {k: v for k, v in want.items() if k.split(":", 1)[0] in scripts}
+    bad = sorted(k for k in want.keys() | got.keys() if want.get(k) != got.get(k))
+    for k in bad:
+        print(f"differs: {k}  before {want.get(k, '-')}  after {got.get(k, '-')}", file=sys.stderr)
+    print(f"{len(want) - len(bad)} of {len(want)} recorded outputs identical", file=sys.stderr)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
