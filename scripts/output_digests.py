@@ -13,8 +13,10 @@ reports are listed too (``--all``) but they can legitimately carry versions or t
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -42,7 +44,14 @@ def main() -> int:
         scripts = [s for s in scripts if s in args.only or s.removesuffix(".sh") in args.only]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     lines = []
-    with tempfile.TemporaryDirectory() as tmp:
+    # A fixed folder, not a random temporary one: run folders and checkpoint paths are recorded in outputs.
+    # Concurrent runs (several checkouts) take turns on it.
+    tmp = Path(tempfile.gettempdir()) / "partkit-output-digests"
+    lock = open(str(tmp) + ".lock", "w")
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
         for script in scripts:
             out = Path(tmp) / script.removesuffix(".sh")
             res = subprocess.run(["bash", str(ROOT / "examples" / script), str(out)], cwd=tmp, env=env,
@@ -52,6 +61,8 @@ def main() -> int:
                 return 2
             for name, sha in digests(out, args.all).items():
                 lines.append(f"{sha}  {script}:{name}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     if not args.compare:
         print("\n".join(lines))
         return 0
