@@ -7,7 +7,7 @@ import typer
 
 from partkit.errors import PartkitError
 
-from ._common import (DropOpt, OutputOpt, OverwriteOpt, ShardSizeOpt, SkipBadOpt, cli_errors, get_globals,
+from ._common import (Drop, OutputPath, Overwrite, ShardSize, SkipBad, cli_errors, get_globals,
                       make_output, parse_ints)
 
 
@@ -56,11 +56,11 @@ def main(
     backward: bool = typer.Option(True, "--backward/--no-backward", help="Backward distillation (label reweighting)."),
     out: Optional[str] = typer.Option(None, "--out", help="Run folder: student weights, config.json, metrics.jsonl, "
                                                           "loss.png."),
-    output: str = OutputOpt,
-    shard_size: int = ShardSizeOpt,
-    overwrite: bool = OverwriteOpt,
-    drop: List[str] = DropOpt,
-    skip_bad: bool = SkipBadOpt,
+    output: OutputPath = "-",
+    shard_size: ShardSize = 1000,
+    overwrite: Overwrite = False,
+    drop: Drop = [],
+    skip_bad: SkipBad = False,
 ):
     """Add pred_parts.npy (a part id per point) and pred_parts.json to every point-cloud sample.
 

@@ -7,7 +7,7 @@ import typer
 
 from partkit.pack import pack
 
-from ._common import (NumShardsOpt, OutputOpt, OverwriteOpt, ShardIndexOpt, ShardSizeOpt, SkipBadOpt,
+from ._common import (NumShards, OutputPath, Overwrite, ShardIndex, ShardSize, SkipBad,
                       cli_errors, make_output)
 
 
@@ -21,12 +21,12 @@ def main(
     provenance: Optional[str] = typer.Option(None, "--provenance", help="Where the data comes from (recorded in json)."),
     points_per_shape: int = typer.Option(2048, "--points-per-shape",
                                          help="Surface points sampled from each mesh (.obj, .off, .ply with faces)."),
-    output: str = OutputOpt,
-    shard_size: int = ShardSizeOpt,
-    overwrite: bool = OverwriteOpt,
-    skip_bad: bool = SkipBadOpt,
-    num_shards: Optional[int] = NumShardsOpt,
-    shard_index: Optional[int] = ShardIndexOpt,
+    output: OutputPath = "-",
+    shard_size: ShardSize = 1000,
+    overwrite: Overwrite = False,
+    skip_bad: SkipBad = False,
+    num_shards: NumShards = None,
+    shard_index: ShardIndex = None,
 ):
     """Write one sample per image: the image, json metadata, gt_parts.png, gt_objects.json, gt_kpts.json.
 

@@ -1,11 +1,11 @@
 """Part proposals from a trained decoder (RLE masks, scores, query features)."""
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List
 
 import typer
 
-from ._common import (DropOpt, NumShardsOpt, OutputOpt, OverwriteOpt, ShardIndexOpt, ShardSizeOpt, SkipBadOpt,
+from ._common import (Drop, NumShards, OutputPath, Overwrite, ShardIndex, ShardSize, SkipBad,
                       cli_errors, get_globals, make_output)
 
 
@@ -20,13 +20,13 @@ def main(
     label_map: bool = typer.Option(False, "--label-map", help="Also write pred_parts.png (each pixel to its most confident part)."),
     teacher: bool = typer.Option(False, "--teacher", help="Use a self-train run's EMA teacher instead of the student."),
     batch_size: int = typer.Option(8, "--batch-size", "-b"),
-    output: str = OutputOpt,
-    shard_size: int = ShardSizeOpt,
-    overwrite: bool = OverwriteOpt,
-    drop: List[str] = DropOpt,
-    skip_bad: bool = SkipBadOpt,
-    num_shards: Optional[int] = NumShardsOpt,
-    shard_index: Optional[int] = ShardIndexOpt,
+    output: OutputPath = "-",
+    shard_size: ShardSize = 1000,
+    overwrite: Overwrite = False,
+    drop: Drop = [],
+    skip_bad: SkipBad = False,
+    num_shards: NumShards = None,
+    shard_index: ShardIndex = None,
 ):
     """Add proposals.json (RLE masks at image size, score, bbox, area) and proposals.npy (float16 query features).
 
