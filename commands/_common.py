@@ -58,21 +58,22 @@ def cli_errors(fn):
     return wrapper
 
 
-# Options shared by every stage command, as typer types: `output: OutputPath = "-"` declares -o/--output with its
-# help; the default stays in the signature (typer takes it from there).
-Inputs = Annotated[List[str], typer.Argument(
+# Options shared by every stage command, as typer types: `output: OutputOption = "-"` declares -o/--output and its
+# help; the default stays in the command's signature (typer reads it from there).
+InputsArgument = Annotated[List[str], typer.Argument(
     help="Input shards: paths, globs, {000000..000009} braces, '-' (stdin) or 'pipe:CMD'.")]
-OutputPath = Annotated[str, typer.Option("--output", "-o",
-                                         help="'-' for stdout (tar stream) or a folder for numbered shards.")]
-ShardSize = Annotated[int, typer.Option("--shard-size", help="Samples per output shard (folder output).")]
-Overwrite = Annotated[bool, typer.Option("--overwrite", help="Redo shards that a previous run finished.")]
-Drop = Annotated[List[str], typer.Option("--drop", help="Remove this field from the output samples (repeatable).")]
-SkipBad = Annotated[bool, typer.Option("--skip-bad",
-                                       help="Skip unreadable samples (counted in the stats) instead of stopping.")]
-NumShards = Annotated[Optional[int], typer.Option("--num-shards",
-                                                  help="Split the input shards over this many processes.")]
-ShardIndex = Annotated[Optional[int], typer.Option("--shard-index",
-                                                   help="Which of the --num-shards processes this is.")]
+OutputOption = Annotated[str, typer.Option(
+    "--output", "-o", help="'-' for stdout (tar stream) or a folder for numbered shards.")]
+ShardSizeOption = Annotated[int, typer.Option("--shard-size", help="Samples per output shard (folder output).")]
+OverwriteOption = Annotated[bool, typer.Option("--overwrite", help="Redo shards that a previous run finished.")]
+DropOption = Annotated[List[str], typer.Option(
+    "--drop", help="Remove this field from the output samples (repeatable).")]
+SkipBadOption = Annotated[bool, typer.Option(
+    "--skip-bad", help="Skip unreadable samples (counted in the stats) instead of stopping.")]
+NumShardsOption = Annotated[Optional[int], typer.Option(
+    "--num-shards", help="Split the input shards over this many processes.")]
+ShardIndexOption = Annotated[Optional[int], typer.Option(
+    "--shard-index", help="Which of the --num-shards processes this is.")]
 
 
 def parse_ints(text: Optional[str], opt: str) -> Optional[List[int]]:

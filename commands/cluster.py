@@ -6,8 +6,8 @@ from typing import List, Optional
 import typer
 
 from ._common import (
-    Drop, NumShards, OutputPath, Overwrite, ShardIndex, ShardSize, SkipBad, cli_errors,
-    get_globals, make_output,
+    DropOption, NumShardsOption, OutputOption, OverwriteOption, ShardIndexOption, ShardSizeOption, SkipBadOption,
+    cli_errors, get_globals, make_output,
 )
 
 
@@ -53,13 +53,13 @@ def main(
     max_points_per_centroid: int = typer.Option(256, "--max-points-per-centroid", help="dataset: fit on at most "
                                                 "k times this many cells (a seeded uniform sample)."),
     batch_size: int = typer.Option(64, "--batch-size", help="Samples clustered together in one batched solve."),
-    output: OutputPath = "-",
-    shard_size: ShardSize = 1000,
-    overwrite: Overwrite = False,
-    drop: Drop = [],
-    skip_bad: SkipBad = False,
-    num_shards: NumShards = None,
-    shard_index: ShardIndex = None,
+    output: OutputOption = "-",
+    shard_size: ShardSizeOption = 1000,
+    overwrite: OverwriteOption = False,
+    drop: DropOption = [],
+    skip_bad: SkipBadOption = False,
+    num_shards: NumShardsOption = None,
+    shard_index: ShardIndexOption = None,
 ):
     """Group feature cells into part proposals (k-means per image, per object, per dataset or per group).
 

@@ -5,8 +5,10 @@ from typing import List, Optional
 
 import typer
 
-from ._common import (Drop, NumShards, OutputPath, Overwrite, ShardIndex, ShardSize,
-                      SkipBad, cli_errors, get_globals, make_output, parse_ints)
+from ._common import (
+    DropOption, NumShardsOption, OutputOption, OverwriteOption, ShardIndexOption, ShardSizeOption, SkipBadOption,
+    cli_errors, get_globals, make_output, parse_ints,
+)
 
 
 @cli_errors
@@ -25,13 +27,13 @@ def main(
     batch_size: int = typer.Option(16, "--batch-size", "-b", help="Images per forward pass."),
     workers: int = typer.Option(1, "--workers", help="Threads decoding and resizing ahead of the model."),
     dtype: str = typer.Option("float32", "--dtype", help="Compute dtype: float32 (best on CPU), float16 or bfloat16 (GPUs)."),
-    output: OutputPath = "-",
-    shard_size: ShardSize = 1000,
-    overwrite: Overwrite = False,
-    drop: Drop = [],
-    skip_bad: SkipBad = False,
-    num_shards: NumShards = None,
-    shard_index: ShardIndex = None,
+    output: OutputOption = "-",
+    shard_size: ShardSizeOption = 1000,
+    overwrite: OverwriteOption = False,
+    drop: DropOption = [],
+    skip_bad: SkipBadOption = False,
+    num_shards: NumShardsOption = None,
+    shard_index: ShardIndexOption = None,
 ):
     """Add feat.npy (float16 C x h x w) and feat.json (model, layers, grid geometry) to each image sample.
 

@@ -5,8 +5,10 @@ from typing import Annotated, List, Optional
 
 import typer
 
-from ._common import (Drop, NumShards, OutputPath, Overwrite, ShardIndex, ShardSize, SkipBad,
-                      cli_errors, get_globals, make_output)
+from ._common import (
+    DropOption, NumShardsOption, OutputOption, OverwriteOption, ShardIndexOption, ShardSizeOption, SkipBadOption,
+    cli_errors, get_globals, make_output,
+)
 
 app = typer.Typer(
     help="Rank part proposals per object class: fit per-class part clusters, then score and label proposals.",
@@ -14,14 +16,14 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 
-ShardsWithProposals = Annotated[List[str], typer.Argument(
+ProposalShardsArgument = Annotated[List[str], typer.Argument(
     help="Input shards with proposals.json + proposals.npy (default '-': stdin).")]
-ObjectsFrom = Annotated[Optional[str], typer.Option(
+ObjectsFromOption = Annotated[Optional[str], typer.Option(
     "--objects-from", help="gt_objects: instances from --objects-field; gt_parts: all labelled pixels of "
                            "gt_parts.png are one object. [fit default: gt_objects; apply: as fitted]")]
-ObjectsField = Annotated[Optional[str], typer.Option(
+ObjectsFieldOption = Annotated[Optional[str], typer.Option(
     "--objects-field", help="JSON field of object instances, e.g. predicted masks. [default: gt_objects.json]")]
-DefaultClass = Annotated[Optional[str], typer.Option(
+DefaultClassOption = Annotated[Optional[str], typer.Option(
     "--default-class", help="Class of objects whose sample has no 'category' (e.g. person).")]
 
 
@@ -29,7 +31,7 @@ DefaultClass = Annotated[Optional[str], typer.Option(
 @cli_errors
 def fit(
     ctx: typer.Context,
-    inputs: ShardsWithProposals = None,
+    inputs: ProposalShardsArgument = None,
     model_out: str = typer.Option(..., "--model-out", "-m", help="Model file to write (.npz)."),
     k: int = typer.Option(8, "-k", help="Part clusters per object class."),
     score_threshold: float = typer.Option(0.3, "--score-threshold", help="Candidates score above this."),
@@ -37,11 +39,11 @@ def fit(
     max_object_fraction: Optional[float] = typer.Option(
         None, "--max-object-fraction", help="Drop clusters whose masks cover more than this fraction of the object "
                                             "on average (the paper uses 0.5). [default: keep all]"),
-    objects_from: ObjectsFrom = None,
-    objects_field: ObjectsField = None,
-    default_class: DefaultClass = None,
+    objects_from: ObjectsFromOption = None,
+    objects_field: ObjectsFieldOption = None,
+    default_class: DefaultClassOption = None,
     max_iter: int = typer.Option(300, "--max-iter", help="Lloyd iterations at most."),
-    skip_bad: SkipBad = False,
+    skip_bad: SkipBadOption = False,
 ):
     """Cluster the candidate proposals of each object class (weighted k-means) and save the model.
 
@@ -59,21 +61,21 @@ def fit(
 @app.command("apply")
 @cli_errors
 def apply(
-    inputs: ShardsWithProposals = None,
+    inputs: ProposalShardsArgument = None,
     model: str = typer.Option(..., "--model", "-m", help="Model file from `partkit rank fit`."),
     as_targets: bool = typer.Option(False, "--as-targets",
                                     help="Also write targets.png + targets.json (class-specific parts) for "
                                          "self-train --labeled."),
-    objects_from: ObjectsFrom = None,
-    objects_field: ObjectsField = None,
-    default_class: DefaultClass = None,
-    output: OutputPath = "-",
-    shard_size: ShardSize = 1000,
-    overwrite: Overwrite = False,
-    drop: Drop = [],
-    skip_bad: SkipBad = False,
-    num_shards: NumShards = None,
-    shard_index: ShardIndex = None,
+    objects_from: ObjectsFromOption = None,
+    objects_field: ObjectsFieldOption = None,
+    default_class: DefaultClassOption = None,
+    output: OutputOption = "-",
+    shard_size: ShardSizeOption = 1000,
+    overwrite: OverwriteOption = False,
+    drop: DropOption = [],
+    skip_bad: SkipBadOption = False,
+    num_shards: NumShardsOption = None,
+    shard_index: ShardIndexOption = None,
 ):
     """Add ranked.json (proposals with class, part cluster, final score) and ranked_parts.png.
 
