@@ -1,1 +1,2 @@
-"""partkit's command line: one module per subcommand, combined in :mod:`commands.main`."""
+"""partkit's command line, installed as ``partkit.cli`` from the top-level ``commands/`` folder: one module per
+subcommand, combined in :mod:`partkit.cli.main`."""

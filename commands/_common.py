@@ -5,7 +5,7 @@ import functools
 import os
 import sys
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Annotated, List, Optional
 
 import typer
 
@@ -58,15 +58,22 @@ def cli_errors(fn):
     return wrapper
 
 
-# Options shared by every stage command.
-InputsArg = typer.Argument(..., help="Input shards: paths, globs, {000000..000009} braces, '-' (stdin) or 'pipe:CMD'.")
-OutputOpt = typer.Option("-", "--output", "-o", help="'-' for stdout (tar stream) or a folder for numbered shards.")
-ShardSizeOpt = typer.Option(1000, "--shard-size", help="Samples per output shard (folder output).")
-OverwriteOpt = typer.Option(False, "--overwrite", help="Redo shards that a previous run finished.")
-DropOpt = typer.Option([], "--drop", help="Remove this field from the output samples (repeatable).")
-SkipBadOpt = typer.Option(False, "--skip-bad", help="Skip unreadable samples (counted in the stats) instead of stopping.")
-NumShardsOpt = typer.Option(None, "--num-shards", help="Split the input shards over this many processes.")
-ShardIndexOpt = typer.Option(None, "--shard-index", help="Which of the --num-shards processes this is.")
+# Options shared by every stage command, as typer types: `output: OutputOption = "-"` declares -o/--output and its
+# help; the default stays in the command's signature (typer reads it from there).
+InputsArgument = Annotated[List[str], typer.Argument(
+    help="Input shards: paths, globs, {000000..000009} braces, '-' (stdin) or 'pipe:CMD'.")]
+OutputOption = Annotated[str, typer.Option(
+    "--output", "-o", help="'-' for stdout (tar stream) or a folder for numbered shards.")]
+ShardSizeOption = Annotated[int, typer.Option("--shard-size", help="Samples per output shard (folder output).")]
+OverwriteOption = Annotated[bool, typer.Option("--overwrite", help="Redo shards that a previous run finished.")]
+DropOption = Annotated[List[str], typer.Option(
+    "--drop", help="Remove this field from the output samples (repeatable).")]
+SkipBadOption = Annotated[bool, typer.Option(
+    "--skip-bad", help="Skip unreadable samples (counted in the stats) instead of stopping.")]
+NumShardsOption = Annotated[Optional[int], typer.Option(
+    "--num-shards", help="Split the input shards over this many processes.")]
+ShardIndexOption = Annotated[Optional[int], typer.Option(
+    "--shard-index", help="Which of the --num-shards processes this is.")]
 
 
 def parse_ints(text: Optional[str], opt: str) -> Optional[List[int]]:

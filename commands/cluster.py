@@ -6,8 +6,8 @@ from typing import List, Optional
 import typer
 
 from ._common import (
-    DropOpt, NumShardsOpt, OutputOpt, OverwriteOpt, ShardIndexOpt, ShardSizeOpt, SkipBadOpt, cli_errors,
-    get_globals, make_output,
+    DropOption, NumShardsOption, OutputOption, OverwriteOption, ShardIndexOption, ShardSizeOption, SkipBadOption,
+    cli_errors, get_globals, make_output,
 )
 
 
@@ -53,13 +53,13 @@ def main(
     max_points_per_centroid: int = typer.Option(256, "--max-points-per-centroid", help="dataset: fit on at most "
                                                 "k times this many cells (a seeded uniform sample)."),
     batch_size: int = typer.Option(64, "--batch-size", help="Samples clustered together in one batched solve."),
-    output: str = OutputOpt,
-    shard_size: int = ShardSizeOpt,
-    overwrite: bool = OverwriteOpt,
-    drop: List[str] = DropOpt,
-    skip_bad: bool = SkipBadOpt,
-    num_shards: Optional[int] = NumShardsOpt,
-    shard_index: Optional[int] = ShardIndexOpt,
+    output: OutputOption = "-",
+    shard_size: ShardSizeOption = 1000,
+    overwrite: OverwriteOption = False,
+    drop: DropOption = [],
+    skip_bad: SkipBadOption = False,
+    num_shards: NumShardsOption = None,
+    shard_index: ShardIndexOption = None,
 ):
     """Group feature cells into part proposals (k-means per image, per object, per dataset or per group).
 

@@ -7,8 +7,10 @@ import typer
 
 from partkit.errors import PartkitError
 
-from ._common import (DropOpt, OutputOpt, OverwriteOpt, ShardSizeOpt, SkipBadOpt, cli_errors, get_globals,
-                      make_output, parse_ints)
+from ._common import (
+    DropOption, OutputOption, OverwriteOption, ShardSizeOption, SkipBadOption, cli_errors, get_globals, make_output,
+    parse_ints,
+)
 
 
 def _floats(text: str, opt: str) -> tuple:
@@ -56,11 +58,11 @@ def main(
     backward: bool = typer.Option(True, "--backward/--no-backward", help="Backward distillation (label reweighting)."),
     out: Optional[str] = typer.Option(None, "--out", help="Run folder: student weights, config.json, metrics.jsonl, "
                                                           "loss.png."),
-    output: str = OutputOpt,
-    shard_size: int = ShardSizeOpt,
-    overwrite: bool = OverwriteOpt,
-    drop: List[str] = DropOpt,
-    skip_bad: bool = SkipBadOpt,
+    output: OutputOption = "-",
+    shard_size: ShardSizeOption = 1000,
+    overwrite: OverwriteOption = False,
+    drop: DropOption = [],
+    skip_bad: SkipBadOption = False,
 ):
     """Add pred_parts.npy (a part id per point) and pred_parts.json to every point-cloud sample.
 

@@ -16,7 +16,7 @@ from partkit._log import console
 from partkit.errors import PartkitError
 from partkit.evaluate import METRICS, EvalOptions, evaluate
 
-from ._common import SkipBadOpt, cli_errors, get_globals, parse_ints
+from ._common import SkipBadOption, cli_errors, get_globals, parse_ints
 
 _INPUT_CHARS = set("/.*?{[-:")
 
@@ -126,7 +126,7 @@ def main(
     json_path: Optional[str] = typer.Option(None, "--json", help="Write the JSON report here instead of stdout."),
     viz: Optional[str] = typer.Option(None, "--viz", help="Also draw overlays, purity grid and confusion map here."),
     viz_max: int = typer.Option(16, "--viz-max", help="Overlays for the first N samples."),
-    skip_bad: bool = SkipBadOpt,
+    skip_bad: SkipBadOption = False,
 ):
     """Score part predictions against ground truth: nmi, ari, miou, ar, mask-ap, retrieval, miou-3d, probe.
 

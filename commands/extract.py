@@ -5,8 +5,10 @@ from typing import List, Optional
 
 import typer
 
-from ._common import (DropOpt, NumShardsOpt, OutputOpt, OverwriteOpt, ShardIndexOpt, ShardSizeOpt,
-                      SkipBadOpt, cli_errors, get_globals, make_output, parse_ints)
+from ._common import (
+    DropOption, NumShardsOption, OutputOption, OverwriteOption, ShardIndexOption, ShardSizeOption, SkipBadOption,
+    cli_errors, get_globals, make_output, parse_ints,
+)
 
 
 @cli_errors
@@ -25,13 +27,13 @@ def main(
     batch_size: int = typer.Option(16, "--batch-size", "-b", help="Images per forward pass."),
     workers: int = typer.Option(1, "--workers", help="Threads decoding and resizing ahead of the model."),
     dtype: str = typer.Option("float32", "--dtype", help="Compute dtype: float32 (best on CPU), float16 or bfloat16 (GPUs)."),
-    output: str = OutputOpt,
-    shard_size: int = ShardSizeOpt,
-    overwrite: bool = OverwriteOpt,
-    drop: List[str] = DropOpt,
-    skip_bad: bool = SkipBadOpt,
-    num_shards: Optional[int] = NumShardsOpt,
-    shard_index: Optional[int] = ShardIndexOpt,
+    output: OutputOption = "-",
+    shard_size: ShardSizeOption = 1000,
+    overwrite: OverwriteOption = False,
+    drop: DropOption = [],
+    skip_bad: SkipBadOption = False,
+    num_shards: NumShardsOption = None,
+    shard_index: ShardIndexOption = None,
 ):
     """Add feat.npy (float16 C x h x w) and feat.json (model, layers, grid geometry) to each image sample.
 

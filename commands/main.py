@@ -21,7 +21,7 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 
-# (module in commands/, command name): each module defines `main` (one command) or `app` (a group).
+# (module in this package, command name): each module defines `main` (one command) or `app` (a group).
 _COMMANDS = [
     ("pack", "pack"),
     ("extract", "extract"),
@@ -62,7 +62,7 @@ def root(
 
 
 for _module, _name in _COMMANDS:
-    _mod = importlib.import_module(f"commands.{_module}")
+    _mod = importlib.import_module(f".{_module}", __package__)
     if hasattr(_mod, "app"):
         app.add_typer(_mod.app, name=_name)
     else:

@@ -7,8 +7,10 @@ import typer
 
 from partkit.pack import pack
 
-from ._common import (NumShardsOpt, OutputOpt, OverwriteOpt, ShardIndexOpt, ShardSizeOpt, SkipBadOpt,
-                      cli_errors, make_output)
+from ._common import (
+    NumShardsOption, OutputOption, OverwriteOption, ShardIndexOption, ShardSizeOption, SkipBadOption, cli_errors,
+    make_output,
+)
 
 
 @cli_errors
@@ -21,12 +23,12 @@ def main(
     provenance: Optional[str] = typer.Option(None, "--provenance", help="Where the data comes from (recorded in json)."),
     points_per_shape: int = typer.Option(2048, "--points-per-shape",
                                          help="Surface points sampled from each mesh (.obj, .off, .ply with faces)."),
-    output: str = OutputOpt,
-    shard_size: int = ShardSizeOpt,
-    overwrite: bool = OverwriteOpt,
-    skip_bad: bool = SkipBadOpt,
-    num_shards: Optional[int] = NumShardsOpt,
-    shard_index: Optional[int] = ShardIndexOpt,
+    output: OutputOption = "-",
+    shard_size: ShardSizeOption = 1000,
+    overwrite: OverwriteOption = False,
+    skip_bad: SkipBadOption = False,
+    num_shards: NumShardsOption = None,
+    shard_index: ShardIndexOption = None,
 ):
     """Write one sample per image: the image, json metadata, gt_parts.png, gt_objects.json, gt_kpts.json.
 

@@ -1,12 +1,14 @@
 """Part proposals from a trained decoder (RLE masks, scores, query features)."""
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List
 
 import typer
 
-from ._common import (DropOpt, NumShardsOpt, OutputOpt, OverwriteOpt, ShardIndexOpt, ShardSizeOpt, SkipBadOpt,
-                      cli_errors, get_globals, make_output)
+from ._common import (
+    DropOption, NumShardsOption, OutputOption, OverwriteOption, ShardIndexOption, ShardSizeOption, SkipBadOption,
+    cli_errors, get_globals, make_output,
+)
 
 
 @cli_errors
@@ -20,13 +22,13 @@ def main(
     label_map: bool = typer.Option(False, "--label-map", help="Also write pred_parts.png (each pixel to its most confident part)."),
     teacher: bool = typer.Option(False, "--teacher", help="Use a self-train run's EMA teacher instead of the student."),
     batch_size: int = typer.Option(8, "--batch-size", "-b"),
-    output: str = OutputOpt,
-    shard_size: int = ShardSizeOpt,
-    overwrite: bool = OverwriteOpt,
-    drop: List[str] = DropOpt,
-    skip_bad: bool = SkipBadOpt,
-    num_shards: Optional[int] = NumShardsOpt,
-    shard_index: Optional[int] = ShardIndexOpt,
+    output: OutputOption = "-",
+    shard_size: ShardSizeOption = 1000,
+    overwrite: OverwriteOption = False,
+    drop: DropOption = [],
+    skip_bad: SkipBadOption = False,
+    num_shards: NumShardsOption = None,
+    shard_index: ShardIndexOption = None,
 ):
     """Add proposals.json (RLE masks at image size, score, bbox, area) and proposals.npy (float16 query features).
 

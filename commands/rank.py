@@ -1,12 +1,14 @@
 """Class-specific part ranking of decoder proposals (PartDistillation stage two)."""
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Annotated, List, Optional
 
 import typer
 
-from ._common import (DropOpt, NumShardsOpt, OutputOpt, OverwriteOpt, ShardIndexOpt, ShardSizeOpt, SkipBadOpt,
-                      cli_errors, get_globals, make_output)
+from ._common import (
+    DropOption, NumShardsOption, OutputOption, OverwriteOption, ShardIndexOption, ShardSizeOption, SkipBadOption,
+    cli_errors, get_globals, make_output,
+)
 
 app = typer.Typer(
     help="Rank part proposals per object class: fit per-class part clusters, then score and label proposals.",
@@ -14,21 +16,22 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 
-InputsOpt = typer.Argument(None, help="Input shards with proposals.json + proposals.npy (default '-': stdin).")
-ObjectsFromOpt = typer.Option(None, "--objects-from",
-                              help="gt_objects: instances from --objects-field; gt_parts: all labelled pixels of "
-                                   "gt_parts.png are one object. [fit default: gt_objects; apply: as fitted]")
-ObjectsFieldOpt = typer.Option(None, "--objects-field",
-                               help="JSON field of object instances, e.g. predicted masks. [default: gt_objects.json]")
-DefaultClassOpt = typer.Option(None, "--default-class",
-                               help="Class of objects whose sample has no 'category' (e.g. person).")
+ProposalShardsArgument = Annotated[List[str], typer.Argument(
+    help="Input shards with proposals.json + proposals.npy (default '-': stdin).")]
+ObjectsFromOption = Annotated[Optional[str], typer.Option(
+    "--objects-from", help="gt_objects: instances from --objects-field; gt_parts: all labelled pixels of "
+                           "gt_parts.png are one object. [fit default: gt_objects; apply: as fitted]")]
+ObjectsFieldOption = Annotated[Optional[str], typer.Option(
+    "--objects-field", help="JSON field of object instances, e.g. predicted masks. [default: gt_objects.json]")]
+DefaultClassOption = Annotated[Optional[str], typer.Option(
+    "--default-class", help="Class of objects whose sample has no 'category' (e.g. person).")]
 
 
 @app.command("fit")
 @cli_errors
 def fit(
     ctx: typer.Context,
-    inputs: List[str] = InputsOpt,
+    inputs: ProposalShardsArgument = None,
     model_out: str = typer.Option(..., "--model-out", "-m", help="Model file to write (.npz)."),
     k: int = typer.Option(8, "-k", help="Part clusters per object class."),
     score_threshold: float = typer.Option(0.3, "--score-threshold", help="Candidates score above this."),
@@ -36,11 +39,11 @@ def fit(
     max_object_fraction: Optional[float] = typer.Option(
         None, "--max-object-fraction", help="Drop clusters whose masks cover more than this fraction of the object "
                                             "on average (the paper uses 0.5). [default: keep all]"),
-    objects_from: Optional[str] = ObjectsFromOpt,
-    objects_field: Optional[str] = ObjectsFieldOpt,
-    default_class: Optional[str] = DefaultClassOpt,
+    objects_from: ObjectsFromOption = None,
+    objects_field: ObjectsFieldOption = None,
+    default_class: DefaultClassOption = None,
     max_iter: int = typer.Option(300, "--max-iter", help="Lloyd iterations at most."),
-    skip_bad: bool = SkipBadOpt,
+    skip_bad: SkipBadOption = False,
 ):
     """Cluster the candidate proposals of each object class (weighted k-means) and save the model.
 
@@ -58,21 +61,21 @@ def fit(
 @app.command("apply")
 @cli_errors
 def apply(
-    inputs: List[str] = InputsOpt,
+    inputs: ProposalShardsArgument = None,
     model: str = typer.Option(..., "--model", "-m", help="Model file from `partkit rank fit`."),
     as_targets: bool = typer.Option(False, "--as-targets",
                                     help="Also write targets.png + targets.json (class-specific parts) for "
                                          "self-train --labeled."),
-    objects_from: Optional[str] = ObjectsFromOpt,
-    objects_field: Optional[str] = ObjectsFieldOpt,
-    default_class: Optional[str] = DefaultClassOpt,
-    output: str = OutputOpt,
-    shard_size: int = ShardSizeOpt,
-    overwrite: bool = OverwriteOpt,
-    drop: List[str] = DropOpt,
-    skip_bad: bool = SkipBadOpt,
-    num_shards: Optional[int] = NumShardsOpt,
-    shard_index: Optional[int] = ShardIndexOpt,
+    objects_from: ObjectsFromOption = None,
+    objects_field: ObjectsFieldOption = None,
+    default_class: DefaultClassOption = None,
+    output: OutputOption = "-",
+    shard_size: ShardSizeOption = 1000,
+    overwrite: OverwriteOption = False,
+    drop: DropOption = [],
+    skip_bad: SkipBadOption = False,
+    num_shards: NumShardsOption = None,
+    shard_index: ShardIndexOption = None,
 ):
     """Add ranked.json (proposals with class, part cluster, final score) and ranked_parts.png.
 

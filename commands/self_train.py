@@ -7,7 +7,7 @@ import typer
 
 from partkit.errors import PartkitError
 
-from ._common import SkipBadOpt, cli_errors, get_globals, parse_ints
+from ._common import SkipBadOption, cli_errors, get_globals, parse_ints
 
 
 @cli_errors
@@ -48,7 +48,7 @@ def main(
     log_every: int = typer.Option(10, "--log-every"),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out exactly where it stopped."),
     stop_at: Optional[int] = typer.Option(None, "--stop-at", help="Checkpoint and stop at this step."),
-    skip_bad: bool = SkipBadOpt,
+    skip_bad: SkipBadOption = False,
 ):
     """Improve part predictions without labels.
 

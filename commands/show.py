@@ -1,12 +1,14 @@
 """Draw pictures of part predictions: overlays, purity grids, confusion heat maps."""
 from __future__ import annotations
 
+from typing import Annotated
+
 import typer
 
 from partkit._log import log
 from partkit.evaluate import EvalOptions, render
 
-from ._common import InputsArg, SkipBadOpt, cli_errors
+from ._common import InputsArgument, SkipBadOption, cli_errors
 
 app = typer.Typer(
     help="Draw pictures of part predictions (PNG files; nothing on stdout).",
@@ -14,8 +16,8 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 
-PredOpt = typer.Option("parts.png", "--pred", help="Predicted label-map field.")
-GtOpt = typer.Option("gt_parts.png", "--gt-field", help="Ground-truth label-map field.")
+PredOption = Annotated[str, typer.Option("--pred", help="Predicted label-map field.")]
+GtFieldOption = Annotated[str, typer.Option("--gt-field", help="Ground-truth label-map field.")]
 
 
 def _render(inputs, view: str, out: str, **options) -> None:
@@ -27,12 +29,12 @@ def _render(inputs, view: str, out: str, **options) -> None:
 @app.command("overlays")
 @cli_errors
 def overlays(
-    inputs: list[str] = InputsArg,
+    inputs: InputsArgument,
     output: str = typer.Option(..., "--output", "-o", help="Folder for one <key>.png per sample."),
-    pred: str = PredOpt,
-    gt_field: str = GtOpt,
+    pred: PredOption = "parts.png",
+    gt_field: GtFieldOption = "gt_parts.png",
     max_samples: int = typer.Option(16, "--max", help="Draw the first N samples."),
-    skip_bad: bool = SkipBadOpt,
+    skip_bad: SkipBadOption = False,
 ):
     """Image, predicted parts and ground truth side by side (colours fixed per part id)."""
     _render(inputs, "overlays", output, pred=pred, gt_field=gt_field, viz_max=max_samples, skip_bad=skip_bad)
@@ -41,13 +43,13 @@ def overlays(
 @app.command("purity")
 @cli_errors
 def purity(
-    inputs: list[str] = InputsArg,
+    inputs: InputsArgument,
     output: str = typer.Option("purity.png", "--output", "-o", help="PNG file (a folder with --per-class)."),
-    pred: str = PredOpt,
+    pred: PredOption = "parts.png",
     per_class: bool = typer.Option(False, "--per-class",
                                    help="One figure per object class from `partkit rank apply` (ranked.json, "
                                         "ranked_parts.png), highest-scoring instances, plus index.html."),
-    skip_bad: bool = SkipBadOpt,
+    skip_bad: SkipBadOption = False,
 ):
     """For each discovered part, a 3x3 grid of the images where it is largest, highlighted."""
     if per_class:
@@ -66,12 +68,12 @@ def purity(
 @app.command("confusion")
 @cli_errors
 def confusion(
-    inputs: list[str] = InputsArg,
+    inputs: InputsArgument,
     output: str = typer.Option("confusion.png", "--output", "-o", help="PNG file."),
-    pred: str = PredOpt,
-    gt_field: str = GtOpt,
+    pred: PredOption = "parts.png",
+    gt_field: GtFieldOption = "gt_parts.png",
     region: str = typer.Option("fg", "--region", help="fg: ground-truth foreground pixels; full: all pixels."),
-    skip_bad: bool = SkipBadOpt,
+    skip_bad: SkipBadOption = False,
 ):
     """Heat map of predicted cluster x ground-truth part (each cluster's pixels split over parts)."""
     _render(inputs, "confusion", output, pred=pred, gt_field=gt_field, region=region, skip_bad=skip_bad)
@@ -80,13 +82,13 @@ def confusion(
 @app.command("points")
 @cli_errors
 def points(
-    inputs: list[str] = InputsArg,
+    inputs: InputsArgument,
     output: str = typer.Option(..., "--output", "-o", help="Folder for one <key>.png per point cloud."),
     fields: list[str] = typer.Option(["pred_parts.npy", "gt_parts.npy"], "--field",
                                      help="Per-point label field to colour by, one row each (repeatable)."),
     max_samples: int = typer.Option(16, "--max", help="Draw the first N point clouds."),
     size: int = typer.Option(256, "--size", help="Pixels per view."),
-    skip_bad: bool = SkipBadOpt,
+    skip_bad: SkipBadOption = False,
 ):
     """Point clouds from three views, coloured by predicted and ground-truth part ids (one PNG per shape)."""
     from partkit.render3d import show_points

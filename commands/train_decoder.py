@@ -5,7 +5,7 @@ from typing import List, Optional
 
 import typer
 
-from ._common import SkipBadOpt, cli_errors, get_globals, parse_ints
+from ._common import SkipBadOption, cli_errors, get_globals, parse_ints
 
 
 @cli_errors
@@ -38,7 +38,7 @@ def main(
     log_every: int = typer.Option(10, "--log-every"),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out exactly where it stopped."),
     stop_at: Optional[int] = typer.Option(None, "--stop-at", help="Checkpoint and stop at this step (resume later with --resume)."),
-    skip_bad: bool = SkipBadOpt,
+    skip_bad: SkipBadOption = False,
 ):
     """Train on every proposal (a non-zero id of parts.png) as a mask of one "part" class.
 

@@ -7,24 +7,18 @@ from __future__ import annotations
 import glob
 import json
 import os
-import re
 from typing import Iterator, Optional, Sequence
 
 from .errors import BadSample, PartkitError
 from .io import Output, encode_json, run_stage
+from .io.tario import sample_key
 from .io.urls import expand_paths
 from .io.codecs import IMAGE_EXTS, MIN_IMAGE_SIDE, _open_checked
 from .pointcloud import POINT_EXTS, list_shapes, prepare_shape
 
-__all__ = ["pack", "find_images", "find_inputs", "sample_key"]
+__all__ = ["pack", "find_images", "find_inputs"]
 
 _EXT_ALIASES = {"jpeg": "jpg", "tiff": "tif"}
-
-
-def sample_key(path: str) -> str:
-    """A stable, dot-free key from a file stem (``img.v2.jpg`` -> ``img_v2``)."""
-    stem = os.path.splitext(os.path.basename(path))[0]
-    return re.sub(r"[.\s/\\]", "_", stem)
 
 
 def find_images(specs: Sequence[str], exts: Sequence[str] = IMAGE_EXTS) -> list[str]:

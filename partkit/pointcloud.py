@@ -22,6 +22,7 @@ import numpy as np
 
 from .errors import BadSample, PartkitError
 from .io import decode_json, decode_npy, encode_json, encode_npy
+from .io.tario import sample_key
 
 __all__ = ["POINT_EXTS", "SHAPENETPART", "Shape", "read_shape", "list_shapes", "read_ply", "read_obj", "read_off",
            "sample_surface", "normalize", "shape_sample", "decode_shape", "shapenet_category"]
@@ -280,8 +281,6 @@ def _npz_shape(npz, index: Optional[int]) -> Shape:
 
 def list_shapes(path: str) -> list[tuple[str, Optional[int]]]:
     """(key, index) of every shape in a file: one, or one per ``offsets`` row of an npz."""
-    from .pack import sample_key
-
     key = sample_key(path)
     if path.lower().endswith(".npz"):
         try:

@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from commands.main import app
+from partkit.cli.main import app
 from conftest import ROOT, read_shard, write_shard
 
 runner = CliRunner()
@@ -357,7 +357,7 @@ def test_conflicting_options_fail_cleanly(base, tmp_path, args, needle):
 # --------------------------------------------------------------------------- real processes
 def _partkit(args, **kw):
     kw.setdefault("stderr", subprocess.PIPE)
-    return subprocess.Popen([sys.executable, "-c", "from commands.main import main; main()", *map(str, args)],
+    return subprocess.Popen([sys.executable, "-c", "from partkit.cli.main import main; main()", *map(str, args)],
                             cwd=ROOT, env=ENV, **kw)
 
 

@@ -6,7 +6,7 @@ import subprocess
 import pytest
 from typer.testing import CliRunner
 
-from commands.main import app
+from partkit.cli.main import app
 from conftest import ROOT, read_shard, tar_names
 
 runner = CliRunner()

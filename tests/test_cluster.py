@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from commands.main import app
+from partkit.cli.main import app
 from conftest import read_shard, tar_names
 from partkit.cluster import cluster
 from partkit.errors import BadSample, PartkitError

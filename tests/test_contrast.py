@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
-from commands.main import app
+from partkit.cli.main import app
 from conftest import ROOT, read_shard
 from partkit import contrast
 from partkit.contrast import make_views, mask_pool, part_contrast, part_contrast_loss, part_masks

@@ -155,7 +155,7 @@ def test_options_and_inputs_are_validated(tmp_path, shard_factory):
 
 
 def test_cli_and_a_real_pipe(tmp_path):
-    from commands.main import app
+    from partkit.cli.main import app
 
     from partkit.pack import pack
 

@@ -13,7 +13,7 @@ from pycocotools.cocoeval import COCOeval
 from sklearn import metrics as skm
 from typer.testing import CliRunner
 
-from commands.main import app
+from partkit.cli.main import app
 from conftest import ROOT
 from partkit.errors import BadSample, PartkitError
 from partkit.evaluate import EvalOptions, SampleView, evaluate

@@ -6,7 +6,8 @@ from PIL import Image
 
 from partkit.errors import BadSample, PartkitError
 from partkit.io import Output, decode_json, decode_label_map
-from partkit.pack import pack, sample_key
+from partkit.io.tario import sample_key
+from partkit.pack import pack
 from conftest import read_shard
 
 

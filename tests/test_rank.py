@@ -20,7 +20,7 @@ import pytest
 from pycocotools import mask as mask_utils
 from typer.testing import CliRunner
 
-from commands.main import app
+from partkit.cli.main import app
 from conftest import read_shard
 from partkit.errors import PartkitError
 from partkit.io import Output, decode_json, decode_label_map, encode_json

@@ -104,7 +104,7 @@ def test_pictures_and_show_points(tmp_path):
                            size=64)
     assert pic.shape[1] == 3 * 64 and (tmp_path / "a.png").stat().st_size > 0
 
-    from commands.main import app
+    from partkit.cli.main import app
     from partkit.io import Output
     from partkit.pack import pack
 

@@ -127,7 +127,7 @@ def test_self_train_ddp_two_processes(teacher, tmp_path):
 def test_cli_objectives_and_option_errors(tmp_path, cihp_dir):
     from typer.testing import CliRunner
 
-    from commands.main import app
+    from partkit.cli.main import app
     from partkit.io import Output
     from partkit.pack import pack
 

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from commands.main import app
+from partkit.cli.main import app
 from partkit import viz
 from partkit.errors import PartkitError
 from partkit.io import encode_png

@@ -7,12 +7,14 @@ a basename; the key is split at the first dot of the basename, so ``a.feat.npy``
 from __future__ import annotations
 
 import io
+import os
+import re
 import tarfile
 from typing import BinaryIO, Callable, Iterator, Optional
 
 from ..errors import PartkitError
 
-__all__ = ["iter_tar", "TarSampleWriter", "split_name", "FIXED_MTIME"]
+__all__ = ["iter_tar", "TarSampleWriter", "split_name", "sample_key", "FIXED_MTIME"]
 
 # Fixed member mtime: the same input gives byte-identical tars.
 FIXED_MTIME = 0
@@ -23,6 +25,12 @@ def split_name(name: str) -> tuple[str, str]:
     head, sep, base = name.rpartition("/")
     key, dot, ext = base.partition(".")
     return head + sep + key, ext
+
+
+def sample_key(path: str) -> str:
+    """A stable, dot-free key from a file stem (``img.v2.jpg`` -> ``img_v2``), so :func:`split_name` keeps it whole."""
+    stem = os.path.splitext(os.path.basename(path))[0]
+    return re.sub(r"[.\s/\\]", "_", stem)
 
 
 def iter_tar(stream: BinaryIO, url: str, on_error: Optional[Callable[[str], None]] = None) -> Iterator[dict]:
