@@ -12,7 +12,6 @@ Example:
 """
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from typing import Optional, Sequence
@@ -26,11 +25,11 @@ from ._version import __version__
 from .errors import BadSample, PartkitError, missing_field
 from .grid import grid_to_image, image_to_cell_index
 from .io import decode_image, decode_json, decode_label_map, decode_npy, iter_samples
+from .show import VIEWS, Pictures, view_paths
 
 __all__ = ["METRICS", "EvalOptions", "SampleView", "evaluate", "render", "parse_keypoints"]
 
 METRICS = ("nmi", "ari", "miou", "ar", "mask-ap", "retrieval", "miou-3d", "probe")
-VIEWS = ("overlays", "purity", "confusion")
 _GEOMETRY = ("grid", "stride", "image_size", "resized")
 
 
@@ -679,47 +678,6 @@ class _Probe:
                 "test_images": n_samples - len(self.train), "cls_items": int(true.size)}
 
 
-class _Views:
-    """Pictures: overlays of the first samples, purity grids, a confusion heat map."""
-
-    def __init__(self, o: EvalOptions, out: dict, tables: Optional[_PixelTables]):
-        from . import viz
-
-        self.o, self.out, self.tables, self.viz = o, out, tables, viz
-        self.purity = viz.PurityGrid() if "purity" in out else None
-        self.written = 0
-
-    def prepare(self, v: SampleView):
-        need_image = self.purity is not None or ("overlays" in self.out and self.written < self.o.viz_max)
-        image = v.image if need_image else None
-        if image is not None and image.shape[:2] != v.shape:
-            raise BadSample(v.key, f"the image is {image.shape[1]}x{image.shape[0]} but "
-                                   f"'{v.gt_field}' is {v.shape[1]}x{v.shape[0]}")
-        gt = v.gt if v.has(v.gt_field) else None
-        return v.key, image, v.pred, gt, (v.ignore_id if gt is not None else None)
-
-    def commit(self, payload) -> None:
-        key, image, pred, gt, ignore_id = payload
-        if "overlays" in self.out and self.written < self.o.viz_max:
-            os.makedirs(self.out["overlays"], exist_ok=True)
-            self.viz.save_png(os.path.join(self.out["overlays"], f"{key}.png"),
-                              self.viz.overlay_panel(image, pred, gt, ignore_id=ignore_id))
-            self.written += 1
-        if self.purity is not None:
-            self.purity.update(key, image, pred)
-
-    def finish(self) -> dict:
-        files = {}
-        if "overlays" in self.out:
-            files["overlays"] = self.out["overlays"]
-        if self.purity is not None:
-            files["purity"] = self.purity.save(self.out["purity"])
-        if "confusion" in self.out and self.tables.by_class:
-            table = _region_rows(self.tables.pooled(), self.o.region)
-            files["confusion"] = self.viz.save_confusion(self.out["confusion"], table)
-        return files
-
-
 # ---------------------------------------------------------------------------------------------
 # Driver
 
@@ -794,7 +752,7 @@ def evaluate(inputs: Sequence[str], metrics: Sequence[str], options: Optional[Ev
     if "probe" in names:
         accs["probe"] = _Probe(o)
     if o.viz_dir is not None:
-        accs["views"] = _Views(o, _view_paths(o.viz_dir), accs["pixels"])
+        accs["views"] = _pictures(o, view_paths(o.viz_dir), accs["pixels"])
 
     fit_pixels = fit_shapes = None
     if o.match_on:
@@ -830,11 +788,6 @@ def evaluate(inputs: Sequence[str], metrics: Sequence[str], options: Optional[Ev
     return report
 
 
-def _view_paths(directory: str) -> dict:
-    return {"overlays": os.path.join(directory, "overlays"), "purity": os.path.join(directory, "purity.png"),
-            "confusion": os.path.join(directory, "confusion.png")}
-
-
 def _report_options(o: EvalOptions) -> dict:
     out = asdict(o)
     out["pred"] = o.pred
@@ -856,6 +809,14 @@ def render(inputs: Sequence[str], view: str, out: str, options: Optional[EvalOpt
     if o.viz_max < 1:
         raise PartkitError(f"--max must be at least 1, got {o.viz_max}")
     tables = _PixelTables() if view == "confusion" else None
-    views = _Views(o, {view: out}, tables)
+    views = _pictures(o, {view: out}, tables)
     _run(inputs, [a for a in (tables, views) if a is not None], o, f"show {view}")
     return views.finish()
+
+
+def _pictures(o: EvalOptions, out: dict, tables: Optional[_PixelTables]) -> Pictures:
+    """The pictures of one pass; the confusion map draws the pooled pixel table over ``--region``."""
+    def confusion() -> Optional[np.ndarray]:
+        return _region_rows(tables.pooled(), o.region) if tables is not None and tables.by_class else None
+
+    return Pictures(out, max_overlays=o.viz_max, confusion_table=confusion)

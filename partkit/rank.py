@@ -32,7 +32,6 @@ import io
 import json
 import math
 import os
-import re
 import warnings
 import zipfile
 import zlib
@@ -48,12 +47,12 @@ from ._runtime import resolve_device
 from ._version import __version__
 from .errors import BadSample, PartkitError, missing_field
 from .io import (
-    Output, decode_image, decode_json, decode_label_map, decode_npy, encode_json, encode_png, iter_samples, run_stage,
+    Output, decode_json, decode_label_map, decode_npy, encode_json, encode_png, iter_samples, run_stage,
     write_atomic,
 )
 
 __all__ = [
-    "PartRanker", "Association", "weighted_kmeans", "density", "associate", "fit", "apply", "purity_per_class",
+    "PartRanker", "Association", "weighted_kmeans", "density", "associate", "fit", "apply",
     "OBJECT_SOURCES", "ID_SCHEME",
 ]
 
@@ -779,65 +778,3 @@ def apply(inputs: Sequence[str], model: str, *, as_targets: bool = False, object
     config = {"model": name, "as_targets": as_targets, **opts.record()}
     return run_stage(inputs, lambda items: items, output=output, name="rank apply", skip_bad=skip_bad, config=config,
                      prepare=lambda s: _apply_one(s, ranker, opts, as_targets, name))
-
-
-# --------------------------------------------------------------------------------------------
-# Pictures: purity per (class, part cluster)
-
-
-def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name) or "_"
-
-
-def purity_per_class(inputs: Sequence[str], out_dir: str, *, n_rows: int = 3, skip_bad: bool = False) -> dict:
-    """For each class, a figure with one ``n_rows`` x ``n_rows`` grid per part cluster: the
-    highest-scoring instances (from ``ranked.json``), part highlighted; plus ``index.html``."""
-    from . import viz
-
-    grid, k, samples, skipped = None, None, 0, []
-    with progress("show purity --per-class") as bar:
-        for sample in iter_samples(inputs, skip_bad=skip_bad):
-            try:
-                doc = decode_json(sample, "ranked.json")
-                labels = decode_label_map(sample, "ranked_parts.png").astype(np.int64)
-                image = decode_image(sample)
-                if image.shape[:2] != labels.shape:
-                    raise BadSample(sample["__key__"], "ranked_parts.png and the image differ in size")
-            except BadSample as e:
-                if not skip_bad:
-                    raise
-                skipped.append(e.key)
-                continue
-            k = int(doc["k"])
-            if grid is None:
-                grid = viz.PurityGrid(n_rows, title=lambda group, part: f"{group} cluster {(part - 1) % k} (id {part})")
-            best: dict = {}
-            for p in doc["proposals"]:
-                best[p["part_id"]] = max(best.get(p["part_id"], 0.0), p["score"])
-            for j, name in enumerate(doc["classes"]):
-                mine = (labels > j * k) & (labels <= (j + 1) * k)
-                if mine.any():
-                    grid.update(sample["__key__"], image, np.where(mine, labels, 0), group=name,
-                                scores={pid: s for pid, s in best.items() if j * k < pid <= (j + 1) * k})
-            samples += 1
-            bar.update()
-    if grid is None or not grid.groups():
-        raise PartkitError("no ranked parts to draw; run `partkit rank apply` on these samples first")
-    os.makedirs(out_dir, exist_ok=True)
-    files, rows = {}, []
-    for g in grid.groups():
-        fname = f"purity_{_safe(str(g))}.png"
-        files[str(g)] = viz.save_png(os.path.join(out_dir, fname), grid.render(g))
-        rows.append(f"<h2>{_html(str(g))}</h2>\n<img src=\"{fname}\" alt=\"{_html(str(g))}\">")
-    html = ("<!doctype html>\n<meta charset=\"utf-8\">\n<title>partkit purity per class</title>\n"
-            f"<h1>Part clusters per class</h1>\n<p>{samples} samples; each grid shows the highest-scoring instances of "
-            f"one cluster (part id = class_index * {k} + cluster + 1).</p>\n" + "\n".join(rows) + "\n")
-    files["index"] = os.path.join(out_dir, "index.html")
-    write_atomic(files["index"], html.encode("utf-8"))
-    return files
-
-
-def _html(text: str) -> str:
-    import html
-
-    return html.escape(text, quote=True)

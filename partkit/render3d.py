@@ -13,19 +13,18 @@ index of the visible point (-1 for background), which is what back-projection of
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
-from .errors import BadSample, PartkitError
-from .io import decode_npy, iter_samples
-from .pointcloud import decode_shape, normalize
+from .errors import PartkitError
+from .pointcloud import normalize
+from .viz import label_colors, save_png, titled
 
 __all__ = ["DEFAULT_ELEVATIONS", "DEFAULT_AZIMUTHS", "Cameras", "Rendering", "make_cameras", "auto_radius",
-           "render_points", "backproject", "label_colors", "render_views_png", "show_points"]
+           "render_points", "backproject", "render_views_png"]
 
 # 10 views: a ring of 5 above and 5 below the equator (ShapeNet is y-up), as PartSLIP's 10 views.
 DEFAULT_ELEVATIONS = (30.0, -20.0)
@@ -239,78 +238,26 @@ def backproject(index: torch.Tensor, labels: torch.Tensor, num_points: int, num_
     return votes.view(num_points, num_classes)
 
 
-def label_colors(labels: np.ndarray) -> np.ndarray:
-    """A fixed colour per part id (``partkit.viz.palette`` without its black background slot)."""
-    from .viz import palette
-
-    labels = np.asarray(labels, np.int64)
-    pal = palette(int(labels.max(initial=0)) + 2)[1:]
-    out = pal[np.clip(labels, 0, None)]
-    out[labels < 0] = (200, 200, 200)  # unlabelled
-    return out
-
-
-def render_views_png(path: Optional[str], points: np.ndarray, panels: Sequence[tuple[str, np.ndarray]], *,
+def render_views_png(path: Optional[str], points: np.ndarray, panels: Sequence[tuple[str, Optional[np.ndarray]]], *,
                      normals: Optional[np.ndarray] = None, elevations: Sequence[float] = (25.0,),
                      azimuths: Sequence[float] = (30.0, 150.0, 270.0), size: int = 256,
                      radius: Optional[int] = None) -> np.ndarray:
-    """One picture of a point cloud: a row per panel (title, N labels or N x 3 colours), a column per view.
+    """One picture of a point cloud: a row per panel (title, N labels, N x 3 colours or None for
+    grey), a column per view.
 
     Writes a PNG when ``path`` is given; returns the H x W x 3 uint8 picture.
     """
-    from PIL import Image, ImageDraw
-
-    from .viz import save_png
-
     pts = torch.from_numpy(normalize(points)[0])
     cams = make_cameras(elevations, azimuths, size=size)
     rows = []
     for title, values in panels:
+        if values is None:  # no labels: every point grey, shaded
+            values = np.full((len(points), 3), int(255 * _BASE_GREY), np.uint8)
         values = np.asarray(values)
         colors = values if values.ndim == 2 else label_colors(values)
         r = render_points(pts, normals, colors, cameras=cams, radius=radius)
-        row = np.concatenate(list(r.image.numpy()), axis=1)
-        bar = Image.new("RGB", (row.shape[1], 18), (255, 255, 255))
-        ImageDraw.Draw(bar).text((4, 3), title, fill=(0, 0, 0))
-        rows.append(np.concatenate([np.asarray(bar), row], axis=0))
+        rows.append(titled(np.concatenate(list(r.image.numpy()), axis=1), title, bar=18, font_size=None))
     picture = np.concatenate(rows, axis=0) if rows else np.full((size, size, 3), 255, np.uint8)
     if path:
         save_png(path, picture)
     return picture
-
-
-def show_points(inputs: Sequence[str], out_dir: str, *, fields: Sequence[str] = ("pred_parts.npy", "gt_parts.npy"),
-                max_samples: int = 16, size: int = 256, skip_bad: bool = False) -> list[str]:
-    """One ``<key>.png`` per point-cloud sample: a row per label field present, three views each.
-
-    Samples with none of ``fields`` are drawn grey (shading only).
-    """
-    if max_samples < 1:
-        raise PartkitError(f"--max must be at least 1, got {max_samples}")
-    if os.path.isfile(out_dir):
-        raise PartkitError(f"--output {out_dir!r} is a file; pass a folder for the pictures")
-    written = []
-    for sample in iter_samples(inputs, skip_bad=skip_bad):
-        if len(written) >= max_samples:
-            break
-        try:
-            shape = decode_shape(sample)
-            panels = []
-            for name in fields:
-                if name in sample:
-                    labels = decode_npy(sample, name).reshape(-1)
-                    if len(labels) != len(shape):
-                        raise BadSample(sample["__key__"], f"'{name}' has {len(labels)} labels for {len(shape)} points")
-                    panels.append((name, labels))
-        except BadSample:
-            if skip_bad:
-                continue
-            raise
-        if not panels:
-            panels = [("points", np.full((len(shape), 3), int(255 * _BASE_GREY), np.uint8))]
-        path = os.path.join(out_dir, f"{sample['__key__']}.png")
-        render_views_png(path, shape.points, panels, normals=shape.normals, size=size)
-        written.append(path)
-    if not written:
-        raise PartkitError("show points: the input holds no point-cloud samples; run `partkit pack` on point clouds")
-    return written

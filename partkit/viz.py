@@ -1,4 +1,5 @@
-"""Pictures of part predictions: overlays, purity grids, confusion heat maps. Files only.
+"""Drawing primitives for part pictures: colours, overlays, titled panels, purity grids, confusion
+heat maps, PNG files. What to draw from which samples is :mod:`partkit.show`.
 
 Colours are fixed per label id (:func:`palette`), so part 3 has the same colour in every
 picture. Drawing uses Pillow; the heat map uses matplotlib's Agg canvas without pyplot, so
@@ -20,7 +21,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .errors import PartkitError
 
-__all__ = ["palette", "colorize", "overlay", "overlay_panel", "PurityGrid", "save_confusion", "save_png"]
+__all__ = ["palette", "colorize", "label_colors", "overlay", "titled", "overlay_panel", "PurityGrid", "save_confusion",
+           "save_png"]
 
 # tab20's colours, reordered so neighbouring ids contrast; beyond 20, golden-ratio hues.
 _BASE = np.array([
@@ -60,6 +62,21 @@ def colorize(labels: np.ndarray, ignore_id: Optional[int] = None) -> np.ndarray:
     return rgb
 
 
+def label_colors(labels: np.ndarray) -> np.ndarray:
+    """A fixed colour per id for per-point labels (:func:`palette` without its black background
+    slot, so id 0 is coloured too); negative ids (unlabelled) are light grey.
+
+    Example:
+        >>> label_colors(np.array([0, 1, -1])).tolist()
+        [[31, 119, 180], [255, 127, 14], [200, 200, 200]]
+    """
+    labels = np.asarray(labels, np.int64)
+    pal = palette(int(labels.max(initial=0)) + 2)[1:]
+    out = pal[np.clip(labels, 0, None)]
+    out[labels < 0] = (200, 200, 200)  # unlabelled
+    return out
+
+
 def overlay(image: np.ndarray, labels: np.ndarray, alpha: float = 0.55, ignore_id: Optional[int] = None) -> np.ndarray:
     """Blend part colours onto the image where the label is not background."""
     colours = colorize(labels, ignore_id).astype(np.float32)
@@ -76,10 +93,12 @@ def _font(size: int = 14):
         return ImageFont.load_default()
 
 
-def _titled(rgb: np.ndarray, title: str, bar: int = 20) -> np.ndarray:
+def titled(rgb: np.ndarray, title: str, *, bar: int = 20, font_size: Optional[int] = 14) -> np.ndarray:
+    """The picture under a white bar of ``bar`` pixels holding ``title`` (``font_size`` None:
+    Pillow's default font)."""
     im = Image.new("RGB", (rgb.shape[1], rgb.shape[0] + bar), (255, 255, 255))
     im.paste(Image.fromarray(rgb), (0, bar))
-    ImageDraw.Draw(im).text((4, 3), title, fill=(0, 0, 0), font=_font())
+    ImageDraw.Draw(im).text((4, 3), title, fill=(0, 0, 0), font=None if font_size is None else _font(font_size))
     return np.asarray(im)
 
 
@@ -97,9 +116,9 @@ def _hstack(panels: Sequence[np.ndarray], gap: int = 6) -> np.ndarray:
 def overlay_panel(image: np.ndarray, pred: np.ndarray, gt: Optional[np.ndarray] = None,
                   ignore_id: Optional[int] = None) -> np.ndarray:
     """Image | prediction overlay | ground-truth overlay, side by side with titles."""
-    panels = [_titled(image, "image"), _titled(overlay(image, pred), "predicted parts")]
+    panels = [titled(image, "image"), titled(overlay(image, pred), "predicted parts")]
     if gt is not None:
-        panels.append(_titled(overlay(image, gt, ignore_id=ignore_id), "ground truth"))
+        panels.append(titled(overlay(image, gt, ignore_id=ignore_id), "ground truth"))
     return _hstack(panels)
 
 
@@ -181,7 +200,7 @@ class PurityGrid:
                 r, c = divmod(i, self.n_rows)
                 y, x = r * (self.thumb + 2), c * (self.thumb + 2)
                 block[y:y + self.thumb, x:x + self.thumb] = entry[3]
-            tiles.append(_titled(block, self.title(group, part)))
+            tiles.append(titled(block, self.title(group, part)))
         rows = [_hstack(tiles[i:i + self.columns], gap=12) for i in range(0, len(tiles), self.columns)]
         width = max(r.shape[1] for r in rows)
         rows = [np.pad(r, ((0, 12), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in rows]

@@ -103,6 +103,8 @@ def test_pictures_and_show_points(tmp_path):
     pic = render_views_png(str(tmp_path / "a.png"), pts, [("labels", (pts[:, 0] > 0).astype(int))], normals=nrm,
                            size=64)
     assert pic.shape[1] == 3 * 64 and (tmp_path / "a.png").stat().st_size > 0
+    grey = render_views_png(None, pts, [("points", None)], normals=nrm, size=64)
+    assert grey.shape == pic.shape and (grey[..., 0] == grey[..., 1]).all() and (grey[..., 1] == grey[..., 2]).all()
 
     from partkit.cli.main import app
     from partkit.io import Output

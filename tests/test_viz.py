@@ -100,3 +100,23 @@ def test_eval_viz_draws_everything(shard_factory, tmp_path):
     assert set(pictures) == {"overlays", "purity", "confusion"}
     assert len(list((tmp_path / "viz" / "overlays").iterdir())) == 3
     assert (tmp_path / "viz" / "purity.png").exists() and (tmp_path / "viz" / "confusion.png").exists()
+
+
+def test_label_colors_and_titled_panels():
+    assert viz.label_colors(np.array([0, 1, -1])).tolist() == [viz.palette(2)[1].tolist(), viz.palette(3)[2].tolist(),
+                                                               [200, 200, 200]]
+    rgb = np.zeros((5, 30, 3), np.uint8)
+    out = viz.titled(rgb, "t", bar=18, font_size=None)
+    assert out.shape == (23, 30, 3) and (out[18:] == 0).all() and (out[:18] < 255).any()
+
+
+def test_pictures_write_only_the_views_asked_for(shard_factory, tmp_path):
+    from partkit.evaluate import render
+    from partkit.show import VIEWS, view_paths
+
+    paths = view_paths(str(tmp_path / "v"))
+    assert set(paths) == set(VIEWS) and paths["overlays"].endswith("overlays")
+    files = render([_shard(shard_factory)], "overlays", str(tmp_path / "ov"), viz_max=1)
+    assert files == {"overlays": str(tmp_path / "ov")} and [p.name for p in (tmp_path / "ov").iterdir()] == ["v0.png"]
+    with pytest.raises(PartkitError, match="view must be one of"):
+        render([_shard(shard_factory)], "nope", str(tmp_path / "x"))

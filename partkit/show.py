@@ -1,0 +1,191 @@
+"""What ``partkit show`` and ``partkit eval --viz`` draw, from which samples, into which files.
+
+The drawing itself (colours, overlays, titled panels, purity grids, confusion heat maps, PNG
+files) is :mod:`partkit.viz`; the point-cloud views are :func:`partkit.render3d.render_views_png`.
+This module decides what goes into each picture:
+
+- :class:`Pictures`: overlays of the first samples, a purity grid, a confusion heat map. It is
+  an accumulator of the evaluation pass, so ``eval --viz`` draws in the same pass that scores,
+  and ``show overlays|purity|confusion`` is that pass with the pictures only
+  (:func:`partkit.evaluate.render`).
+- :func:`purity_per_class`: one purity figure per object class from ``partkit rank apply``
+  output, plus an ``index.html``.
+- :func:`show_points`: three views of each point cloud, a row per label field.
+
+Example:
+    >>> show_points(["preds.tar"], "pictures/")  # doctest: +SKIP
+    ['pictures/cap_val_000.png', ...]
+"""
+from __future__ import annotations
+
+import html
+import os
+import re
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+from . import viz
+from ._log import progress
+from .errors import BadSample, PartkitError
+from .io import decode_image, decode_json, decode_label_map, decode_npy, iter_samples, write_atomic
+from .pointcloud import decode_shape
+
+__all__ = ["VIEWS", "Pictures", "view_paths", "purity_per_class", "show_points"]
+
+VIEWS = ("overlays", "purity", "confusion")
+
+
+def view_paths(directory: str) -> dict:
+    """Where ``eval --viz DIR`` puts each picture: ``overlays/``, ``purity.png``, ``confusion.png``."""
+    return {"overlays": os.path.join(directory, "overlays"), "purity": os.path.join(directory, "purity.png"),
+            "confusion": os.path.join(directory, "confusion.png")}
+
+
+class Pictures:
+    """Pictures of a pass over samples: ``out`` maps each view in :data:`VIEWS` to draw to its path.
+
+    ``overlays`` (a folder) gets ``<key>.png`` for the first ``max_overlays`` samples, ``purity``
+    (a PNG) the purity grid, ``confusion`` (a PNG) the heat map of the table ``confusion_table()``
+    returns at the end (None: nothing was tallied, no file). ``prepare(view)`` reads what the
+    pictures need from a sample view (may raise :class:`BadSample`); ``commit`` draws and cannot
+    fail on the sample; ``finish`` writes the pooled pictures and returns ``{view: path}``.
+    """
+
+    def __init__(self, out: dict, *, max_overlays: int = 16,
+                 confusion_table: Optional[Callable[[], Optional[np.ndarray]]] = None):
+        self.out, self.max_overlays, self.confusion_table = out, max_overlays, confusion_table
+        self.purity = viz.PurityGrid() if "purity" in out else None
+        self.written = 0
+
+    def prepare(self, v):
+        need_image = self.purity is not None or ("overlays" in self.out and self.written < self.max_overlays)
+        image = v.image if need_image else None
+        if image is not None and image.shape[:2] != v.shape:
+            raise BadSample(v.key, f"the image is {image.shape[1]}x{image.shape[0]} but "
+                                   f"'{v.gt_field}' is {v.shape[1]}x{v.shape[0]}")
+        gt = v.gt if v.has(v.gt_field) else None
+        return v.key, image, v.pred, gt, (v.ignore_id if gt is not None else None)
+
+    def commit(self, payload) -> None:
+        key, image, pred, gt, ignore_id = payload
+        if "overlays" in self.out and self.written < self.max_overlays:
+            os.makedirs(self.out["overlays"], exist_ok=True)
+            viz.save_png(os.path.join(self.out["overlays"], f"{key}.png"),
+                         viz.overlay_panel(image, pred, gt, ignore_id=ignore_id))
+            self.written += 1
+        if self.purity is not None:
+            self.purity.update(key, image, pred)
+
+    def finish(self) -> dict:
+        files = {}
+        if "overlays" in self.out:
+            files["overlays"] = self.out["overlays"]
+        if self.purity is not None:
+            files["purity"] = self.purity.save(self.out["purity"])
+        if "confusion" in self.out and self.confusion_table is not None:
+            table = self.confusion_table()
+            if table is not None:
+                files["confusion"] = viz.save_confusion(self.out["confusion"], table)
+        return files
+
+
+# ---------------------------------------------------------------------------------------------
+# Purity per (class, part cluster) of `partkit rank apply` output
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name) or "_"
+
+
+def _html(text: str) -> str:
+    return html.escape(text, quote=True)
+
+
+def purity_per_class(inputs: Sequence[str], out_dir: str, *, n_rows: int = 3, skip_bad: bool = False) -> dict:
+    """For each class, a figure with one ``n_rows`` x ``n_rows`` grid per part cluster: the
+    highest-scoring instances (from ``ranked.json``), part highlighted; plus ``index.html``."""
+    grid, k, samples, skipped = None, None, 0, []
+    with progress("show purity --per-class") as bar:
+        for sample in iter_samples(inputs, skip_bad=skip_bad):
+            try:
+                doc = decode_json(sample, "ranked.json")
+                labels = decode_label_map(sample, "ranked_parts.png").astype(np.int64)
+                image = decode_image(sample)
+                if image.shape[:2] != labels.shape:
+                    raise BadSample(sample["__key__"], "ranked_parts.png and the image differ in size")
+            except BadSample as e:
+                if not skip_bad:
+                    raise
+                skipped.append(e.key)
+                continue
+            k = int(doc["k"])
+            if grid is None:
+                grid = viz.PurityGrid(n_rows, title=lambda group, part: f"{group} cluster {(part - 1) % k} (id {part})")
+            best: dict = {}
+            for p in doc["proposals"]:
+                best[p["part_id"]] = max(best.get(p["part_id"], 0.0), p["score"])
+            for j, name in enumerate(doc["classes"]):
+                mine = (labels > j * k) & (labels <= (j + 1) * k)
+                if mine.any():
+                    grid.update(sample["__key__"], image, np.where(mine, labels, 0), group=name,
+                                scores={pid: s for pid, s in best.items() if j * k < pid <= (j + 1) * k})
+            samples += 1
+            bar.update()
+    if grid is None or not grid.groups():
+        raise PartkitError("no ranked parts to draw; run `partkit rank apply` on these samples first")
+    os.makedirs(out_dir, exist_ok=True)
+    files, rows = {}, []
+    for g in grid.groups():
+        fname = f"purity_{_safe(str(g))}.png"
+        files[str(g)] = viz.save_png(os.path.join(out_dir, fname), grid.render(g))
+        rows.append(f"<h2>{_html(str(g))}</h2>\n<img src=\"{fname}\" alt=\"{_html(str(g))}\">")
+    page = ("<!doctype html>\n<meta charset=\"utf-8\">\n<title>partkit purity per class</title>\n"
+            f"<h1>Part clusters per class</h1>\n<p>{samples} samples; each grid shows the highest-scoring instances of "
+            f"one cluster (part id = class_index * {k} + cluster + 1).</p>\n" + "\n".join(rows) + "\n")
+    files["index"] = os.path.join(out_dir, "index.html")
+    write_atomic(files["index"], page.encode("utf-8"))
+    return files
+
+
+# ---------------------------------------------------------------------------------------------
+# Point clouds
+
+
+def show_points(inputs: Sequence[str], out_dir: str, *, fields: Sequence[str] = ("pred_parts.npy", "gt_parts.npy"),
+                max_samples: int = 16, size: int = 256, skip_bad: bool = False) -> list[str]:
+    """One ``<key>.png`` per point-cloud sample: a row per label field present, three views each.
+
+    Samples with none of ``fields`` are drawn grey (shading only).
+    """
+    from .render3d import render_views_png  # torch: only when points are drawn
+
+    if max_samples < 1:
+        raise PartkitError(f"--max must be at least 1, got {max_samples}")
+    if os.path.isfile(out_dir):
+        raise PartkitError(f"--output {out_dir!r} is a file; pass a folder for the pictures")
+    written = []
+    for sample in iter_samples(inputs, skip_bad=skip_bad):
+        if len(written) >= max_samples:
+            break
+        try:
+            shape = decode_shape(sample)
+            panels = []
+            for name in fields:
+                if name in sample:
+                    labels = decode_npy(sample, name).reshape(-1)
+                    if len(labels) != len(shape):
+                        raise BadSample(sample["__key__"], f"'{name}' has {len(labels)} labels for {len(shape)} points")
+                    panels.append((name, labels))
+        except BadSample:
+            if skip_bad:
+                continue
+            raise
+        if not panels:
+            panels = [("points", None)]
+        path = os.path.join(out_dir, f"{sample['__key__']}.png")
+        render_views_png(path, shape.points, panels, normals=shape.normals, size=size)
+        written.append(path)
+    if not written:
+        raise PartkitError("show points: the input holds no point-cloud samples; run `partkit pack` on point clouds")
+    return written
