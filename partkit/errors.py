@@ -1,7 +1,20 @@
-"""Errors a user can fix. The CLI prints their message on one line, with no traceback."""
+"""Errors a user can fix, and the one policy for bad samples.
+
+The CLI prints an error's message on one line, with no traceback. A bad sample goes to a
+*handler*, as in webdataset: :func:`stop` (the default) raises it, a :class:`SkipBad` records it
+(``BadSample.record()``, the one record format of stats files, run configs and eval reports)
+and reading goes on. Only :mod:`partkit.io.pipeline` applies a handler.
+
+Example:
+    >>> skip = SkipBad()
+    >>> skip(BadSample("img_1", "feat.npy holds NaN values")); skip.records
+    [{'key': 'img_1', 'reason': 'feat.npy holds NaN values'}]
+"""
 from __future__ import annotations
 
-__all__ = ["PartkitError", "BadSample", "missing_field"]
+from typing import Callable, Optional
+
+__all__ = ["PartkitError", "BadSample", "missing_field", "Handler", "stop", "SkipBad", "handler_for"]
 
 
 class PartkitError(Exception):
@@ -11,14 +24,37 @@ class PartkitError(Exception):
 class BadSample(PartkitError):
     """One sample cannot be processed; ``--skip-bad`` skips it, otherwise the run stops."""
 
-    def __init__(self, key: str, reason: str):
+    def __init__(self, key: Optional[str], reason: str):
         self.key = key
         self.reason = reason
-        super().__init__(f"sample {key!r}: {reason}")
+        super().__init__(f"sample {key!r}: {reason}" if key is not None else reason)
 
     def record(self) -> dict:
         """How a ``--skip-bad`` run reports this sample (stats files, run configs, eval reports)."""
         return {"key": self.key, "reason": self.reason}
+
+
+Handler = Callable[[BadSample], None]
+
+
+def stop(bad: BadSample) -> None:
+    """The default handler: the run stops at the first bad sample, naming it."""
+    raise bad
+
+
+class SkipBad:
+    """The ``--skip-bad`` handler: leave the sample out and keep its record."""
+
+    def __init__(self):
+        self.records: list[dict] = []
+
+    def __call__(self, bad: BadSample) -> None:
+        self.records.append(bad.record())
+
+
+def handler_for(skip_bad: bool) -> Handler:
+    """The handler of a ``--skip-bad`` flag: a fresh :class:`SkipBad`, else :func:`stop`."""
+    return SkipBad() if skip_bad else stop
 
 
 # Which command produces a field, so a missing-field error can say what to run first.

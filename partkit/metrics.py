@@ -1,4 +1,4 @@
-"""Part-discovery metrics as plain functions on arrays (numpy, scipy, pycocotools).
+"""Part-discovery metrics as plain functions on arrays (numpy, scipy; masks via :mod:`partkit.rle`).
 
 Everything pooled over a dataset goes through a :class:`Contingency` table of (true id,
 predicted id) counts accumulated image by image, so NMI, ARI and matched mIoU over 10^8
@@ -13,8 +13,6 @@ Example:
 """
 from __future__ import annotations
 
-import contextlib
-import io
 import warnings
 from math import log
 from typing import Iterable, Optional, Sequence
@@ -279,13 +277,10 @@ COCO_IOU_THRESHOLDS = np.linspace(0.5, 0.95, int(np.round((0.95 - 0.5) / 0.05)) 
 
 
 def mask_iou(dt: Sequence[dict], gt: Sequence[dict], iscrowd: Optional[Sequence[int]] = None) -> np.ndarray:
-    """IoU matrix (len(dt) x len(gt)) of compressed-RLE masks, via ``pycocotools.mask.iou``."""
-    from pycocotools import mask as mask_utils
+    """IoU matrix (len(dt) x len(gt)) of compressed-RLE masks (:func:`partkit.rle.iou`)."""
+    from . import rle
 
-    if len(dt) == 0 or len(gt) == 0:
-        return np.zeros((len(dt), len(gt)))
-    crowd = [0] * len(gt) if iscrowd is None else [int(c) for c in iscrowd]
-    return np.asarray(mask_utils.iou(list(dt), list(gt), crowd), dtype=np.float64).reshape(len(dt), len(gt))
+    return rle.iou(dt, gt, iscrowd)
 
 
 def greedy_recall(iou, ks: Sequence[int], thresholds=COCO_IOU_THRESHOLDS) -> np.ndarray:
@@ -347,9 +342,7 @@ def coco_mask_ap(images: Sequence[dict], detections: Sequence[dict], *, class_ag
     "iscrowd"}]}``; ``detections``: ``{"image_id", "segmentation", "score", "category_id"}``.
     With ``class_agnostic`` every category becomes 1. No detections at all scores 0.
     """
-    from pycocotools import mask as mask_utils
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
+    from . import rle
 
     anns, cats = [], set()
     for img in images:
@@ -357,26 +350,18 @@ def coco_mask_ap(images: Sequence[dict], detections: Sequence[dict], *, class_ag
             cat = 1 if class_agnostic else int(a["category_id"])
             cats.add(cat)
             anns.append({"id": len(anns) + 1, "image_id": img["id"], "category_id": cat,
-                         "segmentation": a["segmentation"], "area": float(mask_utils.area(a["segmentation"])),
-                         "bbox": list(mask_utils.toBbox(a["segmentation"])), "iscrowd": int(a.get("iscrowd", 0))})
+                         "segmentation": a["segmentation"], "area": rle.area(a["segmentation"]),
+                         "bbox": rle.bbox(a["segmentation"]), "iscrowd": int(a.get("iscrowd", 0))})
     if not any(a["iscrowd"] == 0 for a in anns):
         raise PartkitError("no ground-truth masks to score")
     if not detections:
         return {"ap": 0.0, "ap50": 0.0, "ap75": 0.0}
     dets = [{"image_id": d["image_id"], "category_id": 1 if class_agnostic else int(d["category_id"]),
              "segmentation": d["segmentation"], "score": float(d["score"])} for d in detections]
-    with contextlib.redirect_stdout(io.StringIO()):
-        gt = COCO()
-        gt.dataset = {"images": [{"id": i["id"], "height": i["height"], "width": i["width"]} for i in images],
-                      "annotations": anns, "categories": [{"id": c, "name": str(c)} for c in sorted(cats)]}
-        gt.createIndex()
-        ev = COCOeval(gt, gt.loadRes(dets), iouType="segm")
-        ev.params.maxDets = [1, 10, int(max_dets)]
-        ev.evaluate()
-        ev.accumulate()
-        ev.summarize()
-    return {"ap": max(float(ev.stats[0]), 0.0), "ap50": max(float(ev.stats[1]), 0.0),
-            "ap75": max(float(ev.stats[2]), 0.0)}
+    dataset = {"images": [{"id": i["id"], "height": i["height"], "width": i["width"]} for i in images],
+               "annotations": anns, "categories": [{"id": c, "name": str(c)} for c in sorted(cats)]}
+    stats = rle.coco_evaluate(dataset, dets, max_dets)
+    return {"ap": max(stats[0], 0.0), "ap50": max(stats[1], 0.0), "ap75": max(stats[2], 0.0)}
 
 
 # ---------------------------------------------------------------------------------------------
