@@ -5,7 +5,7 @@ from typing import List, Optional
 
 import typer
 
-from partkit.errors import PartkitError
+from partkit.errors import PartkitError, handler_for
 
 from ._common import (
     DropOption, OutputOption, OverwriteOption, ShardSizeOption, SkipBadOption, cli_errors, get_globals, make_output,
@@ -81,5 +81,5 @@ def main(
         radius=radius, temperature=temperature, width=width, depth=depth, knn=knn, points=points,
         batch_size=batch_size, epochs=epochs, lr=lr, plateau=plateau, backward=backward, seed=g.seed,
         device=g.device)
-    distill_3d(inputs or ["-"], cfg, out=out, skip_bad=skip_bad,
+    distill_3d(inputs or ["-"], cfg, out=out, handler=handler_for(skip_bad),
                output=make_output(output, shard_size, overwrite, drop, None, None))

@@ -5,6 +5,8 @@ from typing import List, Optional
 
 import typer
 
+from partkit.errors import handler_for
+
 from ._common import (
     DropOption, NumShardsOption, OutputOption, OverwriteOption, ShardIndexOption, ShardSizeOption, SkipBadOption,
     cli_errors, get_globals, make_output, parse_ints,
@@ -44,5 +46,5 @@ def main(
     g = get_globals(ctx)
     extract(inputs or ["-"], model=model, weights=weights, layers=parse_ints(layers, "--layers"), facet=facet, stride=stride,
             grid_stride=grid_stride, size=size, keep_aspect=keep_aspect, saliency=saliency, batch_size=batch_size,
-            workers=workers, device=g.device, dtype=dtype, seed=g.seed, skip_bad=skip_bad,
+            workers=workers, device=g.device, dtype=dtype, seed=g.seed, handler=handler_for(skip_bad),
             output=make_output(output, shard_size, overwrite, drop, num_shards, shard_index))

@@ -7,6 +7,8 @@ import typer
 
 from partkit.pack import pack
 
+from partkit.errors import handler_for
+
 from ._common import (
     NumShardsOption, OutputOption, OverwriteOption, ShardIndexOption, ShardSizeOption, SkipBadOption, cli_errors,
     make_output,
@@ -36,6 +38,6 @@ def main(
 
     Example: partkit pack ../shared/data/cihp/images --labels ../shared/data/cihp/labels > cihp.tar
     """
-    pack(images, labels=labels, coco=coco, category=category, provenance=provenance, skip_bad=skip_bad,
+    pack(images, labels=labels, coco=coco, category=category, provenance=provenance, handler=handler_for(skip_bad),
          points_per_shape=points_per_shape,
          output=make_output(output, shard_size, overwrite, [], num_shards, shard_index))

@@ -5,6 +5,8 @@ from typing import List
 
 import typer
 
+from partkit.errors import handler_for
+
 from ._common import (
     DropOption, NumShardsOption, OutputOption, OverwriteOption, ShardIndexOption, ShardSizeOption, SkipBadOption,
     cli_errors, get_globals, make_output,
@@ -38,5 +40,5 @@ def main(
 
     g = get_globals(ctx)
     predict(inputs or ["-"], checkpoint, topk=topk, score_threshold=score_threshold, mask_threshold=mask_threshold,
-            label_map=label_map, batch_size=batch_size, device=g.device, skip_bad=skip_bad, use_teacher=teacher,
+            label_map=label_map, batch_size=batch_size, device=g.device, handler=handler_for(skip_bad), use_teacher=teacher,
             output=make_output(output, shard_size, overwrite, drop, num_shards, shard_index))

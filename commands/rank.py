@@ -5,6 +5,8 @@ from typing import Annotated, List, Optional
 
 import typer
 
+from partkit.errors import handler_for
+
 from ._common import (
     DropOption, NumShardsOption, OutputOption, OverwriteOption, ShardIndexOption, ShardSizeOption, SkipBadOption,
     cli_errors, get_globals, make_output,
@@ -55,7 +57,7 @@ def fit(
     R.fit(inputs or ["-"], model_out, n_clusters=k, score_threshold=score_threshold, min_area=min_area,
           max_object_fraction=max_object_fraction, objects_from=objects_from or "gt_objects",
           objects_field=objects_field, default_class=default_class, max_iter=max_iter,
-          seed=g.seed, device=g.device, skip_bad=skip_bad)
+          seed=g.seed, device=g.device, handler=handler_for(skip_bad))
 
 
 @app.command("apply")
@@ -84,5 +86,5 @@ def apply(
     from partkit import rank as R
 
     R.apply(inputs or ["-"], model, as_targets=as_targets, objects_from=objects_from, objects_field=objects_field,
-            default_class=default_class, skip_bad=skip_bad,
+            default_class=default_class, handler=handler_for(skip_bad),
             output=make_output(output, shard_size, overwrite, drop, num_shards, shard_index))

@@ -5,7 +5,7 @@ from typing import List, Optional
 
 import typer
 
-from partkit.errors import PartkitError
+from partkit.errors import PartkitError, handler_for
 
 from ._common import SkipBadOption, cli_errors, get_globals, parse_ints
 
@@ -73,7 +73,7 @@ def main(
         self_train_masks(inputs, out, teacher, student_init=student_init, burn_in=burn_in, ema_decay=ema_decay,
                          rounds=rounds or 1, score_threshold=score_threshold, min_mask_area=min_mask_area, labeled=labeled,
                          labeled_field=labeled_field, unsup_weight=unsup_weight, train=tc, val=val, resume=resume,
-                         device=g.device, seed=g.seed, skip_bad=skip_bad)
+                         device=g.device, seed=g.seed, handler=handler_for(skip_bad))
     elif objective == "part-contrast":
         if teacher is not None or labeled:
             raise PartkitError("--teacher and --labeled belong to --objective masks; part-contrast needs neither")
@@ -84,7 +84,7 @@ def main(
         part_contrast(inputs, out, model=model, weights=weights, layers=parse_ints(layers, "--layers"), facet=facet, rounds=rounds or 2,
                       k=k, size=size, momentum=momentum, tau=tau, proj_dim=proj_dim, proj_hidden=proj_hidden,
                       device=g.device, seed=g.seed, resume=resume, stop_at=stop_at, log_every=log_every,
-                      checkpoint_every=checkpoint_every, skip_bad=skip_bad,
+                      checkpoint_every=checkpoint_every, handler=handler_for(skip_bad),
                       **{k_: v for k_, v in given.items() if v is not None})
     else:
         raise PartkitError(f"unknown --objective {objective!r}; choose masks or part-contrast")

@@ -7,7 +7,7 @@ import typer
 
 from partkit import show
 from partkit._log import log
-from partkit.errors import PartkitError
+from partkit.errors import PartkitError, handler_for
 from partkit.evaluate import EvalOptions, render
 
 from ._common import InputsArgument, SkipBadOption, cli_errors
@@ -58,7 +58,7 @@ def purity(
         if pred != "parts.png":
             raise PartkitError("--per-class reads ranked_parts.png and ranked.json; drop --pred")
         folder = output[:-4] if output.endswith(".png") else output
-        for name, path in show.purity_per_class(inputs, folder, skip_bad=skip_bad).items():
+        for name, path in show.purity_per_class(inputs, folder, handler=handler_for(skip_bad)).items():
             log(f"show purity {name}: wrote {path}")
         return
     _render(inputs, "purity", output, pred=pred, skip_bad=skip_bad)
@@ -90,5 +90,5 @@ def points(
     skip_bad: SkipBadOption = False,
 ):
     """Point clouds from three views, coloured by predicted and ground-truth part ids (one PNG per shape)."""
-    for path in show.show_points(inputs, output, fields=fields, max_samples=max_samples, size=size, skip_bad=skip_bad):
+    for path in show.show_points(inputs, output, fields=fields, max_samples=max_samples, size=size, handler=handler_for(skip_bad)):
         log(f"show points: wrote {path}")

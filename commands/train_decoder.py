@@ -5,6 +5,8 @@ from typing import List, Optional
 
 import typer
 
+from partkit.errors import handler_for
+
 from ._common import SkipBadOption, cli_errors, get_globals, parse_ints
 
 
@@ -54,4 +56,4 @@ def main(
     train_decoder(inputs, out, field=field, min_part_area=min_part_area, features=features, model=model,
                   weights=weights, layers=parse_ints(layers, "--layers"), size=size,
                   decoder={"num_queries": queries, "num_layers": dec_layers, "hidden_dim": hidden}, train=tc,
-                  val=val, resume=resume, device=g.device, seed=g.seed, skip_bad=skip_bad)
+                  val=val, resume=resume, device=g.device, seed=g.seed, handler=handler_for(skip_bad))

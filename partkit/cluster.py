@@ -20,7 +20,6 @@ import os
 import shutil
 import sys
 import tempfile
-import warnings
 import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -34,10 +33,11 @@ from ._kmeans import (
 from ._log import log
 from ._runtime import resolve_device
 from ._version import __version__
-from .errors import BadSample, PartkitError
+from . import fields
+from .errors import BadSample, Handler, PartkitError, stop
 from .grid import grid_to_image, mask_to_grid
 from .io import (
-    Output, decode_json, decode_label_map, decode_npy, encode_json, encode_npy, encode_png, iter_samples, open_url,
+    Output, decode_json, decode_label_map, decode_npy, encode_json, encode_npy, encode_png, iter_loaded, open_url,
     run_stage, write_atomic,
 )
 
@@ -49,7 +49,6 @@ SCOPES = ("image", "object", "dataset", "cosegment")
 FG_SOURCES = ("gt_objects", "gt_parts", "saliency")
 DEFAULT_K = {"image": 25, "object": 4, "dataset": 25, "cosegment": 4}
 DEFAULT_FG = {"image": None, "object": "gt_objects", "dataset": None, "cosegment": "saliency"}
-GEOMETRY_KEYS = ("grid", "stride", "image_size", "resized")  # what grid_to_image needs (plus "offset")
 # One big problem goes to faiss from this many rows on (below it, exact batched Lloyd is as fast).
 FAISS_MIN_ROWS = 100_000
 
@@ -276,6 +275,7 @@ class _Opts:
     votes: float
     group_by: Optional[str]
     max_points_per_centroid: int
+    source: Optional[fields.FeatureSource] = None  # scopes dataset, cosegment: one model's features only
 
     def record(self) -> dict:
         """The options that shape every parts.json."""
@@ -383,14 +383,6 @@ class _Item:
     group: Optional[str] = None
 
 
-def _geometry(meta: dict, key: str) -> dict:
-    missing = [k for k in GEOMETRY_KEYS if k not in meta]
-    if missing:
-        raise BadSample(key, f"feat.json lacks {', '.join(missing)}; "
-                             "re-run `partkit extract` to record the grid geometry")
-    return meta
-
-
 def _coverage_cells(covs: np.ndarray, coverage: float, areas: Sequence[float]) -> tuple[list, list]:
     """Cells of each object from per-object coverage maps (O x h x w).
 
@@ -423,23 +415,6 @@ def _coverage_cells(covs: np.ndarray, coverage: float, areas: Sequence[float]) -
     return cells, notes
 
 
-def _decode_rle(obj: dict, key: str, size: tuple) -> np.ndarray:
-    from pycocotools import mask as mask_util
-
-    seg = obj.get("segmentation")
-    if not isinstance(seg, dict) or "counts" not in seg or "size" not in seg:
-        raise BadSample(key, "gt_objects.json object has no RLE 'segmentation' {size, counts}; "
-                             "re-run `partkit pack --coco`")
-    if tuple(seg["size"]) != tuple(size):
-        raise BadSample(key, f"gt_objects.json mask size {seg['size']} differs from the image size {list(size)}")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)  # pycocotools under numpy 2
-            return mask_util.decode(dict(seg)).astype(bool)
-    except Exception:
-        raise BadSample(key, "gt_objects.json holds an unreadable RLE mask") from None
-
-
 def _foreground(sample: dict, meta: dict, opts: _Opts, h: int, w: int, key: str):
     """(object records, cell indices per object, saliency per cell or None)."""
     fg = opts.fg_from
@@ -451,29 +426,21 @@ def _foreground(sample: dict, meta: dict, opts: _Opts, h: int, w: int, key: str)
             raise BadSample(key, f"saliency.npy has shape {sal.shape}, not the feature grid {h}x{w}")
         flat = sal.reshape(-1)
         return [{"id": None, "source": "saliency"}], [np.flatnonzero(flat > opts.fg_threshold)], flat
-    _geometry(meta, key)
+    fields.geometry(meta, key)
     H, W = meta["image_size"]
     if fg == "gt_parts":
-        lab = decode_label_map(sample, "gt_parts.png")
-        if lab.shape != (H, W):
-            raise BadSample(key, f"gt_parts.png is {lab.shape[1]}x{lab.shape[0]}, the image is {W}x{H}")
-        ignore = 65535 if lab.dtype == np.uint16 else 255
-        mask = (lab != 0) & (lab != ignore)
+        mask = fields.foreground(fields.gt_parts(sample, size=(H, W)))
         cells, notes = _coverage_cells(mask_to_grid(mask, meta)[None], opts.coverage, [mask.sum()])
         rec = {"id": None, "source": "gt_parts"}
         if notes[0]:
             rec["note"] = notes[0]
         return [rec], cells, None
-    objs = decode_json(sample, "gt_objects.json")
-    objs = objs.get("objects", []) if isinstance(objs, dict) else None
-    if objs is None:
-        raise BadSample(key, "gt_objects.json is not {\"objects\": [...]}; re-run `partkit pack --coco`")
+    objs, masks = fields.object_masks(sample, (H, W))
     records, covs, areas, crowd = [], [], [], []
-    for o in objs:
+    for o, mask in zip(objs, masks):
         rec = {"id": o.get("id")}
         if o.get("category") is not None:
             rec["category"] = o["category"]
-        mask = _decode_rle(o, key, (H, W))
         records.append(rec)
         covs.append(mask_to_grid(mask, meta))
         areas.append(float(mask.sum()))
@@ -493,13 +460,10 @@ def _foreground(sample: dict, meta: dict, opts: _Opts, h: int, w: int, key: str)
 
 def _load(sample: dict, opts: _Opts) -> _Item:
     key = sample["__key__"]
-    feat = decode_npy(sample, "feat.npy", 3, "C x h x w")
-    meta = decode_json(sample, "feat.json")
-    if min(feat.shape) < 1:
-        raise BadSample(key, f"feat.npy has shape {feat.shape}; expected C x h x w")
+    feat, meta = fields.features(sample, require_geometry=opts.upsample == "image")
     C, h, w = feat.shape
-    if "grid" in meta and list(meta["grid"]) != [h, w]:
-        raise BadSample(key, f"feat.json grid {meta['grid']} does not match feat.npy's {h}x{w}")
+    if opts.source is not None:
+        opts.source.check(sample, meta, C)
     X = normalize_rows(feat.reshape(C, h * w).T, opts.metric)
     objects, cells, sal = _foreground(sample, meta, opts, h, w, key)
     item = _Item(sample, key, meta, (h, w), X, objects, cells, saliency=sal)
@@ -510,8 +474,7 @@ def _load(sample: dict, opts: _Opts) -> _Item:
                                  f"{w}x{h}; run the previous round with --upsample grid")
         item.prev = prev.reshape(-1).astype(np.int64)
     if opts.scope == "cosegment" and opts.group_by:
-        info = decode_json(sample, "json") if "json" in sample else {}
-        value = info.get(opts.group_by) if isinstance(info, dict) else None
+        value = fields.info(sample).get(opts.group_by)
         item.group = None if value is None else str(value)
     return item
 
@@ -578,12 +541,11 @@ def _write(item: _Item, per_object: list, opts: _Opts, extra: Optional[dict] = N
               "inertia": _round(sum(r.get("inertia", 0.0) for r in objects)),
               "partkit_version": __version__, "resolution": opts.upsample}
     if opts.upsample == "image":
-        _geometry(item.meta, item.key)
         labels = grid_to_image(grid, item.meta)
         record["image_size"] = list(item.meta["image_size"])
     else:
         labels = grid
-        record.update({k: item.meta[k] for k in (*GEOMETRY_KEYS, "offset") if k in item.meta})
+        record.update({k: item.meta[k] for k in (*fields.GEOMETRY_KEYS, "offset") if k in item.meta})
         record["grid"] = [h, w]
     out = dict(item.sample)
     out["parts.png"] = encode_png(labels)
@@ -710,23 +672,17 @@ def _replayable(inputs: Sequence[str]) -> Iterator[list]:
         yield out
 
 
-def _iter_items(inputs: Sequence[str], opts: _Opts, skip_bad: bool) -> Iterator[_Item]:
-    for sample in iter_samples(inputs, skip_bad=skip_bad):
-        try:
-            yield _load(sample, opts)
-        except BadSample as e:
-            if not skip_bad:
-                raise
-            log(f"cluster: skipped {e}")
+def _iter_items(inputs: Sequence[str], opts: _Opts, handler: Handler) -> Iterator[_Item]:
+    return iter_loaded(inputs, lambda sample: _load(sample, opts), handler=handler)
 
 
-def _fit_dataset(fit_inputs: Sequence[str], k: int, opts: _Opts, skip_bad: bool):
+def _fit_dataset(fit_inputs: Sequence[str], k: int, opts: _Opts, handler: Handler):
     """Global centroids (ordered by cluster size) from a seeded uniform sample of the fit cells."""
     m = k * opts.max_points_per_centroid
     rng = np.random.default_rng([opts.seed, 3])
     buf_x, buf_key, buf_pos = [], [], []
     held = total = samples = 0
-    for item in _iter_items(fit_inputs, opts, skip_bad):
+    for item in _iter_items(fit_inputs, opts, handler):
         idx = np.concatenate(item.cells) if item.cells else np.zeros(0, np.int64)
         samples += 1
         if not len(idx):
@@ -860,10 +816,10 @@ def _cosegment_group(items: list, opts: _Opts, name: str) -> dict:
     return out
 
 
-def _cosegment(inputs: Sequence[str], opts: _Opts, skip_bad: bool) -> dict:
+def _cosegment(inputs: Sequence[str], opts: _Opts, handler: Handler) -> dict:
     groups: dict = {}
     ungrouped = 0
-    for item in _iter_items(inputs, opts, skip_bad):
+    for item in _iter_items(inputs, opts, handler):
         if opts.group_by and item.group is None:
             ungrouped += 1
         item.sample = {"__key__": item.key}  # pass 2 re-reads the sample; keep only what voting needs
@@ -912,7 +868,7 @@ def cluster(
     k_max: int = 14,
     max_points_per_centroid: int = 256,
     batch_size: int = 64,
-    skip_bad: bool = False,
+    handler: Handler = stop,
 ) -> dict:
     """Group feature cells into parts and write ``parts.png`` + ``parts.json`` per sample.
 
@@ -920,6 +876,7 @@ def cluster(
     part ids numbered on across objects), ``dataset`` (one faiss k-means over all samples: global
     part ids) or ``cosegment`` (parts shared within groups of images, e.g. one category).
     ``k`` defaults per scope (:data:`DEFAULT_K`); ``"auto"`` picks it with the elbow rule.
+    ``handler`` decides what a bad sample does (:mod:`partkit.errors`: ``stop`` or ``SkipBad()``).
     Returns the summary of :func:`partkit.io.run_stage`.
 
     >>> cluster(["feats.tar"], output=Output("parts/"), scope="object", k=4)  # doctest: +SKIP
@@ -955,7 +912,8 @@ def cluster(
                  upsample=upsample, min_area=min_area, min_area_action=min_area_action, warm=warm,
                  warm_name=warm_start if warm_start in (None, "parts") else os.path.basename(warm_start),
                  elbow=elbow, k_max=k_max, votes=votes, group_by=group_by,
-                 max_points_per_centroid=max_points_per_centroid)
+                 max_points_per_centroid=max_points_per_centroid,
+                 source=fields.FeatureSource(f"cluster --scope {scope}") if scope in ("dataset", "cosegment") else None)
     config = {"options": opts.record(), "upsample": upsample, "centroids": centroids, "fit_on": list(fit_on or [])}
 
     def prepare(sample):
@@ -963,13 +921,13 @@ def cluster(
 
     if scope in ("image", "object"):
         return run_stage(inputs, lambda items: _solve_local(items, opts), output=output, name="cluster",
-                         batch_size=batch_size, prepare=prepare, skip_bad=skip_bad, config=config)
+                         batch_size=batch_size, prepare=prepare, handler=handler, config=config)
 
     if scope == "dataset":
         with _replayable(inputs if fixed is None and not fit_on else []) as replay:
             inputs = replay or inputs
             if fixed is None:
-                centers, settings = _fit_dataset(list(fit_on) if fit_on else inputs, int(k), opts, skip_bad)
+                centers, settings = _fit_dataset(list(fit_on) if fit_on else inputs, int(k), opts, handler)
                 extra = {"faiss": settings}
             else:
                 centers, extra = fixed, {"centroids": os.path.basename(centroids)}
@@ -978,11 +936,11 @@ def cluster(
                 log(f"cluster: saved {len(centers)} centroids to {save_centroids}")
             extra["centroids_sha1"] = _digest(centers)
             return run_stage(inputs, lambda items: _assign_global(items, centers, opts, extra), output=output,
-                             name="cluster", batch_size=batch_size, prepare=prepare, skip_bad=skip_bad, config=config)
+                             name="cluster", batch_size=batch_size, prepare=prepare, handler=handler, config=config)
 
     # cosegment
     with _replayable(inputs) as replay:
-        results = _cosegment(replay, opts, skip_bad)
+        results = _cosegment(replay, opts, handler)
 
         def write_group(items):
             outs = []
@@ -996,14 +954,13 @@ def cluster(
             return outs
 
         return run_stage(replay, write_group, output=output, name="cluster", batch_size=batch_size,
-                         prepare=lambda s: _load_light(s, opts), skip_bad=skip_bad, config=config)
+                         prepare=lambda s: _load_light(s, opts), handler=handler, config=config)
 
 
 def _load_light(sample: dict, opts: _Opts) -> _Item:
     """Pass 2 of cosegment: only what writing needs (the grid shape and geometry)."""
     key = sample["__key__"]
-    meta = decode_json(sample, "feat.json")
-    feat = decode_npy(sample, "feat.npy", 3, "C x h x w")
+    feat, meta = fields.features(sample, require_geometry=opts.upsample == "image")
     return _Item(sample, key, meta, tuple(feat.shape[1:]), np.zeros((0, 0), np.float32), [], [])
 
 

@@ -27,9 +27,10 @@ from ._log import log, progress
 from ._runtime import resolve_device, seed_everything
 from ._training import Distributed, RunDir, cosine_warmup, rng_state, set_rng_state
 from ._version import __version__
-from .errors import BadSample, PartkitError
+from . import fields
+from .errors import Handler, PartkitError, recorded, stop
 from .extract import FeatureExtractor, hypercolumn
-from .io import decode_image, iter_samples
+from .io import iter_loaded
 
 __all__ = ["part_contrast", "part_contrast_loss", "mask_pool", "part_masks", "PartContrastNet", "make_views",
            "discover_parts", "DEFAULT_K"]
@@ -251,22 +252,18 @@ class _Image:
     grid: tuple[int, int]  # valid feature cells
 
 
-def _load_images(inputs: Sequence[str], fx: FeatureExtractor, device, skip_bad: bool) -> tuple[list, list]:
+def _load_images(inputs: Sequence[str], fx: FeatureExtractor, device, handler: Handler) -> tuple[list, list]:
     """Every image of the input, resized as ``extract`` would, kept in memory: ``(images, skipped)``."""
-    images, skipped = [], []
-    for sample in iter_samples(inputs, skip_bad=skip_bad):
-        try:
-            x, geom = fx.preprocess(decode_image(sample, min_size=fx.min_size))
-        except BadSample as e:
-            if not skip_bad:
-                raise
-            skipped.append(e.record())
-            continue
+    def load(sample: dict) -> _Image:
+        x, geom = fx.preprocess(fields.image(sample, min_size=fx.min_size))
         rh, rw = geom["resized"]
         # undo the normalisation: the exact resized uint8 pixels (preprocess maps them back bit for bit)
         rgb = ((x[:, :rh, :rw] * fx.std + fx.mean) * 255).round_().clamp_(0, 255).to(torch.uint8)
         grid = fx.valid_grid(geom, (fx.input_size // fx.cell,) * 2)
-        images.append(_Image(sample["__key__"], rgb.permute(1, 2, 0).numpy().copy(), rgb.to(device), grid))
+        return _Image(sample["__key__"], rgb.permute(1, 2, 0).numpy().copy(), rgb.to(device), grid)
+
+    skipped: list = []
+    images = list(iter_loaded(inputs, load, handler=recorded(handler, skipped)))
     return images, skipped
 
 
@@ -401,7 +398,7 @@ def part_contrast(
     stop_at: Optional[int] = None,
     log_every: int = 10,
     checkpoint_every: int = 100,
-    skip_bad: bool = False,
+    handler: Handler = stop,
 ) -> dict:
     """Fine-tune a registry backbone with PARTICLE's part discovery + part-contrastive rounds.
 
@@ -426,7 +423,7 @@ def part_contrast(
     backbone, clip_model = _build(model, weights)
     fx = FeatureExtractor(backbone, layers=layers, facet=facet, size=size, device=str(dev))
     k = k if k is not None else DEFAULT_K[backbone.family]
-    images, skipped = _load_images(inputs, fx, dev, skip_bad)
+    images, skipped = _load_images(inputs, fx, dev, handler)
     if skipped:
         say(f"part-contrast: skipped {len(skipped)} bad samples")
     if not images:

@@ -28,7 +28,7 @@ from torch import nn
 from ._log import log, progress
 from ._runtime import resolve_device, seed_everything
 from ._version import __version__
-from .errors import BadSample, PartkitError
+from .errors import BadSample, Handler, PartkitError, stop
 from .io import Output, encode_json, encode_npy, iter_samples, run_stage
 from .pointcloud import Shape, decode_shape, normalize
 from .render3d import DEFAULT_AZIMUTHS, DEFAULT_ELEVATIONS, Rendering, render_points
@@ -655,7 +655,7 @@ def class_ids(distiller: PartDistiller, shapes: Sequence[Shape]) -> list[int]:
 
 
 def distill_3d(inputs: Sequence[str], config: Optional[DistillConfig] = None, *, output: Output = Output(),
-               out: Optional[str] = None, skip_bad: bool = False, **kwargs) -> dict:
+               out: Optional[str] = None, handler: Handler = stop, **kwargs) -> dict:
     """Distil 2D part labels of rendered views into a point-cloud student; add ``pred_parts.npy`` + ``.json``.
 
     Reads every sample first (training uses all shapes at once; stdin is buffered), then writes
@@ -679,8 +679,7 @@ def distill_3d(inputs: Sequence[str], config: Optional[DistillConfig] = None, *,
         if os.path.exists(os.path.join(out, "last.pt")):
             raise PartkitError(f"--out {out!r} already holds a run (last.pt); pick a new --out or delete that folder")
         run = RunDir(out)
-    errors: list[str] = []
-    samples = list(iter_samples(inputs, skip_bad=skip_bad, errors=errors))
+    samples = list(iter_samples(inputs, handler=handler))
     if not samples:
         raise PartkitError("distill-3d: the input holds no samples; check the input shards (are they empty?)")
     shapes, keys, bad = [], [], {}
@@ -689,9 +688,9 @@ def distill_3d(inputs: Sequence[str], config: Optional[DistillConfig] = None, *,
             shapes.append(decode_shape(s))
             keys.append(s["__key__"])
         except BadSample as e:
-            if not skip_bad:
-                raise
-            bad[s["__key__"]] = e
+            bad[s["__key__"]] = e  # run_stage hands it to the handler when it writes
+    if bad and handler is stop:
+        raise next(iter(bad.values()))  # stop before training, not after
     if not shapes:
         raise PartkitError("distill-3d: no sample holds a readable point cloud ('points.npy'); run `partkit pack` "
                            "on point clouds or meshes first")
@@ -723,7 +722,7 @@ def distill_3d(inputs: Sequence[str], config: Optional[DistillConfig] = None, *,
 
     stage_config = {"options": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()}}
     summary = run_stage(inputs, lambda batch: batch, output=output, name="distill-3d", prepare=prepare,
-                        skip_bad=skip_bad, config=stage_config, source=source)
+                        handler=handler, config=stage_config, source=source)
     summary["backward_epoch"] = distiller.backward_epoch_
     summary["final_loss"] = distiller.history_[-1]["loss"] if distiller.history_ else None
     return summary

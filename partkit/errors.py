@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
-__all__ = ["PartkitError", "BadSample", "missing_field", "Handler", "stop", "SkipBad", "handler_for"]
+__all__ = ["PartkitError", "BadSample", "missing_field", "Handler", "stop", "SkipBad", "recorded", "handler_for"]
 
 
 class PartkitError(Exception):
@@ -50,6 +50,15 @@ class SkipBad:
 
     def __call__(self, bad: BadSample) -> None:
         self.records.append(bad.record())
+
+
+def recorded(handler: Handler, records: list) -> Handler:
+    """``handler``, also keeping the record of each bad sample it lets the run skip."""
+    def on_bad(bad: BadSample) -> None:
+        handler(bad)
+        records.append(bad.record())
+
+    return on_bad
 
 
 def handler_for(skip_bad: bool) -> Handler:

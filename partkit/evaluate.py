@@ -12,25 +12,24 @@ Example:
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import asdict, dataclass, field
-from functools import cached_property
 from typing import Optional, Sequence
 
 import numpy as np
-from pycocotools import mask as mask_utils
 
-from . import metrics as M
+from . import fields, metrics as M, rle
 from ._log import log, progress
 from ._version import __version__
-from .errors import BadSample, PartkitError, missing_field
+from .errors import BadSample, PartkitError, SkipBad, stop
+from .fields import parse_keypoints
 from .grid import grid_to_image, image_to_cell_index
-from .io import decode_image, decode_json, decode_label_map, decode_npy, iter_samples
+from .io import iter_loaded
 from .show import VIEWS, Pictures, view_paths
 
 __all__ = ["METRICS", "EvalOptions", "SampleView", "evaluate", "render", "parse_keypoints"]
 
 METRICS = ("nmi", "ari", "miou", "ar", "mask-ap", "retrieval", "miou-3d", "probe")
-_GEOMETRY = ("grid", "stride", "image_size", "resized")
 
 
 @dataclass
@@ -93,165 +92,13 @@ def _choice(opt: str, value: str, choices: Sequence[str]) -> None:
         raise PartkitError(f"{opt} must be one of {', '.join(choices)}, got {value!r}")
 
 
-def _companion(field_name: str) -> str:
-    """The metadata field that travels with a field: parts.png -> parts.json."""
-    return field_name.rsplit(".", 1)[0] + ".json"
-
-
-def _nearest_resize(labels: np.ndarray, height: int, width: int) -> np.ndarray:
-    rows = np.minimum(((np.arange(height) + 0.5) * labels.shape[0] / height).astype(np.int64), labels.shape[0] - 1)
-    cols = np.minimum(((np.arange(width) + 0.5) * labels.shape[1] / width).astype(np.int64), labels.shape[1] - 1)
-    return labels[rows[:, None], cols[None, :]]
-
-
-def parse_keypoints(doc, key: str = "?") -> tuple[list[np.ndarray], list[str]]:
-    """Keypoints of ``gt_kpts.json`` as one ``K x 3`` array (x, y, v) per object, plus names.
-
-    Each object is a list of ``[x, y, v]`` triplets or COCO's flat ``[x1, y1, v1, x2, ...]``.
-    """
-    if not isinstance(doc, dict) or not isinstance(doc.get("keypoints"), list):
-        raise BadSample(key, "'gt_kpts.json' must be an object with a 'keypoints' list (one entry per object)")
-    objects = []
-    for obj in doc["keypoints"]:
-        try:
-            arr = np.asarray(obj, dtype=np.float64).reshape(-1, 3)
-        except (ValueError, TypeError):
-            raise BadSample(key, "'gt_kpts.json' keypoints must be [x, y, v] triplets per object") from None
-        objects.append(arr)
-    names = doc.get("names")
-    k = max((len(o) for o in objects), default=0)
-    if names is None:
-        names = [str(i) for i in range(k)]
-    if any(len(o) != len(names) for o in objects):
-        raise BadSample(key, f"'gt_kpts.json' has {len(names)} keypoint names but an object with a different count")
-    return objects, [str(n) for n in names]
-
-
-class SampleView:
-    """Lazily decoded, validated fields of one sample, shared by every metric."""
+class SampleView(fields.SampleView):
+    """:class:`partkit.fields.SampleView` with the fields an :class:`EvalOptions` names."""
 
     def __init__(self, sample: dict, options: EvalOptions, index: int = 0):
-        self.sample, self.o, self.index = sample, options, index
-        self.key = sample["__key__"]
-
-    def has(self, field_name: str) -> bool:
-        return field_name in self.sample
-
-    @property
-    def gt_field(self) -> str:
-        return self.o.gt_field or "gt_parts.png"
-
-    @property
-    def pred_field(self) -> str:
-        return self.o.pred or "parts.png"
-
-    @cached_property
-    def meta(self) -> dict:
-        return decode_json(self.sample, "json") if self.has("json") else {}
-
-    @cached_property
-    def category(self) -> Optional[str]:
-        cat = self.meta.get("category") if isinstance(self.meta, dict) else None
-        return None if cat is None else str(cat)
-
-    @cached_property
-    def gt(self) -> np.ndarray:
-        gt = decode_label_map(self.sample, self.gt_field)
-        meta = self.meta if isinstance(self.meta, dict) else {}
-        size = (meta.get("height"), meta.get("width"))
-        if None not in size and tuple(gt.shape) != size:
-            raise BadSample(self.key, f"'{self.gt_field}' is {gt.shape[1]}x{gt.shape[0]} but the image is "
-                                      f"{size[1]}x{size[0]} (json); ground truth must be at image size")
-        return gt
-
-    @cached_property
-    def ignore_id(self) -> int:
-        return 65535 if self.gt.dtype == np.uint16 else 255
-
-    @cached_property
-    def valid(self) -> Optional[np.ndarray]:
-        """Mask of scored pixels, or None when no pixel is 'ignore'."""
-        if self.gt.max(initial=0) < self.ignore_id:
-            return None
-        return self.gt != self.ignore_id
-
-    @cached_property
-    def shape(self) -> tuple[int, int]:
-        """(H, W) of the image: the ground-truth map's, else the metadata's, else the image's."""
-        if self.has(self.gt_field) and self.gt_field.endswith(".png"):
-            return tuple(self.gt.shape)
-        if isinstance(self.meta, dict) and "height" in self.meta and "width" in self.meta:
-            return int(self.meta["height"]), int(self.meta["width"])
-        return tuple(self.image.shape[:2])
-
-    @cached_property
-    def image(self) -> np.ndarray:
-        return decode_image(self.sample)
-
-    @cached_property
-    def pred(self) -> np.ndarray:
-        """The predicted label map at image size (see the resampling rules in the README)."""
-        pred = decode_label_map(self.sample, self.pred_field)
-        height, width = self.shape
-        if pred.shape == (height, width):
-            return pred
-        meta_field = _companion(self.pred_field)
-        meta = decode_json(self.sample, meta_field) if self.has(meta_field) else {}
-        if isinstance(meta, dict) and meta.get("resolution") == "grid":
-            if all(k in meta for k in _GEOMETRY):
-                if tuple(meta["grid"]) != pred.shape:
-                    raise BadSample(self.key, f"'{self.pred_field}' is {pred.shape[1]}x{pred.shape[0]} but "
-                                              f"'{meta_field}' says the grid is {meta['grid'][1]}x{meta['grid'][0]}")
-                return grid_to_image(pred, meta, height, width)
-            return _nearest_resize(pred, height, width)
-        raise BadSample(self.key, f"'{self.pred_field}' is {pred.shape[1]}x{pred.shape[0]} but the image is "
-                                  f"{width}x{height}; a prediction must be at image size, or at grid size with "
-                                  f"\"resolution\": \"grid\" in '{meta_field}'")
-
-    @cached_property
-    def keypoints(self) -> tuple[list[np.ndarray], list[str]]:
-        return parse_keypoints(decode_json(self.sample, "gt_kpts.json"), self.key)
-
-    def visible_keypoints(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(x, y, keypoint index) of the keypoints with v >= kpt_min_visibility, as integer pixels."""
-        objects, _ = self.keypoints
-        pts = [np.column_stack([o, np.arange(len(o))]) for o in objects]
-        pts = np.concatenate(pts) if pts else np.zeros((0, 4))
-        pts = pts[pts[:, 2] >= self.o.kpt_min_visibility]
-        height, width = self.shape
-        x, y = pts[:, 0], pts[:, 1]
-        outside = (x < 0) | (y < 0) | (x > width) | (y > height)
-        if outside.any():
-            i = int(np.flatnonzero(outside)[0])
-            raise BadSample(self.key, f"keypoint {int(pts[i, 3])} at ({x[i]:g}, {y[i]:g}) lies outside the "
-                                      f"{width}x{height} image")
-        xi = np.minimum(np.floor(x).astype(np.int64), width - 1)
-        yi = np.minimum(np.floor(y).astype(np.int64), height - 1)
-        return xi, yi, pts[:, 3].astype(np.int64)
-
-    @cached_property
-    def features(self) -> tuple[np.ndarray, dict]:
-        """``feat.npy`` as float32 C x h x w, and its geometry from ``feat.json``."""
-        feat = decode_npy(self.sample, self.o.feat)
-        meta_field = _companion(self.o.feat)
-        meta = decode_json(self.sample, meta_field) if self.has(meta_field) else None
-        if meta is None:
-            raise missing_field(self.key, meta_field)
-        if feat.ndim != 3 or list(feat.shape[1:]) != list(meta.get("grid", [])):
-            raise BadSample(self.key, f"'{self.o.feat}' has shape {feat.shape} but '{meta_field}' says grid "
-                                      f"{meta.get('grid')}; expected C x h x w")
-        return feat.astype(np.float32), meta
-
-    def npy_labels(self, field_name: str) -> np.ndarray:
-        arr = decode_npy(self.sample, field_name)
-        if arr.ndim == 2 and arr.shape[1] == 1:
-            arr = arr[:, 0]
-        if arr.ndim != 1 or arr.dtype.kind not in "iu":
-            raise BadSample(self.key, f"'{field_name}' must be a 1-D integer array (one id per point), got "
-                                      f"{arr.dtype} {arr.shape}")
-        if arr.dtype.kind == "i" and arr.size and arr.min() < 0:
-            raise BadSample(self.key, f"'{field_name}' has negative id {int(arr.min())}; ids must be >= 0")
-        return arr
+        super().__init__(sample, index, gt_field=options.gt_field or "gt_parts.png", pred_field=options.pred or "parts.png",
+                         feat_field=options.feat, kpt_min_visibility=options.kpt_min_visibility)
+        self.o = options
 
 
 # ---------------------------------------------------------------------------------------------
@@ -390,37 +237,23 @@ class _Masks:
     def _gt_masks(self, v: SampleView) -> list[dict]:
         height, width = v.shape
         if self.o.gt == "objects":
-            objs = decode_json(v.sample, "gt_objects.json")
-            objs = objs.get("objects", []) if isinstance(objs, dict) else None
-            if not isinstance(objs, list):
-                raise BadSample(v.key, "'gt_objects.json' must be an object with an 'objects' list")
-            out = []
-            for obj in objs:
-                rle = _rle(obj.get("segmentation"), v.key, "gt_objects.json", height, width)
-                out.append({"segmentation": rle, "category_id": int(obj.get("category_id", 1)),
-                            "iscrowd": int(obj.get("iscrowd", 0))})
-            return out
+            objs = fields.objects(v.sample)
+            rles = fields.masks([o["segmentation"] for o in objs], v.key, "gt_objects.json", height, width)
+            return [{"segmentation": r, "category_id": int(o.get("category_id", 1)), "iscrowd": int(o.get("iscrowd", 0))}
+                    for o, r in zip(objs, rles)]
         gt = v.gt
         counts = np.bincount(gt.ravel())
         ids = [i for i in np.flatnonzero(counts) if i not in (0, v.ignore_id)]
-        out = [{"segmentation": _encode(gt == i), "category_id": int(i), "iscrowd": 0} for i in ids]
+        out = [{"segmentation": rle.encode(gt == i), "category_id": int(i), "iscrowd": 0} for i in ids]
         if v.valid is not None:
             # Void pixels become a crowd region: COCOeval ignores detections that fall on it.
-            out.append({"segmentation": _encode(~v.valid), "category_id": None, "iscrowd": 1})
+            out.append({"segmentation": rle.encode(~v.valid), "category_id": None, "iscrowd": 1})
         return out
 
     def prepare(self, v: SampleView):
         height, width = v.shape
-        doc = decode_json(v.sample, self.o.proposals)
-        props = doc.get("proposals") if isinstance(doc, dict) else doc
-        if not isinstance(props, list):
-            raise BadSample(v.key, f"'{self.o.proposals}' must be a list of proposals or {{\"proposals\": [...]}}")
-        parsed = []
-        for i, p in enumerate(props):
-            if not isinstance(p, dict) or not isinstance(p.get("score"), (int, float)):
-                raise BadSample(v.key, f"proposal {i} in '{self.o.proposals}' needs a numeric 'score'")
-            parsed.append({"segmentation": _rle(p.get("segmentation"), v.key, self.o.proposals, height, width),
-                           "score": float(p["score"]), "category_id": p.get("category_id")})
+        parsed = [{"segmentation": p["segmentation"], "score": p["score"], "category_id": p.get("category_id")}
+                  for p in fields.proposals(v.sample, self.o.proposals, height, width)]
         has_cat = {p["category_id"] is not None for p in parsed}
         if len(has_cat) > 1:
             raise BadSample(v.key, f"some proposals in '{self.o.proposals}' have a category_id and some do not")
@@ -469,25 +302,6 @@ def _expand_crowd(anns: list[dict]) -> list[dict]:
         if a["iscrowd"] and a["category_id"] is None:
             out.extend(dict(a, category_id=c) for c in cats)
     return out
-
-
-def _encode(mask: np.ndarray) -> dict:
-    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-    rle["counts"] = rle["counts"].decode("ascii")
-    return rle
-
-
-def _rle(seg, key: str, field_name: str, height: int, width: int) -> dict:
-    """A compressed RLE of the image's size from a COCO segmentation (compressed or not)."""
-    if not isinstance(seg, dict) or "size" not in seg or "counts" not in seg:
-        raise BadSample(key, f"'{field_name}' masks must be COCO RLE {{\"size\": [h, w], \"counts\": ...}}")
-    if [int(s) for s in seg["size"]] != [height, width]:
-        raise BadSample(key, f"a mask in '{field_name}' is {seg['size'][1]}x{seg['size'][0]} but the image is "
-                             f"{width}x{height}")
-    if isinstance(seg["counts"], list):
-        seg = mask_utils.frPyObjects(seg, height, width)
-    counts = seg["counts"]
-    return {"size": [height, width], "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts}
 
 
 class _Retrieval:
@@ -689,22 +503,20 @@ class _Run:
 
 
 def _run(inputs: Sequence[str], accumulators: list, o: EvalOptions, what: str) -> _Run:
-    run, read_errors = _Run(), []
+    run, skip = _Run(), SkipBad()
+    index = itertools.count()  # position in the input, bad samples included
+
+    def prepare(sample: dict) -> list:
+        view = SampleView(sample, o, next(index))
+        return [acc.prepare(view) for acc in accumulators]
+
     with progress(what) as bar:
-        for index, sample in enumerate(iter_samples(inputs, skip_bad=o.skip_bad, errors=read_errors)):
-            view = SampleView(sample, o, index)
-            try:
-                payloads = [acc.prepare(view) for acc in accumulators]
-            except BadSample as e:
-                if not o.skip_bad:
-                    raise
-                run.skipped.append(e.record())
-                continue
+        for payloads in iter_loaded(inputs, prepare, handler=skip if o.skip_bad else stop):
             for acc, payload in zip(accumulators, payloads):
                 acc.commit(payload)
             run.samples += 1
             bar.update()
-    run.skipped.extend({"key": None, "reason": msg} for msg in read_errors)
+    run.skipped = skip.records
     if run.skipped:
         log(f"{what}: skipped {len(run.skipped)} bad sample(s) or shard(s); first: {run.skipped[0]['reason']}")
     if run.samples == 0:

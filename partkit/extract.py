@@ -15,7 +15,7 @@ from PIL import Image
 
 from ._runtime import resolve_device, seed_everything
 from ._version import __version__
-from .errors import PartkitError
+from .errors import Handler, PartkitError, stop
 from .io import Output, decode_image, encode_json, encode_npy, run_stage
 from .models import Backbone, create_backbone
 
@@ -166,7 +166,7 @@ def extract(
     dtype: str = "float32",
     seed: int = 0,
     output: Output = Output(),
-    skip_bad: bool = False,
+    handler: Handler = stop,
 ) -> dict:
     """Add ``feat.npy`` (float16, C x h x w) and ``feat.json`` to every sample with an image."""
     if batch_size < 1:
@@ -202,4 +202,4 @@ def extract(
               "grid_stride": fx.cell, "size": size, "keep_aspect": keep_aspect, "saliency": saliency,
               "dtype": dtype, "seed": seed}
     return run_stage(inputs, process, output=output, name="extract", batch_size=batch_size, prepare=prepare,
-                     prepare_workers=workers, skip_bad=skip_bad, config=config)
+                     prepare_workers=workers, handler=handler, config=config)

@@ -9,7 +9,8 @@ import json
 import os
 from typing import Iterator, Optional, Sequence
 
-from .errors import BadSample, PartkitError
+from . import rle as R
+from .errors import BadSample, Handler, PartkitError, stop
 from .io import Output, encode_json, run_stage
 from .io.tario import sample_key
 from .io.urls import expand_paths
@@ -75,18 +76,14 @@ def _load_coco(path: str) -> dict:
 
 
 def _objects(entry: dict, cats: dict, height: int, width: int, key: str) -> tuple[bytes, Optional[bytes]]:
-    from pycocotools import mask as mask_utils
-
     objects, kpts, kpt_names = [], [], None
     for ann in entry["annotations"]:
         seg = ann.get("segmentation")
         if seg is None:
             raise BadSample(key, f"COCO annotation {ann.get('id')} has no segmentation")
         try:
-            if isinstance(seg, list):
-                rle = mask_utils.merge(mask_utils.frPyObjects(seg, height, width))
-            elif isinstance(seg.get("counts"), list):
-                rle = mask_utils.frPyObjects(seg, height, width)
+            if isinstance(seg, list) or isinstance(seg.get("counts"), list):
+                rle = R.to_compressed(seg, height, width)
             else:
                 rle = dict(seg)
         except Exception:
@@ -97,7 +94,7 @@ def _objects(entry: dict, cats: dict, height: int, width: int, key: str) -> tupl
         cat = cats.get(ann.get("category_id"), {})
         objects.append({
             "id": ann.get("id"), "category_id": ann.get("category_id"), "category": cat.get("name"),
-            "bbox": [float(v) for v in mask_utils.toBbox(rle)], "area": float(mask_utils.area(rle)),
+            "bbox": R.bbox(rle), "area": R.area(rle),
             "iscrowd": int(ann.get("iscrowd", 0)), "segmentation": {"size": [height, width], "counts": counts},
         })
         if "keypoints" in ann:
@@ -120,7 +117,7 @@ def pack(
     category: Optional[str] = None,
     provenance: Optional[str] = None,
     output: Output = Output(),
-    skip_bad: bool = False,
+    handler: Handler = stop,
     points_per_shape: int = 2048,
 ) -> dict:
     """Write one sample per image: the image bytes, ``json`` metadata, and ground truth if given.
@@ -193,5 +190,5 @@ def pack(
     config = {"labels": labels, "coco": coco, "category": category, "provenance": provenance}
     if any(_is_3d(p) for p in files):
         config["points_per_shape"] = points_per_shape
-    return run_stage(images, lambda batch: batch, output=output, name="pack", prepare=prepare, skip_bad=skip_bad,
+    return run_stage(images, lambda batch: batch, output=output, name="pack", prepare=prepare, handler=handler,
                      config=config, source=source)

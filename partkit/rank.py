@@ -32,7 +32,6 @@ import io
 import json
 import math
 import os
-import warnings
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -45,9 +44,10 @@ from ._kmeans import CHUNK_BYTES, KMeansResult, _chunks, _draws, trial_table
 from ._log import log, progress
 from ._runtime import resolve_device
 from ._version import __version__
-from .errors import BadSample, PartkitError, missing_field
+from . import fields
+from .errors import BadSample, Handler, PartkitError, missing_field, recorded, stop
 from .io import (
-    Output, decode_json, decode_label_map, decode_npy, encode_json, encode_png, iter_samples, run_stage,
+    Output, decode_npy, encode_json, encode_png, iter_loaded, run_stage,
     write_atomic,
 )
 
@@ -544,59 +544,27 @@ class _Image:
         return names[self.assoc.object_index]
 
 
-def _decode_rles(segs: list, key: str, field: str, size: tuple) -> np.ndarray:
-    """COCO RLEs (compressed or not) at image size -> N x H x W bool."""
-    from pycocotools import mask as mask_utils
-
-    H, W = size
-    rles = []
-    for seg in segs:
-        if not isinstance(seg, dict) or "size" not in seg or "counts" not in seg:
-            raise BadSample(key, f"'{field}' masks must be COCO RLE {{\"size\": [h, w], \"counts\": ...}}")
-        if [int(s) for s in seg["size"]] != [H, W]:
-            raise BadSample(key, f"a mask in '{field}' is {seg['size'][1]}x{seg['size'][0]} but the image is {W}x{H}")
-        counts = seg["counts"]
-        rles.append(mask_utils.frPyObjects(seg, H, W) if isinstance(counts, list)
-                    else {"size": [H, W], "counts": counts.encode("ascii") if isinstance(counts, str) else counts})
-    if not rles:
-        return np.zeros((0, H, W), bool)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)  # pycocotools under numpy 2
-            dec = mask_utils.decode(rles)
-    except Exception:
-        raise BadSample(key, f"'{field}' holds an unreadable RLE mask") from None
-    return np.ascontiguousarray(dec.transpose(2, 0, 1)).view(bool)
-
-
 def _sample_class(sample: dict, default: Optional[str]) -> str:
-    info = decode_json(sample, "json") if "json" in sample else {}
-    name = info.get("category") if isinstance(info, dict) else None
+    name = fields.category(sample)
     if name is None and default is None:
         raise BadSample(sample["__key__"], "has no object class: its 'json' has no \"category\"; give --default-class "
                                            "NAME (e.g. person) or pack with --category")
-    return str(name if name is not None else default)
+    return name if name is not None else str(default)
 
 
-def _image_size(sample: dict, proposals: list, objects: _Objects) -> tuple:
-    if proposals:
-        return tuple(int(s) for s in proposals[0]["segmentation"]["size"])
-    info = decode_json(sample, "json") if "json" in sample else {}
-    if isinstance(info, dict) and "height" in info and "width" in info:
+def _image_size(sample: dict, objects: _Objects) -> tuple:
+    info = fields.info(sample)
+    if "height" in info and "width" in info:
         return int(info["height"]), int(info["width"])
     if objects.source == "gt_parts":
-        return decode_label_map(sample, "gt_parts.png").shape
-    raise BadSample(sample["__key__"], "has no proposals and no image size in its 'json'")
+        return fields.gt_parts(sample).shape
+    raise BadSample(sample["__key__"], "has no image size in its 'json'; re-run `partkit pack`")
 
 
 def _read_objects(sample: dict, size: tuple, opts: _Objects) -> tuple[list, np.ndarray]:
     key = sample["__key__"]
     if opts.source == "gt_parts":
-        lab = decode_label_map(sample, "gt_parts.png")
-        if lab.shape != tuple(size):
-            raise BadSample(key, f"gt_parts.png is {lab.shape[1]}x{lab.shape[0]} but the proposals are "
-                                 f"{size[1]}x{size[0]}")
-        mask = (lab != 0) & (lab != (65535 if lab.dtype == np.uint16 else 255))
+        mask = fields.foreground(fields.gt_parts(sample, size=size))
         if not mask.any():
             return [], np.zeros((0, *size), bool)
         return [{"id": 1, "class": _sample_class(sample, opts.default_class)}], mask[None]
@@ -605,35 +573,27 @@ def _read_objects(sample: dict, size: tuple, opts: _Objects) -> tuple[list, np.n
             raise BadSample(key, "has no 'gt_objects.json'; use --objects-from gt_parts (the labelled pixels are one "
                                  "object) or pack with --coco FILE")
         raise missing_field(key, opts.field)
-    doc = decode_json(sample, opts.field)
-    objs = doc.get("objects") if isinstance(doc, dict) else doc
-    if not isinstance(objs, list):
-        raise BadSample(key, f"'{opts.field}' must be {{\"objects\": [...]}} as gt_objects.json (docs/FORMAT.md)")
-    objs = [o for o in objs if isinstance(o, dict) and not o.get("iscrowd")]  # crowd regions are not instances
+    objs = [o for o in fields.objects(sample, opts.field) if not o.get("iscrowd")]  # crowd regions are not instances
     records = []
     for i, o in enumerate(objs):
         name = o.get("category", o.get("category_id"))
         records.append({"id": o.get("id", i + 1),
                         "class": str(name) if name is not None else _sample_class(sample, opts.default_class)})
-    return records, _decode_rles([o.get("segmentation") for o in objs], key, opts.field, size)
+    rles = fields.masks([o["segmentation"] for o in objs], key, opts.field, *size)
+    return records, fields.decode_masks(rles, key, opts.field, size)
 
 
 def _read(sample: dict, opts: _Objects) -> _Image:
     key = sample["__key__"]
-    doc = decode_json(sample, "proposals.json")
-    props = doc.get("proposals") if isinstance(doc, dict) else doc
-    if not isinstance(props, list) or not all(isinstance(p, dict) and "segmentation" in p and "score" in p
-                                              for p in props):
-        raise BadSample(key, "'proposals.json' must hold {\"proposals\": [{\"segmentation\", \"score\", ...}]}; "
-                             "re-run `partkit predict`")
+    size = _image_size(sample, opts)
+    props = fields.proposals(sample, "proposals.json", *size)
     feats = decode_npy(sample, "proposals.npy")
     if feats.ndim != 2 or len(feats) != len(props):
         raise BadSample(key, f"proposals.npy has shape {feats.shape} for {len(props)} proposals; both must come "
                              "from the same `partkit predict` run")
     feats = feats.astype(np.float32)
-    size = _image_size(sample, props, opts)
-    masks = _decode_rles([p["segmentation"] for p in props], key, "proposals.json", size)
-    scores = np.array([float(p["score"]) for p in props], np.float64)
+    masks = fields.decode_masks([p["segmentation"] for p in props], key, "proposals.json", size)
+    scores = np.array([p["score"] for p in props], np.float64)
     objects, object_masks = _read_objects(sample, size, opts)
     return _Image(key, size, props, scores, feats, masks, objects, object_masks,
                   associate(masks, scores, object_masks))
@@ -662,7 +622,7 @@ def _objects(objects_from: Optional[str], objects_field: Optional[str], default_
 def fit(inputs: Sequence[str], model_out: str, *, n_clusters: int = 8, score_threshold: float = 0.3,
         min_area: float = 0.05, max_object_fraction: Optional[float] = None, objects_from: str = "gt_objects",
         objects_field: Optional[str] = None, default_class: Optional[str] = None, max_iter: int = 300,
-        tol: float = 1e-4, seed: int = 0, device: str = "auto", skip_bad: bool = False) -> PartRanker:
+        tol: float = 1e-4, seed: int = 0, device: str = "auto", handler: Handler = stop) -> PartRanker:
     """Pool candidate proposals per object class over the input, cluster them, save the model.
 
     >>> fit(["preds/"], "rank.npz", n_clusters=8, objects_from="gt_parts", default_class="person")  # doctest: +SKIP
@@ -675,16 +635,9 @@ def fit(inputs: Sequence[str], model_out: str, *, n_clusters: int = 8, score_thr
     resolve_device(device)
     feats, classes, weights, fractions = [], [], [], []
     counts = {"samples": 0, "proposals": 0, "associated": 0, "candidates": 0}
-    skipped, read_errors = [], []
+    skipped: list = []
     with progress("rank fit") as bar:
-        for sample in iter_samples(inputs, skip_bad=skip_bad, errors=read_errors):
-            try:
-                img = _read(sample, opts)
-            except BadSample as e:
-                if not skip_bad:
-                    raise
-                skipped.append(e.record())
-                continue
+        for img in iter_loaded(inputs, lambda sample: _read(sample, opts), handler=recorded(handler, skipped)):
             cand = img.assoc.candidates(img.scores, score_threshold, min_area)
             feats.append(img.feats[cand])
             classes.append(img.object_classes()[cand])
@@ -695,8 +648,6 @@ def fit(inputs: Sequence[str], model_out: str, *, n_clusters: int = 8, score_thr
             counts["associated"] += int((img.assoc.object_index >= 0).sum())
             counts["candidates"] += int(cand.sum())
             bar.update()
-    for msg in read_errors:
-        log(f"rank fit: skipped unreadable input: {msg}")
     if counts["samples"] == 0:
         raise PartkitError("rank fit: the input holds no usable samples; check the input shards")
     if counts["candidates"] == 0:
@@ -765,7 +716,7 @@ def _apply_one(sample: dict, ranker: PartRanker, opts: _Objects, as_targets: boo
 
 def apply(inputs: Sequence[str], model: str, *, as_targets: bool = False, objects_from: Optional[str] = None,
           objects_field: Optional[str] = None, default_class: Optional[str] = None, output: Output = Output(),
-          skip_bad: bool = False) -> dict:
+          handler: Handler = stop) -> dict:
     """Add ``ranked.json`` and ``ranked_parts.png`` (plus ``targets.png``/``targets.json`` with
     ``as_targets``) to every sample. Object options default to those the model was fitted with.
 
@@ -776,5 +727,5 @@ def apply(inputs: Sequence[str], model: str, *, as_targets: bool = False, object
     opts = _objects(objects_from, objects_field, default_class, fitted)
     name = os.path.basename(model)
     config = {"model": name, "as_targets": as_targets, **opts.record()}
-    return run_stage(inputs, lambda items: items, output=output, name="rank apply", skip_bad=skip_bad, config=config,
+    return run_stage(inputs, lambda items: items, output=output, name="rank apply", handler=handler, config=config,
                      prepare=lambda s: _apply_one(s, ranker, opts, as_targets, name))

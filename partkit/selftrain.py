@@ -20,7 +20,7 @@ from .decoder.model import PartDecoder
 from .decoder.predict import load_decoder
 from .decoder.train import (DecoderTrainer, OnlineFeatures, TrainConfig, _batch_indices, _features, load_examples,
                             masks_recall)
-from .errors import PartkitError
+from .errors import Handler, PartkitError, stop
 from .grid import sample_on_grid
 
 __all__ = ["SelfTrainer", "self_train_masks", "ema_update", "strong_photometric"]
@@ -72,7 +72,7 @@ class SelfTrainer(DecoderTrainer):
                  min_mask_area: int = 5, labeled: Optional[Sequence[str]] = None,
                  labeled_field: str = "gt_parts.png", unsup_weight: float = 2.0, train: Optional[TrainConfig] = None,
                  val: Optional[Sequence[str]] = None, resume: bool = False, device: str = "auto", seed: int = 0,
-                 skip_bad: bool = False):
+                 handler: Handler = stop):
         if student_init not in ("teacher", "scratch"):
             raise PartkitError(f"--student-init must be teacher or scratch, got {student_init!r}")
         if not 0.0 <= ema_decay <= 1.0:
@@ -90,7 +90,7 @@ class SelfTrainer(DecoderTrainer):
             online = OnlineFeatures(spec["model"], spec["weights"], spec["layers"], spec["size"], "cpu")
         dcfg = {k: v for k, v in ckpt["decoder_config"].items() if k not in ("in_channels", "level_channels")}
         super().__init__(inputs, out, field=None, features="online" if online else "cached", decoder=dcfg,
-                         train=train, val=val, resume=resume, device=device, seed=seed, skip_bad=skip_bad,
+                         train=train, val=val, resume=resume, device=device, seed=seed, handler=handler,
                          online=online)
         if online is not None:
             online.fx.backbone.to(self.dev)

@@ -27,8 +27,9 @@ import numpy as np
 
 from . import viz
 from ._log import progress
-from .errors import BadSample, PartkitError
-from .io import decode_image, decode_json, decode_label_map, decode_npy, iter_samples, write_atomic
+from . import fields as F
+from .errors import BadSample, Handler, PartkitError, stop
+from .io import decode_json, decode_label_map, decode_npy, iter_loaded, write_atomic
 from .pointcloud import decode_shape
 
 __all__ = ["VIEWS", "Pictures", "view_paths", "purity_per_class", "show_points"]
@@ -102,23 +103,27 @@ def _html(text: str) -> str:
     return html.escape(text, quote=True)
 
 
-def purity_per_class(inputs: Sequence[str], out_dir: str, *, n_rows: int = 3, skip_bad: bool = False) -> dict:
+def _ranked(sample: dict) -> tuple:
+    """(key, ranked.json, ranked_parts.png as int64, image) of a ``rank apply`` sample, checked."""
+    key = sample["__key__"]
+    doc = decode_json(sample, "ranked.json")
+    if (not isinstance(doc, dict) or not isinstance(doc.get("k"), int) or doc["k"] < 1
+            or not isinstance(doc.get("proposals"), list) or not isinstance(doc.get("classes"), list)
+            or not all(isinstance(p, dict) and "part_id" in p and "score" in p for p in doc["proposals"])):
+        raise BadSample(key, "'ranked.json' lacks k, classes or proposals (part_id, score); re-run `partkit rank apply`")
+    labels = decode_label_map(sample, "ranked_parts.png").astype(np.int64)
+    image = F.image(sample)
+    if image.shape[:2] != labels.shape:
+        raise BadSample(key, "ranked_parts.png and the image differ in size")
+    return key, doc, labels, image
+
+
+def purity_per_class(inputs: Sequence[str], out_dir: str, *, n_rows: int = 3, handler: Handler = stop) -> dict:
     """For each class, a figure with one ``n_rows`` x ``n_rows`` grid per part cluster: the
     highest-scoring instances (from ``ranked.json``), part highlighted; plus ``index.html``."""
-    grid, k, samples, skipped = None, None, 0, []
+    grid, k, samples = None, None, 0
     with progress("show purity --per-class") as bar:
-        for sample in iter_samples(inputs, skip_bad=skip_bad):
-            try:
-                doc = decode_json(sample, "ranked.json")
-                labels = decode_label_map(sample, "ranked_parts.png").astype(np.int64)
-                image = decode_image(sample)
-                if image.shape[:2] != labels.shape:
-                    raise BadSample(sample["__key__"], "ranked_parts.png and the image differ in size")
-            except BadSample as e:
-                if not skip_bad:
-                    raise
-                skipped.append(e.key)
-                continue
+        for key, doc, labels, image in iter_loaded(inputs, _ranked, handler=handler):
             k = int(doc["k"])
             if grid is None:
                 grid = viz.PurityGrid(n_rows, title=lambda group, part: f"{group} cluster {(part - 1) % k} (id {part})")
@@ -128,7 +133,7 @@ def purity_per_class(inputs: Sequence[str], out_dir: str, *, n_rows: int = 3, sk
             for j, name in enumerate(doc["classes"]):
                 mine = (labels > j * k) & (labels <= (j + 1) * k)
                 if mine.any():
-                    grid.update(sample["__key__"], image, np.where(mine, labels, 0), group=name,
+                    grid.update(key, image, np.where(mine, labels, 0), group=name,
                                 scores={pid: s for pid, s in best.items() if j * k < pid <= (j + 1) * k})
             samples += 1
             bar.update()
@@ -153,7 +158,7 @@ def purity_per_class(inputs: Sequence[str], out_dir: str, *, n_rows: int = 3, sk
 
 
 def show_points(inputs: Sequence[str], out_dir: str, *, fields: Sequence[str] = ("pred_parts.npy", "gt_parts.npy"),
-                max_samples: int = 16, size: int = 256, skip_bad: bool = False) -> list[str]:
+                max_samples: int = 16, size: int = 256, handler: Handler = stop) -> list[str]:
     """One ``<key>.png`` per point-cloud sample: a row per label field present, three views each.
 
     Samples with none of ``fields`` are drawn grey (shading only).
@@ -164,28 +169,24 @@ def show_points(inputs: Sequence[str], out_dir: str, *, fields: Sequence[str] = 
         raise PartkitError(f"--max must be at least 1, got {max_samples}")
     if os.path.isfile(out_dir):
         raise PartkitError(f"--output {out_dir!r} is a file; pass a folder for the pictures")
+    def load(sample: dict) -> tuple:
+        shape = decode_shape(sample)
+        panels = []
+        for name in fields:
+            if name in sample:
+                labels = decode_npy(sample, name).reshape(-1)
+                if len(labels) != len(shape):
+                    raise BadSample(sample["__key__"], f"'{name}' has {len(labels)} labels for {len(shape)} points")
+                panels.append((name, labels))
+        return sample["__key__"], shape, panels or [("points", None)]
+
     written = []
-    for sample in iter_samples(inputs, skip_bad=skip_bad):
-        if len(written) >= max_samples:
-            break
-        try:
-            shape = decode_shape(sample)
-            panels = []
-            for name in fields:
-                if name in sample:
-                    labels = decode_npy(sample, name).reshape(-1)
-                    if len(labels) != len(shape):
-                        raise BadSample(sample["__key__"], f"'{name}' has {len(labels)} labels for {len(shape)} points")
-                    panels.append((name, labels))
-        except BadSample:
-            if skip_bad:
-                continue
-            raise
-        if not panels:
-            panels = [("points", None)]
-        path = os.path.join(out_dir, f"{sample['__key__']}.png")
+    for key, shape, panels in iter_loaded(inputs, load, handler=handler):
+        path = os.path.join(out_dir, f"{key}.png")
         render_views_png(path, shape.points, panels, normals=shape.normals, size=size)
         written.append(path)
+        if len(written) >= max_samples:
+            break
     if not written:
         raise PartkitError("show points: the input holds no point-cloud samples; run `partkit pack` on point clouds")
     return written

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 
 from ..errors import BadSample
 from ..grid import sample_on_grid
-from ..io import decode_json, decode_label_map, decode_npy
+from ..fields import IGNORE_IDS, features, object_masks
+from ..io import decode_label_map
 
 __all__ = ["Example", "targets_from_sample", "augment", "collate", "MASK_FACTOR"]
 
@@ -31,18 +32,6 @@ class Example:
     meta: dict
 
 
-def _decode_objects(sample: dict) -> list[np.ndarray]:
-    from pycocotools import mask as mask_utils
-
-    doc = decode_json(sample, "gt_objects.json")
-    out = []
-    for obj in doc.get("objects", []):
-        seg = obj["segmentation"]
-        counts = seg["counts"].encode() if isinstance(seg["counts"], str) else seg["counts"]
-        out.append(mask_utils.decode({"size": seg["size"], "counts": counts}).astype(bool))
-    return out
-
-
 def grid_labels(sample: dict, field: str, meta: dict) -> np.ndarray:
     """A label-map field resampled onto the feature grid at MASK_FACTOR x resolution."""
     labels = decode_label_map(sample, field).astype(np.int32)
@@ -57,7 +46,7 @@ def grid_labels(sample: dict, field: str, meta: dict) -> np.ndarray:
 
 
 def targets_from_sample(sample: dict, meta: dict, *, field: str = "parts.png", min_part_area: float = 0.05,
-                        ignore: tuple = (255, 65535), class_map: Optional[dict] = None) -> tuple:
+                        ignore: tuple = tuple(IGNORE_IDS.values()), class_map: Optional[dict] = None) -> tuple:
     """(target id map, kept ids, class per id). A proposal is kept when it covers at least
     ``min_part_area`` of its object and lies mostly (>= 50%) inside an object. ``field=None``
     gives no targets (unlabelled data for self-training)."""
@@ -68,7 +57,8 @@ def targets_from_sample(sample: dict, meta: dict, *, field: str = "parts.png", m
     target[np.isin(target, ignore)] = 0
     ids, areas = np.unique(target[target > 0], return_counts=True)
     if "gt_objects.json" in sample:
-        objects = [sample_on_grid(m.astype(np.uint8), meta, MASK_FACTOR) > 0 for m in _decode_objects(sample)]
+        _, masks = object_masks(sample, meta["image_size"])
+        objects = [sample_on_grid(m.astype(np.uint8), meta, MASK_FACTOR) > 0 for m in masks]
     else:
         objects = [target > 0]
     keep, classes = [], []
@@ -90,10 +80,7 @@ def targets_from_sample(sample: dict, meta: dict, *, field: str = "parts.png", m
 def example_from_sample(sample: dict, *, field: Optional[str] = "parts.png", min_part_area: float = 0.05,
                         class_map: Optional[dict] = None) -> Example:
     key = sample["__key__"]
-    meta = decode_json(sample, "feat.json")
-    feat = decode_npy(sample, "feat.npy")
-    if feat.ndim != 3 or list(feat.shape[1:]) != list(meta["grid"]):
-        raise BadSample(key, f"feat.npy has shape {feat.shape}, not C x {meta['grid']} as feat.json says")
+    feat, meta = features(sample, require_geometry=True)
     target, ids, classes = targets_from_sample(sample, meta, field=field, min_part_area=min_part_area,
                                                class_map=class_map)
     return Example(key, torch.from_numpy(feat.astype(np.float16)), target, ids, classes, meta)

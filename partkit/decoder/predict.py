@@ -10,8 +10,9 @@ from PIL import Image
 
 from .._runtime import resolve_device
 from .._training import load_checkpoint
-from ..errors import BadSample, PartkitError
-from ..io import Output, decode_json, decode_npy, encode_json, encode_npy, encode_png, run_stage
+from .. import fields, rle
+from ..errors import BadSample, Handler, PartkitError, stop
+from ..io import Output, decode_json, encode_json, encode_npy, encode_png, run_stage
 from .model import DecoderConfig, PartDecoder
 
 __all__ = ["load_decoder", "predict", "masks_to_image", "proposals_from_labels", "encode_proposals"]
@@ -42,14 +43,11 @@ def masks_to_image(logits: torch.Tensor, meta: dict) -> torch.Tensor:
 
 def encode_proposals(binary: np.ndarray, scores: np.ndarray) -> list[dict]:
     """Q x H x W boolean masks + scores -> proposals.json entries (compressed RLE, bbox, area)."""
-    from pycocotools import mask as mask_utils
-
     out = []
     for i, (m, s) in enumerate(zip(binary, scores)):
-        rle = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
-        out.append({"id": i + 1, "score": round(float(s), 6),
-                    "bbox": [round(float(v), 2) for v in mask_utils.toBbox(rle)], "area": int(mask_utils.area(rle)),
-                    "segmentation": {"size": list(m.shape), "counts": rle["counts"].decode()}})
+        seg = rle.encode(m)
+        out.append({"id": i + 1, "score": round(float(s), 6), "bbox": [round(v, 2) for v in rle.bbox(seg)],
+                    "area": int(rle.area(seg)), "segmentation": seg})
     return out
 
 
@@ -62,15 +60,15 @@ def proposals_from_labels(sample: dict, field: str = "parts.png") -> dict:
     from ..io import decode_label_map
 
     labels = decode_label_map(sample, field)
-    meta_field = field.rsplit(".", 1)[0] + ".json"
+    meta_field = fields.companion(field)
     meta = decode_json(sample, meta_field) if meta_field in sample else {}
     if "grid" in meta and list(labels.shape) == list(meta["grid"]):
-        labels = grid_to_image(labels, meta)
+        labels = grid_to_image(labels, fields.geometry(meta, sample["__key__"], meta_field))
     elif "json" in sample:
-        info = decode_json(sample, "json")
+        info = fields.info(sample)
         if labels.shape != (info["height"], info["width"]):
             labels = np.asarray(Image.fromarray(labels).resize((info["width"], info["height"]), Image.NEAREST))
-    ids, counts = np.unique(labels[(labels > 0) & (labels != 255)], return_counts=True)
+    ids, counts = np.unique(labels[fields.foreground(labels)], return_counts=True)
     order = np.argsort(-counts, kind="stable")
     binary = np.stack([labels == ids[i] for i in order]) if len(ids) else np.zeros((0, *labels.shape), bool)
     return {"proposals": encode_proposals(binary, counts[order] / max(1, counts.sum())), "source": field}
@@ -87,7 +85,7 @@ def predict(
     batch_size: int = 8,
     device: str = "auto",
     output: Output = Output(),
-    skip_bad: bool = False,
+    handler: Handler = stop,
     use_teacher: bool = False,
 ) -> dict:
     """Add ``proposals.json`` (RLE masks, scores, boxes, areas) and ``proposals.npy`` (query features)."""
@@ -106,11 +104,10 @@ def predict(
         if online is not None:
             x, meta = online.meta(sample)
             return sample, x, meta
-        meta = decode_json(sample, "feat.json")
-        feat = decode_npy(sample, "feat.npy")
-        if feat.ndim != 3 or feat.shape[0] != net.cfg.in_channels:
-            raise BadSample(sample["__key__"], f"feat.npy has {feat.shape[0] if feat.ndim == 3 else feat.shape} "
-                            f"channels; the decoder was trained on {net.cfg.in_channels} (same extract settings?)")
+        feat, meta = fields.features(sample, require_geometry=True)
+        if feat.shape[0] != net.cfg.in_channels:
+            raise BadSample(sample["__key__"], f"feat.npy has {feat.shape[0]} channels; the decoder was trained on "
+                            f"{net.cfg.in_channels} (same extract settings?)")
         return sample, torch.from_numpy(feat.astype(np.float32)), meta
 
     def process(batch: list) -> list:
@@ -140,7 +137,7 @@ def predict(
     config = {"checkpoint": checkpoint, "topk": topk, "score_threshold": score_threshold,
               "mask_threshold": mask_threshold, "label_map": label_map, "teacher": use_teacher}
     return run_stage(inputs, process, output=output, name="predict", batch_size=batch_size, prepare=prepare,
-                     skip_bad=skip_bad, config=config)
+                     handler=handler, config=config)
 
 
 def _label_map(probs: torch.Tensor, scores: torch.Tensor, threshold: float) -> np.ndarray:

@@ -16,8 +16,10 @@ from .._log import log, progress
 from .._runtime import resolve_device, seed_everything
 from .._training import Distributed, RunDir, cosine_warmup, rng_state, set_rng_state
 from .._version import __version__
-from ..errors import BadSample, PartkitError
-from ..io import iter_samples
+from .. import rle
+from ..errors import Handler, PartkitError, recorded, stop
+from ..fields import IGNORE_IDS, FeatureSource
+from ..io import iter_loaded, iter_samples
 from .criterion import SetCriterion
 from .data import Example, augment, collate, example_from_sample, targets_from_sample
 from .model import DecoderConfig, PartDecoder
@@ -71,33 +73,28 @@ class OnlineFeatures:
 
 
 def load_examples(inputs: Sequence[str], *, field: Optional[str], min_part_area: float, rank: int = 0, world: int = 1,
-                  online: Optional[OnlineFeatures] = None, skip_bad: bool = False, class_map=None,
-                  skipped: Optional[list] = None) -> list:
+                  online: Optional[OnlineFeatures] = None, handler: Handler = stop, class_map=None,
+                  source: Optional[FeatureSource] = None) -> list:
     """Read this rank's shards into memory as training examples (features kept as float16).
 
-    With ``skip_bad``, bad samples are left out and recorded in ``skipped`` as ``{"key", "reason"}``.
+    Bad samples go to ``handler``; cached features must all come from one model (``source``).
     """
-    examples, skipped = [], skipped if skipped is not None else []
-    for sample in iter_samples(inputs, rank=rank, world=world, skip_bad=skip_bad):
-        try:
-            if online is not None:
-                x, meta = online.meta(sample)
-                target, ids, classes = targets_from_sample(sample, meta, field=field, min_part_area=min_part_area,
-                                                           class_map=class_map)
-                ex = Example(sample["__key__"], None, target, ids, classes, meta)
-                ex.image = x
-            else:
-                ex = example_from_sample(sample, field=field, min_part_area=min_part_area, class_map=class_map)
-        except BadSample as e:
-            if not skip_bad:
-                raise
-            skipped.append(e.record())
-            continue
+    source = source or FeatureSource("train-decoder")
+
+    def load(sample: dict) -> Example:
+        if online is not None:
+            x, meta = online.meta(sample)
+            target, ids, classes = targets_from_sample(sample, meta, field=field, min_part_area=min_part_area,
+                                                       class_map=class_map)
+            ex = Example(sample["__key__"], None, target, ids, classes, meta)
+            ex.image = x
+        else:
+            ex = example_from_sample(sample, field=field, min_part_area=min_part_area, class_map=class_map)
+            source.check(sample, ex.meta, ex.feat.shape[0])
         ex.sample = {k: v for k, v in sample.items() if k in ("__key__", "gt_parts.png", "gt_objects.json", "json")}
-        examples.append(ex)
-    if skipped:
-        log(f"skipped {len(skipped)} bad training samples")
-    return examples
+        return ex
+
+    return list(iter_loaded(inputs, load, handler=handler, rank=rank, world=world))
 
 
 def _features(examples: list, online: Optional[OnlineFeatures]) -> list[torch.Tensor]:
@@ -119,8 +116,6 @@ def _batch_indices(step: int, n: int, batch: int, seed: int) -> list[int]:
 def masks_recall(decoder: PartDecoder, examples: list, online, device, field_for_gt: str = "gt_parts.png",
                  ks=(1, 10, 50, 100)) -> dict:
     """AR@k of the decoder's masks against ground-truth part masks, at mask-feature resolution."""
-    from pycocotools import mask as mask_utils
-
     from ..decoder.data import grid_labels
     from ..metrics import RecallAccumulator, mask_iou
 
@@ -129,14 +124,13 @@ def masks_recall(decoder: PartDecoder, examples: list, online, device, field_for
     for ex, feat in zip(examples, _features(examples, online)):
         gt_field = field_for_gt if field_for_gt in ex.sample else None
         gt = grid_labels(ex.sample, gt_field, ex.meta) if gt_field else ex.target
-        gt_ids = [i for i in np.unique(gt) if i not in (0, 255, 65535)]
+        gt_ids = [i for i in np.unique(gt) if i != 0 and i not in IGNORE_IDS.values()]
         if not gt_ids:
             continue
         out = decoder(feat.float()[None].to(device))
         order = PartDecoder.scores(out["pred_logits"][0]).argsort(descending=True)
         masks = (out["pred_masks"][0][order] > 0).cpu().numpy()
-        enc = lambda m: mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))  # noqa: E731
-        iou = mask_iou([enc(m) for m in masks], [enc(gt == i) for i in gt_ids])
+        iou = mask_iou([rle.encode(m) for m in masks], [rle.encode(gt == i) for i in gt_ids])
         acc.update(iou)
     decoder.train()
     return {f"AR@{k}": v for k, v in acc.result().items()} if acc.n_gt_ else {}
@@ -156,7 +150,7 @@ class DecoderTrainer:
                  weights: Optional[str] = None, layers: Optional[Sequence[int]] = None, size: int = 224,
                  decoder: Optional[dict] = None, train: Optional[TrainConfig] = None,
                  val: Optional[Sequence[str]] = None, resume: bool = False, device: str = "auto", seed: int = 0,
-                 skip_bad: bool = False, online: Optional[OnlineFeatures] = None):
+                 handler: Handler = stop, online: Optional[OnlineFeatures] = None):
         tc = self.tc = train or TrainConfig()
         if features not in ("auto", "cached", "online"):
             raise PartkitError(f"--features must be auto, cached or online; got {features!r}")
@@ -182,12 +176,16 @@ class DecoderTrainer:
                                "are trained on their cached feat.npy; drop them or pass --features online")
         self.online = online
         self.skipped: list = []
+        same = FeatureSource(self.command)
         self.examples = load_examples(inputs, field=field, min_part_area=min_part_area, rank=self.dist.rank,
-                                      world=self.dist.world, online=online, skip_bad=skip_bad, skipped=self.skipped)
+                                      world=self.dist.world, online=online, handler=recorded(handler, self.skipped),
+                                      source=same)
+        if self.skipped:
+            log(f"skipped {len(self.skipped)} bad training samples")
         if not self.examples:
             raise PartkitError(f"{self.command}: no usable training samples")
         gt = "gt_parts.png" if val and "gt_parts.png" in first else field
-        self.val_examples = (load_examples(val, field=gt, min_part_area=0.0, online=online)
+        self.val_examples = (load_examples(val, field=gt, min_part_area=0.0, online=online, source=same)
                              if val and self.dist.main else [])
         meta = self.examples[0].meta
         self.dcfg = DecoderConfig(in_channels=int(meta["channels"]), level_channels=meta.get("level_channels", ()),

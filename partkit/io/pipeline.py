@@ -1,4 +1,8 @@
-"""Run a per-sample stage: read shards, transform samples in batches, write shards.
+"""Read samples (the one reading loop, with the bad-sample handler) and run per-sample stages.
+
+Every stage reads through :func:`iter_samples` / :func:`iter_loaded` or :func:`run_stage`, which
+hand each bad sample (and unreadable shard) to the run's handler (:mod:`partkit.errors`: ``stop``
+or ``SkipBad``); no other code decides whether a bad sample stops the run.
 
 Output shard ``j`` holds the results of input samples ``j*shard_size .. (j+1)*shard_size-1``
 (of this process's inputs), so a rerun can skip finished shards without recomputing them.
@@ -9,16 +13,18 @@ import os
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence, TypeVar
 
 from .._log import log, progress
 from .._version import __version__
-from ..errors import BadSample, PartkitError
+from ..errors import BadSample, Handler, PartkitError, stop
 from .sink import open_sink
 from .tario import iter_tar
 from .urls import expand_urls, iter_streams, select_for_rank
 
-__all__ = ["Output", "dist_info", "iter_samples", "run_stage"]
+T = TypeVar("T")
+
+__all__ = ["Output", "dist_info", "iter_samples", "iter_loaded", "run_stage"]
 
 
 @dataclass
@@ -51,17 +57,31 @@ def dist_info(num_shards: Optional[int] = None, shard_index: Optional[int] = Non
     return rank, world
 
 
-def iter_samples(inputs: Sequence[str], *, skip_bad: bool = False, rank: int = 0, world: int = 1,
-                 errors: Optional[list] = None) -> Iterator[dict]:
+def iter_samples(inputs: Sequence[str], *, handler: Handler = stop, rank: int = 0, world: int = 1) -> Iterator[dict]:
     """Samples from input specs (paths, globs, braces, ``-``, ``pipe:``), in order.
 
-    With ``skip_bad``, a corrupt shard is reported into ``errors`` and reading goes on with
-    the next shard; otherwise it raises :class:`PartkitError`.
+    A corrupt shard raises :class:`PartkitError` under :func:`~partkit.errors.stop`; any other
+    handler gets it as ``BadSample(None, message)`` and reading goes on with the next shard.
     """
     urls = select_for_rank(expand_urls(inputs), rank, world)
-    on_error = (errors.append if errors is not None else (lambda msg: None)) if skip_bad else None
+    on_error = None if handler is stop else (lambda msg: handler(BadSample(None, msg)))
     for url, stream in iter_streams(urls):
         yield from iter_tar(stream, url, on_error=on_error)
+
+
+def iter_loaded(inputs: Sequence[str], load: Callable[[dict], T], *, handler: Handler = stop, rank: int = 0,
+                world: int = 1) -> Iterator[T]:
+    """``load(sample)`` for every sample; a :class:`BadSample` it raises goes to ``handler``.
+
+    >>> for item in iter_loaded(["feats.tar"], fields.features, handler=SkipBad()): ...  # doctest: +SKIP
+    """
+    for sample in iter_samples(inputs, handler=handler, rank=rank, world=world):
+        try:
+            item = load(sample)
+        except BadSample as bad:
+            handler(bad)
+            continue
+        yield item
 
 
 def _prepared(samples: Iterator[tuple[int, dict]], prepare: Optional[Callable], workers: int, lookahead: int):
@@ -109,7 +129,7 @@ def run_stage(
     batch_size: int = 1,
     prepare: Optional[Callable[[dict], object]] = None,
     prepare_workers: int = 1,
-    skip_bad: bool = False,
+    handler: Handler = stop,
     config: Optional[dict] = None,
     source: Optional[Callable[[int, int], Iterator[dict]]] = None,
 ) -> dict:
@@ -117,7 +137,8 @@ def run_stage(
 
     ``prepare(sample)`` runs ahead in worker threads (decode, resize) and may raise
     :class:`BadSample`; ``process(list_of_prepared)`` returns one output sample dict (or a
-    :class:`BadSample`) per item, in order. ``source(rank, world)`` replaces reading ``inputs``
+    :class:`BadSample`) per item, in order; each bad sample goes to ``handler`` and, when it
+    returns, is recorded in its shard's stats. ``source(rank, world)`` replaces reading ``inputs``
     as shards (``pack`` reads files). Returns a summary dict.
     """
     rank, world = dist_info(output.num_shards, output.shard_index)
@@ -126,6 +147,10 @@ def run_stage(
     drop = set(output.drop)
     shard_size = output.shard_size
     read_errors: list[str] = []
+
+    def on_read_error(bad: BadSample) -> None:
+        handler(bad)
+        read_errors.append(bad.reason)
     state = _ShardState()
     totals = {"read": 0, "written": 0, "skipped": 0, "resumed_samples": 0, "shards": 0}
 
@@ -147,8 +172,7 @@ def run_stage(
     def emit(index: int, result) -> None:
         advance(index)
         if isinstance(result, BadSample):
-            if not skip_bad:
-                raise result
+            handler(result)
             state.skipped.append(result.record())
             totals["skipped"] += 1
             return
@@ -160,7 +184,8 @@ def run_stage(
 
     def todo() -> Iterator[tuple[int, dict]]:
         samples = (source(rank, world) if source is not None else
-                   iter_samples(inputs, skip_bad=skip_bad, rank=rank, world=world, errors=read_errors))
+                   iter_samples(inputs, handler=handler if handler is stop else on_read_error, rank=rank,
+                                world=world))
         for index, sample in enumerate(samples):
             totals["read"] += 1
             if sink.is_done(index // shard_size):
