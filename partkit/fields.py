@@ -225,11 +225,11 @@ class FeatureSource:
 def masks(segs: Sequence, key: str, field: str, height: int, width: int) -> list[dict]:
     """COCO segmentations of one field as compressed RLEs at the image size (checked)."""
     out = []
-    for i, seg in enumerate(segs):
+    for seg in segs:
         try:
             out.append(rle.to_compressed(seg, height, width))
         except ValueError as e:
-            raise BadSample(key, f"mask {i} in '{field}' {e}; masks must be COCO RLE at image size") from None
+            raise BadSample(key, f"a mask in '{field}' {e}") from None
     return out
 
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from partkit.errors import BadSample
+from partkit.errors import BadSample, SkipBad
 from partkit.extract import extract
 from partkit.grid import grid_to_image, mask_to_grid
 from partkit.io import Output, decode_json, decode_npy
@@ -85,7 +85,7 @@ def test_odd_images_and_bad_images(tmp_path):
         extract([src], model="timm:vit_tiny_patch16_224", weights="none", size=32,
                 output=Output(str(tmp_path / "o2")))
     assert not list((tmp_path / "o2").glob("*.tar"))  # nothing half-written
-    summary = extract([src], model="timm:vit_tiny_patch16_224", weights="none", size=32, skip_bad=True,
+    summary = extract([src], model="timm:vit_tiny_patch16_224", weights="none", size=32, handler=SkipBad(),
                       output=Output(str(tmp_path / "o3")))
     assert summary["skipped"] == 2 and summary["written"] == 3
 

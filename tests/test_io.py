@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from partkit.errors import BadSample, PartkitError
+from partkit.errors import BadSample, PartkitError, SkipBad
 from partkit.io import (Output, TarSampleWriter, decode_image, decode_label_map, dist_info, encode_png,
                         expand_urls, iter_samples, run_stage)
 from conftest import read_shard, tar_names, write_shard
@@ -53,9 +53,9 @@ def test_truncated_and_non_tar_inputs_give_one_line_errors(tmp_path):
         with pytest.raises(PartkitError, match="not a valid tar stream or truncated") as e:
             list(iter_samples([str(tmp_path / name)]))
         assert "\n" not in str(e.value)
-    errors = []
-    got = list(iter_samples([str(tmp_path / "trunc.tar"), good], skip_bad=True, errors=errors))
-    assert len(errors) == 1 and len(got) >= 5
+    skip = SkipBad()
+    got = list(iter_samples([str(tmp_path / "trunc.tar"), good], handler=skip))
+    assert len(skip.records) == 1 and skip.records[0]["key"] is None and len(got) >= 5
 
 
 def test_pipe_input(tmp_path):
@@ -122,7 +122,7 @@ def test_skip_bad_counts_in_stats(tmp_path):
     out = tmp_path / "out"
     with pytest.raises(BadSample, match="broken"):
         run_stage([src], lambda b: b, prepare=prepare, output=Output(str(out / "a")), name="t")
-    summary = run_stage([src], lambda b: b, prepare=prepare, skip_bad=True, output=Output(str(out / "b")), name="t")
+    summary = run_stage([src], lambda b: b, prepare=prepare, handler=SkipBad(), output=Output(str(out / "b")), name="t")
     stats = json.loads((out / "b" / "000000.stats.json").read_text())
     assert summary["skipped"] == 1 and stats["skipped"] == 1 and stats["skipped_samples"][0]["key"] == "s001"
     assert [s["__key__"] for s in read_shard(out / "b" / "000000.tar")] == ["s000", "s002", "s003"]

@@ -4,7 +4,7 @@ import json
 import pytest
 from PIL import Image
 
-from partkit.errors import BadSample, PartkitError
+from partkit.errors import BadSample, PartkitError, SkipBad
 from partkit.io import Output, decode_json, decode_label_map
 from partkit.io.tario import sample_key
 from partkit.pack import pack
@@ -40,7 +40,7 @@ def test_mismatched_label_names_the_file(tmp_path):
     Image.new("L", (9, 8)).save(tmp_path / "lab" / "a.png")
     with pytest.raises(BadSample, match=r"lab/a.png is 9x8 but the image is 8x8"):
         pack([str(tmp_path / "im")], labels=str(tmp_path / "lab"), output=Output(str(tmp_path / "o1")))
-    summary = pack([str(tmp_path / "im")], labels=str(tmp_path / "lab"), skip_bad=True,
+    summary = pack([str(tmp_path / "im")], labels=str(tmp_path / "lab"), handler=SkipBad(),
                    output=Output(str(tmp_path / "o2")))
     stats = json.loads((tmp_path / "o2" / "000000.stats.json").read_text())
     assert summary["skipped"] == 2 and stats["skipped"] == 2  # a: size mismatch, b: no label map

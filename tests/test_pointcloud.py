@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from conftest import SHAPENET, read_shard
-from partkit.errors import BadSample, PartkitError
+from partkit.errors import BadSample, PartkitError, SkipBad
 from partkit.io import Output, decode_json, decode_npy
 from partkit.pack import pack
 from partkit.pointcloud import normalize, read_shape, sample_surface, shapenet_category
@@ -150,7 +150,7 @@ def test_pack_bad_3d_file_names_it_or_is_skipped(tmp_path):
     np.save(tmp_path / "ok.npy", np.zeros((5, 3), np.float32))
     with pytest.raises(BadSample, match="broken.ply"):
         pack([str(tmp_path / "broken.ply")], output=Output(str(tmp_path / "o1")))
-    totals = pack([str(tmp_path / "broken.ply"), str(tmp_path / "ok.npy")], skip_bad=True,
+    totals = pack([str(tmp_path / "broken.ply"), str(tmp_path / "ok.npy")], handler=SkipBad(),
                   output=Output(str(tmp_path / "o2")))
     assert totals["written"] == 1 and totals["skipped"] == 1
     with pytest.raises(PartkitError, match="points-per-shape"):
