@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from . import rle
-from .errors import BadSample, missing_field
+from .errors import PRODUCERS, BadSample, missing_field
 from .grid import grid_to_image
 from .io import decode_image, decode_json, decode_label_map, decode_npy
 
@@ -142,7 +142,7 @@ def geometry(meta: dict, key: str, field: str = "feat.json", require: bool = Tru
     resized image: ``(grid - 1) * stride < resized <= (grid + 1) * stride + offset`` per axis.
     With ``require``, all of :data:`GEOMETRY_KEYS` must be there; otherwise those present are checked.
     """
-    fix = "re-run `partkit extract` to record the grid geometry"
+    fix = f"re-run `{PRODUCERS.get(field, 'partkit extract')}` to record the grid geometry"
     if not isinstance(meta, dict):
         raise BadSample(key, f"'{field}' must be a JSON object; {fix}")
     missing = [k for k in GEOMETRY_KEYS if k not in meta]

@@ -61,11 +61,41 @@ def to_compressed(seg, height: int, width: int) -> dict:
                 raise ValueError(f"has uncompressed counts that do not add up to {height}x{width} pixels")
             rle = _mask.frPyObjects({"size": [height, width], "counts": counts}, height, width)
         elif isinstance(counts, (str, bytes)):
+            runs = _runs(counts.decode("ascii", "replace") if isinstance(counts, bytes) else counts)
+            if runs is None or sum(runs) != height * width:
+                raise ValueError(f"has compressed counts that do not decode to {height}x{width} pixels")
             rle = {"size": [height, width], "counts": counts}
         else:
             raise ValueError("has counts that are neither a string nor a list of run lengths")
     counts = rle["counts"]
     return {"size": [height, width], "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts}
+
+
+def _runs(counts: str) -> Optional[list]:
+    """The run lengths of a compressed counts string (pycocotools' ``rleFrString``), or None if malformed."""
+    runs: list = []
+    p, n = 0, len(counts)
+    while p < n:
+        x = k = 0
+        more = True
+        while more:
+            if p >= n:
+                return None
+            c = ord(counts[p]) - 48
+            if not 0 <= c < 64:
+                return None
+            x |= (c & 0x1F) << (5 * k)
+            more = bool(c & 0x20)
+            p += 1
+            k += 1
+            if not more and c & 0x10:
+                x |= -1 << (5 * k)
+        if len(runs) > 2:
+            x += runs[-2]
+        if x < 0:
+            return None
+        runs.append(x)
+    return runs
 
 
 def decode(rles: Sequence[dict], size: Optional[tuple] = None) -> np.ndarray:
