@@ -21,6 +21,7 @@ from .decoder.predict import load_decoder
 from .decoder.train import (DecoderTrainer, OnlineFeatures, TrainConfig, _batch_indices, _features, load_examples,
                             masks_recall)
 from .errors import Handler, PartkitError, stop
+from .fields import object_masks
 from .grid import sample_on_grid
 
 __all__ = ["SelfTrainer", "self_train_masks", "ema_update", "strong_photometric"]
@@ -115,12 +116,10 @@ class SelfTrainer(DecoderTrainer):
     @staticmethod
     def _mark_objects(examples: list) -> None:
         """Known objects (gt_objects.json) become the target map, so crops carry them along."""
-        from .decoder.data import _decode_objects
-
         for ex in examples:
             if "gt_objects.json" in ex.sample:
                 union = np.zeros(tuple(g * MASK_FACTOR for g in ex.meta["grid"]), bool)
-                for m in _decode_objects(ex.sample):
+                for m in object_masks(ex.sample, ex.meta["image_size"])[1]:
                     union |= sample_on_grid(m.astype(np.uint8), ex.meta, MASK_FACTOR) > 0
                 ex.target = union.astype(np.int32)
                 ex.has_objects = True
