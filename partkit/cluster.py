@@ -700,9 +700,6 @@ def _fit_dataset(fit_inputs: Sequence[str], k: int, opts: _Opts, handler: Handle
             held = m
     if total == 0:
         raise PartkitError("--scope dataset found no feature cells to fit on; check the inputs (and --fg-from)")
-    if len({x.shape[1] for x in buf_x}) > 1:
-        raise PartkitError("the samples' features have different channel counts; "
-                           "cluster one model's features at a time")
     x, _, pos = _keep_smallest(buf_x, buf_key, buf_pos, m)
     train = x[0][np.argsort(pos[0], kind="stable")]
     k_used = min(k, len(train))

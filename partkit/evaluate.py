@@ -309,9 +309,11 @@ class _Retrieval:
         self.o = o
         self.features: list[np.ndarray] = []
         self.names: list[str] = []
+        self.source = fields.FeatureSource("eval retrieval")
 
     def prepare(self, v: SampleView):
         feat, meta = v.features
+        self.source.check(v.sample, meta, feat.shape[0])
         objects, names = v.keypoints
         x, y, kpt = v.visible_keypoints()
         # Keypoints are in image pixels; the cell covering a pixel comes from feat.json's geometry.
@@ -323,9 +325,6 @@ class _Retrieval:
         for r, c in zip(rows[y], cols[x]):
             window = feat[:, max(r - lo, 0):min(r + hi, gh), max(c - lo, 0):min(c + hi, gw)]
             pooled.append(window.reshape(feat.shape[0], -1).mean(1))
-        if self.features and pooled and pooled[0].shape != self.features[0].shape:
-            raise BadSample(v.key, f"'{self.o.feat}' has {pooled[0].shape[0]} channels but earlier samples "
-                                   f"{self.features[0].shape[0]}; score one backbone at a time")
         return pooled, [names[k] for k in kpt]
 
     def commit(self, payload) -> None:
@@ -410,13 +409,11 @@ class _Probe:
         self.seg_table = M.Contingency()
         self.cls_true: list[np.ndarray] = []
         self.cls_pred: list[np.ndarray] = []
-        self.channels: Optional[int] = None
+        self.source = fields.FeatureSource("eval probe")
 
     def prepare(self, v: SampleView):
         feat, meta = v.features
-        if self.channels is not None and feat.shape[0] != self.channels:
-            raise BadSample(v.key, f"'{self.o.feat}' has {feat.shape[0]} channels but earlier samples "
-                                   f"{self.channels}; probe one backbone at a time")
+        self.source.check(v.sample, meta, feat.shape[0])
         x = feat.reshape(feat.shape[0], -1).T  # cells x C
         if self.o.probe_target == "category":
             if v.category is None:
@@ -435,8 +432,7 @@ class _Probe:
         return feat.shape[0], x, hist, target, (gt, v.valid, meta)
 
     def commit(self, payload) -> None:
-        channels, x, hist, target, label_map = payload
-        self.channels = channels
+        _, x, hist, target, label_map = payload
         if len(self.train) < self.o.probe_train:
             self.train.append((x, hist, target))
             if len(self.train) == self.o.probe_train:
