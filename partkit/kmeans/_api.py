@@ -61,7 +61,8 @@ def _seeds(random_state, count: int) -> list:
 
 def batched_kmeans(problems: Sequence[np.ndarray], n_clusters: Union[int, Sequence[int]], *, metric: str = "l2",
                    init: Union[str, np.ndarray, Sequence[np.ndarray]] = "k-means++", max_iter: int = 100,
-                   tol: float = 1e-4, random_state=0, device="cpu") -> list[KMeansResult]:
+                   tol: float = 1e-4, random_state=0, device="cpu",
+                   chunk_bytes: int = CHUNK_BYTES) -> list[KMeansResult]:
     """Solve many small k-means problems at once (exact Lloyd, batched on padded tensors).
 
     ``problems`` are ``n_i x D`` arrays; ``n_clusters`` is one k or one per problem (a problem with
@@ -70,7 +71,8 @@ def batched_kmeans(problems: Sequence[np.ndarray], n_clusters: Union[int, Sequen
     per-problem arrays (warm start: ids keep their meaning, empty clusters stay empty).
     ``random_state`` is an int (problem i uses seed ``(random_state, i)``, so
     ``KMeans(random_state=s).fit(X)`` equals ``batched_kmeans([X], k, random_state=s)[0]``) or a
-    list of per-problem seeds. Results do not depend on which problems are solved together.
+    list of per-problem seeds. Results do not depend on which problems are solved together (nor on
+    ``chunk_bytes``, the working-set size of one padded batch).
     """
     _check_choice(metric, METRICS, "metric")
     if max_iter < 1:
@@ -96,7 +98,7 @@ def batched_kmeans(problems: Sequence[np.ndarray], n_clusters: Union[int, Sequen
     else:
         _check_choice(init, INITS, "init")
     return run_batched(mats, ks, init=init, max_iter=max_iter, tol=tol, seeds=_seeds(random_state, len(mats)),
-                       device=resolve_device(str(device)))
+                       device=resolve_device(str(device)), chunk_bytes=chunk_bytes)
 
 
 def _sse_about_mean(x: np.ndarray) -> float:

@@ -77,7 +77,8 @@ def kmeans_plusplus(X: torch.Tensor, x2: torch.Tensor, mask: torch.Tensor, n: to
     first = torch.minimum((torch.tensor([d["first"] for d in draws], device=dev) * nf).long(), n - 1)
     C = X.new_zeros(B, K, D)
     C[:, 0] = gather_rows(X, ar, first)
-    closest = torch.baddbmm((x2 + gather_rows(x2, ar, first)[:, None])[:, None, :], C[:, :1], X.transpose(1, 2), alpha=-2)
+    closest = torch.baddbmm((x2 + gather_rows(x2, ar, first)[:, None])[:, None, :], C[:, :1], X.transpose(1, 2),
+                            alpha=-2)
     closest = closest[:, 0].clamp_min(0) * mask
     labels = torch.zeros((B, N), dtype=torch.long, device=dev)
     pot = closest.sum(1, dtype=torch.float64)
