@@ -1,12 +1,6 @@
-"""The public k-means API: a scikit-learn style estimator, batched problems, the elbow rule, weights.
-
->>> import numpy as np
->>> from partkit.kmeans import KMeans, batched_kmeans
->>> X = np.random.default_rng(0).normal(size=(500, 32)).astype(np.float32)
->>> km = KMeans(4, metric="cosine", random_state=0).fit(X)  # scikit-learn style
->>> km.labels_.shape, km.cluster_centers_.shape
-((500,), (4, 32))
->>> results = batched_kmeans([X, X[:100], X[:7]], 4)  # many small problems in one batched solve
+"""The public k-means API: a scikit-learn style estimator (torch below ``FAISS_MIN_ROWS`` rows,
+faiss from there on), many problems batched, the elbow rule, and sample weights (``weighted_kmeans``,
+for ``partkit rank``). Arguments are checked here; the solving is :mod:`._engine`'s and :mod:`._faiss`'s.
 """
 from __future__ import annotations
 
