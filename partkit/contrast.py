@@ -277,7 +277,7 @@ def discover_parts(fx: FeatureExtractor, images: Sequence[_Image], k: int, *, in
     ``init`` (per-image centroids of the previous round) warm-starts k-means so ids keep their
     meaning across rounds; otherwise k-means++ with seed ``(seed, i)`` for image i.
     """
-    from .cluster import batched_kmeans
+    from .kmeans import batched_kmeans
 
     problems = []
     for s in range(0, len(images), batch_size):

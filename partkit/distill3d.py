@@ -254,7 +254,7 @@ class PartsTeacher:
         so memory stays bounded however many shapes there are; their features are kept for
         :meth:`__call__`, the other shapes' are computed there.
         """
-        from .cluster import KMeans
+        from .kmeans import KMeans
 
         # k-means is fit on cells wholly inside the object: cells on the silhouette mix in the white
         # background, and would otherwise cluster into rings around every view (measured on ShapeNetPart

@@ -124,7 +124,7 @@ def test_parts_teacher_on_shapenetpart_caps(tmp_path):
     d.fit(shapes)
     student = d.predict(shapes)
 
-    from partkit.cluster import KMeans
+    from partkit.kmeans import KMeans
 
     xyz = [normalize(s.points)[0] for s in shapes]
     km = KMeans(8, metric="l2", random_state=0).fit(np.concatenate(xyz))
