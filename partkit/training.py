@@ -38,7 +38,7 @@ def require(ok: bool, option: str, value, expected: str, fix: str = "") -> None:
 def check_count(option: str, value, low: int = 1, fix: str = "") -> None:
     """An integer option of at least ``low`` (steps, epochs, sizes, batch sizes)."""
     if value is not None:
-        require(isinstance(value, int) and value >= low, option, value, f"an integer >= {low}",
+        require(isinstance(value, (int, np.integer)) and value >= low, option, value, f"an integer >= {low}",
                 fix or f"pass {option} {max(low, 1)} or more")
 
 
@@ -47,7 +47,7 @@ def check_rate(option: str, value, *, low: float = 0.0, high: float = math.inf, 
     """A finite float option in ``(low, high]`` (``strict``) or ``[low, high]`` (learning rates, decays)."""
     if value is None:
         return
-    ok = isinstance(value, (int, float)) and math.isfinite(value) and (value > low if strict else value >= low) \
+    ok = isinstance(value, (int, float, np.number)) and math.isfinite(value) and (value > low if strict else value >= low) \
         and value <= high
     bound = f"> {low:g}" if strict else f">= {low:g}"
     expected = f"a finite number {bound}" + (f" and <= {high:g}" if math.isfinite(high) else "")
@@ -288,8 +288,9 @@ class Trainer:
     loss_keys: tuple = ("loss",)  # the curves of loss.png
 
     def setup_run(self, out: Optional[str], *, device, resume: bool = False, stop_at: Optional[int] = None,
-                  log_every: int = 1, checkpoint_every: int = 100) -> None:
-        """Process group, run folder (checked, not yet made) and the loop's options; call first."""
+                  log_every: int = 1, checkpoint_every: int = 100, run: Optional[RunDir] = None) -> None:
+        """Process group, run folder (checked, not yet made; or ``run``, checked earlier) and the loop's
+        options; call first."""
         check_count("--stop-at", stop_at, fix="pass the step to checkpoint and stop at, or drop --stop-at")
         check_count("--log-every", log_every)
         check_count("--checkpoint-every", checkpoint_every)
@@ -298,7 +299,7 @@ class Trainer:
         if not hasattr(self, "dist"):
             self.dist = Distributed(device)
         self.dev = self.dist.device
-        self.run = RunDir(out, main=self.dist.main, resume=resume)
+        self.run = run if run is not None else RunDir(out, main=self.dist.main, resume=resume)
         self.gen: Optional[torch.Generator] = getattr(self, "gen", None)
 
     def say(self, message: str) -> None:
@@ -317,6 +318,10 @@ class Trainer:
 
     def resume_options(self, config: dict) -> dict:
         return {}
+
+    def saved_config(self, ckpt: dict) -> dict:
+        """The run's config as ``resume_options`` reads it, from its checkpoint."""
+        return ckpt.get("config") or {}
 
     def log_now(self, done: int) -> bool:
         return done % self.log_every == 0 or done == self.steps
@@ -356,7 +361,7 @@ class Trainer:
         ckpt = self.run.load()
         if "step" not in ckpt or "optimizer" not in ckpt:
             raise PartkitError(f"{self.run.file('last.pt')!r} holds no training state to resume; pick a new --out")
-        self.check_resume(ckpt.get("config") or {})
+        self.check_resume(self.saved_config(ckpt))
         try:
             self.net.load_state_dict(ckpt[self.model_key])
         except (RuntimeError, KeyError) as e:
