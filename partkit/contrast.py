@@ -359,7 +359,7 @@ class PartContrastTrainer(Trainer):
         check_rate("--lr", lr, fix="pass a learning rate such as --lr 0.005")
         check_rate("--weight-decay", weight_decay, strict=False, fix="pass e.g. --weight-decay 1.5e-6")
         check_rate("--momentum", momentum, high=1.0, strict=False,
-                   fix="it is the EMA decay of the momentum encoder, in [0, 1], e.g. 0.996")
+                   fix="pass the EMA decay of the momentum encoder, e.g. --momentum 0.996")
         check_rate("--tau", tau, fix="pass a temperature such as --tau 0.1")
         from .models import get_spec
 

@@ -51,7 +51,7 @@ def check_rate(option: str, value, *, low: float = 0.0, high: float = math.inf, 
         and value <= high
     bound = f"> {low:g}" if strict else f">= {low:g}"
     expected = f"a finite number {bound}" + (f" and <= {high:g}" if math.isfinite(high) else "")
-    require(ok, option, value, expected, fix)
+    require(ok, option, value, expected, fix or f"pass {option} with {expected}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -53,6 +53,7 @@ class TrainConfig:
                               ("--log-every", self.log_every), ("--num-points", self.num_points)):
             check_count(option, value)
         check_count("--warmup", self.warmup, 0)
+        check_count("--stop-at", self.stop_at, fix="pass the step to checkpoint and stop at, or drop --stop-at")
         check_rate("--lr", self.lr, fix="pass a learning rate such as --lr 1e-4")
         check_rate("--weight-decay", self.weight_decay, strict=False, fix="pass e.g. --weight-decay 0.05")
         check_rate("--clip-grad", self.clip_grad, strict=False, fix="pass a gradient norm, or 0 to turn clipping off")
