@@ -96,7 +96,8 @@ class DistillConfig:
             raise PartkitError("--elevations and --azimuths need at least one angle each")
         if not all(math.isfinite(a) for a in (*self.elevations, *self.azimuths)):
             raise PartkitError(f"--elevations and --azimuths must be finite angles in degrees, got "
-                               f"{list(self.elevations)} and {list(self.azimuths)}")
+                               f"{list(self.elevations)} and {list(self.azimuths)}; pass comma-separated degrees, e.g. "
+                               "--elevations 30,-20 --azimuths 0,72,144")
         if any(abs(e) > 90 for e in self.elevations):
             raise PartkitError(f"--elevations must lie in -90..90 degrees, got {list(self.elevations)}")
         if self.teacher != "clip" and (self.parts or self.category):
