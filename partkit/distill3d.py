@@ -597,6 +597,8 @@ class StudentTrainer(Trainer):
     def __init__(self, distiller: "PartDistiller", num_classes: int, shapes_digest: str, run: Optional[RunDir],
                  *, resume: bool = False, stop_at: Optional[int] = None):
         d, cfg = distiller, distiller.config
+        if (resume or stop_at is not None) and (run is None or run.path is None):
+            raise PartkitError("--resume and --stop-at continue or checkpoint a run folder; pass --out RUN_DIR")
         self.distiller, self.cfg, self.num_classes = d, cfg, num_classes
         self.setup_run(run.path if run else None, device=d.device_, resume=resume, stop_at=stop_at, log_every=1,
                        checkpoint_every=cfg.epochs, run=run if run is not None else RunDir(None))
