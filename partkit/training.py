@@ -272,10 +272,20 @@ class Trainer:
 
     - ``train_step(step) -> dict``: one step (forward, backward, optimizer step); the metrics record,
       with at least ``step`` (the step count after it) and ``loss``;
-    - ``state(step) -> dict``: the checkpoint (the base adds nothing; :meth:`resume_state` helps);
-    - ``load_state(ckpt)``: what ``state`` added beyond model, optimizer, scheduler and RNG;
+    - ``state(step) -> dict``: the checkpoint, in the model's own layout, holding at least
+      ``model_key`` (the weights), ``optimizer``, ``scheduler``, ``rng`` (:meth:`rng`), ``step``
+      and ``config``;
+    - ``load_state(ckpt)``: what ``state`` added beyond weights, optimizer, scheduler and RNG;
     - ``resume_options(config) -> dict``: the options that must match to resume, flat
-      (``{"--lr": 1e-4, ...}``), read from a run's ``config`` (default: none).
+      (``{"--lr": 1e-4, ...}``), read from a run's ``config`` (``saved_config`` finds it in a
+      checkpoint); the default checks none.
+
+    Example (a toy model in tests/test_training.py)::
+
+        class Toy(Trainer):
+            def __init__(self, out, resume=False, stop_at=None):
+                self.setup_run(out, device=torch.device("cpu"), resume=resume, stop_at=stop_at)
+                self.net, self.opt, self.sched, self.steps, self.config = ...
 
     The base owns the run folder (``RunDir``, made lazily), the config check on ``--resume`` (one
     line naming the options that differ), exact resume (weights, optimizer, scheduler, every RNG,
