@@ -58,6 +58,9 @@ def main(
     backward: bool = typer.Option(True, "--backward/--no-backward", help="Backward distillation (label reweighting)."),
     out: Optional[str] = typer.Option(None, "--out", help="Run folder: student weights, config.json, metrics.jsonl, "
                                                           "loss.png."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out exactly where it stopped."),
+    stop_at: Optional[int] = typer.Option(None, "--stop-at", help="Checkpoint and stop after this epoch, writing no "
+                                                                  "samples (finish later with --resume)."),
     output: OutputOption = "-",
     shard_size: ShardSizeOption = 1000,
     overwrite: OverwriteOption = False,
@@ -81,5 +84,5 @@ def main(
         radius=radius, temperature=temperature, width=width, depth=depth, knn=knn, points=points,
         batch_size=batch_size, epochs=epochs, lr=lr, plateau=plateau, backward=backward, seed=g.seed,
         device=g.device)
-    distill_3d(inputs or ["-"], cfg, out=out, skip_bad=skip_bad,
+    distill_3d(inputs or ["-"], cfg, out=out, skip_bad=skip_bad, resume=resume, stop_at=stop_at,
                output=make_output(output, shard_size, overwrite, drop, None, None))
