@@ -140,7 +140,7 @@ def iter_tar(stream: BinaryIO, url: str, on_error: Optional[Callable[[str], None
             if end == "end-of-archive" and tf.fileobj.read(tarfile.BLOCKSIZE) != tarfile.NUL * tarfile.BLOCKSIZE:
                 end = "cut"  # one zero block: the second end-of-archive block is missing
             if end != "end-of-archive" and (tf.offset or current is not None):
-                raise tarfile.ReadError("input ended mid-archive: no end-of-archive blocks, the stream was cut short")
+                raise tarfile.ReadError("input ended mid-archive: truncated, no end-of-archive blocks")
     except (tarfile.ReadError, EOFError, tarfile.StreamError) as e:
         reason = str(e) or type(e).__name__
         if reason == "empty file":
