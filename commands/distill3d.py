@@ -8,8 +8,8 @@ import typer
 from partkit.errors import PartkitError
 
 from ._common import (
-    DropOption, OutputOption, OverwriteOption, ShardSizeOption, SkipBadOption, check_side, cli_errors, get_globals, make_output,
-    parse_ints,
+    DropOption, OutputOption, OverwriteOption, ShardSizeOption, SkipBadOption, check_side, cli_errors, get_globals,
+    make_output, parse_ints,
 )
 
 

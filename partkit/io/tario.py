@@ -104,17 +104,18 @@ def iter_tar(stream: BinaryIO, url: str, on_error: Optional[Callable[[str], None
                 if key == bad_key:
                     continue  # the rest of a sample already reported
                 problem = None
+                name = _short(member.name)
                 if member.issym() or member.islnk():
                     kind = "symbolic" if member.issym() else "hard"
-                    problem = (f"member {_short(member.name)!r} is a {kind} link to {member.linkname!r}; shards must hold "
+                    problem = (f"member {name!r} is a {kind} link to {_short(member.linkname)!r}; shards must hold "
                                "regular files: rebuild the tar without links (tar --dereference --hard-dereference)")
                 elif not member.isfile():
-                    problem = f"member {_short(member.name)!r} is not a regular file; rebuild the tar from regular files"
+                    problem = f"member {name!r} is not a regular file; rebuild the tar from regular files"
                 elif key_problem(key):
-                    problem = (f"member {_short(member.name)!r} {key_problem(key)}; rename the members (or repack with "
+                    problem = (f"member {name!r} {key_problem(key)}; rename the members (or repack with "
                                "`partkit pack`) so every key is a plain name without '/', '..' or a leading dot")
                 elif member.size > limit:
-                    problem = (f"member {_short(member.name)!r} declares {member.size:,} bytes, above the {limit:,}-byte "
+                    problem = (f"member {name!r} declares {member.size:,} bytes, above the {limit:,}-byte "
                                "limit; split the field or raise PARTKIT_MAX_MEMBER_BYTES")
                 if problem is not None:
                     err = BadSample(_short(key), f"in {url}: {problem}")
