@@ -180,10 +180,13 @@ class FolderSink:
         fd = os.open(self.folder, os.O_RDONLY | os.O_DIRECTORY)
         try:
             fcntl.flock(fd, (fcntl.LOCK_EX if self.world == 1 else fcntl.LOCK_SH) | fcntl.LOCK_NB)
-        except OSError:
+        except BlockingIOError:
             os.close(fd)
             raise PartkitError(f"another partkit run is writing to {self.folder!r}; wait for it to finish or write "
                                "to another folder") from None
+        except OSError:  # a file system without locks: go on unlocked
+            os.close(fd)
+            return
         self._lock = fd
 
     def _release(self) -> None:
