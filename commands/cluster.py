@@ -7,7 +7,7 @@ import typer
 
 from ._common import (
     DropOption, NumShardsOption, OutputOption, OverwriteOption, ShardIndexOption, ShardSizeOption, SkipBadOption,
-    cli_errors, get_globals, make_output,
+    check_output_file, check_seed, cli_errors, get_globals, make_output,
 )
 
 
@@ -72,6 +72,9 @@ def main(
     from partkit.cluster import cluster
 
     g = get_globals(ctx)
+    check_seed(seed)
+    if save_centroids:
+        check_output_file(save_centroids, "--save-centroids")
     cluster(
         inputs or ["-"],
         output=make_output(output, shard_size, overwrite, drop, num_shards, shard_index),

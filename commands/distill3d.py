@@ -8,8 +8,8 @@ import typer
 from partkit.errors import PartkitError
 
 from ._common import (
-    DropOption, OutputOption, OverwriteOption, ShardSizeOption, SkipBadOption, cli_errors, get_globals, make_output,
-    parse_ints,
+    DropOption, OutputOption, OverwriteOption, ShardSizeOption, SkipBadOption, check_side, cli_errors, get_globals,
+    make_output, parse_ints,
 )
 
 
@@ -77,6 +77,7 @@ def main(
     from partkit.distill3d import DistillConfig, distill_3d
 
     g = get_globals(ctx)
+    check_side(size)
     cfg = DistillConfig(
         teacher=teacher, teacher_model=teacher_model, weights=weights, layers=parse_ints(layers, "--layers"), k=k,
         parts=[p.strip() for p in parts.split(",") if p.strip()] if parts else None, category=category,

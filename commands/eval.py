@@ -16,7 +16,7 @@ from partkit._log import console
 from partkit.errors import PartkitError
 from partkit.evaluate import METRICS, EvalOptions, evaluate
 
-from ._common import SkipBadOption, cli_errors, get_globals, parse_ints
+from ._common import SkipBadOption, check_output_file, check_output_folder, cli_errors, get_globals, parse_ints
 
 _INPUT_CHARS = set("/.*?{[-:")
 
@@ -135,6 +135,10 @@ def main(
     """
     g = get_globals(ctx)
     metrics, inputs = split_args(args)
+    if json_path:
+        check_output_file(json_path, "--json")
+    if viz:
+        check_output_folder(viz, "--viz")
     options = EvalOptions(
         pred=pred, gt_field=gt_field, region=region, at=at, match=match, match_on=match_on, proposals=proposals,
         gt=gt, ks=parse_ints(ks, "--ks") or [], max_dets=max_dets, feat=feat, patch=patch, exclude_self=exclude_self,

@@ -20,8 +20,10 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import warnings
 import zlib
 from contextlib import contextmanager
@@ -43,6 +45,7 @@ from .kmeans import (
     FAISS_MIN_ROWS, INITS, METRICS, KMeans, KMeansResult, batched_kmeans, elbow_kmeans, faiss_assign, faiss_kmeans,
     nearest_center, normalize_rows,
 )
+from .io.urls import expand_urls
 
 __all__ = [
     "KMeans", "KMeansResult", "batched_kmeans", "elbow_kmeans", "cluster", "SCOPES", "FG_SOURCES", "DEFAULT_K",
@@ -505,7 +508,7 @@ def _replayable(inputs: Sequence[str]) -> Iterator[list]:
     if not any(s == "-" or s.startswith("pipe:") for s in inputs):
         yield list(inputs)
         return
-    with tempfile.TemporaryDirectory(prefix="partkit-cluster-") as tmp:
+    with _term_raises(), tempfile.TemporaryDirectory(prefix="partkit-cluster-") as tmp:
         out = []
         for i, spec in enumerate(inputs):
             if spec == "-" or spec.startswith("pipe:"):
@@ -520,6 +523,23 @@ def _replayable(inputs: Sequence[str]) -> Iterator[list]:
                 out.append(spec)
         log("cluster: this scope reads the input twice; buffered the stream to a temporary file")
         yield out
+
+
+@contextmanager
+def _term_raises() -> Iterator[None]:
+    """While the temporary copy exists, SIGTERM unwinds (removing it) instead of killing the process outright."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt("terminated")
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _iter_items(inputs: Sequence[str], opts: _Opts, skip_bad: bool) -> Iterator[_Item]:
@@ -778,6 +798,7 @@ def cluster(
                          batch_size=batch_size, prepare=prepare, skip_bad=skip_bad, config=config)
 
     if scope == "dataset":
+        given = expand_urls(inputs) if output.path not in (None, "-") else ()  # what resume fingerprints
         with _replayable(inputs if fixed is None and not fit_on else []) as replay:
             inputs = replay or inputs
             if fixed is None:
@@ -790,9 +811,11 @@ def cluster(
                 log(f"cluster: saved {len(centers)} centroids to {save_centroids}")
             extra["centroids_sha1"] = _digest(centers)
             return run_stage(inputs, lambda items: _assign_global(items, centers, opts, extra), output=output,
-                             name="cluster", batch_size=batch_size, prepare=prepare, skip_bad=skip_bad, config=config)
+                             name="cluster", batch_size=batch_size, prepare=prepare, skip_bad=skip_bad, config=config,
+                             input_files=given)
 
     # cosegment
+    given = expand_urls(inputs) if output.path not in (None, "-") else ()
     with _replayable(inputs) as replay:
         results = _cosegment(replay, opts, skip_bad)
 
@@ -808,7 +831,7 @@ def cluster(
             return outs
 
         return run_stage(replay, write_group, output=output, name="cluster", batch_size=batch_size,
-                         prepare=lambda s: _load_light(s, opts), skip_bad=skip_bad, config=config)
+                         prepare=lambda s: _load_light(s, opts), skip_bad=skip_bad, config=config, input_files=given)
 
 
 def _load_light(sample: dict, opts: _Opts) -> _Item:

@@ -15,7 +15,7 @@ from .._log import log, progress
 from .._version import __version__
 from ..errors import BadSample, PartkitError
 from .sink import open_sink
-from .tario import iter_tar
+from .tario import iter_tar, unique_keys
 from .urls import expand_urls, iter_streams, select_for_rank
 
 __all__ = ["Output", "dist_info", "iter_samples", "run_stage"]
@@ -56,12 +56,16 @@ def iter_samples(inputs: Sequence[str], *, skip_bad: bool = False, rank: int = 0
     """Samples from input specs (paths, globs, braces, ``-``, ``pipe:``), in order.
 
     With ``skip_bad``, a corrupt shard is reported into ``errors`` and reading goes on with
-    the next shard; otherwise it raises :class:`PartkitError`.
+    the next shard; otherwise it raises :class:`PartkitError`. A key seen twice is an error.
     """
     urls = select_for_rank(expand_urls(inputs), rank, world)
     on_error = (errors.append if errors is not None else (lambda msg: None)) if skip_bad else None
-    for url, stream in iter_streams(urls):
-        yield from iter_tar(stream, url, on_error=on_error)
+
+    def samples() -> Iterator[dict]:
+        for url, stream in iter_streams(urls):
+            yield from iter_tar(stream, url, on_error=on_error)
+
+    yield from unique_keys(samples())
 
 
 def _prepared(samples: Iterator[tuple[int, dict]], prepare: Optional[Callable], workers: int, lookahead: int):
@@ -112,17 +116,22 @@ def run_stage(
     skip_bad: bool = False,
     config: Optional[dict] = None,
     source: Optional[Callable[[int, int], Iterator[dict]]] = None,
+    input_files: Optional[Sequence[str]] = None,
 ) -> dict:
     """Stream samples through ``process`` and write the results.
 
     ``prepare(sample)`` runs ahead in worker threads (decode, resize) and may raise
     :class:`BadSample`; ``process(list_of_prepared)`` returns one output sample dict (or a
     :class:`BadSample`) per item, in order. ``source(rank, world)`` replaces reading ``inputs``
-    as shards (``pack`` reads files). Returns a summary dict.
+    as shards (``pack`` reads files). ``input_files`` (default: the expanded ``inputs``) are what
+    a folder output must not hold and what its resume check fingerprints. Returns a summary dict.
     """
     rank, world = dist_info(output.num_shards, output.shard_index)
     config = {"stage": name, **(config or {}), "shard_size": output.shard_size, "world": world}
-    sink = open_sink(output.path, overwrite=output.overwrite, rank=rank, world=world, config=config)
+    if input_files is None:
+        input_files = expand_urls(inputs) if source is None and output.path not in (None, "-") else ()
+    sink = open_sink(output.path, overwrite=output.overwrite, rank=rank, world=world, config=config,
+                     inputs=input_files)
     drop = set(output.drop)
     shard_size = output.shard_size
     read_errors: list[str] = []
