@@ -19,13 +19,13 @@ from typing import Optional, Sequence
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from . import metrics as M
-from ._log import log, progress
-from ._version import __version__
-from .errors import BadSample, PartkitError, missing_field
-from .grid import grid_to_image, image_to_cell_index
-from .io import decode_image, decode_json, decode_label_map, decode_npy, iter_samples
-from .show import VIEWS, Pictures, view_paths
+from .. import metrics as M
+from .._log import log, progress
+from .._version import __version__
+from ..errors import BadSample, PartkitError, missing_field
+from ..grid import grid_to_image, image_to_cell_index
+from ..io import decode_image, decode_json, decode_label_map, decode_npy, iter_samples
+from ..show import VIEWS, Pictures, view_paths
 
 __all__ = ["METRICS", "EvalOptions", "SampleView", "evaluate", "render", "parse_keypoints"]
 
