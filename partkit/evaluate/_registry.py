@@ -1,0 +1,209 @@
+"""The metric registry: every option of ``partkit eval`` and, per metric, one registered record.
+
+A metric is a plain function ``result(p: Pass) -> dict`` decorated with :func:`register_metric`,
+which records, in one place, the accumulator it reads, the options it uses and their checks, the
+``--match-on`` pass it needs, and the protocol line of the CLI table. Accumulators (one pass over
+the samples feeds them all) are registered by kind with :func:`register_accumulator`, so metrics
+that pool the same thing (nmi, ari and miou: pixel tables) share one.
+
+Example:
+    >>> @register_metric("pixels-seen", summary=lambda r: "pooled pixel pairs")  # doctest: +SKIP
+    ... def pixels_seen(p: Pass) -> dict:
+    ...     return {"value": float(p.accumulators["pixels"].pooled().sum())}
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
+
+import numpy as np
+
+from ..errors import PartkitError
+
+REGIONS = ("fg", "full")
+MATCHES = ("majority", "hungarian", "none")
+
+
+@dataclass
+class EvalOptions:
+    """Every option of ``partkit eval``; see docs/_readme_eval.md for the protocols."""
+
+    pred: Optional[str] = None  # predicted field; default parts.png (2D) or pred_parts.npy (miou-3d)
+    gt_field: Optional[str] = None  # default gt_parts.png (2D) or gt_parts.npy (miou-3d)
+    region: str = "fg"  # fg: ground-truth foreground pixels only; full: background is a label too
+    at: str = "pixels"  # nmi/ari at every pixel, or at visible ground-truth keypoints
+    match: str = "majority"  # majority | hungarian | none (miou, miou-3d)
+    match_on: Sequence[str] = ()  # shards to fit the cluster->part matching on (default: the scored data)
+    proposals: str = "proposals.json"
+    gt: str = "parts"  # ar/mask-ap ground truth: parts (gt_parts.png, one mask per id) or objects
+    ks: Sequence[int] = (1, 10, 50, 100, 200)
+    max_dets: int = 100
+    feat: str = "feat.npy"
+    patch: int = 3  # retrieval: pool a patch x patch window of feature cells around each keypoint
+    exclude_self: bool = False
+    kpt_min_visibility: int = 1  # keypoints with v >= this are used (COCO: 1 occluded, 2 visible)
+    category_parts: Optional[dict] = None  # miou-3d: {category: [part ids]}; default: ids seen in the data
+    probe_train: int = 10  # the first N images train the probes, the rest score them
+    probe_target: str = "part"  # part (label of each feature cell) or category (image category)
+    probe_c: float = 1.0
+    seed: int = 0
+    skip_bad: bool = False
+    viz_dir: Optional[str] = None
+    viz_max: int = 16
+
+    def validate(self, metrics: Sequence[str]) -> list[str]:
+        """Check every option before any work; returns the metric names, deduplicated.
+
+        Each option is checked as the metrics that use it declare, whichever metrics are asked for.
+        """
+        choices = ", ".join(_METRICS)
+        if not metrics:
+            raise PartkitError(f"no metric given; choose from {choices}")
+        names = list(dict.fromkeys(metrics))
+        for name in names:
+            if name not in _METRICS:
+                raise PartkitError(f"unknown metric {name!r}; choose from {choices}")
+        allowed: dict[str, tuple[str, ...]] = {}
+        for metric in _METRICS.values():
+            for name, values in metric.choices.items():
+                allowed.setdefault(name, values)
+        for name, values in allowed.items():
+            _choice(_flag(name), getattr(self, name), values)
+        for name in _first_seen(m.at_least_1 for m in _METRICS.values()) + ["viz_max"]:
+            value = getattr(self, name)
+            if isinstance(value, (list, tuple)):
+                if not value or any(int(k) < 1 for k in value):
+                    raise PartkitError(f"{_flag(name)} must be positive integers, got {list(value)}")
+            elif value < 1:
+                raise PartkitError(f"{_flag(name)} must be at least 1, got {value}")
+        for name in _first_seen(m.positive for m in _METRICS.values()):
+            if getattr(self, name) <= 0:
+                raise PartkitError(f"{_flag(name)} must be positive, got {getattr(self, name)}")
+        fitted = [n for n, m in _METRICS.items() if m.fit is not None]
+        if self.match_on and not set(fitted) & set(names):
+            raise PartkitError(f"--match-on only applies to {' and '.join(fitted)}; add one of them or drop "
+                               f"--match-on")
+        if self.match_on and self.match == "none":
+            raise PartkitError("--match none uses predicted ids as they are; there is nothing to fit on --match-on")
+        return names
+
+
+def _flag(option: str) -> str:
+    return "--" + option.replace("_", "-")
+
+
+def _first_seen(groups) -> list[str]:
+    return list(dict.fromkeys(name for group in groups for name in group))
+
+
+def _choice(opt: str, value: str, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise PartkitError(f"{opt} must be one of {', '.join(choices)}, got {value!r}")
+
+
+def _pct(x: float) -> Optional[float]:
+    return None if x is None or not np.isfinite(x) else float(x) * 100
+
+
+def fmt(x: Optional[float]) -> str:
+    """A score as the CLI table shows it (``-`` when undefined)."""
+    return "-" if x is None else f"{x:.2f}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Accumulators: prepare(view) decodes and validates (may raise BadSample); commit(payload)
+# folds it in and cannot fail, so a bad sample never leaves a metric half-updated.
+
+_ACCUMULATORS: dict[str, Callable[[EvalOptions, Sequence[str]], Any]] = {}
+
+
+def register_accumulator(kind: str):
+    """Register ``factory(options, metric_names) -> accumulator`` under ``kind``.
+
+    One accumulator of each kind in use is fed per pass, in registration order.
+    """
+    def decorate(factory):
+        _ACCUMULATORS[kind] = factory
+        return factory
+
+    return decorate
+
+
+def accumulator_kinds() -> list[str]:
+    return list(_ACCUMULATORS)
+
+
+def create_accumulator(kind: str, options: EvalOptions, names: Sequence[str]):
+    return _ACCUMULATORS[kind](options, names)
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics
+
+
+@dataclass
+class Pass:
+    """What a metric's result function reads: the accumulators fed by the scored pass."""
+
+    options: EvalOptions
+    names: list[str]  # the metrics asked for
+    accumulators: dict[str, Any]
+    fit: dict[str, Any]  # accumulators of the --match-on pass (empty without --match-on)
+    samples: int
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One metric: how it is computed, what it reads, which options it uses, how the table shows it."""
+
+    name: str
+    family: str
+    result: Callable[[Pass], dict]
+    accumulator: Union[str, Callable[[EvalOptions], str]]  # the accumulator kind it reads
+    summary: Callable[[dict], str]  # the protocol column of the CLI table, from the result
+    options: tuple[str, ...] = ()  # EvalOptions fields it reads
+    choices: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # option -> allowed values
+    at_least_1: tuple[str, ...] = ()  # integer options (or lists of them) that must be >= 1
+    positive: tuple[str, ...] = ()  # number options that must be > 0
+    fit: Optional[str] = None  # accumulator kind fitted on --match-on shards, when it has that option
+
+    def kind(self, options: EvalOptions) -> str:
+        return self.accumulator(options) if callable(self.accumulator) else self.accumulator
+
+    def summary_row(self, result: dict) -> tuple[str, str]:
+        """(value, protocol) columns of the CLI table."""
+        return fmt(result["value"]), self.summary(result)
+
+
+_METRICS: dict[str, Metric] = {}
+
+
+def register_metric(name: str, *, accumulator, summary, family: Optional[str] = None, options: Sequence[str] = (),
+                    choices: Optional[Mapping[str, Sequence[str]]] = None, at_least_1: Sequence[str] = (),
+                    positive: Sequence[str] = (), fit: Optional[str] = None):
+    """Register the decorated ``result(p: Pass) -> dict`` as metric ``name`` (``family``: its module).
+
+    ``choices``, ``at_least_1`` and ``positive`` declare the checks of the options the metric uses;
+    ``fit`` names the accumulator kind a ``--match-on`` pass feeds for it.
+    """
+    def decorate(fn):
+        if name in _METRICS:
+            raise ValueError(f"metric {name!r} is already registered (by {_METRICS[name].family})")
+        declared = {k: tuple(v) for k, v in (choices or {}).items()}
+        used = tuple(dict.fromkeys([*options, *declared, *at_least_1, *positive, *(["match_on"] if fit else [])]))
+        _METRICS[name] = Metric(name, family or fn.__module__.rsplit(".", 1)[-1], fn, accumulator, summary, used,
+                                declared, tuple(at_least_1), tuple(positive), fit)
+        return fn
+
+    return decorate
+
+
+def list_metrics() -> list[str]:
+    """Registered metric names, in registration order."""
+    return list(_METRICS)
+
+
+def get_metric(name: str) -> Metric:
+    if name not in _METRICS:
+        raise PartkitError(f"unknown metric {name!r}; choose from {', '.join(_METRICS)}")
+    return _METRICS[name]
