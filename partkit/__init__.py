@@ -13,6 +13,7 @@ _LAZY = {
     "FeatureExtractor": "partkit.extract", "KMeans": "partkit.cluster", "batched_kmeans": "partkit.cluster",
     "PartDecoder": "partkit.decoder", "train_decoder": "partkit.decoder", "predict": "partkit.decoder",
     "PartRanker": "partkit.rank",
+    "list_metrics": "partkit.evaluate", "register_metric": "partkit.evaluate",
 }
 
 __all__ = ["__version__", "PartkitError", "BadSample", *_LAZY]

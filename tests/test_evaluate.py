@@ -466,7 +466,7 @@ def test_a_registered_metric_is_scored_and_summarised(shard_factory, monkeypatch
             def commit(self, key):
                 self.keys.append(key)
 
-        register_accumulator("keys")(lambda o, names: Keys())
+        register_accumulator("keys", lambda o, names: Keys())
 
         @register_metric("pixel-pairs", accumulator="pixels", summary=lambda r: f"{r['keys']} samples",
                          family="tests", choices={"region": ("fg", "full")})

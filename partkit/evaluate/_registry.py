@@ -4,7 +4,8 @@ A metric is a plain function ``result(p: Pass) -> dict`` decorated with :func:`r
 which records, in one place, the accumulator it reads, the options it uses and their checks, the
 ``--match-on`` pass it needs, and the protocol line of the CLI table. Accumulators (one pass over
 the samples feeds them all) are registered by kind with :func:`register_accumulator`, so metrics
-that pool the same thing (nmi, ari and miou: pixel tables) share one.
+that pool the same thing (nmi, ari and miou: pixel tables) share one. ``EvalOptions.validate``
+checks every option as the registered metrics declare it, so a new metric brings its own checks.
 
 Example:
     >>> @register_metric("pixels-seen", summary=lambda r: "pooled pixel pairs")  # doctest: +SKIP
@@ -26,7 +27,7 @@ MATCHES = ("majority", "hungarian", "none")
 
 @dataclass
 class EvalOptions:
-    """Every option of ``partkit eval``; see docs/_readme_eval.md for the protocols."""
+    """Every option of ``partkit eval``; see the README's eval section for the protocols."""
 
     pred: Optional[str] = None  # predicted field; default parts.png (2D) or pred_parts.npy (miou-3d)
     gt_field: Optional[str] = None  # default gt_parts.png (2D) or gt_parts.npy (miou-3d)
@@ -117,16 +118,12 @@ def fmt(x: Optional[float]) -> str:
 _ACCUMULATORS: dict[str, Callable[[EvalOptions, Sequence[str]], Any]] = {}
 
 
-def register_accumulator(kind: str):
+def register_accumulator(kind: str, factory: Callable[[EvalOptions, Sequence[str]], Any]) -> None:
     """Register ``factory(options, metric_names) -> accumulator`` under ``kind``.
 
     One accumulator of each kind in use is fed per pass, in registration order.
     """
-    def decorate(factory):
-        _ACCUMULATORS[kind] = factory
-        return factory
-
-    return decorate
+    _ACCUMULATORS[kind] = factory
 
 
 def accumulator_kinds() -> list[str]:

@@ -129,9 +129,7 @@ def _rle(seg, key: str, field_name: str, height: int, width: int) -> dict:
     return {"size": [height, width], "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts}
 
 
-@register_accumulator("masks")
-def _masks(o: EvalOptions, names) -> _Masks:
-    return _Masks(o, "ar" in names, "mask-ap" in names)
+register_accumulator("masks", lambda o, names: _Masks(o, "ar" in names, "mask-ap" in names))
 
 
 _GT = {"gt": ("parts", "objects")}

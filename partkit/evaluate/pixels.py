@@ -126,14 +126,8 @@ def _miou_result(tables: _PixelTables, fit: Optional[_PixelTables], o: EvalOptio
     return out
 
 
-@register_accumulator("pixels")
-def _pixels(o: EvalOptions, names) -> _PixelTables:
-    return _PixelTables()
-
-
-@register_accumulator("keypoints")
-def _keypoints(o: EvalOptions, names) -> _KeypointTable:
-    return _KeypointTable()
+register_accumulator("pixels", lambda o, names: _PixelTables())
+register_accumulator("keypoints", lambda o, names: _KeypointTable())
 
 
 def _clustering_table(o: EvalOptions) -> str:

@@ -106,9 +106,7 @@ class _Probe:
                 "test_images": n_samples - len(self.train), "cls_items": int(true.size)}
 
 
-@register_accumulator("probe")
-def _probe(o: EvalOptions, names) -> _Probe:
-    return _Probe(o)
+register_accumulator("probe", lambda o, names: _Probe(o))
 
 
 def _summary(r: dict) -> str:

@@ -56,9 +56,7 @@ class _Retrieval:
                 "exclude_self": self.o.exclude_self, "patch": self.o.patch}
 
 
-@register_accumulator("retrieval")
-def _retrieval(o: EvalOptions, names) -> _Retrieval:
-    return _Retrieval(o)
+register_accumulator("retrieval", lambda o, names: _Retrieval(o))
 
 
 def _summary(r: dict) -> str:

@@ -67,9 +67,7 @@ def _dense(t, p, n) -> np.ndarray:
     return out
 
 
-@register_accumulator("shapes")
-def _shapes(o: EvalOptions, names) -> _Shapes:
-    return _Shapes(o)
+register_accumulator("shapes", lambda o, names: _Shapes(o))
 
 
 def _summary(r: dict) -> str:
