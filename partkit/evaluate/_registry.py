@@ -15,91 +15,17 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
 from ..errors import PartkitError
 
+if TYPE_CHECKING:
+    from . import EvalOptions
+
 REGIONS = ("fg", "full")
 MATCHES = ("majority", "hungarian", "none")
-
-
-@dataclass
-class EvalOptions:
-    """Every option of ``partkit eval``; see the README's eval section for the protocols."""
-
-    pred: Optional[str] = None  # predicted field; default parts.png (2D) or pred_parts.npy (miou-3d)
-    gt_field: Optional[str] = None  # default gt_parts.png (2D) or gt_parts.npy (miou-3d)
-    region: str = "fg"  # fg: ground-truth foreground pixels only; full: background is a label too
-    at: str = "pixels"  # nmi/ari at every pixel, or at visible ground-truth keypoints
-    match: str = "majority"  # majority | hungarian | none (miou, miou-3d)
-    match_on: Sequence[str] = ()  # shards to fit the cluster->part matching on (default: the scored data)
-    proposals: str = "proposals.json"
-    gt: str = "parts"  # ar/mask-ap ground truth: parts (gt_parts.png, one mask per id) or objects
-    ks: Sequence[int] = (1, 10, 50, 100, 200)
-    max_dets: int = 100
-    feat: str = "feat.npy"
-    patch: int = 3  # retrieval: pool a patch x patch window of feature cells around each keypoint
-    exclude_self: bool = False
-    kpt_min_visibility: int = 1  # keypoints with v >= this are used (COCO: 1 occluded, 2 visible)
-    category_parts: Optional[dict] = None  # miou-3d: {category: [part ids]}; default: ids seen in the data
-    probe_train: int = 10  # the first N images train the probes, the rest score them
-    probe_target: str = "part"  # part (label of each feature cell) or category (image category)
-    probe_c: float = 1.0
-    seed: int = 0
-    skip_bad: bool = False
-    viz_dir: Optional[str] = None
-    viz_max: int = 16
-
-    def validate(self, metrics: Sequence[str]) -> list[str]:
-        """Check every option before any work; returns the metric names, deduplicated.
-
-        Each option is checked as the metrics that use it declare, whichever metrics are asked for.
-        """
-        choices = ", ".join(_METRICS)
-        if not metrics:
-            raise PartkitError(f"no metric given; choose from {choices}")
-        names = list(dict.fromkeys(metrics))
-        for name in names:
-            if name not in _METRICS:
-                raise PartkitError(f"unknown metric {name!r}; choose from {choices}")
-        allowed: dict[str, tuple[str, ...]] = {}
-        for metric in _METRICS.values():
-            for name, values in metric.choices.items():
-                allowed.setdefault(name, values)
-        for name, values in allowed.items():
-            _choice(_flag(name), getattr(self, name), values)
-        for name in _first_seen(m.at_least_1 for m in _METRICS.values()) + ["viz_max"]:
-            value = getattr(self, name)
-            if isinstance(value, (list, tuple)):
-                if not value or any(int(k) < 1 for k in value):
-                    raise PartkitError(f"{_flag(name)} must be positive integers, got {list(value)}")
-            elif value < 1:
-                raise PartkitError(f"{_flag(name)} must be at least 1, got {value}")
-        for name in _first_seen(m.positive for m in _METRICS.values()):
-            if getattr(self, name) <= 0:
-                raise PartkitError(f"{_flag(name)} must be positive, got {getattr(self, name)}")
-        fitted = [n for n, m in _METRICS.items() if m.fit is not None]
-        if self.match_on and not set(fitted) & set(names):
-            raise PartkitError(f"--match-on only applies to {' and '.join(fitted)}; add one of them or drop "
-                               f"--match-on")
-        if self.match_on and self.match == "none":
-            raise PartkitError("--match none uses predicted ids as they are; there is nothing to fit on --match-on")
-        return names
-
-
-def _flag(option: str) -> str:
-    return "--" + option.replace("_", "-")
-
-
-def _first_seen(groups) -> list[str]:
-    return list(dict.fromkeys(name for group in groups for name in group))
-
-
-def _choice(opt: str, value: str, choices: Sequence[str]) -> None:
-    if value not in choices:
-        raise PartkitError(f"{opt} must be one of {', '.join(choices)}, got {value!r}")
 
 
 def _pct(x: float) -> Optional[float]:
@@ -193,6 +119,11 @@ def register_metric(name: str, *, accumulator, summary, family: Optional[str] = 
         return fn
 
     return decorate
+
+
+def registered_metrics() -> dict[str, Metric]:
+    """Name -> :class:`Metric`, in registration order."""
+    return dict(_METRICS)
 
 
 def list_metrics() -> list[str]:

@@ -10,10 +10,10 @@ from .. import metrics as M
 from .._log import log
 from ..errors import BadSample
 from ..io import decode_json
-from ._registry import EvalOptions, Pass, _pct, fmt, register_accumulator, register_metric
+from ._registry import Pass, _pct, fmt, register_accumulator, register_metric
 
 if TYPE_CHECKING:
-    from . import SampleView
+    from . import EvalOptions, SampleView
 
 
 class _Masks:

@@ -7,10 +7,10 @@ import numpy as np
 
 from .. import metrics as M
 from ..errors import PartkitError
-from ._registry import MATCHES, REGIONS, EvalOptions, Pass, _pct, fmt, register_accumulator, register_metric
+from ._registry import MATCHES, REGIONS, Pass, _pct, fmt, register_accumulator, register_metric
 
 if TYPE_CHECKING:
-    from . import SampleView
+    from . import EvalOptions, SampleView
 
 
 class _PixelTables:

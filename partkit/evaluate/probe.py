@@ -8,10 +8,10 @@ import numpy as np
 from .. import metrics as M
 from ..errors import BadSample, PartkitError
 from ..grid import grid_to_image, image_to_cell_index
-from ._registry import REGIONS, EvalOptions, Pass, _pct, fmt, register_accumulator, register_metric
+from ._registry import REGIONS, Pass, _pct, fmt, register_accumulator, register_metric
 
 if TYPE_CHECKING:
-    from . import SampleView
+    from . import EvalOptions, SampleView
 
 
 class _Probe:
