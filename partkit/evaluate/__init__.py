@@ -24,9 +24,8 @@ from ..errors import BadSample, PartkitError, missing_field
 from ..grid import grid_to_image
 from ..io import decode_image, decode_json, decode_label_map, decode_npy, iter_samples
 from ..show import VIEWS, Pictures, view_paths
-# The families register their metrics on import, in this order (METRICS' order).  # isort: off
-from . import pixels, masks, retrieval, shapes, probe  # noqa: F401,E401,I001
-# isort: on
+# The families register their metrics on import; this order is METRICS' order.
+from . import pixels, masks, retrieval, shapes, probe  # noqa: F401  # isort: skip
 from ._registry import (Metric, Pass, accumulator_kinds, create_accumulator, get_metric, list_metrics,
                         register_accumulator, register_metric, registered_metrics)
 from .pixels import _PixelTables, _region_rows

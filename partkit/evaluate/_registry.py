@@ -1,4 +1,4 @@
-"""The metric registry: every option of ``partkit eval`` and, per metric, one registered record.
+"""The metric registry: one record per metric, one factory per kind of accumulator.
 
 A metric is a plain function ``result(p: Pass) -> dict`` decorated with :func:`register_metric`,
 which records, in one place, the accumulator it reads, the options it uses and their checks, the
@@ -8,8 +8,8 @@ that pool the same thing (nmi, ari and miou: pixel tables) share one. ``EvalOpti
 checks every option as the registered metrics declare it, so a new metric brings its own checks.
 
 Example:
-    >>> @register_metric("pixels-seen", summary=lambda r: "pooled pixel pairs")  # doctest: +SKIP
-    ... def pixels_seen(p: Pass) -> dict:
+    >>> @register_metric("pixel-pairs", accumulator="pixels", summary=lambda r: "pooled")  # doctest: +SKIP
+    ... def pixel_pairs(p: Pass) -> dict:
     ...     return {"value": float(p.accumulators["pixels"].pooled().sum())}
 """
 from __future__ import annotations
@@ -95,7 +95,7 @@ class Metric:
 
     def summary_row(self, result: dict) -> tuple[str, str]:
         """(value, protocol) columns of the CLI table."""
-        return fmt(result["value"]), self.summary(result)
+        return fmt(result.get("value")), self.summary(result)
 
 
 _METRICS: dict[str, Metric] = {}
