@@ -13,6 +13,7 @@ _LAZY = {
     "FeatureExtractor": "partkit.extract", "KMeans": "partkit.kmeans", "batched_kmeans": "partkit.kmeans",
     "PartDecoder": "partkit.decoder", "train_decoder": "partkit.decoder", "predict": "partkit.decoder",
     "PartRanker": "partkit.rank",
+    "list_metrics": "partkit.evaluate", "register_metric": "partkit.evaluate",
 }
 
 __all__ = ["__version__", "PartkitError", "BadSample", *_LAZY]
