@@ -46,7 +46,8 @@ def run(shard: str, online: bool, steps: int, batch: int, size: int) -> dict:
     from partkit.decoder import DecoderConfig, PartDecoder
     from partkit.decoder.criterion import SetCriterion
     from partkit.decoder.data import Example, augment, collate
-    from partkit.decoder.train import OnlineFeatures, _batch_indices, _features, load_examples
+    from partkit.decoder.features import OnlineFeatures, batch_features as _features, load_examples
+    from partkit.training import epoch_batch_indices as _batch_indices
 
     feats_src = OnlineFeatures("efficientnet_lite0", None, None, size, torch.device("cpu")) if online else None
     examples = load_examples([shard], field="parts.png", min_part_area=0.05, online=feats_src)

@@ -1,6 +1,7 @@
 """Shared CLI plumbing: global options, error handling, and the options every stage takes."""
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import sys
@@ -12,6 +13,7 @@ import typer
 from partkit._log import console
 from partkit.errors import PartkitError
 from partkit.io import Output
+from partkit.io.sink import check_output_file, check_output_folder  # noqa: F401  (re-exported for the commands)
 
 
 @dataclass
@@ -54,6 +56,12 @@ def cli_errors(fn):
             fail("stdout was closed before all output was written (broken pipe)", code=1)
         except KeyboardInterrupt:
             fail("interrupted", code=130)
+        except OSError as e:
+            # a full disk or a read-only folder met while writing: one line, not a traceback
+            if e.errno not in _WRITE_ERRNOS:
+                raise
+            where = f" {e.filename!r}" if e.filename else ""
+            fail(f"cannot write{where}: {e.strerror}; free some space, fix the permissions or pick another output")
 
     return wrapper
 
@@ -74,6 +82,31 @@ NumShardsOption = Annotated[Optional[int], typer.Option(
     "--num-shards", help="Split the input shards over this many processes.")]
 ShardIndexOption = Annotated[Optional[int], typer.Option(
     "--shard-index", help="Which of the --num-shards processes this is.")]
+
+
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EFBIG}
+
+# Largest image side a --size option may ask for (a 100,000-pixel side would allocate tens of GB);
+# raise it with PARTKIT_MAX_SIDE.
+MAX_SIDE = 4096
+
+
+def check_seed(seed: Optional[int], opt: str = "--seed") -> None:
+    if seed is not None and seed < 0:
+        raise PartkitError(f"{opt} must be 0 or more, got {seed}; pick a non-negative seed")
+
+
+def check_side(value: Optional[int], opt: str = "--size") -> None:
+    """Refuse a pixel-size option outside 1..PARTKIT_MAX_SIDE before any work."""
+    if value is None:
+        return
+    try:
+        limit = int(os.environ.get("PARTKIT_MAX_SIDE", MAX_SIDE))
+    except ValueError:
+        raise PartkitError("PARTKIT_MAX_SIDE must be a whole number of pixels") from None
+    if value < 1 or value > limit:
+        raise PartkitError(f"{opt} {value} is outside 1..{limit} pixels; pick a smaller size or raise "
+                           "PARTKIT_MAX_SIDE")
 
 
 def parse_ints(text: Optional[str], opt: str) -> Optional[List[int]]:

@@ -9,7 +9,7 @@ from partkit.errors import handler_for
 
 from ._common import (
     DropOption, NumShardsOption, OutputOption, OverwriteOption, ShardIndexOption, ShardSizeOption, SkipBadOption,
-    cli_errors, get_globals, make_output,
+    check_output_file, check_seed, cli_errors, get_globals, make_output,
 )
 
 
@@ -74,6 +74,9 @@ def main(
     from partkit.cluster import cluster
 
     g = get_globals(ctx)
+    check_seed(seed)
+    if save_centroids:
+        check_output_file(save_centroids, "--save-centroids")
     cluster(
         inputs or ["-"],
         output=make_output(output, shard_size, overwrite, drop, num_shards, shard_index),

@@ -8,8 +8,8 @@ import typer
 from partkit.errors import PartkitError, handler_for
 
 from ._common import (
-    DropOption, OutputOption, OverwriteOption, ShardSizeOption, SkipBadOption, cli_errors, get_globals, make_output,
-    parse_ints,
+    DropOption, OutputOption, OverwriteOption, ShardSizeOption, SkipBadOption, check_side, cli_errors, get_globals,
+    make_output, parse_ints,
 )
 
 
@@ -58,6 +58,9 @@ def main(
     backward: bool = typer.Option(True, "--backward/--no-backward", help="Backward distillation (label reweighting)."),
     out: Optional[str] = typer.Option(None, "--out", help="Run folder: student weights, config.json, metrics.jsonl, "
                                                           "loss.png."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out exactly where it stopped."),
+    stop_at: Optional[int] = typer.Option(None, "--stop-at", help="Checkpoint and stop after this epoch, writing no "
+                                                                  "samples (finish later with --resume)."),
     output: OutputOption = "-",
     shard_size: ShardSizeOption = 1000,
     overwrite: OverwriteOption = False,
@@ -74,6 +77,7 @@ def main(
     from partkit.distill3d import DistillConfig, distill_3d
 
     g = get_globals(ctx)
+    check_side(size)
     cfg = DistillConfig(
         teacher=teacher, teacher_model=teacher_model, weights=weights, layers=parse_ints(layers, "--layers"), k=k,
         parts=[p.strip() for p in parts.split(",") if p.strip()] if parts else None, category=category,
@@ -81,5 +85,5 @@ def main(
         radius=radius, temperature=temperature, width=width, depth=depth, knn=knn, points=points,
         batch_size=batch_size, epochs=epochs, lr=lr, plateau=plateau, backward=backward, seed=g.seed,
         device=g.device)
-    distill_3d(inputs or ["-"], cfg, out=out, handler=handler_for(skip_bad),
+    distill_3d(inputs or ["-"], cfg, out=out, handler=handler_for(skip_bad), resume=resume, stop_at=stop_at,
                output=make_output(output, shard_size, overwrite, drop, None, None))

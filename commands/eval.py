@@ -14,29 +14,31 @@ import typer
 
 from partkit._log import console
 from partkit.errors import PartkitError
-from partkit.evaluate import METRICS, EvalOptions, evaluate
+from partkit.evaluate import METRICS, EvalOptions, evaluate, get_metric, list_metrics
 
-from ._common import SkipBadOption, cli_errors, get_globals, parse_ints
+from ._common import SkipBadOption, check_output_file, check_output_folder, cli_errors, get_globals, parse_ints
 
 _INPUT_CHARS = set("/.*?{[-:")
 
 
 def split_args(args: List[str]) -> tuple[list[str], list[str]]:
     """Leading metric names, then inputs; a metric name after an input is an error."""
+    known = list_metrics()
+    choices = ", ".join(known)
     metrics, inputs = [], []
     for arg in args:
-        if arg in METRICS and not inputs:
+        if arg in known and not inputs:
             metrics.append(arg)
-        elif arg in METRICS:
+        elif arg in known:
             raise PartkitError(f"metric {arg!r} comes after the input {inputs[0]!r}; put metric names first")
         elif not metrics:
-            raise PartkitError(f"unknown metric {arg!r}; choose from {', '.join(METRICS)} (metric names come first)")
+            raise PartkitError(f"unknown metric {arg!r}; choose from {choices} (metric names come first)")
         elif not inputs and not os.path.exists(arg) and not _INPUT_CHARS & set(arg):
-            raise PartkitError(f"unknown metric {arg!r} and no such file; choose from {', '.join(METRICS)}")
+            raise PartkitError(f"unknown metric {arg!r} and no such file; choose from {choices}")
         else:
             inputs.append(arg)
     if not metrics:
-        raise PartkitError(f"no metric given; choose from {', '.join(METRICS)}")
+        raise PartkitError(f"no metric given; choose from {choices}")
     return metrics, inputs or ["-"]
 
 
@@ -50,37 +52,6 @@ def _load_json(path: Optional[str], opt: str):
         raise PartkitError(f"cannot read {opt} {path!r}: {e}") from None
 
 
-def _summary(name: str, r: dict) -> tuple[str, str]:
-    """(value column, protocol column) of one metric's result."""
-    def v(x):
-        return "-" if x is None else f"{x:.2f}"
-
-    if name in ("nmi", "ari"):
-        where = f"keypoints ({r['pairs']} visible)" if r["at"] == "keypoints" else f"{r['region']} pixels ({r['pairs']:,})"
-        return v(r["value"]), f"pooled over {where}; {r['true_labels']} true x {r['pred_labels']} predicted labels"
-    if name == "miou":
-        extra = f"; C-mIoU {v(r['c_miou'])}, A-mIoU {v(r['a_miou'])}" if "c_miou" in r else ""
-        return v(r["value"]), f"{r['match']} matching fitted on {r['fitted_on']}, {r['region']} pixels, " \
-                              f"{len(r['iou'])} parts{extra}"
-    if name == "ar":
-        ks = [k for k in r if k.startswith("ar@")]
-        return v(r["value"]), ", ".join(f"{k.upper()} {v(r[k])}" for k in ks) + f" over {r['gt_masks']} GT masks"
-    if name == "mask-ap":
-        agn = "class-agnostic" if r["class_agnostic"] else "per class"
-        return v(r["value"]), f"AP50 {v(r['ap50'])}, AP75 {v(r['ap75'])}; {agn}, {r['detections']} detections"
-    if name == "retrieval":
-        self_ = "excluded" if r["exclude_self"] else "included"
-        return v(r["value"]), f"mAP over parts {v(r['map'])}; {r['queries']} queries, self {self_}"
-    if name == "miou-3d":
-        return v(r["value"]), f"instance mIoU; class mIoU {v(r['class_miou'])} over {len(r['per_class'])} " \
-                              f"categories, {r['shapes']} shapes, match {r['match']}"
-    if name == "probe":
-        return v(r["value"]), f"linear seg mIoU ({r['region']}); {r['target']} classification acc " \
-                              f"{v(r['cls_accuracy'])}, balanced {v(r['cls_balanced_accuracy'])}; " \
-                              f"{r['train_images']} train / {r['test_images']} test images"
-    return v(r.get("value")), ""
-
-
 def print_table(report: dict) -> None:
     from rich.table import Table
 
@@ -89,7 +60,7 @@ def print_table(report: dict) -> None:
     table.add_column("value", justify="right")
     table.add_column("protocol")
     for name, result in report["metrics"].items():
-        table.add_row(name, *_summary(name, result))
+        table.add_row(name, *get_metric(name).summary_row(result))  # each metric's registered summary
     console.print(table)
 
 
@@ -135,6 +106,10 @@ def main(
     """
     g = get_globals(ctx)
     metrics, inputs = split_args(args)
+    if json_path:
+        check_output_file(json_path, "--json")
+    if viz:
+        check_output_folder(viz, "--viz")
     options = EvalOptions(
         pred=pred, gt_field=gt_field, region=region, at=at, match=match, match_on=match_on, proposals=proposals,
         gt=gt, ks=parse_ints(ks, "--ks") or [], max_dets=max_dets, feat=feat, patch=patch, exclude_self=exclude_self,

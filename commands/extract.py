@@ -9,7 +9,7 @@ from partkit.errors import handler_for
 
 from ._common import (
     DropOption, NumShardsOption, OutputOption, OverwriteOption, ShardIndexOption, ShardSizeOption, SkipBadOption,
-    cli_errors, get_globals, make_output, parse_ints,
+    check_side, cli_errors, get_globals, make_output, parse_ints,
 )
 
 
@@ -44,6 +44,7 @@ def main(
     from partkit.extract import extract
 
     g = get_globals(ctx)
+    check_side(size)
     extract(inputs or ["-"], model=model, weights=weights, layers=parse_ints(layers, "--layers"), facet=facet, stride=stride,
             grid_stride=grid_stride, size=size, keep_aspect=keep_aspect, saliency=saliency, batch_size=batch_size,
             workers=workers, device=g.device, dtype=dtype, seed=g.seed, handler=handler_for(skip_bad),

@@ -9,7 +9,7 @@ import typer
 from partkit import __version__
 from partkit._log import set_verbosity
 
-from ._common import Globals, cli_errors
+from ._common import Globals, check_seed, cli_errors
 
 app = typer.Typer(
     name="partkit",
@@ -56,6 +56,7 @@ def root(
 ):
     from partkit._runtime import set_threads
 
+    check_seed(seed)
     ctx.obj = Globals(seed=seed, device=device, threads=threads, quiet=quiet, progress=progress)
     set_verbosity(quiet=quiet, show_progress=progress)
     set_threads(threads)

@@ -9,7 +9,7 @@ from partkit.errors import handler_for
 
 from ._common import (
     DropOption, NumShardsOption, OutputOption, OverwriteOption, ShardIndexOption, ShardSizeOption, SkipBadOption,
-    cli_errors, get_globals, make_output,
+    check_output_file, cli_errors, get_globals, make_output,
 )
 
 app = typer.Typer(
@@ -54,6 +54,7 @@ def fit(
     from partkit import rank as R
 
     g = get_globals(ctx)
+    check_output_file(model_out, "--model-out", create_parents=True)
     R.fit(inputs or ["-"], model_out, n_clusters=k, score_threshold=score_threshold, min_area=min_area,
           max_object_fraction=max_object_fraction, objects_from=objects_from or "gt_objects",
           objects_field=objects_field, default_class=default_class, max_iter=max_iter,

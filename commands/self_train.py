@@ -71,7 +71,7 @@ def main(
         tc = TrainConfig(**{k_: v for k_, v in given.items() if v is not None}, crop_grid=crop_grid,
                          checkpoint_every=checkpoint_every, val_every=val_every, log_every=log_every, stop_at=stop_at)
         self_train_masks(inputs, out, teacher, student_init=student_init, burn_in=burn_in, ema_decay=ema_decay,
-                         rounds=rounds or 1, score_threshold=score_threshold, min_mask_area=min_mask_area, labeled=labeled,
+                         rounds=1 if rounds is None else rounds, score_threshold=score_threshold, min_mask_area=min_mask_area, labeled=labeled,
                          labeled_field=labeled_field, unsup_weight=unsup_weight, train=tc, val=val, resume=resume,
                          device=g.device, seed=g.seed, handler=handler_for(skip_bad))
     elif objective == "part-contrast":
@@ -81,7 +81,7 @@ def main(
 
         given = {"lr": lr, "weight_decay": weight_decay, "batch_size": batch_size, "steps_per_round": max_steps,
                  "warmup": warmup}
-        part_contrast(inputs, out, model=model, weights=weights, layers=parse_ints(layers, "--layers"), facet=facet, rounds=rounds or 2,
+        part_contrast(inputs, out, model=model, weights=weights, layers=parse_ints(layers, "--layers"), facet=facet, rounds=2 if rounds is None else rounds,
                       k=k, size=size, momentum=momentum, tau=tau, proj_dim=proj_dim, proj_hidden=proj_hidden,
                       device=g.device, seed=g.seed, resume=resume, stop_at=stop_at, log_every=log_every,
                       checkpoint_every=checkpoint_every, handler=handler_for(skip_bad),

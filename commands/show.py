@@ -10,7 +10,7 @@ from partkit._log import log
 from partkit.errors import PartkitError, handler_for
 from partkit.evaluate import EvalOptions, render
 
-from ._common import InputsArgument, SkipBadOption, cli_errors
+from ._common import InputsArgument, SkipBadOption, check_output_file, check_output_folder, check_side, cli_errors
 
 app = typer.Typer(
     help="Draw pictures of part predictions (PNG files; nothing on stdout).",
@@ -39,6 +39,7 @@ def overlays(
     skip_bad: SkipBadOption = False,
 ):
     """Image, predicted parts and ground truth side by side (colours fixed per part id)."""
+    check_output_folder(output, "--output")
     _render(inputs, "overlays", output, pred=pred, gt_field=gt_field, viz_max=max_samples, skip_bad=skip_bad)
 
 
@@ -54,6 +55,10 @@ def purity(
     skip_bad: SkipBadOption = False,
 ):
     """For each discovered part, a 3x3 grid of the images where it is largest, highlighted."""
+    if per_class:
+        check_output_folder(output[:-4] if output.endswith(".png") else output, "--output")
+    else:
+        check_output_file(output, "--output", create_parents=True)
     if per_class:
         if pred != "parts.png":
             raise PartkitError("--per-class reads ranked_parts.png and ranked.json; drop --pred")
@@ -75,6 +80,7 @@ def confusion(
     skip_bad: SkipBadOption = False,
 ):
     """Heat map of predicted cluster x ground-truth part (each cluster's pixels split over parts)."""
+    check_output_file(output, "--output", create_parents=True)
     _render(inputs, "confusion", output, pred=pred, gt_field=gt_field, region=region, skip_bad=skip_bad)
 
 
@@ -90,5 +96,8 @@ def points(
     skip_bad: SkipBadOption = False,
 ):
     """Point clouds from three views, coloured by predicted and ground-truth part ids (one PNG per shape)."""
-    for path in show.show_points(inputs, output, fields=fields, max_samples=max_samples, size=size, handler=handler_for(skip_bad)):
+    check_output_folder(output, "--output")
+    check_side(size)
+    for path in show.show_points(inputs, output, fields=fields, max_samples=max_samples, size=size,
+                                 handler=handler_for(skip_bad)):
         log(f"show points: wrote {path}")

@@ -10,9 +10,10 @@ from .errors import BadSample, PartkitError
 _LAZY = {
     "Output": "partkit.io", "iter_samples": "partkit.io", "run_stage": "partkit.io",
     "create_backbone": "partkit.models", "list_backbones": "partkit.models", "register_backbone": "partkit.models",
-    "FeatureExtractor": "partkit.extract", "KMeans": "partkit.cluster", "batched_kmeans": "partkit.cluster",
+    "FeatureExtractor": "partkit.extract", "KMeans": "partkit.kmeans", "batched_kmeans": "partkit.kmeans",
     "PartDecoder": "partkit.decoder", "train_decoder": "partkit.decoder", "predict": "partkit.decoder",
     "PartRanker": "partkit.rank",
+    "list_metrics": "partkit.evaluate", "register_metric": "partkit.evaluate",
 }
 
 __all__ = ["__version__", "PartkitError", "BadSample", *_LAZY]

@@ -1,5 +1,7 @@
 """Part proposals by grouping dense features: k-means per image, per object, per dataset, or per group.
 
+The k-means itself lives in :mod:`partkit.kmeans`; its public names are re-exported here.
+
 >>> import numpy as np
 >>> from partkit.cluster import KMeans, batched_kmeans
 >>> X = np.random.default_rng(0).normal(size=(784, 64)).astype(np.float32)
@@ -18,8 +20,10 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,19 +31,21 @@ from typing import Iterator, Optional, Sequence, Union
 
 import numpy as np
 
-from ._kmeans import (
-    INITS, METRICS, KMeansResult, elbow_pick, faiss_assign, faiss_kmeans, normalize_rows, run_batched,
-)
+from . import fields
 from ._log import log
 from ._runtime import resolve_device
 from ._version import __version__
-from . import fields
 from .errors import BadSample, Handler, PartkitError, stop
 from .grid import grid_to_image, mask_to_grid
 from .io import (
-    Output, decode_json, decode_label_map, decode_npy, encode_json, encode_npy, encode_png, iter_loaded, open_url,
+    Output, decode_label_map, decode_npy, encode_json, encode_npy, encode_png, iter_loaded, open_url,
     run_stage, write_atomic,
 )
+from .kmeans import (
+    FAISS_MIN_ROWS, INITS, METRICS, KMeans, KMeansResult, batched_kmeans, elbow_kmeans, faiss_assign, faiss_kmeans,
+    nearest_center, normalize_rows,
+)
+from .io.urls import expand_urls
 
 __all__ = [
     "KMeans", "KMeansResult", "batched_kmeans", "elbow_kmeans", "cluster", "SCOPES", "FG_SOURCES", "DEFAULT_K",
@@ -49,203 +55,12 @@ SCOPES = ("image", "object", "dataset", "cosegment")
 FG_SOURCES = ("gt_objects", "gt_parts", "saliency")
 DEFAULT_K = {"image": 25, "object": 4, "dataset": 25, "cosegment": 4}
 DEFAULT_FG = {"image": None, "object": "gt_objects", "dataset": None, "cosegment": "saliency"}
-# One big problem goes to faiss from this many rows on (below it, exact batched Lloyd is as fast).
-FAISS_MIN_ROWS = 100_000
-
-
-# --------------------------------------------------------------------------------------------
-# Estimators
-
-
-def _check_matrix(X, what: str = "X") -> np.ndarray:
-    X = np.asarray(X)
-    if X.ndim != 2:
-        raise PartkitError(f"{what} must be 2-D (n_samples x n_features), got shape {X.shape}")
-    if not np.issubdtype(X.dtype, np.number):
-        raise PartkitError(f"{what} must be numeric, got dtype {X.dtype}")
-    if not _all_finite(X):
-        raise PartkitError(f"{what} holds NaN or inf values; clean the features first")
-    return X
-
-
-def _all_finite(X: np.ndarray, rows: int = 1 << 16) -> bool:
-    # in row blocks: np.isfinite on a 1 GB matrix would allocate a 256 MB mask
-    return all(np.isfinite(X[s:s + rows]).all() for s in range(0, len(X), rows))
 
 
 def _check_choice(value, choices, option: str):
     if value not in choices:
         raise PartkitError(f"unknown {option} {value!r}; choose one of: {', '.join(map(str, choices))}")
     return value
-
-
-def _seeds(random_state, count: int) -> list:
-    if random_state is None or isinstance(random_state, (int, np.integer)):
-        base = 0 if random_state is None else int(random_state)
-        return [[base, i] for i in range(count)]
-    seeds = list(random_state)
-    if len(seeds) != count:
-        raise PartkitError(f"random_state lists {len(seeds)} seeds for {count} problems; give one per problem")
-    return seeds
-
-
-def batched_kmeans(problems: Sequence[np.ndarray], n_clusters: Union[int, Sequence[int]], *, metric: str = "l2",
-                   init: Union[str, np.ndarray, Sequence[np.ndarray]] = "k-means++", max_iter: int = 100,
-                   tol: float = 1e-4, random_state=0, device="cpu") -> list[KMeansResult]:
-    """Solve many small k-means problems at once (exact Lloyd, batched on padded tensors).
-
-    ``problems`` are ``n_i x D`` arrays; ``n_clusters`` is one k or one per problem (a problem with
-    fewer rows than k uses k = n_i, see ``KMeansResult.n_clusters``). ``init`` is ``"k-means++"``
-    (greedy, as scikit-learn), ``"random"``, one ``k x D`` array for all problems or a list of
-    per-problem arrays (warm start: ids keep their meaning, empty clusters stay empty).
-    ``random_state`` is an int (problem i uses seed ``(random_state, i)``, so
-    ``KMeans(random_state=s).fit(X)`` equals ``batched_kmeans([X], k, random_state=s)[0]``) or a
-    list of per-problem seeds. Results do not depend on which problems are solved together.
-    """
-    _check_choice(metric, METRICS, "metric")
-    if max_iter < 1:
-        raise PartkitError(f"max_iter must be at least 1, got {max_iter}")
-    if tol < 0:
-        raise PartkitError(f"tol must be >= 0, got {tol}")
-    mats = [normalize_rows(_check_matrix(p, f"problem {i}"), metric) for i, p in enumerate(problems)]
-    if not mats:
-        return []
-    dims = {m.shape[1] for m in mats}
-    if len(dims) > 1:
-        raise PartkitError(f"problems have different feature sizes {sorted(dims)}; they must share D")
-    ks = [int(n_clusters)] * len(mats) if np.isscalar(n_clusters) else [int(k) for k in n_clusters]
-    if len(ks) != len(mats):
-        raise PartkitError(f"n_clusters lists {len(ks)} values for {len(mats)} problems")
-    if min(ks) < 1:
-        raise PartkitError(f"n_clusters must be at least 1, got {min(ks)}")
-    if not isinstance(init, str):
-        inits = [init] * len(mats) if isinstance(init, np.ndarray) else list(init)
-        if len(inits) != len(mats):
-            raise PartkitError(f"init lists {len(inits)} arrays for {len(mats)} problems")
-        init = [np.asarray(c, np.float32).reshape(-1, mats[0].shape[1]) for c in inits]
-    else:
-        _check_choice(init, INITS, "init")
-    return run_batched(mats, ks, init=init, max_iter=max_iter, tol=tol, seeds=_seeds(random_state, len(mats)),
-                       device=resolve_device(str(device)))
-
-
-def _sse_about_mean(x: np.ndarray) -> float:
-    """Inertia at k = 1."""
-    if len(x) == 0:
-        return 0.0
-    return float(((x - x.mean(0, dtype=np.float64)) ** 2).sum())
-
-
-def elbow_kmeans(problems: Sequence[np.ndarray], *, k_range: tuple[int, int] = (2, 14), fraction: float = 0.975,
-                 metric: str = "l2", **kwargs) -> list[KMeansResult]:
-    """k-means with k chosen per problem by the elbow rule (Amir et al.): the smallest k in
-    ``k_range`` whose inertia drop from k = 1 reaches ``fraction`` of the drop at the largest k."""
-    lo, hi = k_range
-    if not 1 <= lo <= hi:
-        raise PartkitError(f"k range {lo}..{hi} is empty; need 1 <= low <= high")
-    if not 0 < fraction <= 1:
-        raise PartkitError(f"elbow fraction must be in (0, 1], got {fraction}")
-    ks = list(range(lo, hi + 1))
-    runs = [batched_kmeans(problems, k, metric=metric, **kwargs) for k in ks]
-    out = []
-    for i, x in enumerate(problems):
-        total = _sse_about_mean(normalize_rows(np.asarray(x), metric))
-        best = elbow_pick(np.array([r[i].inertia for r in runs]), total, ks, fraction)
-        out.append(runs[ks.index(best)][i])
-    return out
-
-
-def _nearest(X: np.ndarray, centers: np.ndarray, device="cpu", rows: int = 65536):
-    """Nearest centre per row (labels, squared distances), in row chunks to bound memory."""
-    import torch
-
-    dev = torch.device(device)
-    C = torch.from_numpy(np.ascontiguousarray(centers, np.float32)).to(dev)
-    c2 = (C * C).sum(1)
-    labels = np.empty(len(X), np.int64)
-    dist = np.empty(len(X), np.float32)
-    for s in range(0, len(X), rows):
-        x = torch.from_numpy(np.ascontiguousarray(X[s:s + rows], np.float32)).to(dev)
-        d = torch.addmm(c2[None, :], x, C.T, alpha=-2)
-        v, j = d.min(1)
-        labels[s:s + rows] = j.cpu().numpy()
-        dist[s:s + rows] = (v + (x * x).sum(1)).clamp_min(0).cpu().numpy()
-    return labels, dist
-
-
-class KMeans:
-    """k-means with scikit-learn's estimator API: ``KMeans(4).fit(X).labels_``.
-
-    ``metric="cosine"`` L2-normalises the rows first (centres are means of unit vectors);
-    ``"l2"`` is plain Euclidean k-means, as scikit-learn. ``backend="auto"`` runs exact batched
-    Lloyd on torch (``device``) below 100,000 rows and faiss from there on (with our own seeded
-    subsample of ``k * max_points_per_centroid`` rows and k-means++ seeding; the settings are in
-    ``faiss_settings_``). ``max_iter`` defaults to 100 (torch, stops at ``tol``) or 25 (faiss).
-
-    Attributes: ``cluster_centers_``, ``labels_``, ``inertia_``, ``n_iter_``, ``n_features_in_``.
-    """
-
-    def __init__(self, n_clusters: int = 8, *, metric: str = "l2", init: Union[str, np.ndarray] = "k-means++",
-                 max_iter: Optional[int] = None, tol: float = 1e-4, random_state: Optional[int] = 0,
-                 device="cpu", backend: str = "auto", max_points_per_centroid: int = 256):
-        self.n_clusters = n_clusters
-        self.metric = metric
-        self.init = init
-        self.max_iter = max_iter
-        self.tol = tol
-        self.random_state = random_state
-        self.device = device
-        self.backend = backend
-        self.max_points_per_centroid = max_points_per_centroid
-
-    def _pick_backend(self, n: int) -> str:
-        _check_choice(self.backend, ("auto", "torch", "faiss"), "backend")
-        if self.backend != "auto":
-            return self.backend
-        return "faiss" if n >= FAISS_MIN_ROWS else "torch"
-
-    def fit(self, X, y=None) -> "KMeans":
-        X = _check_matrix(X)
-        _check_choice(self.metric, METRICS, "metric")
-        if self.n_clusters < 1:
-            raise PartkitError(f"n_clusters must be at least 1, got {self.n_clusters}")
-        if len(X) == 0:
-            raise PartkitError("X has no rows; k-means needs at least one sample")
-        if not isinstance(self.init, str) and np.shape(self.init) != (self.n_clusters, X.shape[1]):
-            raise PartkitError(f"init has shape {np.shape(self.init)}; expected (n_clusters, n_features) = "
-                               f"({self.n_clusters}, {X.shape[1]})")
-        seed = 0 if self.random_state is None else int(self.random_state)
-        backend = self._pick_backend(len(X))
-        if backend == "torch":
-            init = self.init if isinstance(self.init, str) else [np.asarray(self.init, np.float32)]
-            r = batched_kmeans([X], self.n_clusters, metric=self.metric, init=init, max_iter=self.max_iter or 100,
-                               tol=self.tol, random_state=seed, device=self.device)[0]
-            self.cluster_centers_, self.labels_, self.inertia_, self.n_iter_ = r.centers, r.labels, r.inertia, r.n_iter
-            self.faiss_settings_ = None
-        else:
-            Xm = np.ascontiguousarray(normalize_rows(X, self.metric))
-            k = min(int(self.n_clusters), len(Xm))
-            init = self.init if isinstance(self.init, str) else np.asarray(self.init, np.float32)
-            if isinstance(init, str):
-                _check_choice(init, INITS, "init")
-            centers, settings = faiss_kmeans(Xm, k, max_iter=self.max_iter or 25, seed=seed, init=init,
-                                             max_points_per_centroid=self.max_points_per_centroid)
-            self.labels_, dist = faiss_assign(Xm, centers, settings["threads"])
-            self.cluster_centers_, self.inertia_ = centers, float(dist.sum(dtype=np.float64))
-            self.n_iter_, self.faiss_settings_ = settings["niter"], settings
-        self.n_features_in_ = X.shape[1]
-        return self
-
-    def predict(self, X) -> np.ndarray:
-        if not hasattr(self, "cluster_centers_"):
-            raise PartkitError("this KMeans is not fitted yet; call fit(X) first")
-        X = _check_matrix(X)
-        if X.shape[1] != self.n_features_in_:
-            raise PartkitError(f"X has {X.shape[1]} features, but KMeans was fitted with {self.n_features_in_}")
-        return _nearest(normalize_rows(X, self.metric), self.cluster_centers_, self.device)[0]
-
-    def fit_predict(self, X, y=None) -> np.ndarray:
-        return self.fit(X).labels_
 
 
 # --------------------------------------------------------------------------------------------
@@ -508,7 +323,7 @@ def _finalize(X: np.ndarray, res: KMeansResult, opts: _Opts, first_id: int, fixe
             hit = small[labels]
             if opts.min_area_action == "merge":
                 kept = np.flatnonzero((sizes > 0) & ~small)
-                labels[hit] = kept[_nearest(X[hit], res.centers[kept])[0]]
+                labels[hit] = kept[nearest_center(X[hit], res.centers[kept])[0]]
             else:
                 labels[hit] = -1
             rec["small_parts_" + ("merged" if opts.min_area_action == "merge" else "dropped")] = int(small.sum())
@@ -655,7 +470,7 @@ def _replayable(inputs: Sequence[str]) -> Iterator[list]:
     if not any(s == "-" or s.startswith("pipe:") for s in inputs):
         yield list(inputs)
         return
-    with tempfile.TemporaryDirectory(prefix="partkit-cluster-") as tmp:
+    with _term_raises(), tempfile.TemporaryDirectory(prefix="partkit-cluster-") as tmp:
         out = []
         for i, spec in enumerate(inputs):
             if spec == "-" or spec.startswith("pipe:"):
@@ -670,6 +485,23 @@ def _replayable(inputs: Sequence[str]) -> Iterator[list]:
                 out.append(spec)
         log("cluster: this scope reads the input twice; buffered the stream to a temporary file")
         yield out
+
+
+@contextmanager
+def _term_raises() -> Iterator[None]:
+    """While the temporary copy exists, SIGTERM unwinds (removing it) instead of killing the process outright."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt("terminated")
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _iter_items(inputs: Sequence[str], opts: _Opts, handler: Handler) -> Iterator[_Item]:
@@ -737,7 +569,7 @@ def _assign_global(items: list, centers: np.ndarray, opts: _Opts, extra: dict) -
             if len(idx) == 0:
                 per_object.append((np.zeros(len(idx), np.int64), {**rec, "cells": int(len(idx)), "parts": []}))
                 continue
-            labels, dist = _nearest(item.X[idx], centers, opts.device)
+            labels, dist = nearest_center(item.X[idx], centers, opts.device)
             r = KMeansResult(centers, labels, float(dist.sum(dtype=np.float64)), 0, len(centers), True)
             cell_ids, more = _finalize(item.X[idx], r, opts, 1, ids)
             per_object.append((cell_ids, {**rec, "cells": int(len(idx)), "inertia": _round(r.inertia), **more}))
@@ -921,6 +753,7 @@ def cluster(
                          batch_size=batch_size, prepare=prepare, handler=handler, config=config)
 
     if scope == "dataset":
+        given = expand_urls(inputs) if output.path not in (None, "-") else ()  # what resume fingerprints
         with _replayable(inputs if fixed is None and not fit_on else []) as replay:
             inputs = replay or inputs
             if fixed is None:
@@ -933,9 +766,11 @@ def cluster(
                 log(f"cluster: saved {len(centers)} centroids to {save_centroids}")
             extra["centroids_sha1"] = _digest(centers)
             return run_stage(inputs, lambda items: _assign_global(items, centers, opts, extra), output=output,
-                             name="cluster", batch_size=batch_size, prepare=prepare, handler=handler, config=config)
+                             name="cluster", batch_size=batch_size, prepare=prepare, handler=handler, config=config,
+                             input_files=given)
 
     # cosegment
+    given = expand_urls(inputs) if output.path not in (None, "-") else ()
     with _replayable(inputs) as replay:
         results = _cosegment(replay, opts, handler)
 
@@ -951,7 +786,7 @@ def cluster(
             return outs
 
         return run_stage(replay, write_group, output=output, name="cluster", batch_size=batch_size,
-                         prepare=lambda s: _load_light(s, opts), handler=handler, config=config)
+                         prepare=lambda s: _load_light(s, opts), handler=handler, config=config, input_files=given)
 
 
 def _load_light(sample: dict, opts: _Opts) -> _Item:

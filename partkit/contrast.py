@@ -12,9 +12,7 @@ Learning for Fine-grained Recognition", 2023; the loss is DetCon's, Henaff et al
 from __future__ import annotations
 
 import copy
-import hashlib
 import math
-import time
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -23,16 +21,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._log import log, progress
-from ._runtime import resolve_device, seed_everything
-from ._training import Distributed, RunDir, cosine_warmup, rng_state, set_rng_state
-from ._version import __version__
 from . import fields
+from ._runtime import resolve_device, seed_everything
+from ._version import __version__
 from .errors import Handler, PartkitError, recorded, stop
 from .extract import FeatureExtractor, hypercolumn
 from .io import iter_loaded
+from .training import Trainer, check_count, check_rate, cosine_warmup, digest, stream_batch_indices
 
-__all__ = ["part_contrast", "part_contrast_loss", "mask_pool", "part_masks", "PartContrastNet", "make_views",
+__all__ = ["part_contrast", "PartContrastTrainer", "part_contrast_loss", "mask_pool", "part_masks", "PartContrastNet", "make_views",
            "discover_parts", "DEFAULT_K"]
 
 DEFAULT_K = {"cnn": 25, "vit": 6}  # PARTICLE: 25 parts for hypercolumns, 5-7 for ViT keys
@@ -43,7 +40,7 @@ JITTER = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue (BYOL / P
 VIEW_PROBS = ((1.0, 0.0), (0.1, 0.2))
 _PROBE = 0x9E3779B9  # generator word of the fixed probe views
 # options that must match to --resume a run (the rest, e.g. stop_at or log_every, may change)
-_RESUME_KEYS = ("model", "weights", "layers", "facet", "rounds", "k", "steps_per_round", "batch_size", "lr",
+RESUME_KEYS = ("model", "weights", "layers", "facet", "rounds", "k", "steps_per_round", "batch_size", "lr",
                 "weight_decay", "warmup", "size", "momentum", "tau", "proj_dim", "proj_hidden", "seed", "images_digest")
 
 
@@ -274,7 +271,7 @@ def discover_parts(fx: FeatureExtractor, images: Sequence[_Image], k: int, *, in
     ``init`` (per-image centroids of the previous round) warm-starts k-means so ids keep their
     meaning across rounds; otherwise k-means++ with seed ``(seed, i)`` for image i.
     """
-    from .cluster import batched_kmeans
+    from .kmeans import batched_kmeans
 
     problems = []
     for s in range(0, len(images), batch_size):
@@ -288,17 +285,6 @@ def discover_parts(fx: FeatureExtractor, images: Sequence[_Image], k: int, *, in
                              random_state=seed, device=fx.device)
     labels = [torch.from_numpy(r.labels.reshape(im.grid)).to(im.tensor.device) for r, im in zip(results, images)]
     return [r.centers for r in results], labels, float(sum(r.inertia for r in results))
-
-
-def _batch_indices(step: int, n: int, batch: int, rank: int, world: int, seed: int) -> list[int]:
-    """Positions ``step*B*world + rank*B ...`` in a stream of per-epoch seeded permutations."""
-    start = (step * world + rank) * batch
-    out = []
-    for p in range(start, start + batch):
-        epoch, i = divmod(p, n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-        out.append(int(perm[i]))
-    return out
 
 
 def _generator(*words: int) -> torch.Generator:
@@ -346,60 +332,142 @@ def _build(model: str, weights: Optional[str]):
 # Training
 
 
-def _check(model, rounds, k, steps_per_round, batch_size, lr, size, momentum, tau, log_every, checkpoint_every, stop_at,
-           warmup, proj_dim, proj_hidden):
-    positive = {"--rounds": rounds, "--steps-per-round": steps_per_round, "--batch-size": batch_size,
-                "--size": size, "--log-every": log_every, "--checkpoint-every": checkpoint_every,
-                "--proj-dim": proj_dim, "--proj-hidden": proj_hidden}
-    for name, v in positive.items():
-        if v < 1:
-            raise PartkitError(f"{name} must be at least 1, got {v}")
-    if k is not None and k < 2:
-        raise PartkitError(f"-k must be at least 2 parts per image, got {k}")
-    if not lr > 0:
-        raise PartkitError(f"--lr must be positive, got {lr}")
-    if not 0 <= momentum <= 1:
-        raise PartkitError(f"--momentum is the EMA decay of the momentum encoder, in [0, 1]; got {momentum}")
-    if not tau > 0:
-        raise PartkitError(f"--tau must be positive, got {tau}")
-    if stop_at is not None and stop_at < 1:
-        raise PartkitError(f"--stop-at must be a step >= 1, got {stop_at}")
-    if warmup is not None and warmup < 0:
-        raise PartkitError(f"--warmup must be >= 0, got {warmup}")
-    from .models import get_spec
+class PartContrastTrainer(Trainer):
+    """PARTICLE's rounds on :class:`partkit.training.Trainer`: a step re-discovers the parts when a round
+    starts, then takes one SGD step on the part-contrastive loss and moves the momentum encoder.
 
-    if get_spec(model).family == "pixels":
-        raise PartkitError(f"{model!r} has no weights to fine-tune; pick a CNN or ViT backbone (see `partkit models`)")
+    The options are :func:`part_contrast`'s; ``fit()`` runs it.
+    """
+
+    command = "part-contrast"
+
+    def __init__(self, inputs: Sequence[str], out: str, *, model: str = "efficientnet_lite0",
+                 weights: Optional[str] = None, layers: Optional[Sequence[int]] = None, facet: Optional[str] = None,
+                 rounds: int = 2, k: Optional[int] = None, steps_per_round: int = 500, batch_size: int = 16,
+                 lr: float = 0.005, weight_decay: float = 1.5e-6, warmup: Optional[int] = None, size: int = 224,
+                 momentum: float = 0.996, tau: float = 0.1, proj_dim: int = 256, proj_hidden: int = 4096,
+                 device: str = "auto", seed: int = 0, resume: bool = False, stop_at: Optional[int] = None,
+                 log_every: int = 10, checkpoint_every: int = 100, handler: Handler = stop):
+        for option, value in (("--rounds", rounds), ("--max-steps", steps_per_round), ("--batch-size", batch_size),
+                              ("--size", size), ("--proj-dim", proj_dim), ("--proj-hidden", proj_hidden)):
+            check_count(option, value)
+        check_count("-k", k, 2, fix="pass at least 2 parts per image, e.g. -k 8")
+        check_count("--warmup", warmup, 0)
+        check_rate("--lr", lr, fix="pass a learning rate such as --lr 0.005")
+        check_rate("--weight-decay", weight_decay, strict=False, fix="pass e.g. --weight-decay 1.5e-6")
+        check_rate("--momentum", momentum, high=1.0, strict=False,
+                   fix="pass the EMA decay of the momentum encoder, e.g. --momentum 0.996")
+        check_rate("--tau", tau, fix="pass a temperature such as --tau 0.1")
+        from .models import get_spec
+
+        if get_spec(model).family == "pixels":
+            raise PartkitError(f"{model!r} has no weights to fine-tune; pick a CNN or ViT backbone (see `partkit models`)")
+        self.setup_run(out, device=resolve_device(device), resume=resume, stop_at=stop_at, log_every=log_every,
+                       checkpoint_every=checkpoint_every)
+        dev = self.dev
+        seed_everything(seed)
+        backbone, self.clip_model = _build(model, weights)
+        fx = self.fx = FeatureExtractor(backbone, layers=layers, facet=facet, size=size, device=str(dev))
+        k = self.k = k if k is not None else DEFAULT_K[backbone.family]
+        images, skipped = _load_images(inputs, fx, dev, handler)
+        if skipped:
+            self.say(f"part-contrast: skipped {len(skipped)} bad samples")
+        if not images:
+            raise PartkitError("part-contrast: the input holds no images; pack some with `partkit pack`")
+        if batch_size > len(images):
+            self.say(f"part-contrast: --batch-size {batch_size} is more than the {len(images)} images; "
+                     f"using {len(images)}")
+            batch_size = len(images)
+        self.backbone, self.images, self.batch_size, self.seed = backbone, images, batch_size, seed
+        self.rounds, self.steps_per_round, self.momentum = rounds, steps_per_round, momentum
+        channels = sum(backbone.channels[i] for i in fx.layers)
+        net = self.net = PartContrastNet(fx, channels, proj_dim=proj_dim, proj_hidden=proj_hidden, tau=tau).to(dev)
+        self.ddp = self.dist.wrap(net)
+        params = [p for p in net.parameters() if p.requires_grad]
+        self.opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
+        total = self.steps = rounds * steps_per_round
+        warmup = warmup if warmup is not None else total // 20
+        self.sched = cosine_warmup(self.opt, warmup, total)
+        self.config = {"command": "self-train", "objective": "part-contrast", "inputs": list(inputs), "model": model,
+                       "weights": weights, "backbone_weights": backbone.weights, "layers": fx.layers,
+                       "facet": fx.facet, "rounds": rounds, "k": k, "steps_per_round": steps_per_round,
+                       "steps": total, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
+                       "warmup": warmup, "size": size, "momentum": momentum, "tau": tau, "proj_dim": proj_dim,
+                       "proj_hidden": proj_hidden, "seed": seed, "world": self.dist.world, "images": len(images),
+                       "images_digest": digest([im.key for im in images]), "cell": fx.cell,
+                       "input_size": fx.input_size, "mean": list(backbone.mean), "std": list(backbone.std),
+                       "skipped_samples": skipped, "partkit_version": __version__, "torch": torch.__version__}
+        self.centers, self.labels, self.label_round, self.probe = None, None, -1, None
+
+    # ---- the Trainer's hooks
+    def resume_options(self, config: dict) -> dict:
+        names = {"images_digest": "the list of input images", "steps_per_round": "--max-steps"}
+        return {names.get(key, f"--{key.replace('_', '-')}"): config[key] for key in RESUME_KEYS if key in config}
+
+    def _probe_loss(self) -> float:
+        return _probe_loss(self.net, self.images, self.labels, self.fx, self.k, self.batch_size, self.seed)
+
+    def train_step(self, step: int) -> dict:
+        fx, net, images, k = self.fx, self.net, self.images, self.k
+        r = step // self.steps_per_round
+        if r != self.label_round:
+            net.eval()
+            self.centers, self.labels, inertia = discover_parts(fx, images, k, init=self.centers, seed=self.seed,
+                                                                batch_size=self.batch_size)
+            net.train()
+            self.label_round = r
+            self.probe = self._probe_loss()
+            self.say(f"part-contrast: round {r + 1}/{self.rounds}, {k} parts, inertia {inertia:.1f}, "
+                     f"probe loss {self.probe:.3f}")
+        idx = stream_batch_indices(step, len(images), self.batch_size, self.dist.rank, self.dist.world, self.seed)
+        x1, x2, l1, l2 = make_views([images[i].tensor for i in idx], [self.labels[i] for i in idx], cell=fx.cell,
+                                    size=fx.input_size, mean=self.backbone.mean, std=self.backbone.std,
+                                    gen=_generator(self.seed, self.dist.rank, step))
+        loss, parts = self.ddp(x1, x2, part_masks(l1, k, fx.cell), part_masks(l2, k, fx.cell))
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.sched.step()
+        net.update_target(self.momentum)
+        done = step + 1
+        record = {"step": done, "round": r + 1, "loss": float(loss.detach()), "parts": parts,
+                  "lr": self.sched.get_last_lr()[0]}
+        if done % self.steps_per_round == 0:
+            # the loss on fixed views at the start and the end of the round (same part maps)
+            record["probe"] = [self.probe, self._probe_loss()]
+            self.say(f"part-contrast: round {r + 1} done, probe loss {record['probe'][0]:.3f} -> "
+                     f"{record['probe'][1]:.3f}")
+        return record
+
+    def log_now(self, done: int) -> bool:
+        return done % self.log_every == 0 or done % self.steps_per_round == 0
+
+    def state(self, step: int) -> dict:
+        labels = self.labels
+        return {"model": self.net.state_dict(), "optimizer": self.opt.state_dict(),
+                "scheduler": self.sched.state_dict(), "rng": self.rng(), "step": step,
+                "round": self.label_round + 1, "centroids": self.centers,
+                "labels": [lab.cpu() for lab in labels] if labels is not None else None, "probe": self.probe,
+                "config": self.config}
+
+    def checkpoint(self, step: int) -> None:
+        state = self.state(step)  # every rank: the RNG states are gathered
+        if not self.dist.main:
+            return
+        self.run.save({"backbone": _export_state(self.backbone, self.clip_model), "model": self.config["model"],
+                       "mean": list(self.backbone.mean), "std": list(self.backbone.std)}, "backbone.pt")
+        self.run.save(state)
+
+    def load_state(self, ckpt: dict) -> None:
+        self.centers, self.label_round, self.probe = ckpt["centroids"], ckpt["round"] - 1, ckpt["probe"]
+        self.labels = [lab.to(self.dev) for lab in ckpt["labels"]] if ckpt["labels"] is not None else None
+
+    def summary(self, history: list, end: int) -> dict:
+        return {"out": self.out, "steps": self.steps, "done": end, "rounds": self.rounds, "k": self.k,
+                "losses": history, "backbone": self.run.file("backbone.pt")}
 
 
-def part_contrast(
-    inputs: Sequence[str],
-    out: str,
-    *,
-    model: str = "efficientnet_lite0",
-    weights: Optional[str] = None,
-    layers: Optional[Sequence[int]] = None,
-    facet: Optional[str] = None,
-    rounds: int = 2,
-    k: Optional[int] = None,
-    steps_per_round: int = 500,
-    batch_size: int = 16,
-    lr: float = 0.005,
-    weight_decay: float = 1.5e-6,
-    warmup: Optional[int] = None,
-    size: int = 224,
-    momentum: float = 0.996,
-    tau: float = 0.1,
-    proj_dim: int = 256,
-    proj_hidden: int = 4096,
-    device: str = "auto",
-    seed: int = 0,
-    resume: bool = False,
-    stop_at: Optional[int] = None,
-    log_every: int = 10,
-    checkpoint_every: int = 100,
-    handler: Handler = stop,
-) -> dict:
+def part_contrast(inputs: Sequence[str], out: str, **options) -> dict:
     """Fine-tune a registry backbone with PARTICLE's part discovery + part-contrastive rounds.
 
     The features are those ``partkit extract`` gives for ``model``/``weights``/``layers``/``facet``
@@ -411,116 +479,6 @@ def part_contrast(
     ``backbone.pt`` (load it with ``create_backbone(model, out)``), ``config.json``,
     ``metrics.jsonl``, ``loss.png`` and ``last.pt`` (``resume=True`` continues exactly;
     ``stop_at`` stops early with a checkpoint). Every process of a torchrun job holds all images
-    and takes its own slice of each batch.
+    and takes its own slice of each batch. Options: :class:`PartContrastTrainer`'s.
     """
-    _check(model, rounds, k, steps_per_round, batch_size, lr, size, momentum, tau, log_every, checkpoint_every,
-           stop_at, warmup, proj_dim, proj_hidden)
-    dist = Distributed(resolve_device(device))
-    dev = dist.device
-    say = log if dist.main else (lambda message: None)
-    run = RunDir(out, main=dist.main, resume=resume)
-    seed_everything(seed)
-    backbone, clip_model = _build(model, weights)
-    fx = FeatureExtractor(backbone, layers=layers, facet=facet, size=size, device=str(dev))
-    k = k if k is not None else DEFAULT_K[backbone.family]
-    images, skipped = _load_images(inputs, fx, dev, handler)
-    if skipped:
-        say(f"part-contrast: skipped {len(skipped)} bad samples")
-    if not images:
-        raise PartkitError("part-contrast: the input holds no images; pack some with `partkit pack`")
-    if batch_size > len(images):
-        say(f"part-contrast: --batch-size {batch_size} is more than the {len(images)} images; using {len(images)}")
-        batch_size = len(images)
-    channels = sum(backbone.channels[i] for i in fx.layers)
-    net = PartContrastNet(fx, channels, proj_dim=proj_dim, proj_hidden=proj_hidden, tau=tau).to(dev)
-    ddp = dist.wrap(net)
-    params = [p for p in net.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
-    total = rounds * steps_per_round
-    warmup = warmup if warmup is not None else total // 20
-    sched = cosine_warmup(opt, warmup, total)
-    digest = hashlib.sha1("\n".join(im.key for im in images).encode()).hexdigest()
-    config = {"command": "self-train", "objective": "part-contrast", "inputs": list(inputs), "model": model,
-              "weights": weights, "backbone_weights": backbone.weights, "layers": fx.layers, "facet": fx.facet,
-              "rounds": rounds, "k": k, "steps_per_round": steps_per_round, "steps": total, "batch_size": batch_size,
-              "lr": lr, "weight_decay": weight_decay, "warmup": warmup, "size": size, "momentum": momentum,
-              "tau": tau, "proj_dim": proj_dim, "proj_hidden": proj_hidden, "seed": seed, "world": dist.world,
-              "images": len(images), "images_digest": digest, "cell": fx.cell, "input_size": fx.input_size,
-              "mean": list(backbone.mean), "std": list(backbone.std), "skipped_samples": skipped,
-              "partkit_version": __version__, "torch": torch.__version__}
-
-    start, centers, labels, label_round, probe = 0, None, None, -1, None
-    if resume:
-        ckpt = run.load()
-        saved = ckpt.get("config", {})
-        for key in _RESUME_KEYS:
-            if key in saved and saved[key] != config[key]:
-                what = "the list of input images" if key == "images_digest" else f"--{key.replace('_', '-')}"
-                raise PartkitError(f"cannot resume {out!r}: {what} does not match the run's ({saved[key]!r} "
-                                   f"there, {config[key]!r} now); rerun with the same options or pick a new --out")
-        net.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
-        set_rng_state(ckpt["rng"])
-        start, centers, label_round, probe = ckpt["step"], ckpt["centroids"], ckpt["round"] - 1, ckpt["probe"]
-        labels = [lab.to(dev) for lab in ckpt["labels"]] if ckpt["labels"] is not None else None
-        run.truncate_log(start)
-        say(f"part-contrast: resumed at step {start} (round {label_round + 1})")
-    run.write_config(config)
-
-    def save(step: int) -> None:
-        if not dist.main:
-            return
-        run.save({"backbone": _export_state(backbone, clip_model), "model": model, "mean": list(backbone.mean),
-                  "std": list(backbone.std)}, "backbone.pt")
-        run.save({"model": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                  "rng": rng_state(), "step": step, "round": label_round + 1, "centroids": centers,
-                  "labels": [lab.cpu() for lab in labels] if labels is not None else None, "probe": probe,
-                  "config": config})
-
-    history = []
-    t0 = time.perf_counter()
-    end = min(total, stop_at or total)
-    net.train()
-    with progress("part-contrast", total=total) as bar:
-        bar.update(start)
-        for step in range(start, end):
-            r = step // steps_per_round
-            if r != label_round:
-                net.eval()
-                centers, labels, inertia = discover_parts(fx, images, k, init=centers, seed=seed,
-                                                          batch_size=batch_size)
-                net.train()
-                label_round = r
-                probe = _probe_loss(net, images, labels, fx, k, batch_size, seed)
-                say(f"part-contrast: round {r + 1}/{rounds}, {k} parts, inertia {inertia:.1f}, probe loss {probe:.3f}")
-            idx = _batch_indices(step, len(images), batch_size, dist.rank, dist.world, seed)
-            x1, x2, l1, l2 = make_views([images[i].tensor for i in idx], [labels[i] for i in idx], cell=fx.cell,
-                                        size=fx.input_size, mean=backbone.mean, std=backbone.std,
-                                        gen=_generator(seed, dist.rank, step))
-            loss, parts = ddp(x1, x2, part_masks(l1, k, fx.cell), part_masks(l2, k, fx.cell))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            net.update_target(momentum)
-            bar.update(1)
-            done = step + 1
-            history.append(float(loss.detach()))
-            record = {"step": done, "round": r + 1, "loss": history[-1], "parts": parts, "lr": sched.get_last_lr()[0]}
-            if done % steps_per_round == 0:
-                # the loss on fixed views at the start and the end of the round (same part maps)
-                record["probe"] = [probe, _probe_loss(net, images, labels, fx, k, batch_size, seed)]
-                say(f"part-contrast: round {r + 1} done, probe loss {record['probe'][0]:.3f} -> "
-                    f"{record['probe'][1]:.3f}")
-            if done % log_every == 0 or done % steps_per_round == 0:
-                run.log(record)
-            if done % checkpoint_every == 0 or done == end:
-                save(done)
-    run.plot_losses(("loss",))
-    secs = time.perf_counter() - t0
-    final = f"{history[-1]:.3f}" if history else "n/a"
-    say(f"part-contrast: {len(history)} steps in {secs:.1f}s, final loss {final} -> {out}")
-    dist.close()
-    return {"out": out, "steps": total, "done": end, "rounds": rounds, "k": k, "losses": history,
-            "backbone": run.file("backbone.pt")}
+    return PartContrastTrainer(inputs, out, **options).fit()

@@ -32,8 +32,10 @@ from .errors import BadSample, Handler, PartkitError, stop
 from .io import Output, encode_json, encode_npy, iter_samples, run_stage
 from .pointcloud import Shape, decode_shape, normalize
 from .render3d import DEFAULT_AZIMUTHS, DEFAULT_ELEVATIONS, Rendering, render_points
+from .training import RunDir, Trainer, check_count, check_rate, digest
 
-__all__ = ["DistillConfig", "PartsTeacher", "ClipTeacher", "PointStudent", "PartDistiller", "distill_3d",
+__all__ = ["DistillConfig", "PartsTeacher", "ClipTeacher", "PointStudent", "PartDistiller", "StudentTrainer",
+           "distill_3d",
            "fill_unlabelled", "TEACHERS", "PROMPTS"]
 
 TEACHERS = ("parts", "clip")
@@ -82,20 +84,20 @@ class DistillConfig:
                   ("--knn", self.knn, 1), ("--points", self.points, 2), ("--batch-size", self.batch_size, 1),
                   ("--epochs", self.epochs, 1), ("--max-cells", self.max_cells, 2)]
         for opt, value, low in checks:
-            if value < low:
-                raise PartkitError(f"{opt} must be at least {low}, got {value}")
+            check_count(opt, value, low)
         if self.knn >= self.points:
             raise PartkitError(f"--knn ({self.knn}) must be smaller than --points ({self.points})")
-        if self.lr <= 0:
-            raise PartkitError(f"--lr must be positive, got {self.lr}")
-        if self.plateau < 0:
-            raise PartkitError(f"--plateau must be >= 0, got {self.plateau}")
-        if self.temperature is not None and self.temperature <= 0:
-            raise PartkitError(f"--temperature must be positive, got {self.temperature}")
+        check_rate("--lr", self.lr, fix="pass a learning rate such as --lr 1e-3")
+        check_rate("--plateau", self.plateau, strict=False, fix="pass a fraction such as --plateau 0.01")
+        check_rate("--temperature", self.temperature, fix="pass a temperature such as 0.05, or drop it")
         if self.radius is not None and self.radius < 0:
             raise PartkitError(f"--radius must be >= 0 pixels, got {self.radius}")
         if not self.elevations or not self.azimuths:
             raise PartkitError("--elevations and --azimuths need at least one angle each")
+        if not all(math.isfinite(a) for a in (*self.elevations, *self.azimuths)):
+            raise PartkitError(f"--elevations and --azimuths must be finite angles in degrees, got "
+                               f"{list(self.elevations)} and {list(self.azimuths)}; pass comma-separated degrees, e.g. "
+                               "--elevations 30,-20 --azimuths 0,72,144")
         if any(abs(e) > 90 for e in self.elevations):
             raise PartkitError(f"--elevations must lie in -90..90 degrees, got {list(self.elevations)}")
         if self.teacher != "clip" and (self.parts or self.category):
@@ -254,7 +256,7 @@ class PartsTeacher:
         so memory stays bounded however many shapes there are; their features are kept for
         :meth:`__call__`, the other shapes' are computed there.
         """
-        from .cluster import KMeans
+        from .kmeans import KMeans
 
         # k-means is fit on cells wholly inside the object: cells on the silhouette mix in the white
         # background, and would otherwise cluster into rings around every view (measured on ShapeNetPart
@@ -465,7 +467,10 @@ class PartDistiller:
             xyz = torch.cat([xyz, F.normalize(nrm, dim=1)], 1)
         return xyz.to(self.device_)
 
-    def fit(self, shapes: Sequence[Shape], keys: Optional[Sequence[str]] = None, run_dir=None) -> "PartDistiller":
+    def fit(self, shapes: Sequence[Shape], keys: Optional[Sequence[str]] = None, run_dir: Optional[RunDir] = None, *,
+            resume: bool = False, stop_at: Optional[int] = None) -> "PartDistiller":
+        """Label the shapes with the teacher and train the student; with ``run_dir``, checkpoint there
+        (``resume`` continues its run exactly; ``stop_at`` stops after that epoch with a checkpoint)."""
         cfg = self.config
         if not shapes:
             raise PartkitError("distill-3d needs at least one shape")
@@ -499,7 +504,12 @@ class PartDistiller:
         seen = sum(int((d.target >= 0).sum()) for d in self.data_) / sum(len(d.target) for d in self.data_)
         log(f"distill-3d: {len(shapes)} shapes x {cfg.num_views} views labelled by the {cfg.teacher} teacher "
             f"({cfg.model_name}); {100 * seen:.1f}% of points got 2D labels")
-        self._train(C, run_dir)
+        self.ids_ = class_ids(self, shapes)
+        self.trainer_ = StudentTrainer(self, C, digest(keys), run_dir, resume=resume, stop_at=stop_at)
+        self.trainer_.fit()
+        if self.backward_epoch_ is not None:
+            log(f"distill-3d: backward distillation at epoch {self.backward_epoch_} "
+                f"(mean region IoU {self.history_[self.backward_epoch_ - 1]['region_iou']:.3f})")
         return self
 
     def _class_weights(self, C: int) -> torch.Tensor:
@@ -529,66 +539,15 @@ class PartDistiller:
             weight.append(d.weight[pick])
         return torch.stack(feats), torch.stack(target), torch.stack(weight)
 
-    def _train(self, C: int, run_dir) -> None:
-        cfg = self.config
-        in_dim = self.data_[0].feats.shape[1]
-        text = self.text_.to(self.device_) if self.text_ is not None else None
-        self.student_ = PointStudent(in_dim, C, width=cfg.width, depth=cfg.depth, k=cfg.knn, text=text).to(self.device_)
-        opt = torch.optim.AdamW(self.student_.parameters(), lr=cfg.lr, weight_decay=1e-4)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs, eta_min=0.05 * cfg.lr)
-        gen = torch.Generator().manual_seed(cfg.seed)
-        cw = self._class_weights(C)
-        self.history_, self.backward_epoch_ = [], None
-        latest = max(6, (2 * cfg.epochs) // 3)  # backward distillation happens by then at the latest
-        prev_ma = None
-        with progress("distill-3d: student", total=cfg.epochs) as bar:
-            for epoch in range(cfg.epochs):
-                self.student_.train()
-                order = torch.randperm(len(self.data_), generator=gen).tolist()
-                total, count = 0.0, 0
-                for b in range(0, len(order), cfg.batch_size):
-                    x, y, w = self._batch(order[b:b + cfg.batch_size], gen)
-                    ok = y >= 0
-                    if not ok.any():
-                        continue
-                    logits = self.student_(x)
-                    ce = F.cross_entropy(logits[ok], y[ok], reduction="none")
-                    wt = w[ok] * cw[y[ok]]
-                    loss = (wt * ce).sum() / wt.sum().clamp_min(1e-9)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    total += float(loss.detach()) * len(x)
-                    count += len(x)
-                rec = {"step": epoch + 1, "epoch": epoch + 1, "loss": total / max(count, 1)}
-                self.history_.append(rec)
-                losses = [r["loss"] for r in self.history_]
-                if len(losses) >= 5:
-                    ma = float(np.mean(losses[-5:]))
-                    rec["loss_ma5"] = ma
-                    flat = prev_ma is not None and abs(prev_ma - ma) <= cfg.plateau * max(prev_ma, 1e-12)
-                    if cfg.backward and self.backward_epoch_ is None and (flat or epoch + 1 >= latest) \
-                            and epoch + 1 < cfg.epochs:
-                        rec.update(self._backward())
-                        self.backward_epoch_ = epoch + 1
-                        cw = self._class_weights(C)
-                    prev_ma = ma
-                rec["lr"] = sched.get_last_lr()[0]
-                sched.step()
-                if run_dir is not None:
-                    run_dir.log(rec)
-                bar.update(1)
-        if self.backward_epoch_ is not None:
-            log(f"distill-3d: backward distillation at epoch {self.backward_epoch_} "
-                f"(mean region IoU {self.history_[self.backward_epoch_ - 1]['region_iou']:.3f})")
-
     @torch.no_grad()
     def _backward(self) -> dict:
         """Score each view's label regions by IoU with the student's labels, reweight, re-derive targets."""
         ious, changed, total = [], 0, 0
+        self.region_iou_ = []
         for d in self.data_:
             pred = self._predict_feats(d.feats)
             iou = d.labels.region_iou(pred)
+            self.region_iou_.append(iou)
             old = d.target
             d.target, d.weight = d.labels.targets(iou)
             present = torch.zeros_like(iou, dtype=torch.bool)
@@ -625,6 +584,98 @@ class PartDistiller:
                 "partkit_version": __version__}
 
 
+class StudentTrainer(Trainer):
+    """The student's epochs on :class:`partkit.training.Trainer` (a step is one epoch over all shapes):
+    forward distillation on the teacher's labels, then, once the loss plateaus, backward distillation
+    (the labels reweighted by the student). Checkpoints hold everything an exact ``--resume`` needs:
+    the student, optimizer, scheduler, every RNG, the loss history and the backward-distillation
+    region IoUs; config.json's ``shapes_digest`` refuses a resume on other shapes."""
+
+    command = "distill-3d"
+    model_key = "student"
+
+    def __init__(self, distiller: "PartDistiller", num_classes: int, shapes_digest: str, run: Optional[RunDir],
+                 *, resume: bool = False, stop_at: Optional[int] = None):
+        d, cfg = distiller, distiller.config
+        if (resume or stop_at is not None) and (run is None or run.path is None):
+            raise PartkitError("--resume and --stop-at continue or checkpoint a run folder; pass --out RUN_DIR")
+        self.distiller, self.cfg, self.num_classes = d, cfg, num_classes
+        self.setup_run(run.path if run else None, device=d.device_, resume=resume, stop_at=stop_at, log_every=1,
+                       checkpoint_every=cfg.epochs, run=run if run is not None else RunDir(None))
+        in_dim = d.data_[0].feats.shape[1]
+        text = d.text_.to(d.device_) if d.text_ is not None else None
+        self.net = d.student_ = PointStudent(in_dim, num_classes, width=cfg.width, depth=cfg.depth, k=cfg.knn,
+                                             text=text).to(d.device_)
+        self.opt = torch.optim.AdamW(self.net.parameters(), lr=cfg.lr, weight_decay=1e-4)
+        self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=cfg.epochs, eta_min=0.05 * cfg.lr)
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.steps = cfg.epochs
+        self.cw = d._class_weights(num_classes)
+        d.history_, d.backward_epoch_, d.region_iou_ = [], None, None
+        self.latest = max(6, (2 * cfg.epochs) // 3)  # backward distillation happens by then at the latest
+        self.config = {"options": asdict(cfg), "shapes_digest": shapes_digest}
+
+    # ---- the Trainer's hooks
+    def resume_options(self, config: dict) -> dict:
+        options = {f"--{k.replace('_', '-')}": v for k, v in config.get("options", {}).items() if k != "device"}
+        return {**options, "the shapes (their keys)": config.get("shapes_digest")}
+
+    def saved_config(self, ckpt: dict) -> dict:
+        return {"options": ckpt.get("config", {}), "shapes_digest": ckpt.get("shapes_digest")}
+
+    def train_step(self, epoch: int) -> dict:
+        d, cfg = self.distiller, self.cfg
+        d.student_.train()
+        order = torch.randperm(len(d.data_), generator=self.gen).tolist()
+        total, count = 0.0, 0
+        for b in range(0, len(order), cfg.batch_size):
+            x, y, w = d._batch(order[b:b + cfg.batch_size], self.gen)
+            ok = y >= 0
+            if not ok.any():
+                continue
+            logits = d.student_(x)
+            ce = F.cross_entropy(logits[ok], y[ok], reduction="none")
+            wt = w[ok] * self.cw[y[ok]]
+            loss = (wt * ce).sum() / wt.sum().clamp_min(1e-9)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+            total += float(loss.detach()) * len(x)
+            count += len(x)
+        rec = {"step": epoch + 1, "epoch": epoch + 1, "loss": total / max(count, 1)}
+        d.history_.append(rec)
+        losses = [r["loss"] for r in d.history_]
+        if len(losses) >= 5:
+            ma = float(np.mean(losses[-5:]))
+            rec["loss_ma5"] = ma
+            prev_ma = d.history_[-2].get("loss_ma5") if len(d.history_) > 1 else None
+            flat = prev_ma is not None and abs(prev_ma - ma) <= cfg.plateau * max(prev_ma, 1e-12)
+            if cfg.backward and d.backward_epoch_ is None and (flat or epoch + 1 >= self.latest) \
+                    and epoch + 1 < cfg.epochs:
+                rec.update(d._backward())
+                d.backward_epoch_ = epoch + 1
+                self.cw = d._class_weights(self.num_classes)
+        rec["lr"] = self.sched.get_last_lr()[0]
+        self.sched.step()
+        return rec
+
+    def state(self, step: int) -> dict:
+        d = self.distiller
+        ious = [iou.cpu() for iou in d.region_iou_] if d.region_iou_ is not None else None
+        return {**d.state(), "ids": [int(i) for i in d.ids_], "optimizer": self.opt.state_dict(),
+                "scheduler": self.sched.state_dict(), "rng": self.rng(), "step": step, "history": d.history_,
+                "backward_epoch": d.backward_epoch_, "region_iou": ious, "shapes_digest": self.config["shapes_digest"]}
+
+    def load_state(self, ckpt: dict) -> None:
+        d = self.distiller
+        d.history_, d.backward_epoch_ = ckpt["history"], ckpt["backward_epoch"]
+        if ckpt["region_iou"] is not None:
+            d.region_iou_ = [iou.to(d.device_) for iou in ckpt["region_iou"]]
+            for data, iou in zip(d.data_, d.region_iou_):
+                data.target, data.weight = data.labels.targets(iou)
+            self.cw = d._class_weights(self.num_classes)
+
+
 def _clip_classes(shapes: Sequence[Shape], cfg: DistillConfig) -> tuple[list[str], Optional[str]]:
     """Part names and category for the clip teacher: the options, else the samples' json."""
     cats = sorted({str(s.meta.get("category")) for s in shapes if s.meta.get("category")})
@@ -655,12 +706,15 @@ def class_ids(distiller: PartDistiller, shapes: Sequence[Shape]) -> list[int]:
 
 
 def distill_3d(inputs: Sequence[str], config: Optional[DistillConfig] = None, *, output: Output = Output(),
-               out: Optional[str] = None, handler: Handler = stop, **kwargs) -> dict:
+               out: Optional[str] = None, handler: Handler = stop, resume: bool = False,
+               stop_at: Optional[int] = None, **kwargs) -> dict:
     """Distil 2D part labels of rendered views into a point-cloud student; add ``pred_parts.npy`` + ``.json``.
 
     Reads every sample first (training uses all shapes at once; stdin is buffered), then writes
     each sample with the student's labels. ``out`` is a run folder for the student (``last.pt``),
-    ``config.json``, ``metrics.jsonl`` and ``loss.png``. Options are :class:`DistillConfig` fields.
+    ``config.json``, ``metrics.jsonl`` and ``loss.png``; ``resume`` continues that run exactly and
+    ``stop_at`` stops after that epoch with a checkpoint (no samples are written until the student
+    is trained). Options are :class:`DistillConfig` fields.
     """
     if config is None:
         names = {f.name for f in fields(DistillConfig)}
@@ -672,13 +726,10 @@ def distill_3d(inputs: Sequence[str], config: Optional[DistillConfig] = None, *,
     if output.num_shards not in (None, 1) or int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise PartkitError("distill-3d trains one student on all shapes at once; run it as a single process "
                            "(no --num-shards or torchrun)")
-    run = None
-    if out is not None:
-        from ._training import RunDir
-
-        if os.path.exists(os.path.join(out, "last.pt")):
-            raise PartkitError(f"--out {out!r} already holds a run (last.pt); pick a new --out or delete that folder")
-        run = RunDir(out)
+    check_count("--stop-at", stop_at, fix="pass the epoch to checkpoint and stop at, or drop --stop-at")
+    if out is None and (resume or stop_at is not None):
+        raise PartkitError("--resume and --stop-at continue or checkpoint a run folder; pass --out RUN_DIR")
+    run = RunDir(out, resume=resume) if out is not None else None
     samples = list(iter_samples(inputs, handler=handler))
     if not samples:
         raise PartkitError("distill-3d: the input holds no samples; check the input shards (are they empty?)")
@@ -695,9 +746,8 @@ def distill_3d(inputs: Sequence[str], config: Optional[DistillConfig] = None, *,
         raise PartkitError("distill-3d: no sample holds a readable point cloud ('points.npy'); run `partkit pack` "
                            "on point clouds or meshes first")
     distiller = PartDistiller(cfg)
-    distiller.fit(shapes, keys, run_dir=run)
-    preds = dict(zip(keys, distiller.predict(shapes)))
-    ids = np.asarray(class_ids(distiller, shapes), np.int64)
+    distiller.fit(shapes, keys, run_dir=run, resume=resume, stop_at=stop_at)
+    ids = np.asarray(distiller.ids_, np.int64)
     meta = {"ids": {str(int(i)): n for i, n in zip(ids, distiller.classes_)}, "teacher": cfg.teacher,
             "model": cfg.model_name, "weights": distiller.teacher_["weights"], "views": cfg.num_views,
             "size": cfg.size, "epochs": cfg.epochs, "backward_epoch": distiller.backward_epoch_, "seed": cfg.seed,
@@ -705,11 +755,15 @@ def distill_3d(inputs: Sequence[str], config: Optional[DistillConfig] = None, *,
     if run is not None:
         config_doc = {"options": asdict(cfg), "inputs": list(inputs), "shapes": len(shapes), "classes": meta["ids"],
                       "in_dim": distiller.data_[0].feats.shape[1], "teacher": distiller.teacher_,
-                      "backward_epoch": distiller.backward_epoch_, "partkit_version": __version__}
+                      "backward_epoch": distiller.backward_epoch_, "partkit_version": __version__,
+                      "shapes_digest": distiller.trainer_.config["shapes_digest"]}
         run.write_config(config_doc)
-        run.save({**distiller.state(), "ids": ids.tolist()})
-        run.plot_losses()
         log(f"distill-3d: student, config.json, metrics.jsonl and loss.png in {out}")
+    done = len(distiller.history_)
+    if done < cfg.epochs:
+        return {"written": 0, "stopped_at": done, "epochs": cfg.epochs, "backward_epoch": distiller.backward_epoch_,
+                "final_loss": distiller.history_[-1]["loss"] if distiller.history_ else None}
+    preds = dict(zip(keys, distiller.predict(shapes)))
 
     def prepare(sample: dict):
         key = sample["__key__"]

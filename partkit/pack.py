@@ -55,7 +55,11 @@ def _is_3d(path: str) -> bool:
 
 
 def _load_coco(path: str) -> dict:
-    """COCO JSON -> {file stem: {"image": ..., "annotations": [...]}, "__categories__": {...}}."""
+    """COCO JSON -> {file stem: {"image": ..., "annotations": [...]}, "__categories__": {...}, "__path__": path}.
+
+    The structure is checked here (null entries, duplicate image ids, keypoints, segmentation
+    types); masks are checked against their image when it is packed (:func:`_objects`).
+    """
     try:
         with open(path) as f:
             coco = json.load(f)
@@ -65,35 +69,89 @@ def _load_coco(path: str) -> dict:
         raise PartkitError(f"--coco file {path!r} is not valid JSON") from None
     if not isinstance(coco, dict) or "images" not in coco or "annotations" not in coco:
         raise PartkitError(f"--coco file {path!r} lacks 'images'/'annotations'; expected COCO instances JSON")
-    cats = {c["id"]: c for c in coco.get("categories", [])}
-    by_id = {im["id"]: {"image": im, "annotations": []} for im in coco["images"]}
-    for ann in coco["annotations"]:
-        if ann.get("image_id") in by_id:
+
+    def bad(what: str) -> PartkitError:
+        return PartkitError(f"--coco file {path!r}: {what}; fix or drop it")
+
+    for name in ("images", "annotations", "categories"):
+        if not isinstance(coco.get(name, []), list):
+            raise bad(f"'{name}' is not a list")
+    cats = {}
+    for i, c in enumerate(coco.get("categories", [])):
+        if not isinstance(c, dict) or "id" not in c:
+            raise bad(f"categories[{i}] is {json.dumps(c)[:60]}, not an object with an 'id'")
+        cats[c["id"]] = c
+    by_id: dict = {}
+    for i, im in enumerate(coco["images"]):
+        if not isinstance(im, dict) or "id" not in im or not isinstance(im.get("file_name"), str):
+            raise bad(f"images[{i}] is {json.dumps(im)[:60]}, not an object with 'id' and 'file_name'")
+        if im["id"] in by_id:
+            raise bad(f"image id {im['id']!r} appears twice ({by_id[im['id']]['image']['file_name']!r} and "
+                      f"{im['file_name']!r}); image ids must be unique")
+        by_id[im["id"]] = {"image": im, "annotations": []}
+    for i, ann in enumerate(coco["annotations"]):
+        if not isinstance(ann, dict):
+            raise bad(f"annotations[{i}] is {json.dumps(ann)[:60]}, not an object")
+        aid = ann.get("id", f"#{i}")
+        if "keypoints" in ann:
+            k = ann["keypoints"]
+            if (not isinstance(k, list) or len(k) % 3 or
+                    not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in k)):
+                raise bad(f"annotation {aid} has keypoints {json.dumps(k)[:60]}; expected a flat list "
+                          "[x1, y1, v1, x2, y2, v2, ...] of numbers")
+        seg = ann.get("segmentation")
+        if seg is not None and not (isinstance(seg, dict) or (isinstance(seg, list) and all(
+                isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0 and
+                all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in p) for p in seg))):
+            raise bad(f"annotation {aid} has segmentation {json.dumps(seg)[:60]}; expected an RLE object or "
+                      "polygons [[x1, y1, x2, y2, x3, y3, ...], ...]")
+        if ann.get("image_id") in by_id:  # annotations of images not listed are ignored, as before
             by_id[ann["image_id"]]["annotations"].append(ann)
-    table = {sample_key(v["image"]["file_name"]): v for v in by_id.values()}
+    table: dict = {}
+    for v in by_id.values():
+        key = sample_key(v["image"]["file_name"])
+        if key in table:
+            raise bad(f"images {table[key]['image']['id']!r} and {v['image']['id']!r} both name file "
+                      f"{v['image']['file_name']!r}; file names must be unique")
+        table[key] = v
     table["__categories__"] = cats
+    table["__path__"] = path
     return table
 
 
-def _objects(entry: dict, cats: dict, height: int, width: int, key: str) -> tuple[bytes, Optional[bytes]]:
+def _objects(entry: dict, cats: dict, height: int, width: int, key: str,
+             source: str = "--coco") -> tuple[bytes, Optional[bytes]]:
     objects, kpts, kpt_names = [], [], None
     for ann in entry["annotations"]:
+        aid = ann.get("id")
+        where = f"{source} annotation {aid}"
         seg = ann.get("segmentation")
         if seg is None:
-            raise BadSample(key, f"COCO annotation {ann.get('id')} has no segmentation")
+            raise BadSample(key, f"{where} has no segmentation")
+        if isinstance(seg, dict):
+            size = seg.get("size")
+            if (not isinstance(size, list) or len(size) != 2 or
+                    not all(isinstance(v, int) and not isinstance(v, bool) for v in size)):
+                raise BadSample(key, f"{where}: RLE 'size' is {json.dumps(size)[:40]}; expected [height, width]")
+            covered = R.pixels(seg.get("counts"))
+            if covered is None:
+                raise BadSample(key, f"{where}: RLE 'counts' is not readable; fix or drop the annotation")
+            if covered != size[0] * size[1]:
+                raise BadSample(key, f"{where}: RLE counts cover {covered} pixels but its size {size[0]}x{size[1]} "
+                                     f"has {size[0] * size[1]}; fix or drop the annotation")
         try:
             if isinstance(seg, list) or isinstance(seg.get("counts"), list):
                 rle = R.to_compressed(seg, height, width)
             else:
                 rle = dict(seg)
         except Exception:
-            raise BadSample(key, f"COCO annotation {ann.get('id')} has an unreadable segmentation") from None
+            raise BadSample(key, f"{where} has an unreadable segmentation") from None
         if list(rle["size"]) != [height, width]:
-            raise BadSample(key, f"COCO mask size {rle['size']} differs from the image's {[height, width]}")
+            raise BadSample(key, f"{where}: mask size {rle['size']} differs from the image's {[height, width]}")
         counts = rle["counts"].decode("ascii") if isinstance(rle["counts"], bytes) else rle["counts"]
         cat = cats.get(ann.get("category_id"), {})
         objects.append({
-            "id": ann.get("id"), "category_id": ann.get("category_id"), "category": cat.get("name"),
+            "id": aid, "category_id": ann.get("category_id"), "category": cat.get("name"),
             "bbox": R.bbox(rle), "area": R.area(rle),
             "iscrowd": int(ann.get("iscrowd", 0)), "segmentation": {"size": [height, width], "counts": counts},
         })
@@ -181,7 +239,8 @@ def pack(
         if coco_table is not None:
             entry = coco_table.get(key)
             if entry is not None:
-                sample["gt_objects.json"], kp = _objects(entry, coco_table["__categories__"], height, width, key)
+                sample["gt_objects.json"], kp = _objects(entry, coco_table["__categories__"], height, width, key,
+                                                         f"--coco {coco}")
                 if kp is not None:
                     sample["gt_kpts.json"] = kp
         sample["json"] = encode_json(meta)
@@ -190,5 +249,11 @@ def pack(
     config = {"labels": labels, "coco": coco, "category": category, "provenance": provenance}
     if any(_is_3d(p) for p in files):
         config["points_per_shape"] = points_per_shape
+    inputs = list(dict.fromkeys(files))
+    if labels is not None:
+        stems = (os.path.splitext(os.path.basename(p))[0] for p in inputs if not _is_3d(p))
+        inputs += [q for q in (os.path.join(labels, f"{stem}.png") for stem in stems) if os.path.isfile(q)]
+    if coco:
+        inputs.append(coco)
     return run_stage(images, lambda batch: batch, output=output, name="pack", prepare=prepare, handler=handler,
-                     config=config, source=source)
+                     config=config, source=source, input_files=inputs)

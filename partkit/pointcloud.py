@@ -12,6 +12,7 @@ so ``raw = points * scale + center``).
 from __future__ import annotations
 
 import io
+import itertools
 import os
 import re
 import zlib
@@ -97,7 +98,7 @@ def _ply_header(f) -> tuple[str, list]:
     if f.readline().strip() != b"ply":
         raise ValueError("not a PLY file (no 'ply' magic)")
     fmt, elements = None, []
-    while True:
+    for number in itertools.count(2):
         line = f.readline()
         if not line:
             raise ValueError("PLY header has no end_header")
@@ -106,11 +107,24 @@ def _ply_header(f) -> tuple[str, list]:
             continue
         if words[0] == "end_header":
             break
+        where = f"PLY header line {number} ({' '.join(words)[:60]!r})"
         if words[0] == "format":
+            if len(words) < 2:
+                raise ValueError(f"{where} names no format")
             fmt = words[1]
         elif words[0] == "element":
+            if len(words) < 3 or not words[2].isdigit():
+                raise ValueError(f"{where}: expected 'element NAME COUNT' with a whole COUNT")
             elements.append((words[1], int(words[2]), []))
         elif words[0] == "property":
+            if not elements:
+                raise ValueError(f"{where}: a property before any element")
+            types = words[2:4] if words[1:2] == ["list"] else words[1:2]
+            unknown = [t for t in types if t not in _PLY_TYPES]
+            if unknown or len(words) < (5 if words[1:2] == ["list"] else 3):
+                what = f"unknown type {unknown[0]!r} (known: {', '.join(sorted(_PLY_TYPES))})" if unknown else \
+                    "expected 'property TYPE NAME' or 'property list COUNT_TYPE ITEM_TYPE NAME'"
+                raise ValueError(f"{where}: {what}")
             if words[1] == "list":
                 elements[-1][2].append((words[4], ("list", _PLY_TYPES[words[2]], _PLY_TYPES[words[3]])))
             else:
@@ -153,18 +167,28 @@ def read_ply(data: bytes) -> Shape:
     if fmt == "ascii":
         lines = iter(f.read().decode("ascii", "replace").splitlines())
         for name, count, props in elements:
-            rows = [next(lines).split() for _ in range(count)]
-            if name == "face":
-                found[name] = {"vertex_indices": [np.asarray(r[1:1 + int(r[0])], np.int64) for r in rows]}
-            elif all(not isinstance(t, tuple) for _, t in props):
-                arr = np.asarray(rows, dtype=np.float64).reshape(count, len(props))
-                found[name] = {n: arr[:, i] for i, (n, _) in enumerate(props)}
+            try:
+                rows = [next(lines).split() for _ in range(count)]
+            except StopIteration:
+                raise ValueError(f"PLY body ends early: the header declares {count} '{name}' rows") from None
+            try:
+                if name == "face":
+                    found[name] = {"vertex_indices": [np.asarray(r[1:1 + int(r[0])], np.int64) for r in rows]}
+                elif all(not isinstance(t, tuple) for _, t in props):
+                    arr = np.asarray(rows, dtype=np.float64).reshape(count, len(props))
+                    found[name] = {n: arr[:, i] for i, (n, _) in enumerate(props)}
+            except (ValueError, IndexError):
+                raise ValueError(f"PLY '{name}' rows are not {len(props)} numbers each as the header declares") \
+                    from None
     else:
         endian = "<" if fmt == "binary_little_endian" else ">"
         for name, count, props in elements:
             if name not in ("vertex", "face") and any(isinstance(t, tuple) for _, t in props):
                 break  # an unknown list element: nothing we need can follow reliably
-            found[name] = _ply_binary_element(f, count, props, endian)
+            try:
+                found[name] = _ply_binary_element(f, count, props, endian)
+            except (ValueError, IndexError):
+                raise ValueError(f"PLY body ends early: the header declares {count} '{name}' elements") from None
     v = found.get("vertex")
     if v is None or not {"x", "y", "z"} <= set(v):
         raise ValueError("PLY has no vertex element with x, y, z")
@@ -209,18 +233,37 @@ def read_off(data: bytes) -> Shape:
     tokens = data.decode("ascii", "replace").split("\n")
     lines = [t.split("#")[0].strip() for t in tokens]
     lines = [t for t in lines if t]
-    head = lines[0]
-    if not head.startswith("OFF"):
+    if not lines or not lines[0].startswith("OFF"):
         raise ValueError("not an OFF file (no 'OFF' magic)")
-    rest = head[3:].split()
-    counts, body = (rest, lines[1:]) if rest else (lines[1].split(), lines[2:])
+    rest = lines[0][3:].split()
+    counts, body = (rest, lines[1:]) if rest else ((lines[1].split() if len(lines) > 1 else []), lines[2:])
+    if len(counts) < 2 or not all(c.isdigit() for c in counts[:2]):
+        raise ValueError(f"OFF counts line is {' '.join(counts)!r}; expected 'VERTICES FACES EDGES' whole numbers")
     nv, nf = int(counts[0]), int(counts[1])
-    verts = np.asarray([body[i].split()[:3] for i in range(nv)], dtype=np.float32)
+    if len(body) < nv + nf:
+        raise ValueError(f"OFF declares {nv} vertices and {nf} faces but has only {len(body)} lines after the counts")
+    try:
+        verts = np.asarray([body[i].split()[:3] for i in range(nv)], dtype=np.float32)
+    except ValueError:
+        verts = None
+    if verts is None or verts.shape != (nv, 3):
+        bad = next((i for i in range(nv) if len(body[i].split()) < 3 or not _numbers(body[i].split()[:3])), 0)
+        raise ValueError(f"OFF vertex {bad} is {body[bad][:60]!r}; expected three numbers x y z")
     polys = []
-    for line in body[nv:nv + nf]:
+    for i, line in enumerate(body[nv:nv + nf]):
         w = line.split()
+        if not w[0].isdigit() or len(w) < 1 + int(w[0]) or not all(v.lstrip("-").isdigit() for v in w[1:1 + int(w[0])]):
+            raise ValueError(f"OFF face {i} is {line[:60]!r}; expected 'N i1 ... iN' with N vertex indices")
         polys.append(np.asarray(w[1:1 + int(w[0])], np.int64))
     return Shape(verts, faces=_triangulate(polys))
+
+
+def _numbers(words) -> bool:
+    try:
+        [float(w) for w in words]
+    except ValueError:
+        return False
+    return True
 
 
 def _read_txt(data: bytes) -> Shape:

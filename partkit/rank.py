@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import os
 import zipfile
 import zlib
@@ -38,9 +37,7 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import numpy as np
-import torch
 
-from ._kmeans import CHUNK_BYTES, KMeansResult, _chunks, _draws, trial_table
 from ._log import log, progress
 from ._runtime import resolve_device
 from ._version import __version__
@@ -50,6 +47,7 @@ from .io import (
     Output, decode_npy, encode_json, encode_png, iter_loaded, run_stage,
     write_atomic,
 )
+from .kmeans import weighted_kmeans
 
 __all__ = [
     "PartRanker", "Association", "weighted_kmeans", "density", "associate", "fit", "apply",
@@ -59,185 +57,6 @@ __all__ = [
 OBJECT_SOURCES = ("gt_objects", "gt_parts")
 ID_SCHEME = "class_index * k + cluster + 1; 0 = background"
 _FORMAT = "partkit-rank-1"
-
-
-# --------------------------------------------------------------------------------------------
-# Weighted batched k-means
-
-
-def _columns(Xt, b, i) -> torch.Tensor:
-    """Rows ``(b, i)`` of a batch stored transposed (``B x D x N``), as ``len(b) x D``."""
-    return Xt[b, :, i]
-
-
-def _weighted_plusplus(Xt, x2, W, n, kk, draws):
-    """Greedy k-means++ with sample weights (scikit-learn's rule) on a padded batch ``Xt`` (``B x D x N``).
-
-    Returns the centres and, for free, each row's nearest centre and squared distance to it (the
-    first Lloyd assignment).
-    """
-    B, D, N = Xt.shape
-    K = int(kk.max())
-    dev = Xt.device
-    ar = torch.arange(B, device=dev)
-    U, trial_ok = trial_table(draws, B, K, dev)
-    cw = W.cumsum(1, dtype=torch.float64)
-    r0 = torch.tensor([d["first"] for d in draws], device=dev, dtype=torch.float64)[:, None] * cw[:, -1:]
-    first = torch.minimum(torch.searchsorted(cw, r0)[:, 0], n - 1)  # the first centre is drawn with p ~ weight
-    C = Xt.new_zeros(B, K, D)
-    C[:, 0] = _columns(Xt, ar, first)
-    closest = (x2 + x2.gather(1, first[:, None]) - 2 * torch.bmm(C[:, :1], Xt)[:, 0]).clamp_min_(0)
-    labels = torch.zeros(B, N, dtype=torch.long, device=dev)
-    for c in range(1, K):
-        cum = (closest * W).cumsum(1, dtype=torch.float64)
-        cand = torch.minimum(torch.searchsorted(cum, U[:, c - 1] * cum[:, -1:]), (n - 1)[:, None])  # B x L
-        Xc = _columns(Xt, ar[:, None], cand)  # B x L x D
-        # bmm then in-place adds: baddbmm with a broadcast input measured 4x slower on CPU
-        d = torch.bmm(Xc, Xt).mul_(-2).add_(x2[:, None, :]).add_(x2.gather(1, cand)[:, :, None]).clamp_min_(0)
-        d = torch.minimum(d, closest[:, None, :], out=d)
-        p = torch.bmm(d, W[:, :, None])[..., 0].masked_fill_(~trial_ok, math.inf)  # potential per candidate
-        best = p.argmin(1)
-        take = (c < kk)[:, None]
-        C[:, c] = torch.where(take, Xc[ar, best], C[:, c])
-        new = d[ar, best]  # already min(distance to the new centre, closest)
-        labels = torch.where(take & (new < closest), c, labels)
-        closest = torch.where(take, new, closest)
-    return C, labels, closest
-
-
-def _assign(Xt, x2, C, cbad):
-    """Nearest valid centre per row: (labels, squared distance)."""
-    c2 = (C * C).sum(-1).masked_fill_(cbad, math.inf)
-    # C @ Xt with Xt contiguous (B x D x N): measured 1.5-2x faster on CPU than X @ C^T for k <= 8
-    d, labels = torch.bmm(C, Xt).mul_(-2).add_(c2[:, :, None]).min(1)
-    return labels, d.add_(x2).clamp_min_(0)
-
-
-def _weighted_lloyd(Xt, x2, W, valid, C, cbad, max_iter: int, tol: torch.Tensor, first: tuple):
-    """Lloyd iterations with scikit-learn's stopping rules (strict label convergence, or a centre shift
-    below ``tol``; then one more assignment) and its relocation of empty clusters to far points.
-
-    The weighted centroid sums are computed in full once, then updated only for the rows that
-    changed cluster (few after the first iterations), which halves the passes over the data.
-    """
-    B, D, N = Xt.shape
-    K = C.shape[1]
-    dev = Xt.device
-    active = torch.ones(B, dtype=torch.bool, device=dev)
-    strict = torch.zeros_like(active)
-    n_iter = torch.zeros(B, dtype=torch.long, device=dev)
-    labels_old = owner = sums = wsum = None
-    for it in range(max_iter):
-        labels, d = first if it == 0 else _assign(Xt, x2, C, cbad)
-        if it == 0:
-            onehot = Xt.new_zeros(B, K, N).scatter_(1, labels[:, None, :], W[:, None, :])
-            sums, wsum = torch.bmm(onehot, Xt.transpose(1, 2)), onehot.sum(2)
-            owner = labels.clone()  # the cluster whose sums hold each row
-        else:
-            bi, ii = ((labels != owner) & valid & active[:, None]).nonzero(as_tuple=True)
-            if bi.numel():
-                w = W[bi, ii]
-                rows = _columns(Xt, bi, ii) * w[:, None]
-                new, old = bi * K + labels[bi, ii], bi * K + owner[bi, ii]
-                sums.view(B * K, D).index_add_(0, new, rows).index_add_(0, old, rows, alpha=-1)
-                wsum.view(-1).index_add_(0, new, w).index_add_(0, old, w, alpha=-1)
-                owner[bi, ii] = labels[bi, ii]
-        empty = (wsum <= 0) & ~cbad & active[:, None]
-        for b in empty.any(1).nonzero().flatten().tolist():
-            far = torch.argsort(d[b].masked_fill(~valid[b], -1.0), descending=True, stable=True)
-            for j, i in zip(empty[b].nonzero().flatten().tolist(), far.tolist()):
-                old_j, xw = int(owner[b, i]), Xt[b, :, i] * W[b, i]
-                sums[b, old_j] -= xw
-                wsum[b, old_j] -= W[b, i]
-                sums[b, j], wsum[b, j], owner[b, i] = xw, W[b, i], j
-        C_new = torch.where(wsum[..., None] > 0, sums / wsum.clamp_min(1e-30)[..., None], C)
-        shift = ((C_new - C) ** 2).sum((1, 2))
-        same = torch.zeros_like(active) if labels_old is None else ((labels == labels_old) | ~valid).all(1)
-        n_iter += active.long()
-        C = torch.where(active[:, None, None], C_new, C)
-        strict |= active & same
-        active &= ~same & (shift > tol)
-        if not active.any():
-            break
-        labels_old = labels
-    if not bool(strict.all()):  # else labels and distances already belong to the final centres
-        labels, d = _assign(Xt, x2, C, cbad)
-    return C, labels, (d * W).sum(1, dtype=torch.float64), n_iter, strict | ~active
-
-
-def weighted_kmeans(X: np.ndarray, sample_weight: np.ndarray, groups: Sequence[np.ndarray], n_clusters, *,
-                    metric: str = "l2", max_iter: int = 300, tol: float = 1e-4, seeds: Optional[Sequence] = None,
-                    device="cpu", chunk_bytes: int = CHUNK_BYTES) -> list[KMeansResult]:
-    """Weighted k-means (k-means++ seeding, Lloyd) of each group of rows of ``X``, all groups batched.
-
-    ``groups[i]`` holds the row numbers of problem i; ``sample_weight`` (one positive weight per row)
-    weights the means and the inertia, as scikit-learn's ``sample_weight``. ``n_clusters`` is one k or
-    one per problem (``min(k, n_i)`` centres are used). ``metric="cosine"`` L2-normalises the rows
-    first (inside each batch, so ``X`` is never copied whole). Problem i draws its random numbers
-    from ``seeds[i]`` (default ``[0, i]``) alone, so its result does not depend on the other groups.
-
-    >>> X = np.random.default_rng(0).normal(size=(52, 4)).astype(np.float32)
-    >>> [r.n_clusters for r in weighted_kmeans(X, np.ones(52), [np.arange(50), np.arange(50, 52)], 3)]
-    [3, 2]
-    """
-    if max_iter < 1:
-        raise PartkitError(f"max_iter must be at least 1, got {max_iter}")
-    if metric not in ("l2", "cosine"):
-        raise PartkitError(f"unknown metric {metric!r}; use l2 or cosine")
-    X = np.asarray(X, dtype=np.float32)
-    w_all = np.asarray(sample_weight, dtype=np.float32).reshape(-1)
-    if X.ndim != 2 or len(w_all) != len(X):
-        raise PartkitError(f"X must be n x D with one weight per row; got X {X.shape} and {len(w_all)} weights")
-    if len(w_all) and not (np.isfinite(w_all).all() and w_all.min() > 0):
-        raise PartkitError("sample weights must be positive and finite")
-    groups = [np.asarray(g, dtype=np.int64).reshape(-1) for g in groups]
-    ks = [int(n_clusters)] * len(groups) if np.isscalar(n_clusters) else [int(k) for k in n_clusters]
-    if len(ks) != len(groups) or (ks and min(ks) < 1):
-        raise PartkitError("n_clusters must be one positive k, or one per group")
-    seeds = [[0, i] for i in range(len(groups))] if seeds is None else list(seeds)
-    dev = torch.device(device)
-    D = X.shape[1]
-    results: list[Optional[KMeansResult]] = [None] * len(groups)
-    sizes = [len(g) for g in groups]
-    for i, n in enumerate(sizes):
-        if n == 0:
-            results[i] = KMeansResult(np.zeros((0, D), np.float32), np.zeros(0, np.int64), 0.0, 0, 0, True)
-    chunks = list(_chunks(sizes, D, chunk_bytes))
-    # one buffer for every chunk: fresh 10-100 MB allocations cost page faults on each chunk
-    buf = torch.empty(max((len(c) * sizes[c[0]] for c in chunks), default=0) * D)
-    Xs, ws = torch.from_numpy(X), torch.from_numpy(w_all)
-    for chunk in chunks:
-        B, N = len(chunk), sizes[chunk[0]]
-        Xn, Wn, x2 = buf[:B * D * N].view(B, D, N), torch.zeros(B, N), torch.zeros(B, N)
-        for j, i in enumerate(chunk):
-            g = torch.from_numpy(groups[i])
-            rows = Xs.index_select(0, g)
-            norm = torch.linalg.vector_norm(rows, dim=1)
-            if metric == "cosine":
-                rows /= norm.clamp_min(1e-12)[:, None]
-                norm = (norm > 0).to(norm.dtype)  # unit rows; zero rows stay zero
-            Xn[j, :, :sizes[i]].copy_(rows.T)
-            Xn[j, :, sizes[i]:] = 0
-            Wn[j, :sizes[i]], x2[j, :sizes[i]] = ws.index_select(0, g), norm.square()
-        if not bool(torch.isfinite(x2).all()):
-            raise PartkitError("features hold NaN or inf values")
-        Xt, W, x2 = Xn.to(dev), Wn.to(dev), x2.to(dev)
-        n = torch.tensor([sizes[i] for i in chunk], device=dev)
-        kk = torch.tensor([min(ks[i], sizes[i]) for i in chunk], device=dev)
-        valid = torch.arange(N, device=dev)[None, :] < n[:, None]
-        # scikit-learn's tolerance: tol x the mean per-feature variance, = (E||x||^2 - ||E x||^2) / D
-        mean = Xt.sum(2).double() / n[:, None]
-        tol_b = tol * (x2.sum(1, dtype=torch.float64) / n - (mean * mean).sum(1)).clamp_min(0) / D
-        draws = [_draws(seeds[i], sizes[i], min(ks[i], sizes[i]), "k-means++", None) for i in chunk]
-        C, labels0, d0 = _weighted_plusplus(Xt, x2, W, n, kk, draws)
-        cbad = torch.arange(C.shape[1], device=dev)[None, :] >= kk[:, None]
-        C, labels, inertia, n_iter, conv = _weighted_lloyd(Xt, x2, W, valid, C, cbad, max_iter, tol_b.to(Xt.dtype),
-                                                           (labels0, d0))
-        for j, i in enumerate(chunk):
-            k = int(kk[j])
-            results[i] = KMeansResult(C[j, :k].cpu().numpy(), labels[j, :sizes[i]].cpu().numpy().astype(np.int64),
-                                      float(inertia[j]), int(n_iter[j]), k, bool(conv[j]))
-    return results  # type: ignore[return-value]
 
 
 def density(X: np.ndarray, centers: np.ndarray) -> np.ndarray:

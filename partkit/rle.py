@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 import numpy as np
 from pycocotools import mask as _mask
 
-__all__ = ["encode", "to_compressed", "decode", "area", "bbox", "iou", "coco_evaluate"]
+__all__ = ["encode", "to_compressed", "pixels", "decode", "area", "bbox", "iou", "coco_evaluate"]
 
 
 def _coco(rle: dict) -> dict:
@@ -56,13 +56,11 @@ def to_compressed(seg, height: int, width: int) -> dict:
             raise ValueError(f"is {int(size[1])}x{int(size[0])} but the image is {width}x{height}")
         counts = seg["counts"]
         if isinstance(counts, list):
-            if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts) \
-                    or sum(counts) != height * width:
+            if pixels(counts) != height * width:
                 raise ValueError(f"has uncompressed counts that do not add up to {height}x{width} pixels")
             rle = _mask.frPyObjects({"size": [height, width], "counts": counts}, height, width)
         elif isinstance(counts, (str, bytes)):
-            runs = _runs(counts.decode("ascii", "replace") if isinstance(counts, bytes) else counts)
-            if runs is None or sum(runs) != height * width:
+            if pixels(counts) != height * width:
                 raise ValueError(f"has compressed counts that do not decode to {height}x{width} pixels")
             rle = {"size": [height, width], "counts": counts}
         else:
@@ -71,8 +69,16 @@ def to_compressed(seg, height: int, width: int) -> dict:
     return {"size": [height, width], "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts}
 
 
-def _runs(counts: str) -> Optional[list]:
-    """The run lengths of a compressed counts string (pycocotools' ``rleFrString``), or None if malformed."""
+def pixels(counts) -> Optional[int]:
+    """Pixels that RLE ``counts`` (a list of runs, or COCO's compressed string) cover; None when unreadable."""
+    if isinstance(counts, list):
+        if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts):
+            return None
+        return sum(counts)
+    if isinstance(counts, bytes):
+        counts = counts.decode("ascii", "replace")
+    if not isinstance(counts, str):
+        return None
     runs: list = []
     p, n = 0, len(counts)
     while p < n:
@@ -95,7 +101,7 @@ def _runs(counts: str) -> Optional[list]:
         if x < 0:
             return None
         runs.append(x)
-    return runs
+    return sum(runs)
 
 
 def decode(rles: Sequence[dict], size: Optional[tuple] = None) -> np.ndarray:

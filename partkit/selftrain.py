@@ -18,11 +18,12 @@ import torch.nn.functional as F
 from .decoder.data import MASK_FACTOR, Example, augment, collate
 from .decoder.model import PartDecoder
 from .decoder.predict import load_decoder
-from .decoder.train import (DecoderTrainer, OnlineFeatures, TrainConfig, _batch_indices, _features, load_examples,
-                            masks_recall)
+from .decoder.features import OnlineFeatures, batch_features, load_examples
+from .decoder.train import DecoderTrainer, TrainConfig, masks_recall
 from .errors import Handler, PartkitError, stop
 from .fields import object_masks
 from .grid import sample_on_grid
+from .training import check_count, check_rate, epoch_batch_indices
 
 __all__ = ["SelfTrainer", "self_train_masks", "ema_update", "strong_photometric"]
 
@@ -76,10 +77,13 @@ class SelfTrainer(DecoderTrainer):
                  handler: Handler = stop):
         if student_init not in ("teacher", "scratch"):
             raise PartkitError(f"--student-init must be teacher or scratch, got {student_init!r}")
-        if not 0.0 <= ema_decay <= 1.0:
-            raise PartkitError(f"--ema-decay must lie in [0, 1], got {ema_decay}")
-        if burn_in < 0 or rounds < 1:
-            raise PartkitError("--burn-in must be >= 0 and --rounds >= 1")
+        check_rate("--ema-decay", ema_decay, high=1.0, strict=False, fix="pass a decay in [0, 1], e.g. 0.9996")
+        check_count("--burn-in", burn_in, 0)
+        check_count("--rounds", rounds, fix="pass --rounds 1 for one round of self-training")
+        check_rate("--score-threshold", score_threshold, high=1.0, strict=False, fix="pass a score in [0, 1]")
+        check_count("--min-mask-area", min_mask_area, 0)
+        check_rate("--unsup-weight", unsup_weight, strict=False, fix="pass a weight >= 0, e.g. 2")
+        (train or TrainConfig()).validate()
         self.teacher_path, self.student_init = teacher, student_init
         self.burn_in, self.ema_decay, self.rounds = burn_in, ema_decay, rounds
         self.score_threshold, self.min_mask_area, self.unsup_weight = score_threshold, min_mask_area, unsup_weight
@@ -132,7 +136,7 @@ class SelfTrainer(DecoderTrainer):
         """Weak and strong features with shared geometry, plus each crop's object mask."""
         if self.online is not None:
             fx = self.online.fx
-            weak = _features(batch, self.online)
+            weak = batch_features(batch, self.online)
             strong_imgs = torch.stack([strong_photometric(ex.image, fx.backbone.mean, fx.backbone.std, self.gen)
                                        for ex in batch])
             strong = self.online.features(strong_imgs, [ex.meta for ex in batch])
@@ -181,9 +185,9 @@ class SelfTrainer(DecoderTrainer):
         terms["pseudo_per_image"] = sum(t["masks"].shape[0] for t in targets) / len(targets)
         loss = self.unsup_weight * unsup if self.labeled else unsup
         if self.labeled:
-            idx = _batch_indices(step, len(self.labeled), self.tc.batch_size, self.seed * 37 + 1)
+            idx = epoch_batch_indices(step, len(self.labeled), self.tc.batch_size, self.seed * 37 + 1)
             lab = [self.labeled[i] for i in idx]
-            feats = _features(lab, self.online)
+            feats = batch_features(lab, self.online)
             items = [augment(Example(e.key, f, e.target, e.ids, e.classes, e.meta), self.tc.crop_grid, self.gen)
                      for e, f in zip(lab, feats)]
             x, gt = collate(items, lab, self.dev)
@@ -211,6 +215,13 @@ class SelfTrainer(DecoderTrainer):
 
     def extra_state(self) -> dict:
         return {"teacher": self.teacher.state_dict(), "teacher_checkpoint": self.teacher_path}
+
+    SELF_TRAIN_OPTIONS = ("student_init", "burn_in", "ema_decay", "rounds", "score_threshold", "min_mask_area",
+                          "labeled_field", "unsup_weight")
+
+    def resume_options(self, config: dict) -> dict:
+        return {**super().resume_options(config),
+                **{f"--{k.replace('_', '-')}": config.get(k) for k in self.SELF_TRAIN_OPTIONS}}
 
     def load_extra_state(self, ckpt: dict) -> None:
         self.teacher.load_state_dict(ckpt["teacher"])

@@ -123,8 +123,15 @@ def overlay_panel(image: np.ndarray, pred: np.ndarray, gt: Optional[np.ndarray] 
 
 
 def save_png(path: str, rgb: np.ndarray) -> str:
+    """Write ``rgb`` as a PNG file, atomically (a failed write leaves nothing under ``path``)."""
+    import io
+
+    from .io.sink import write_atomic
+
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    Image.fromarray(np.ascontiguousarray(rgb)).save(path, format="PNG")
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(rgb)).save(buf, format="PNG")
+    write_atomic(path, buf.getvalue())
     return path
 
 
@@ -249,6 +256,12 @@ def save_confusion(path: str, table: np.ndarray, *, true_name: str = "ground-tru
                         color="black" if v > 0.5 else "white")
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     fig.tight_layout()
+    import io
+
+    from .io.sink import write_atomic
+
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, format="png")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    write_atomic(path, buf.getvalue())
     return path

@@ -9,6 +9,10 @@ Used to show that a refactor leaves outputs byte-identical:
 
 Shards are the ``.tar`` files (samples written with fixed mtime and seeds). Model files and JSON
 reports are listed too (``--all``) but they can legitimately carry versions or timings.
+
+Float results depend on the numeric libraries, so the record starts with a ``# versions:`` line and a
+comparison against a record made with other versions says so first: re-record the baseline from the
+old commit in that environment before reading any difference as a change of behaviour.
 """
 from __future__ import annotations
 
@@ -31,6 +35,27 @@ def digests(out: Path, every: bool) -> dict[str, str]:
         if p.is_file() and (every or p.suffix == ".tar"):
             found[str(p.relative_to(out))] = hashlib.sha1(p.read_bytes()).hexdigest()
     return found
+
+
+_LIBRARIES = ("torch", "numpy", "PIL", "scipy", "sklearn", "faiss", "timm", "open_clip", "pycocotools")
+
+
+def versions() -> str:
+    """One line naming the versions of the libraries whose arithmetic reaches the outputs."""
+    import importlib
+    import importlib.metadata as md
+
+    found = []
+    for name in _LIBRARIES:
+        try:
+            found.append(f"{name}={importlib.import_module(name).__version__}")
+        except (ImportError, AttributeError):
+            dist = {"PIL": "pillow", "sklearn": "scikit-learn", "faiss": "faiss-cpu", "open_clip": "open-clip-torch"}
+            try:
+                found.append(f"{name}={md.version(dist.get(name, name))}")
+            except md.PackageNotFoundError:
+                found.append(f"{name}=absent")
+    return "# versions: " + " ".join(found)
 
 
 def main() -> int:
@@ -64,9 +89,14 @@ def main() -> int:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if not args.compare:
-        print("\n".join(lines))
+        print("\n".join([versions(), *lines]))
         return 0
-    want = dict(reversed(l.split("  ", 1)) for l in Path(args.compare).read_text().splitlines() if l.strip())
+    recorded = Path(args.compare).read_text().splitlines()
+    header = next((l for l in recorded if l.startswith("# versions:")), None)
+    if header != versions():
+        print(f"warning: the record was made with other library versions\n  record: {header}\n  here:   {versions()}\n"
+              "  float outputs may differ for that reason alone; re-record the baseline here", file=sys.stderr)
+    want = dict(reversed(l.split("  ", 1)) for l in recorded if l.strip() and not l.startswith("#"))
     got = dict(reversed(l.split("  ", 1)) for l in lines)
     if args.only:
         want = {k: v for k, v in want.items() if k.split(":", 1)[0] in scripts}

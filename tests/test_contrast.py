@@ -210,7 +210,7 @@ def test_weights_load_back_through_the_registry_and_extract(full_run, cihp_shard
 
 def _nmi(backbone, shard, size=128, k=20) -> float:
     """Mean per-image NMI of k-means on the backbone's features against the CIHP part labels."""
-    from partkit.cluster import batched_kmeans
+    from partkit.kmeans import batched_kmeans
     from partkit.extract import FeatureExtractor
     from partkit.grid import sample_on_grid
     from partkit.io import decode_image, decode_label_map, iter_samples

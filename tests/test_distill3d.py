@@ -124,7 +124,7 @@ def test_parts_teacher_on_shapenetpart_caps(tmp_path):
     d.fit(shapes)
     student = d.predict(shapes)
 
-    from partkit.cluster import KMeans
+    from partkit.kmeans import KMeans
 
     xyz = [normalize(s.points)[0] for s in shapes]
     km = KMeans(8, metric="l2", random_state=0).fit(np.concatenate(xyz))
@@ -184,3 +184,42 @@ def test_cli_and_a_real_pipe(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     report = json.loads(out.stdout)
     assert report["metrics"]["miou-3d"]["shapes"] == 5 and 0 < report["metrics"]["miou-3d"]["value"] <= 100
+
+
+def test_stop_at_then_resume_equals_a_straight_run(tmp_path):
+    """--stop-at N then --resume (twice: before and after backward distillation) gives the straight run's student,
+    log and predictions bit for bit; a resume with other shapes or options is refused."""
+    from partkit.pack import pack
+
+    pack([str(SHAPENET / "cap_val.npz")], output=Output(str(tmp_path / "caps")))
+    shard = str(tmp_path / "caps" / "000000.tar")
+    fast = dict(weights="none", size=32, epochs=8, points=64, width=8, depth=1, knn=4, k=2, elevations=(30,),
+                azimuths=(0, 180), plateau=0.5)
+
+    def run(name, preds, **kw):
+        return distill_3d([shard], out=str(tmp_path / name), output=Output(str(tmp_path / preds)), **fast, **kw)
+
+    full = run("full", "p_full")
+    assert full["backward_epoch"] is not None
+    stopped = run("part", "p_part", stop_at=3)
+    assert stopped["written"] == 0 and not (tmp_path / "p_part").exists()
+    assert torch.load(tmp_path / "part" / "last.pt", weights_only=False)["step"] == 3
+    with pytest.raises(PartkitError, match="already holds a run"):
+        run("part", "p_part")
+    with pytest.raises(PartkitError, match="--lr"):
+        run("part", "p_part", resume=True, lr=0.5)
+    samples = read_shard(shard)
+    other = write_shard(tmp_path / "other.tar", [{k: v for k, v in s.items() if k != "__url__"} for s in samples[:3]])
+    with pytest.raises(PartkitError, match="shapes"):
+        distill_3d([other], out=str(tmp_path / "part"), resume=True, output=Output(str(tmp_path / "p_o")), **fast)
+    run("part", "p_part", resume=True, stop_at=full["backward_epoch"] + 1)  # past backward distillation
+    assert not (tmp_path / "p_part").exists()
+    resumed = run("part", "p_part", resume=True)
+    assert resumed["backward_epoch"] == full["backward_epoch"] and resumed["final_loss"] == full["final_loss"]
+    a = torch.load(tmp_path / "full" / "last.pt", weights_only=False)
+    b = torch.load(tmp_path / "part" / "last.pt", weights_only=False)
+    assert all(torch.equal(a["student"][k], b["student"][k]) for k in a["student"])
+    assert (tmp_path / "part" / "metrics.jsonl").read_text() == (tmp_path / "full" / "metrics.jsonl").read_text()
+    assert (tmp_path / "p_part" / "000000.tar").read_bytes() == (tmp_path / "p_full" / "000000.tar").read_bytes()
+    assert json.loads((tmp_path / "full" / "config.json").read_text())["shapes_digest"] == \
+        json.loads((tmp_path / "part" / "config.json").read_text())["shapes_digest"]

@@ -419,3 +419,111 @@ def test_pipeline_pack_extract_cluster_eval(cihp_dir):
     r = json.loads(result.stdout)["metrics"]
     assert r["nmi"]["region"] == "fg" and 0 < r["nmi"]["value"] < 100 and r["nmi"]["pred_labels"] >= 4
     assert r["miou"]["value"] > 0 and "nmi" in result.stderr
+
+
+# ------------------------------------------------------------------------------------ metric registry
+
+
+def test_registry_lists_exactly_the_builtin_metrics():
+    from dataclasses import fields
+
+    from partkit.evaluate import METRICS, get_metric, list_metrics
+
+    assert list_metrics() == list(METRICS) == ["nmi", "ari", "miou", "ar", "mask-ap", "retrieval", "miou-3d", "probe"]
+    families = {name: get_metric(name).family for name in METRICS}
+    assert families == {"nmi": "pixels", "ari": "pixels", "miou": "pixels", "ar": "masks", "mask-ap": "masks",
+                        "retrieval": "retrieval", "miou-3d": "shapes", "probe": "probe"}
+    known = {f.name for f in fields(EvalOptions)}
+    for name in METRICS:  # every option a metric declares is an EvalOptions field
+        assert set(get_metric(name).options) <= known, name
+
+
+def test_unknown_metric_errors_list_the_registry():
+    from partkit.evaluate import list_metrics
+
+    names = ", ".join(list_metrics())
+    with pytest.raises(PartkitError, match=f"unknown metric 'nmii'; choose from {names}$"):
+        evaluate(["x.tar"], ["nmii"])
+    result = runner.invoke(app, ["eval", "nmii", "x.tar"])
+    assert result.exit_code == 2 and f"choose from {names} (metric names come first)" in result.stderr
+
+
+def test_a_registered_metric_is_scored_and_summarised(shard_factory, monkeypatch):
+    from partkit.evaluate import _registry, list_metrics, register_accumulator, register_metric
+
+    shard = shard_factory([_sample(k, g, p) for k, g, p in _random_pairs(2)])
+    with monkeypatch.context() as m:
+        m.setattr(_registry, "_METRICS", dict(_registry._METRICS))
+        m.setattr(_registry, "_ACCUMULATORS", dict(_registry._ACCUMULATORS))
+
+        class Keys:
+            def __init__(self):
+                self.keys = []
+
+            def prepare(self, view):
+                return view.key
+
+            def commit(self, key):
+                self.keys.append(key)
+
+        register_accumulator("keys", lambda o, names: Keys())
+
+        @register_metric("pixel-pairs", accumulator="pixels", summary=lambda r: f"{r['keys']} samples",
+                         family="tests", choices={"region": ("fg", "full")})
+        def pixel_pairs(p):
+            return {"value": float(p.accumulators["pixels"].pooled().sum()),
+                    "keys": len(p.accumulators["keys"].keys)}
+
+        @register_metric("keys", accumulator="keys", summary=lambda r: "keys seen")
+        def keys(p):
+            return {"value": None, "keys": p.accumulators["keys"].keys}
+
+        assert list_metrics()[-2:] == ["pixel-pairs", "keys"]
+        r = evaluate([shard], ["keys", "pixel-pairs", "nmi"], region="full")["metrics"]
+        assert list(r) == ["keys", "pixel-pairs", "nmi"] and r["keys"]["keys"] == ["s0", "s1", "s2"]
+        assert r["pixel-pairs"]["value"] == r["nmi"]["pairs"] and r["pixel-pairs"]["keys"] == 3
+        result = runner.invoke(app, ["eval", "pixel-pairs", "keys", shard])
+        assert result.exit_code == 0, result.stderr
+        assert "3 samples" in result.stderr and "keys seen" in result.stderr
+        assert json.loads(result.stdout)["metrics"]["keys"]["value"] is None
+        with pytest.raises(ValueError, match="metric 'nmi' is already registered"):
+            register_metric("nmi", accumulator="pixels", summary=str)(lambda p: {})
+    assert "pixel-pairs" not in list_metrics() and "keys" not in _registry.accumulator_kinds()
+    with pytest.raises(PartkitError, match="unknown metric 'pixel-pairs'"):
+        evaluate([shard], ["pixel-pairs"])
+
+
+def _every_metric(shard_factory):
+    """(shards, options) that give each built-in metric a result."""
+    m = np.zeros((8, 8), bool)
+    m[2:6, 2:6] = True
+    masks = shard_factory([_sample("m", m.astype(np.uint8), proposals__json=[{"segmentation": _rle(m), "score": 0.9},
+                                                                            {"segmentation": _rle(~m), "score": 0.2}])])
+    meta = {"grid": [4, 4], "stride": 4, "image_size": [16, 16], "resized": [16, 16]}
+    rng = np.random.default_rng(0)
+    kpts = {"keypoints": [[[2, 2, 2], [10, 10, 2]]], "names": ["head", "tail"]}
+    retrieval = shard_factory([_sample(f"r{i}", feat__npy=rng.normal(size=(3, 4, 4)).astype(np.float32),
+                                       feat__json=meta, json={"width": 16, "height": 16}, gt_kpts__json=kpts)
+                               for i in range(2)])
+    shapes = shard_factory([_sample("a", category="cap", gt_parts__npy=np.array([6, 6, 7]),
+                                    pred_parts__npy=np.array([0, 0, 1]))])
+    return {"nmi": ([shard_factory(_class_samples())], {}), "ari": ([shard_factory(_class_samples())], {}),
+            "miou": ([shard_factory(_class_samples())], {}), "ar": ([masks], {"ks": (1, 2)}),
+            "mask-ap": ([masks], {}), "retrieval": ([retrieval], {}), "miou-3d": ([shapes], {}),
+            "probe": ([shard_factory(_probe_samples(4))], {"probe_train": 2})}
+
+
+def test_every_metric_summary_row_renders(shard_factory):
+    from partkit.evaluate import get_metric, list_metrics
+
+    cases = _every_metric(shard_factory)
+    assert list(cases) == list_metrics()
+    for name, (shards, options) in cases.items():
+        r = evaluate(shards, [name], **options)["metrics"][name]
+        value, protocol = get_metric(name).summary_row(r)
+        assert value == f"{r['value']:.2f}" and protocol and "{" not in protocol, (name, protocol)
+    r = evaluate(cases["miou"][0], ["miou"])["metrics"]["miou"]
+    assert get_metric("miou").summary_row(r)[1] == ("majority matching fitted on scored data, fg pixels, 3 parts; "
+                                                    "C-mIoU 79.17, A-mIoU 75.00")
+    assert get_metric("ar").summary_row({"value": None, "ar@1": None, "ar@10": 50.0, "gt_masks": 4}) == \
+        ("-", "AR@1 -, AR@10 50.00 over 4 GT masks")

@@ -36,6 +36,24 @@ class DecoderConfig:
         if sum(self.level_channels) != self.in_channels:
             self.level_channels = [self.in_channels]
 
+    def validate(self) -> "DecoderConfig":
+        """One-line errors for shapes the decoder cannot be built with."""
+        from ..training import check_count, check_rate, require
+
+        check_count("--queries", self.num_queries, fix="pass --queries 100 or another count of part queries")
+        check_count("--dec-layers", self.num_layers)
+        check_count("num_heads", self.num_heads)
+        check_count("ffn_dim", self.ffn_dim)
+        check_count("num_classes", self.num_classes)
+        check_count("--hidden", self.hidden_dim, 4)
+        step = math.lcm(4, self.num_heads)
+        require(self.hidden_dim % step == 0, "--hidden", self.hidden_dim,
+                f"a multiple of {step} (the {self.num_heads} attention heads, and 4 for the 2-D position encoding)",
+                f"pass e.g. --hidden {max(1, self.hidden_dim // step) * step}")
+        check_rate("dropout", self.dropout, high=1.0, strict=False)
+        require(self.dropout < 1, "dropout", self.dropout, "below 1")
+        return self
+
     def to_dict(self) -> dict:
         return asdict(self)
 

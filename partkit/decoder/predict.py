@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .._runtime import resolve_device
-from .._training import load_checkpoint
 from .. import fields, rle
+from .._runtime import resolve_device
+from ..training import load_checkpoint
 from ..errors import BadSample, Handler, PartkitError, stop
 from ..io import Output, decode_json, encode_json, encode_npy, encode_png, run_stage
 from .model import DecoderConfig, PartDecoder
@@ -95,7 +95,7 @@ def predict(
     net, ckpt = load_decoder(checkpoint, dev, ema=use_teacher)
     online = None
     if ckpt.get("features") == "online":
-        from .train import OnlineFeatures
+        from .features import OnlineFeatures
 
         spec = ckpt["feature_spec"]
         online = OnlineFeatures(spec["model"], spec["weights"], spec["layers"], spec["size"], dev)

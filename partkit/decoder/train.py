@@ -5,23 +5,23 @@
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
-from .._log import log, progress
-from .._runtime import resolve_device, seed_everything
-from .._training import Distributed, RunDir, cosine_warmup, rng_state, set_rng_state
-from .._version import __version__
 from .. import rle
+from .._log import log
+from .._runtime import resolve_device, seed_everything
+from .._version import __version__
 from ..errors import Handler, PartkitError, recorded, stop
 from ..fields import IGNORE_IDS, FeatureSource
-from ..io import iter_loaded, iter_samples
+from ..io import iter_samples
+from ..training import Distributed, Trainer, check_count, check_rate, cosine_warmup, epoch_batch_indices
 from .criterion import SetCriterion
-from .data import Example, augment, collate, example_from_sample, targets_from_sample
+from .data import Example, augment, collate
+from .features import OnlineFeatures, batch_features, load_examples
 from .model import DecoderConfig, PartDecoder
 
 __all__ = ["TrainConfig", "DecoderTrainer", "train_decoder", "load_examples", "OnlineFeatures", "masks_recall"]
@@ -45,71 +45,23 @@ class TrainConfig:
     no_part_weight: float = 0.1
     stop_at: Optional[int] = None  # stop (with a checkpoint) at this step; --resume continues the schedule
 
+    # options that may change when a run is resumed (the others define it)
+    VOLATILE = ("stop_at", "checkpoint_every", "val_every", "log_every")
 
-class OnlineFeatures:
-    """Features recomputed from images each step by a frozen registry backbone."""
-
-    def __init__(self, model: str, weights: Optional[str], layers, size: int, device):
-        from ..extract import FeatureExtractor
-        from ..models import create_backbone
-
-        self.spec = {"model": model, "weights": weights, "layers": list(layers) if layers else None, "size": size}
-        self.fx = FeatureExtractor(create_backbone(model, weights), layers=layers, size=size, device=str(device))
-        for p in self.fx.backbone.parameters():
-            p.requires_grad_(False)
-
-    def meta(self, sample: dict) -> tuple[torch.Tensor, dict]:
-        from ..io import decode_image
-
-        x, geom = self.fx.preprocess(decode_image(sample, self.fx.min_size))
-        full = (self.fx.input_size // self.fx.cell,) * 2
-        grid = self.fx.valid_grid(geom, full)
-        return x, self.fx.meta(geom, sum(self.fx.backbone.channels[i] for i in self.fx.layers), grid)
-
-    @torch.no_grad()
-    def features(self, images: torch.Tensor, metas: Sequence[dict]) -> list[torch.Tensor]:
-        feats, _ = self.fx.forward(images)
-        return [feats[i, :, :m["grid"][0], :m["grid"][1]] for i, m in enumerate(metas)]
-
-
-def load_examples(inputs: Sequence[str], *, field: Optional[str], min_part_area: float, rank: int = 0, world: int = 1,
-                  online: Optional[OnlineFeatures] = None, handler: Handler = stop, class_map=None,
-                  source: Optional[FeatureSource] = None) -> list:
-    """Read this rank's shards into memory as training examples (features kept as float16).
-
-    Bad samples go to ``handler``; cached features must all come from one model (``source``).
-    """
-    source = source or FeatureSource("train-decoder")
-
-    def load(sample: dict) -> Example:
-        if online is not None:
-            x, meta = online.meta(sample)
-            target, ids, classes = targets_from_sample(sample, meta, field=field, min_part_area=min_part_area,
-                                                       class_map=class_map)
-            ex = Example(sample["__key__"], None, target, ids, classes, meta)
-            ex.image = x
-        else:
-            ex = example_from_sample(sample, field=field, min_part_area=min_part_area, class_map=class_map)
-            source.check(sample, ex.meta, ex.feat.shape[0])
-        ex.sample = {k: v for k, v in sample.items() if k in ("__key__", "gt_parts.png", "gt_objects.json", "json")}
-        return ex
-
-    return list(iter_loaded(inputs, load, handler=handler, rank=rank, world=world))
-
-
-def _features(examples: list, online: Optional[OnlineFeatures]) -> list[torch.Tensor]:
-    if online is None:
-        return [ex.feat for ex in examples]
-    return online.features(torch.stack([ex.image for ex in examples]), [ex.meta for ex in examples])
-
-
-def _batch_indices(step: int, n: int, batch: int, seed: int) -> list[int]:
-    """Deterministic data position: step -> (epoch, slot) -> indices of a seeded permutation."""
-    per_epoch = max(1, math.ceil(n / batch))
-    epoch, slot = divmod(step, per_epoch)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch)).tolist()
-    idx = perm[slot * batch:(slot + 1) * batch]
-    return idx + perm[: batch - len(idx)] if len(idx) < batch else idx
+    def validate(self) -> "TrainConfig":
+        """One-line errors for options no run can use (zero counts, non-finite rates)."""
+        for option, value in (("--batch-size", self.batch_size), ("--max-steps", self.max_steps),
+                              ("--epochs", self.epochs), ("--crop-grid", self.crop_grid),
+                              ("--checkpoint-every", self.checkpoint_every), ("--val-every", self.val_every),
+                              ("--log-every", self.log_every), ("--num-points", self.num_points)):
+            check_count(option, value)
+        check_count("--warmup", self.warmup, 0)
+        check_count("--stop-at", self.stop_at, fix="pass the step to checkpoint and stop at, or drop --stop-at")
+        check_rate("--lr", self.lr, fix="pass a learning rate such as --lr 1e-4")
+        check_rate("--weight-decay", self.weight_decay, strict=False, fix="pass e.g. --weight-decay 0.05")
+        check_rate("--clip-grad", self.clip_grad, strict=False, fix="pass a gradient norm, or 0 to turn clipping off")
+        check_rate("--no-part-weight", self.no_part_weight, strict=False)
+        return self
 
 
 @torch.no_grad()
@@ -121,7 +73,7 @@ def masks_recall(decoder: PartDecoder, examples: list, online, device, field_for
 
     acc = RecallAccumulator(ks=ks)
     decoder.eval()
-    for ex, feat in zip(examples, _features(examples, online)):
+    for ex, feat in zip(examples, batch_features(examples, online)):
         gt_field = field_for_gt if field_for_gt in ex.sample else None
         gt = grid_labels(ex.sample, gt_field, ex.meta) if gt_field else ex.target
         gt_ids = [i for i in np.unique(gt) if i != 0 and i not in IGNORE_IDS.values()]
@@ -136,14 +88,21 @@ def masks_recall(decoder: PartDecoder, examples: list, online, device, field_for
     return {f"AR@{k}": v for k, v in acc.result().items()} if acc.n_gt_ else {}
 
 
-class DecoderTrainer:
-    """The training loop behind ``train-decoder``; ``self-train`` overrides ``step_loss`` and the state hooks.
+class DecoderTrainer(Trainer):
+    """The decoder's model and step on :class:`partkit.training.Trainer`; ``self-train`` overrides ``step_loss``
+    and the state hooks.
 
-    Handles DDP, the run folder, exact resume (model, optimizer, scheduler, RNG, data position),
-    periodic validation, logging and the loss curve.
+    Periodic validation (AR@k on ``val``) and the loss terms are the decoder's; run folder, exact
+    resume, DDP, ``stop_at`` and logging are the base's.
     """
 
     command = "train-decoder"
+    loss_keys = ("loss", "loss_class", "loss_mask", "loss_dice")
+    # config options (flattened) that may change on --resume; every other one must match the run's
+    OPTION_NAMES = {"num_queries": "--queries", "num_layers": "--dec-layers", "hidden_dim": "--hidden",
+                    "in_channels": "the input features' channels", "level_channels": "the input features' levels",
+                    "feature_spec": "the features (feat.json / --model, --weights, --layers, --size)",
+                    "world": "the number of processes (torchrun)"}
 
     def __init__(self, inputs: Sequence[str], out: str, *, field: Optional[str] = "parts.png",
                  min_part_area: float = 0.05, features: str = "auto", model: str = "efficientnet_lite0",
@@ -151,16 +110,15 @@ class DecoderTrainer:
                  decoder: Optional[dict] = None, train: Optional[TrainConfig] = None,
                  val: Optional[Sequence[str]] = None, resume: bool = False, device: str = "auto", seed: int = 0,
                  handler: Handler = stop, online: Optional[OnlineFeatures] = None):
-        tc = self.tc = train or TrainConfig()
+        tc = self.tc = (train or TrainConfig()).validate()
         if features not in ("auto", "cached", "online"):
             raise PartkitError(f"--features must be auto, cached or online; got {features!r}")
-        if tc.max_steps < 1 or tc.batch_size < 1:
-            raise PartkitError("--max-steps and --batch-size must be at least 1")
-        self.inputs, self.out, self.field, self.seed, self.resume = list(inputs), out, field, seed, resume
+        check_count("--size", size)
+        DecoderConfig(in_channels=1, **(decoder or {})).validate()
+        self.inputs, self.field, self.seed = list(inputs), field, seed
         self.min_part_area = min_part_area
-        self.dist = Distributed(resolve_device(device))
-        self.dev = self.dist.device
-        self.run = RunDir(out, main=self.dist.main, resume=resume)
+        self.setup_run(out, device=resolve_device(device), resume=resume, stop_at=tc.stop_at,
+                       log_every=tc.log_every, checkpoint_every=tc.checkpoint_every)
         seed_everything(seed + self.dist.rank)
         first = next(iter(iter_samples(inputs, rank=self.dist.rank, world=self.dist.world)), None)
         if first is None:
@@ -218,11 +176,11 @@ class DecoderTrainer:
 
     def batch(self, step: int) -> list:
         n, b = len(self.examples), self.tc.batch_size
-        return [self.examples[i] for i in _batch_indices(step, n, b, self.seed * 31 + self.dist.rank)]
+        return [self.examples[i] for i in epoch_batch_indices(step, n, b, self.seed * 31 + self.dist.rank)]
 
     def step_loss(self, step: int) -> tuple[torch.Tensor, dict]:
         batch = self.batch(step)
-        feats = _features(batch, self.online)
+        feats = batch_features(batch, self.online)
         items = [augment(Example(ex.key, f, ex.target, ex.ids, ex.classes, ex.meta), self.tc.crop_grid, self.gen)
                  for ex, f in zip(batch, feats)]
         x, targets = collate(items, batch, self.dev)
@@ -242,71 +200,45 @@ class DecoderTrainer:
     def load_extra_state(self, ckpt: dict) -> None:
         pass
 
-    # ---- the loop
-    def checkpoint(self, step: int) -> None:
-        rng = rng_state(self.gen)
-        if self.dist.world > 1:
-            import torch.distributed as tdist
+    def resume_options(self, config: dict) -> dict:
+        train = {k: v for k, v in config.get("train", {}).items() if k not in TrainConfig.VOLATILE}
+        flat = {**config.get("decoder", {}), **train,
+                **{k: config.get(k) for k in ("field", "min_part_area", "features", "feature_spec", "steps", "seed",
+                                              "world")}}
+        return {self.OPTION_NAMES.get(k, f"--{k.replace('_', '-')}"): v for k, v in flat.items()}
 
-            gathered = [None] * self.dist.world
-            tdist.all_gather_object(gathered, rng)
-            rng = gathered
-        self.run.save({"model": self.net.state_dict(), "optimizer": self.opt.state_dict(),
-                       "scheduler": self.sched.state_dict(), "step": step, "rng": rng,
-                       "decoder_config": self.dcfg.to_dict(), "feature_spec": self.feature_spec,
-                       "features": self.config["features"], "config": self.config, **self.extra_state()})
+    # ---- the Trainer's hooks
+    def train_step(self, step: int) -> dict:
+        tc = self.tc
+        loss, terms = self.step_loss(step)
+        self.opt.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if tc.clip_grad > 0:
+            self.scaler.unscale_(self.opt)
+            torch.nn.utils.clip_grad_norm_(self.net.parameters(), tc.clip_grad)
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.sched.step()
+        done = step + 1
+        self.after_step(done)
+        return {"step": done, "loss": float(loss.detach()), "lr": self.sched.get_last_lr()[0],
+                **{f"loss_{k}": v for k, v in terms.items()}}
 
-    def restore(self) -> int:
-        ckpt = self.run.load()
-        self.net.load_state_dict(ckpt["model"])
-        self.opt.load_state_dict(ckpt["optimizer"])
-        self.sched.load_state_dict(ckpt["scheduler"])
-        rng = ckpt["rng"]
-        set_rng_state(rng[self.dist.rank] if isinstance(rng, list) else rng, self.gen)
+    def after_log(self, done: int) -> None:
+        if self.val_examples and (done % self.tc.val_every == 0 or done == self.steps):
+            val = self.validate(done)
+            self.run.log({"step": done, "val": val})
+            self.say(f"{self.command}: step {done} val " + " ".join(
+                f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in val.items()))
+
+    def state(self, step: int) -> dict:
+        return {"model": self.net.state_dict(), "optimizer": self.opt.state_dict(),
+                "scheduler": self.sched.state_dict(), "step": step, "rng": self.rng(),
+                "decoder_config": self.dcfg.to_dict(), "feature_spec": self.feature_spec,
+                "features": self.config["features"], "config": self.config, **self.extra_state()}
+
+    def load_state(self, ckpt: dict) -> None:
         self.load_extra_state(ckpt)
-        self.run.truncate_log(ckpt["step"])
-        log(f"{self.command}: resumed at step {ckpt['step']}")
-        return ckpt["step"]
-
-    def fit(self) -> dict:
-        tc, steps = self.tc, self.steps
-        start = self.restore() if self.resume else 0
-        self.run.write_config(self.config)
-        self.net.train()
-        history = []
-        t0 = time.perf_counter()
-        with progress(self.command, total=steps) as bar:
-            bar.update(start)
-            for step in range(start, min(steps, tc.stop_at or steps)):
-                loss, terms = self.step_loss(step)
-                self.opt.zero_grad(set_to_none=True)
-                self.scaler.scale(loss).backward()
-                if tc.clip_grad > 0:
-                    self.scaler.unscale_(self.opt)
-                    torch.nn.utils.clip_grad_norm_(self.net.parameters(), tc.clip_grad)
-                self.scaler.step(self.opt)
-                self.scaler.update()
-                self.sched.step()
-                done = step + 1
-                self.after_step(done)
-                bar.update(1)
-                record = {"step": done, "loss": float(loss.detach()), "lr": self.sched.get_last_lr()[0],
-                          **{f"loss_{k}": v for k, v in terms.items()}}
-                history.append(record["loss"])
-                if done % tc.log_every == 0 or done == steps:
-                    self.run.log(record)
-                if self.val_examples and (done % tc.val_every == 0 or done == steps):
-                    val = self.validate(done)
-                    self.run.log({"step": done, "val": val})
-                    log(f"{self.command}: step {done} val " + " ".join(
-                        f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in val.items()))
-                if done % tc.checkpoint_every == 0 or done == steps or done == tc.stop_at:
-                    self.checkpoint(done)
-        self.run.plot_losses(("loss", "loss_class", "loss_mask", "loss_dice"))
-        final = f"{history[-1]:.3f}" if history else "n/a"
-        log(f"{self.command}: {len(history)} steps in {time.perf_counter() - t0:.1f}s, final loss {final} -> {self.out}")
-        self.dist.close()
-        return {"steps": steps, "losses": history, "out": self.out}
 
 
 def train_decoder(inputs: Sequence[str], out: str, **kwargs) -> dict:

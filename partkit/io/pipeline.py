@@ -19,7 +19,7 @@ from .._log import log, progress
 from .._version import __version__
 from ..errors import BadSample, Handler, PartkitError, stop
 from .sink import open_sink
-from .tario import iter_tar
+from .tario import iter_tar, unique_keys
 from .urls import expand_urls, iter_streams, select_for_rank
 
 T = TypeVar("T")
@@ -62,11 +62,16 @@ def iter_samples(inputs: Sequence[str], *, handler: Handler = stop, rank: int = 
 
     A corrupt shard raises :class:`PartkitError` under :func:`~partkit.errors.stop`; any other
     handler gets it as ``BadSample(None, message)`` and reading goes on with the next shard.
+    A key seen twice is an error.
     """
     urls = select_for_rank(expand_urls(inputs), rank, world)
     on_error = None if handler is stop else (lambda msg: handler(BadSample(None, msg)))
-    for url, stream in iter_streams(urls):
-        yield from iter_tar(stream, url, on_error=on_error)
+
+    def samples() -> Iterator[dict]:
+        for url, stream in iter_streams(urls):
+            yield from iter_tar(stream, url, on_error=on_error)
+
+    yield from unique_keys(samples())
 
 
 def iter_loaded(inputs: Sequence[str], load: Callable[[dict], T], *, handler: Handler = stop, rank: int = 0,
@@ -132,6 +137,7 @@ def run_stage(
     handler: Handler = stop,
     config: Optional[dict] = None,
     source: Optional[Callable[[int, int], Iterator[dict]]] = None,
+    input_files: Optional[Sequence[str]] = None,
 ) -> dict:
     """Stream samples through ``process`` and write the results.
 
@@ -139,11 +145,15 @@ def run_stage(
     :class:`BadSample`; ``process(list_of_prepared)`` returns one output sample dict (or a
     :class:`BadSample`) per item, in order; each bad sample goes to ``handler`` and, when it
     returns, is recorded in its shard's stats. ``source(rank, world)`` replaces reading ``inputs``
-    as shards (``pack`` reads files). Returns a summary dict.
+    as shards (``pack`` reads files). ``input_files`` (default: the expanded ``inputs``) are what
+    a folder output must not hold and what its resume check fingerprints. Returns a summary dict.
     """
     rank, world = dist_info(output.num_shards, output.shard_index)
     config = {"stage": name, **(config or {}), "shard_size": output.shard_size, "world": world}
-    sink = open_sink(output.path, overwrite=output.overwrite, rank=rank, world=world, config=config)
+    if input_files is None:
+        input_files = expand_urls(inputs) if source is None and output.path not in (None, "-") else ()
+    sink = open_sink(output.path, overwrite=output.overwrite, rank=rank, world=world, config=config,
+                     inputs=input_files)
     drop = set(output.drop)
     shard_size = output.shard_size
     read_errors: list[str] = []
@@ -151,6 +161,7 @@ def run_stage(
     def on_read_error(bad: BadSample) -> None:
         handler(bad)
         read_errors.append(bad.reason)
+
     state = _ShardState()
     totals = {"read": 0, "written": 0, "skipped": 0, "resumed_samples": 0, "shards": 0}
 

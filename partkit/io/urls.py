@@ -2,6 +2,10 @@
 
 An input is a path, a glob, a brace pattern (``data-{000000..000009}.tar``), a folder
 (all ``*.tar`` in it), ``-`` (stdin) or ``pipe:CMD``.
+
+Only the literal argument the user typed may be ``-`` or a ``pipe:`` command: whatever a glob,
+brace pattern or folder listing produced is a path (a file named ``pipe:...`` comes back as
+``./pipe:...``), and a path that exists as typed is used as typed, before any expansion.
 """
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ from braceexpand import braceexpand
 
 from ..errors import PartkitError
 
-__all__ = ["expand_paths", "expand_urls", "open_url", "select_for_rank"]
+__all__ = ["expand_paths", "expand_urls", "open_url", "select_for_rank", "as_path", "is_stream"]
 
 _GLOB_CHARS = set("*?[")
 
@@ -27,22 +31,36 @@ def expand_paths(specs: Sequence[str], folder_files: Callable[[str], list[str]],
     """
     found: list[str] = []
     for spec in specs:
-        for part in braceexpand(spec):
+        # a path that exists as typed is used as typed ('img[1].jpg' is not a glob when the file exists)
+        parts = [spec] if os.path.exists(spec) else braceexpand(spec)
+        for part in parts:
             if os.path.isdir(part):
                 files = folder_files(part)
                 if not files:
                     raise PartkitError(f"folder {part!r} holds no {what}; point at the files or a glob")
                 found.extend(sorted(files))
+            elif os.path.exists(part):
+                found.append(part)
             elif _GLOB_CHARS & set(part):
                 files = sorted(glob.glob(part))
                 if not files:
                     raise PartkitError(f"pattern {part!r} matches no file; check the path")
                 found.extend(files)
-            elif os.path.exists(part):
-                found.append(part)
             else:
                 raise PartkitError(f"input {part!r} does not exist; check the path")
-    return found
+    return [as_path(p) for p in found]
+
+
+def as_path(path: str) -> str:
+    """``path`` spelt so that :func:`open_url` reads it as a file: never ``-`` or a ``pipe:`` command."""
+    if path == "-" or path.startswith("pipe:"):
+        return os.path.join(".", path)
+    return path
+
+
+def is_stream(url: str) -> bool:
+    """True for ``-`` (stdin) and ``pipe:CMD``: inputs that can be read only once and have no size or mtime."""
+    return url == "-" or url.startswith("pipe:")
 
 
 def expand_urls(inputs: Sequence[str]) -> list[str]:
@@ -53,7 +71,7 @@ def expand_urls(inputs: Sequence[str]) -> list[str]:
     """
     urls: list[str] = []
     for spec in inputs:
-        if spec == "-" or spec.startswith("pipe:"):
+        if is_stream(spec):  # only the literal argument: expansions below give paths
             urls.append(spec)
         else:
             urls.extend(expand_paths([spec], lambda d: glob.glob(os.path.join(glob.escape(d), "*.tar")),

@@ -1,0 +1,173 @@
+"""The pixel family: nmi, ari (pooled over pixels or at keypoints) and miou, over label maps."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Optional
+
+import numpy as np
+
+from .. import metrics as M
+from ..errors import PartkitError
+from ._registry import MATCHES, REGIONS, Pass, _pct, fmt, register_accumulator, register_metric
+
+if TYPE_CHECKING:
+    from . import EvalOptions, SampleView
+
+
+class _PixelTables:
+    """GT part x predicted id pixel counts, per object category (None when uncategorised).
+
+    ``optional``: samples without the ground-truth map are passed over (pictures only).
+    """
+
+    def __init__(self, optional: bool = False):
+        self.by_class: dict[Optional[str], M.Contingency] = {}
+        self.optional = optional
+
+    def prepare(self, v: SampleView):
+        if self.optional and not v.has(v.gt_field):
+            return None
+        gt, pred = v.gt, v.pred
+        if v.valid is not None:
+            gt, pred = gt[v.valid], pred[v.valid]
+        return v.category, M.Contingency().update(gt, pred)
+
+    def commit(self, payload) -> None:
+        if payload is None:
+            return
+        cat, table = payload
+        self.by_class.setdefault(cat, M.Contingency()).add(table)
+
+    def pooled(self) -> np.ndarray:
+        total = M.Contingency()
+        for table in self.by_class.values():
+            total.add(table)
+        return total.table_
+
+    @property
+    def has_classes(self) -> bool:
+        return any(c is not None for c in self.by_class)
+
+
+class _KeypointTable:
+    def __init__(self):
+        self.table = M.Contingency()
+
+    def prepare(self, v: SampleView):
+        x, y, kpt = v.visible_keypoints()
+        return M.Contingency().update(kpt, v.pred[y, x])
+
+    def commit(self, payload) -> None:
+        self.table.add(payload)
+
+
+def _region_rows(table: np.ndarray, region: str) -> np.ndarray:
+    if region == "fg" and table.shape[0]:
+        table = table.copy()
+        table[0] = 0
+    return table
+
+def _clustering_results(names, table: np.ndarray, o: EvalOptions) -> dict:
+    at_kpts = o.at == "keypoints"
+    if not at_kpts:
+        table = _region_rows(table, o.region)
+    total = int(table.sum())
+    if total == 0:
+        what = "visible keypoints" if at_kpts else ("ground-truth foreground pixels" if o.region == "fg" else "pixels")
+        hint = "" if at_kpts or o.region == "full" else "; use --region full to score the background too"
+        raise PartkitError(f"no {what} to score in the input{hint}")
+    info = {"at": o.at, "pairs": total, "true_labels": int((table.sum(1) > 0).sum()),
+            "pred_labels": int((table.sum(0) > 0).sum())}
+    if not at_kpts:
+        info["region"] = o.region
+        if o.region == "fg" and table.shape[1]:
+            info["pred_background_in_fg"] = _pct(table[:, 0].sum() / total)
+    score = {"nmi": M.nmi_score, "ari": M.ari_score}
+    return {name: {"value": _pct(score[name](contingency=table)), **info} for name in names}
+
+
+def _miou_result(tables: _PixelTables, fit: Optional[_PixelTables], o: EvalOptions) -> dict:
+    ignore = (0,) if o.region == "fg" else ()
+
+    def score(table, fit_table, where=""):
+        if _region_rows(table, o.region).sum() == 0:
+            raise PartkitError(f"no {'ground-truth foreground ' if o.region == 'fg' else ''}pixels to score for "
+                               f"miou{where}")
+        iou, mapping = M.matched_iou(table, o.match, fit_table=fit_table, ignore_true=ignore, ignore_pred=ignore)
+        return iou, mapping
+
+    pooled = tables.pooled()
+    fit_pooled = None if fit is None else fit.pooled()
+    iou, mapping = score(pooled, fit_pooled)
+    present = np.flatnonzero(~np.isnan(iou))
+    seen = np.zeros(mapping.size, bool)  # clusters that occur (uint8 tables have 256 columns)
+    for table in (pooled, fit_pooled):
+        if table is not None:
+            seen[:table.shape[1]] |= table.sum(0)[:mapping.size] > 0
+    out = {"value": _pct(np.nanmean(iou)), "iou": {str(i): _pct(iou[i]) for i in present},
+           "mapping": {str(c): int(m) for c, m in enumerate(mapping) if m >= 0 and seen[c]},
+           "region": o.region, "match": o.match, "fitted_on": "match-on shards" if fit else "scored data"}
+    if tables.has_classes:
+        per_class, class_means, pairs = {}, [], []
+        for cat in sorted(tables.by_class, key=lambda c: (c is None, str(c))):
+            fit_table = None
+            if fit is not None:
+                if cat not in fit.by_class:
+                    raise PartkitError(f"object class {cat!r} has no samples in the --match-on shards to fit on")
+                fit_table = fit.by_class[cat].table_
+            c_iou, _ = score(tables.by_class[cat].table_, fit_table, f" in object class {cat!r}")
+            ids = np.flatnonzero(~np.isnan(c_iou))
+            pairs.extend(c_iou[ids])
+            class_means.append(np.nanmean(c_iou))
+            per_class["(none)" if cat is None else cat] = {"miou": _pct(np.nanmean(c_iou)),
+                                                          "iou": {str(i): _pct(c_iou[i]) for i in ids}}
+        out["c_miou"] = _pct(np.mean(class_means))
+        out["a_miou"] = _pct(np.mean(pairs))
+        out["per_class"] = per_class
+    return out
+
+
+register_accumulator("pixels", lambda o, names: _PixelTables())
+register_accumulator("keypoints", lambda o, names: _KeypointTable())
+
+
+def _clustering_table(o: EvalOptions) -> str:
+    return "keypoints" if o.at == "keypoints" else "pixels"
+
+
+def _clustering(p: Pass, name: str) -> dict:
+    acc = p.accumulators[_clustering_table(p.options)]
+    table = acc.table.table_ if p.options.at == "keypoints" else acc.pooled()
+    return _clustering_results([name], table, p.options)[name]
+
+
+def _clustering_summary(r: dict) -> str:
+    where = f"keypoints ({r['pairs']} visible)" if r["at"] == "keypoints" else f"{r['region']} pixels ({r['pairs']:,})"
+    return f"pooled over {where}; {r['true_labels']} true x {r['pred_labels']} predicted labels"
+
+
+_CLUSTERING = dict(accumulator=_clustering_table, summary=_clustering_summary, options=("pred", "gt_field"),
+                   choices={"region": REGIONS, "at": ("pixels", "keypoints")})
+
+
+@register_metric("nmi", **_CLUSTERING)
+def nmi(p: Pass) -> dict:
+    """Normalised mutual information of ground-truth parts and predicted ids, pooled over the dataset."""
+    return _clustering(p, "nmi")
+
+
+@register_metric("ari", **_CLUSTERING)
+def ari(p: Pass) -> dict:
+    """Adjusted Rand index of ground-truth parts and predicted ids, pooled over the dataset."""
+    return _clustering(p, "ari")
+
+
+def _miou_summary(r: dict) -> str:
+    extra = f"; C-mIoU {fmt(r['c_miou'])}, A-mIoU {fmt(r['a_miou'])}" if "c_miou" in r else ""
+    return f"{r['match']} matching fitted on {r['fitted_on']}, {r['region']} pixels, {len(r['iou'])} parts{extra}"
+
+
+@register_metric("miou", accumulator="pixels", summary=_miou_summary, options=("pred", "gt_field"),
+                 choices={"region": REGIONS, "match": MATCHES}, fit="pixels")
+def miou(p: Pass) -> dict:
+    """Mean IoU of parts after matching predicted ids to parts (per object class too, when known)."""
+    return _miou_result(p.accumulators["pixels"], p.fit.get("pixels"), p.options)
