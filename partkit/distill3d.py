@@ -30,6 +30,8 @@ from ._runtime import resolve_device, seed_everything
 from ._version import __version__
 from .errors import BadSample, Handler, PartkitError, stop
 from .io import Output, encode_json, encode_npy, iter_samples, run_stage
+from .io.sink import check_output_apart
+from .io.urls import expand_urls
 from .pointcloud import Shape, decode_shape, normalize
 from .render3d import DEFAULT_AZIMUTHS, DEFAULT_ELEVATIONS, Rendering, render_points
 from .training import RunDir, Trainer, check_count, check_rate, digest
@@ -729,6 +731,8 @@ def distill_3d(inputs: Sequence[str], config: Optional[DistillConfig] = None, *,
     check_count("--stop-at", stop_at, fix="pass the epoch to checkpoint and stop at, or drop --stop-at")
     if out is None and (resume or stop_at is not None):
         raise PartkitError("--resume and --stop-at continue or checkpoint a run folder; pass --out RUN_DIR")
+    if output.path not in (None, "-"):  # refuse before training, not after it
+        check_output_apart(output.path, expand_urls(inputs))
     run = RunDir(out, resume=resume) if out is not None else None
     samples = list(iter_samples(inputs, handler=handler))
     if not samples:

@@ -266,6 +266,17 @@ def test_output_folder_holding_an_input_is_refused(base, tmp_path):
         assert {p: (folder / p).read_bytes() for p in os.listdir(folder)} == before
 
 
+def test_distill3d_output_holding_its_input_is_refused_before_training(base, tmp_path):
+    folder = tmp_path / "pts"
+    shutil.copytree(base["pts"].parent, folder)
+    before = {p: (folder / p).read_bytes() for p in os.listdir(folder)}
+    res = invoke(["distill-3d", folder, "-k", "2", "--out", tmp_path / "run", "-o", folder,
+                  "--overwrite"])
+    assert_clean_failure(res, "holds the input", "another folder")
+    assert {p: (folder / p).read_bytes() for p in os.listdir(folder)} == before
+    assert not (tmp_path / "run").exists()  # refused before the student was trained
+
+
 def test_resume_checks_the_inputs(tmp_path):
     imgs = tmp_path / "imgs"
     imgs.mkdir()

@@ -145,13 +145,14 @@ def run_stage(
     :class:`BadSample`; ``process(list_of_prepared)`` returns one output sample dict (or a
     :class:`BadSample`) per item, in order; each bad sample goes to ``handler`` and, when it
     returns, is recorded in its shard's stats. ``source(rank, world)`` replaces reading ``inputs``
-    as shards (``pack`` reads files). ``input_files`` (default: the expanded ``inputs``) are what
+    as shards (``pack`` reads files; distill-3d replays what it read). ``input_files`` (default: the
+    expanded ``inputs``; ``pack`` passes its files) are what
     a folder output must not hold and what its resume check fingerprints. Returns a summary dict.
     """
     rank, world = dist_info(output.num_shards, output.shard_index)
     config = {"stage": name, **(config or {}), "shard_size": output.shard_size, "world": world}
     if input_files is None:
-        input_files = expand_urls(inputs) if source is None and output.path not in (None, "-") else ()
+        input_files = expand_urls(inputs) if output.path not in (None, "-") else ()
     sink = open_sink(output.path, overwrite=output.overwrite, rank=rank, world=world, config=config,
                      inputs=input_files)
     drop = set(output.drop)

@@ -25,7 +25,7 @@ from .tario import TarSampleWriter
 from .urls import is_stream
 
 __all__ = ["StdoutSink", "FolderSink", "open_sink", "write_atomic", "check_output_file", "check_output_folder",
-           "input_fingerprint"]
+           "check_output_apart", "input_fingerprint"]
 
 _SHARD = re.compile(r"^\d{6}\.tar$")
 
@@ -89,6 +89,17 @@ def check_output_folder(path: str, what: str) -> None:
             raise PartkitError(f"{what} {path!r}: cannot write into it (permission denied); pick another folder")
         return
     _writable_ancestor(path, what, True)
+
+
+def check_output_apart(folder: str, inputs: Sequence[str]) -> None:
+    """Refuse an output folder that is, or holds, one of the input files (a run would overwrite its input)."""
+    here = os.path.realpath(folder)
+    for url in inputs:
+        if not is_stream(url):
+            real = os.path.realpath(url)
+            if real == here or real.startswith(here.rstrip(os.sep) + os.sep):
+                raise PartkitError(f"--output {folder!r} holds the input {url!r} (a run would overwrite its own "
+                                   "input); write to another folder")
 
 
 def input_fingerprint(inputs: Sequence[str]) -> Optional[dict]:
@@ -155,13 +166,7 @@ class FolderSink:
         if os.path.exists(folder) and not os.path.isdir(folder):
             raise PartkitError(f"--output {folder!r} exists and is not a folder; pick a folder path")
         check_output_folder(folder, "--output")
-        here = os.path.realpath(folder)
-        for url in inputs:
-            if not is_stream(url):
-                real = os.path.realpath(url)
-                if real == here or real.startswith(here.rstrip(os.sep) + os.sep):
-                    raise PartkitError(f"--output {folder!r} holds the input {url!r} (a run would overwrite its own "
-                                       "input); write to another folder")
+        check_output_apart(folder, inputs)
         self.inputs = input_fingerprint(inputs)
         try:
             os.makedirs(folder, exist_ok=True)
