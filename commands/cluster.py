@@ -84,5 +84,6 @@ def main(
         device=g.device, fg_from=fg_from, fg_threshold=fg_threshold, coverage=coverage, upsample=upsample,
         min_area=min_area, min_area_action=min_area_action, warm_start=warm_start, centroids=centroids,
         save_centroids=save_centroids, fit_on=fit_on or None, group_by=group_by, votes=votes, elbow=elbow,
-        k_max=k_max, max_points_per_centroid=max_points_per_centroid, batch_size=batch_size, handler=handler_for(skip_bad),
+        k_max=k_max, max_points_per_centroid=max_points_per_centroid, batch_size=batch_size,
+        handler=handler_for(skip_bad),
     )

@@ -40,5 +40,6 @@ def main(
 
     g = get_globals(ctx)
     predict(inputs or ["-"], checkpoint, topk=topk, score_threshold=score_threshold, mask_threshold=mask_threshold,
-            label_map=label_map, batch_size=batch_size, device=g.device, handler=handler_for(skip_bad), use_teacher=teacher,
+            label_map=label_map, batch_size=batch_size, device=g.device, handler=handler_for(skip_bad),
+            use_teacher=teacher,
             output=make_output(output, shard_size, overwrite, drop, num_shards, shard_index))

@@ -110,7 +110,8 @@ def _ranked(sample: dict) -> tuple:
     if (not isinstance(doc, dict) or not isinstance(doc.get("k"), int) or doc["k"] < 1
             or not isinstance(doc.get("proposals"), list) or not isinstance(doc.get("classes"), list)
             or not all(isinstance(p, dict) and "part_id" in p and "score" in p for p in doc["proposals"])):
-        raise BadSample(key, "'ranked.json' lacks k, classes or proposals (part_id, score); re-run `partkit rank apply`")
+        raise BadSample(key, "'ranked.json' lacks k, classes or proposals (part_id, score); "
+                             "re-run `partkit rank apply`")
     labels = decode_label_map(sample, "ranked_parts.png").astype(np.int64)
     image = F.image(sample)
     if image.shape[:2] != labels.shape:
