@@ -25,16 +25,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._log import log, progress
-from ._runtime import resolve_device, seed_everything
-from ._version import __version__
-from .errors import BadSample, Handler, PartkitError, stop
-from .io import Output, encode_json, encode_npy, iter_samples, run_stage
-from .io.sink import check_output_apart
-from .io.urls import expand_urls
-from .pointcloud import Shape, decode_shape, normalize
-from .render3d import DEFAULT_AZIMUTHS, DEFAULT_ELEVATIONS, Rendering, render_points
-from .training import RunDir, Trainer, check_count, check_rate, digest
+from .._log import log, progress
+from .._runtime import resolve_device, seed_everything
+from .._version import __version__
+from ..errors import BadSample, Handler, PartkitError, stop
+from ..io import Output, encode_json, encode_npy, iter_samples, run_stage
+from ..io.sink import check_output_apart
+from ..io.urls import expand_urls
+from ..pointcloud import Shape, decode_shape, normalize
+from ..render3d import DEFAULT_AZIMUTHS, DEFAULT_ELEVATIONS, Rendering, render_points
+from ..training import RunDir, Trainer, check_count, check_rate, digest
 
 __all__ = ["DistillConfig", "PartsTeacher", "ClipTeacher", "PointStudent", "PartDistiller", "StudentTrainer",
            "distill_3d",
@@ -230,8 +230,8 @@ class PartsTeacher:
     """
 
     def __init__(self, cfg: DistillConfig, device):
-        from .extract import FeatureExtractor
-        from .models import create_backbone
+        from ..extract import FeatureExtractor
+        from ..models import create_backbone
 
         self.cfg = cfg
         self.fx = FeatureExtractor(create_backbone(cfg.model_name, cfg.weights), layers=cfg.layers, size=cfg.size,
@@ -258,7 +258,7 @@ class PartsTeacher:
         so memory stays bounded however many shapes there are; their features are kept for
         :meth:`__call__`, the other shapes' are computed there.
         """
-        from .kmeans import KMeans
+        from ..kmeans import KMeans
 
         # k-means is fit on cells wholly inside the object: cells on the silhouette mix in the white
         # background, and would otherwise cluster into rings around every view (measured on ShapeNetPart
@@ -309,8 +309,8 @@ class ClipTeacher:
     """
 
     def __init__(self, cfg: DistillConfig, part_names: Sequence[str], category: Optional[str], device):
-        from .extract import FeatureExtractor
-        from .models import create_clip
+        from ..extract import FeatureExtractor
+        from ..models import create_clip
 
         self.cfg = cfg
         backbone, self.model, self.tokenizer = create_clip(cfg.model_name, cfg.weights)
