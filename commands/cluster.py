@@ -71,19 +71,18 @@ def main(
     Example: partkit pack imgs/ --labels labels/ | partkit extract --model efficientnet_lite0 |
     partkit cluster --scope object --fg-from gt_parts -k 4 -o parts/
     """
-    from partkit.cluster import cluster
+    from partkit.cluster import ClusterConfig, cluster
 
     g = get_globals(ctx)
     check_seed(seed)
     if save_centroids:
         check_output_file(save_centroids, "--save-centroids")
-    cluster(
-        inputs or ["-"],
-        output=make_output(output, shard_size, overwrite, drop, num_shards, shard_index),
+    config = ClusterConfig(
         scope=scope, k=k, metric=metric, init=init, max_iter=iters, tol=tol, seed=g.seed if seed is None else seed,
         device=g.device, fg_from=fg_from, fg_threshold=fg_threshold, coverage=coverage, upsample=upsample,
         min_area=min_area, min_area_action=min_area_action, warm_start=warm_start, centroids=centroids,
         save_centroids=save_centroids, fit_on=fit_on or None, group_by=group_by, votes=votes, elbow=elbow,
         k_max=k_max, max_points_per_centroid=max_points_per_centroid, batch_size=batch_size,
-        handler=handler_for(skip_bad),
     )
+    cluster(inputs or ["-"], config, output=make_output(output, shard_size, overwrite, drop, num_shards, shard_index),
+            handler=handler_for(skip_bad))

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from partkit.cli.main import app
 from conftest import read_shard, tar_names
-from partkit.cluster import cluster
+from partkit.cluster import ClusterConfig, cluster
 from partkit.errors import BadSample, PartkitError
 from partkit.grid import grid_to_image
 from partkit.io import Output
@@ -373,3 +373,39 @@ def test_library_function_and_folder_output(shard_factory, tmp_path):
     with pytest.raises(BadSample):
         cluster([shard_factory([{"__key__": "x", "feat.json": b"{}", "feat.npy": np.zeros((2, 3))}])],
                 output=Output(str(tmp_path / "o3")))
+
+
+@pytest.mark.parametrize("options, args", [
+    (dict(scope="part"), ["--scope", "part"]),
+    (dict(k="many"), ["-k", "many"]),
+    (dict(fg_from="gt_parts"), ["--fg-from", "gt_parts"]),
+    (dict(scope="dataset", k="auto"), ["--scope", "dataset", "-k", "auto"]),
+    (dict(coverage=0.0), ["--coverage", "0"]),  # the CLI passes a float
+    (dict(centroids="c.npy"), ["--centroids", "c.npy"]),
+    (dict(scope="cosegment", warm_start="parts"), ["--scope", "cosegment", "--warm-start", "parts"]),
+])
+def test_config_validate_refuses_a_bad_option_with_the_cli_message(shard_factory, options, args):
+    with pytest.raises(PartkitError) as refused:
+        ClusterConfig(**options).validate()
+    result = invoke(["cluster", shard_factory([sample("a")]), *args])
+    assert result.exit_code == 2 and f"error: {refused.value}\n" in result.stderr, result.stderr
+
+
+def test_config_validate_fills_the_scope_defaults_once():
+    cfg = ClusterConfig(scope="dataset", k="8", group_by="none", seed="3").validate()
+    assert (cfg.k, cfg.max_iter, cfg.fg_from, cfg.group_by, cfg.seed) == (8, 25, None, None, 3)
+    assert cfg.validate() == cfg
+    assert ClusterConfig(scope="object").validate().fg_from == "gt_objects"
+    cfg = ClusterConfig(scope="cosegment").validate()
+    assert (cfg.k, cfg.max_iter, cfg.fg_from, cfg.group_by) == (4, 100, "saliency", "category")
+
+
+def test_library_takes_a_config_or_keywords(shard_factory, tmp_path):
+    path = shard_factory([sample("a"), sample("b", 1)])
+    cluster([path], ClusterConfig(k=3, seed=1), output=Output(str(tmp_path / "config")))
+    cluster([path], ClusterConfig(k=5), output=Output(str(tmp_path / "override")), seed=1, k=3)
+    cluster([path], output=Output(str(tmp_path / "keywords")), k=3, seed=1)
+    shards = [(tmp_path / name / "000000.tar").read_bytes() for name in ("config", "override", "keywords")]
+    assert shards[0] == shards[1] == shards[2]
+    with pytest.raises(TypeError):
+        cluster([path], output=Output(str(tmp_path / "bad")), clusters=3)
