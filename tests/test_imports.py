@@ -2,6 +2,7 @@
 imports typer, and the command line installs as ``partkit.cli`` (never a top-level ``commands``)."""
 import ast
 import importlib
+import re
 from pathlib import Path
 
 import pytest
@@ -169,3 +170,17 @@ def test_pyproject_lists_every_package():
     assert not missing, f"add {missing} to [tool.setuptools] packages in pyproject.toml (a wheel would lack them)"
     assert setuptools["package-dir"] == {"partkit.cli": "commands"}
     assert config["project"]["scripts"] == {"partkit": "partkit.cli.main:main"}
+
+
+def test_architecture_names_every_module():
+    """ARCHITECTURE.md says which concern each module owns: every module file is named there."""
+    text = re.sub(r"```.*?```", "", (ROOT / "ARCHITECTURE.md").read_text(), flags=re.S)
+    named = set(re.findall(r"`([^`]+)`", text))
+    words = {w for chunk in named for w in re.split(r"[^\w]+", chunk) if w}
+    missing = []
+    for path in sorted((ROOT / "partkit").rglob("*.py")) + sorted((ROOT / "commands").glob("*.py")):
+        if path.name == "__init__.py" or path.name == "_version.py":
+            continue
+        if path.stem not in words:
+            missing.append(str(path.relative_to(ROOT)))
+    assert not missing, f"modules ARCHITECTURE.md does not name: {missing}"
