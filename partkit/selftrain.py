@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .decoder.data import MASK_FACTOR, Example, augment, collate
+from .decoder.data import MASK_FACTOR, Example, augment
 from .decoder.model import PartDecoder
 from .decoder.predict import load_decoder
 from .decoder.features import OnlineFeatures, batch_features, load_examples
@@ -186,13 +186,7 @@ class SelfTrainer(DecoderTrainer):
         loss = self.unsup_weight * unsup if self.labeled else unsup
         if self.labeled:
             idx = epoch_batch_indices(step, len(self.labeled), self.tc.batch_size, self.seed * 37 + 1)
-            lab = [self.labeled[i] for i in idx]
-            feats = batch_features(lab, self.online)
-            items = [augment(Example(e.key, f, e.target, e.ids, e.classes, e.meta), self.tc.crop_grid, self.gen)
-                     for e, f in zip(lab, feats)]
-            x, gt = collate(items, lab, self.dev)
-            with torch.autocast(self.dev.type, dtype=torch.float16, enabled=self.use_amp):
-                sup, sup_terms = self.crit(self.ddp(x), gt, self.gen)
+            sup, sup_terms = self.supervised_loss([self.labeled[i] for i in idx])
             loss = sup + loss
             terms.update({f"sup_{k}": v for k, v in sup_terms.items()})
         return loss, terms

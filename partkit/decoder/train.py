@@ -179,7 +179,10 @@ class DecoderTrainer(Trainer):
         return [self.examples[i] for i in epoch_batch_indices(step, n, b, self.seed * 31 + self.dist.rank)]
 
     def step_loss(self, step: int) -> tuple[torch.Tensor, dict]:
-        batch = self.batch(step)
+        return self.supervised_loss(self.batch(step))
+
+    def supervised_loss(self, batch: list) -> tuple[torch.Tensor, dict]:
+        """The set-prediction loss of a batch of examples against their own targets (augmented)."""
         feats = batch_features(batch, self.online)
         items = [augment(Example(ex.key, f, ex.target, ex.ids, ex.classes, ex.meta), self.tc.crop_grid, self.gen)
                  for ex, f in zip(batch, feats)]
