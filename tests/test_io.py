@@ -190,3 +190,21 @@ def test_huge_image_header_is_refused_without_decoding():
         chunk(b"IDAT", zlib.compress(b"\x00" * 100)) + chunk(b"IEND", b"")
     with pytest.raises(BadSample, match="20000x20000.*limit"):
         decode_image({"__key__": "big", "png": png})
+
+
+def test_members_made_with_dot_slash_are_plain_keys(tmp_path):
+    """``tar -C dir -cf x.tar .`` names members ``./a.json``: the same sample as ``a.json``, not a bad key."""
+    import tarfile
+
+    from partkit.io import iter_tar
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.json").write_text('{"x": 1}')
+    (src / "a.txt").write_text("hi")
+    with tarfile.open(tmp_path / "x.tar", "w") as tf:
+        tf.add(src, arcname=".")
+    with open(tmp_path / "x.tar", "rb") as f:
+        samples = list(iter_tar(f, "x.tar"))
+    assert [s["__key__"] for s in samples] == ["a"]
+    assert samples[0]["json"] == b'{"x": 1}' and samples[0]["txt"] == b"hi"

@@ -22,7 +22,9 @@ FIXED_MTIME = 0
 
 
 def split_name(name: str) -> tuple[str, str]:
-    """``dir/key.feat.npy`` -> (``dir/key``, ``feat.npy``)."""
+    """``dir/key.feat.npy`` -> (``dir/key``, ``feat.npy``); a leading ``./`` (``tar -C dir -cf x.tar .``) is dropped."""
+    while name.startswith("./"):
+        name = name[2:]
     head, sep, base = name.rpartition("/")
     key, dot, ext = base.partition(".")
     return head + sep + key, ext
