@@ -424,9 +424,11 @@ def test_killed_mid_shard_rerun_matches_uninterrupted(base, tmp_path):
         def mid_shard_1():
             return (killed / "000000.stats.json").exists() and list(killed.glob(".000001.tar.tmp-*"))
 
-        for sample in samples:  # feed samples one by one until shard 0 is done and shard 1 is open
+        for i, sample in enumerate(samples):  # feed samples one by one until shard 0 is done and shard 1 is open
             writer.write(sample)
             proc.stdin.flush()
+            if i < 5:  # shard 1 cannot open before its first sample (the 5th) is complete: the 6th member ends it
+                continue
             deadline = time.time() + 3
             while not mid_shard_1() and time.time() < deadline and proc.poll() is None:
                 time.sleep(0.02)
