@@ -25,7 +25,7 @@ from partkit import contrast
 from partkit.contrast import make_views, mask_pool, part_contrast, part_contrast_loss, part_masks
 from partkit.errors import PartkitError
 from partkit.models import create_backbone
-from partkit.models._weights import load_state_dict
+from partkit.models import load_state_dict
 
 TINY = dict(rounds=2, steps_per_round=2, batch_size=2, size=64, k=8, device="cpu", log_every=1)
 

@@ -18,7 +18,7 @@ from ._weights import WeightSource, find_local, hub_reachable, load_state_dict, 
 from .backbone import FACETS, Backbone, OpenClipViT, PixelBackbone, TimmCNN, TimmViT
 
 __all__ = ["create_backbone", "create_clip", "list_backbones", "register_backbone", "get_spec", "BackboneSpec",
-           "Backbone", "FACETS", "find_local"]
+           "Backbone", "FACETS", "find_local", "load_state_dict"]
 
 
 def _load_into(net, spec: BackboneSpec, path: str) -> dict:
