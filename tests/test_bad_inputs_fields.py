@@ -260,3 +260,18 @@ def test_mixed_features_refused_by_train_decoder(tmp_path):
     assert res.exit_code == 0, res.stderr
     config = json.loads((out / "config.json").read_text())
     assert [r["key"] for r in config["skipped_samples"]] == ["b0"]
+
+
+def test_malformed_gt_objects_in_self_training_data_is_a_bad_sample(tmp_path):
+    teacher = tmp_path / "teacher"
+    good = _shard(tmp_path, {}, name="good.tar")
+    assert invoke(["train-decoder", good, "--out", teacher, *DECODER]).exit_code == 0
+    shard = _shard(tmp_path, {"gt_objects.json": OBJECT_CASES["objects-not-objects"]})
+    out = tmp_path / "run"
+    args = ["self-train", shard, "--teacher", teacher, "--out", out, "--max-steps", "1", "--batch-size", "2"]
+    assert_bad_sample_error(invoke(args), "bad", "gt_objects.json")
+    assert_nothing_final(out)
+    res = invoke(args + ["--skip-bad"])
+    assert res.exit_code == 0, res.stderr
+    config = json.loads((out / "config.json").read_text())
+    assert [r["key"] for r in config["skipped_samples"]] == ["bad"]

@@ -135,9 +135,10 @@ class DecoderTrainer(Trainer):
         self.online = online
         self.skipped: list = []
         same = FeatureSource(self.command)
-        self.examples = load_examples(inputs, field=field, min_part_area=min_part_area, rank=self.dist.rank,
-                                      world=self.dist.world, online=online, handler=recorded(handler, self.skipped),
-                                      source=same)
+        on_bad = recorded(handler, self.skipped)
+        self.examples = self.prepare_examples(
+            load_examples(inputs, field=field, min_part_area=min_part_area, rank=self.dist.rank,
+                          world=self.dist.world, online=online, handler=on_bad, source=same), on_bad)
         if self.skipped:
             log(f"skipped {len(self.skipped)} bad training samples")
         if not self.examples:
@@ -167,6 +168,10 @@ class DecoderTrainer(Trainer):
                        "partkit_version": __version__, "torch": torch.__version__}
 
     # ---- hooks for subclasses
+    def prepare_examples(self, examples: list, on_bad) -> list:
+        """Examples as training uses them; a subclass may reject one by passing its BadSample to ``on_bad``."""
+        return examples
+
     def make_net(self) -> PartDecoder:
         return PartDecoder(self.dcfg)
 
