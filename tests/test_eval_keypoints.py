@@ -225,7 +225,7 @@ def test_per_class_at_keypoints_and_without_classes(shard_factory):
 # ------------------------------------------------------------------------------------------- the CLI
 
 
-def test_cli_nmi_ari_kpt_regression_at_keypoints(shard_factory, tmp_path):
+def test_cli_nmi_ari_kpt_regression_at_keypoints(shard_factory):
     affine = _affine(9)
     train, test = _images(10, 15, affine), _images(11, 5, affine)
     shard = shard_factory([_sample(f"s{i}", p, k, b, category="bird") for i, (p, k, b) in enumerate(train + test)])
