@@ -1,4 +1,5 @@
-"""Score part predictions against ground truth: nmi, ari, miou, ar, mask-ap, retrieval, miou-3d, probe.
+"""Score part predictions against ground truth: nmi, ari, miou, ar, mask-ap, retrieval, miou-3d, probe,
+kpt-regression.
 
 Metric names come first, then the input shards (default: stdin):
   partkit eval nmi ari miou parts/{000000..000009}.tar --region full
@@ -98,8 +99,15 @@ def main(
     viz: Optional[str] = typer.Option(None, "--viz", help="Also draw overlays, purity grid and confusion map here."),
     viz_max: int = typer.Option(16, "--viz-max", help="Overlays for the first N samples."),
     skip_bad: SkipBadOption = False,
+    average: str = typer.Option("pooled", "--average", help="nmi/ari value: pooled over the dataset, or class: the "
+                                                            "mean over object classes ('category' in json)."),
+    kpt_train: int = typer.Option(0, "--kpt-train", help="kpt-regression without --match-on: fit on the first N "
+                                                         "images, score the rest."),
+    kpt_norm: str = typer.Option("bbox", "--kpt-norm", help="kpt-regression coordinates and error normalised by the "
+                                                            "object box (gt_objects.json) or the image size."),
 ):
-    """Score part predictions against ground truth: nmi, ari, miou, ar, mask-ap, retrieval, miou-3d, probe.
+    """Score part predictions against ground truth: nmi, ari, miou, ar, mask-ap, retrieval, miou-3d, probe,
+    kpt-regression.
 
     Metric names come first, then input shards (default: stdin). A table goes to stderr and
     the JSON report to stdout (or --json FILE); scores are x100.
@@ -115,7 +123,7 @@ def main(
         gt=gt, ks=parse_ints(ks, "--ks") or [], max_dets=max_dets, feat=feat, patch=patch, exclude_self=exclude_self,
         kpt_min_visibility=kpt_min_v, category_parts=_load_json(category_parts, "--category-parts"),
         probe_train=probe_train, probe_target=probe_target, probe_c=probe_c, seed=g.seed, skip_bad=skip_bad,
-        viz_dir=viz, viz_max=viz_max)
+        viz_dir=viz, viz_max=viz_max, average=average, kpt_train=kpt_train, kpt_norm=kpt_norm)
     options.validate(metrics)
     report = evaluate(inputs, metrics, options)
     if not g.quiet:

@@ -429,10 +429,11 @@ def test_registry_lists_exactly_the_builtin_metrics():
 
     from partkit.evaluate import METRICS, get_metric, list_metrics
 
-    assert list_metrics() == list(METRICS) == ["nmi", "ari", "miou", "ar", "mask-ap", "retrieval", "miou-3d", "probe"]
+    assert list_metrics() == list(METRICS) == ["nmi", "ari", "miou", "ar", "mask-ap", "retrieval", "miou-3d", "probe",
+                                               "kpt-regression"]
     families = {name: get_metric(name).family for name in METRICS}
     assert families == {"nmi": "pixels", "ari": "pixels", "miou": "pixels", "ar": "masks", "mask-ap": "masks",
-                        "retrieval": "retrieval", "miou-3d": "shapes", "probe": "probe"}
+                        "retrieval": "retrieval", "miou-3d": "shapes", "probe": "probe", "kpt-regression": "keypoints"}
     known = {f.name for f in fields(EvalOptions)}
     for name in METRICS:  # every option a metric declares is an EvalOptions field
         assert set(get_metric(name).options) <= known, name
@@ -510,7 +511,18 @@ def _every_metric(shard_factory):
     return {"nmi": ([shard_factory(_class_samples())], {}), "ari": ([shard_factory(_class_samples())], {}),
             "miou": ([shard_factory(_class_samples())], {}), "ar": ([masks], {"ks": (1, 2)}),
             "mask-ap": ([masks], {}), "retrieval": ([retrieval], {}), "miou-3d": ([shapes], {}),
-            "probe": ([shard_factory(_probe_samples(4))], {"probe_train": 2})}
+            "probe": ([shard_factory(_probe_samples(4))], {"probe_train": 2}),
+            "kpt-regression": ([shard_factory(_landmark_samples(4))], {"kpt_train": 3, "kpt_norm": "image"})}
+
+
+def _landmark_samples(n):
+    out = []
+    for i in range(n):
+        pred = np.zeros((8, 8), np.uint8)
+        pred[i % 3:i % 3 + 2, 1:3], pred[4:6, i % 4:i % 4 + 3] = 1, 2
+        out.append(_sample(f"l{i}", pred=pred, json={"width": 8, "height": 8},
+                           gt_kpts__json={"keypoints": [[[1 + i % 3, 2, 2], [3, 4 + i % 2, 2]]]}))
+    return out
 
 
 def test_every_metric_summary_row_renders(shard_factory):

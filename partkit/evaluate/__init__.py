@@ -26,7 +26,7 @@ from ..fields import parse_keypoints
 from ..io import iter_loaded
 from ..show import VIEWS, Pictures, view_paths
 # The families register their metrics on import; this order is METRICS' order.
-from . import pixels, masks, retrieval, shapes, probe  # noqa: F401  # isort: skip
+from . import pixels, masks, retrieval, shapes, probe, keypoints  # noqa: F401  # isort: skip
 from ._registry import (Metric, Pass, accumulator_kinds, create_accumulator, get_metric, list_metrics,
                         register_accumulator, register_metric, registered_metrics)
 from .pixels import _PixelTables, _region_rows
@@ -63,6 +63,9 @@ class EvalOptions:
     skip_bad: bool = False
     viz_dir: Optional[str] = None
     viz_max: int = 16
+    average: str = "pooled"  # nmi/ari value: pooled over the dataset, or the mean over object classes (class)
+    kpt_train: int = 0  # kpt-regression without --match-on: the first N images fit the regression, the rest score
+    kpt_norm: str = "bbox"  # kpt-regression coordinates / error: per object box (gt_objects.json) or image size
 
     def validate(self, metrics: Sequence[str]) -> list[str]:
         """Check every option before any work; returns the metric names, deduplicated.

@@ -1,4 +1,4 @@
-"""The pixel family: nmi, ari (pooled over pixels or at keypoints) and miou, over label maps."""
+"""The pixel family: nmi, ari (pooled over pixels or at keypoints, per object class too) and miou."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Optional
@@ -48,16 +48,12 @@ class _PixelTables:
         return any(c is not None for c in self.by_class)
 
 
-class _KeypointTable:
-    def __init__(self):
-        self.table = M.Contingency()
+class _KeypointTable(_PixelTables):
+    """Keypoint index x predicted id counts at visible keypoints, per object category."""
 
     def prepare(self, v: SampleView):
         x, y, kpt = v.visible_keypoints()
-        return M.Contingency().update(kpt, v.pred[y, x])
-
-    def commit(self, payload) -> None:
-        self.table.add(payload)
+        return v.category, M.Contingency().update(kpt, v.pred[y, x])
 
 
 def _region_rows(table: np.ndarray, region: str) -> np.ndarray:
@@ -66,7 +62,9 @@ def _region_rows(table: np.ndarray, region: str) -> np.ndarray:
         table[0] = 0
     return table
 
-def _clustering_results(names, table: np.ndarray, o: EvalOptions) -> dict:
+
+def _clustering_info(table: np.ndarray, o: EvalOptions, where: str = "") -> tuple[np.ndarray, dict]:
+    """The scored rows of a table (``--region``) and what the report says about them."""
     at_kpts = o.at == "keypoints"
     if not at_kpts:
         table = _region_rows(table, o.region)
@@ -74,15 +72,49 @@ def _clustering_results(names, table: np.ndarray, o: EvalOptions) -> dict:
     if total == 0:
         what = "visible keypoints" if at_kpts else ("ground-truth foreground pixels" if o.region == "fg" else "pixels")
         hint = "" if at_kpts or o.region == "full" else "; use --region full to score the background too"
-        raise PartkitError(f"no {what} to score in the input{hint}")
+        raise PartkitError(f"no {what} to score in the input{where}{hint}")
     info = {"at": o.at, "pairs": total, "true_labels": int((table.sum(1) > 0).sum()),
             "pred_labels": int((table.sum(0) > 0).sum())}
     if not at_kpts:
         info["region"] = o.region
         if o.region == "fg" and table.shape[1]:
             info["pred_background_in_fg"] = _pct(table[:, 0].sum() / total)
-    score = {"nmi": M.nmi_score, "ari": M.ari_score}
-    return {name: {"value": _pct(score[name](contingency=table)), **info} for name in names}
+    return table, info
+
+
+_SCORES = {"nmi": M.nmi_score, "ari": M.ari_score}
+
+
+def _clustering_results(name: str, tables: _PixelTables, o: EvalOptions) -> dict:
+    """Pooled over the dataset, and per object class when samples carry one; ``value`` is the pooled
+    score (``--average pooled``, Choudhury et al.) or the mean over classes (``class``, PartDistillation)."""
+    score = _SCORES[name]
+    table, info = _clustering_info(tables.pooled(), o)
+    pooled = _pct(score(contingency=table))
+    out = {"value": pooled, **info, "average": o.average, "pooled": pooled}
+    if not tables.has_classes:
+        if o.average == "class":
+            raise PartkitError(f"--average class needs each sample's object class ('category' in its 'json'); "
+                               f"none has one. Use --average pooled")
+        return out
+    per_class = {}
+    for cat in sorted(tables.by_class, key=lambda c: (c is None, str(c))):
+        label = "(none)" if cat is None else cat
+        c_table = tables.by_class[cat].table_
+        c_table = c_table if o.at == "keypoints" else _region_rows(c_table, o.region)
+        if c_table.sum() == 0:  # a class with nothing to score has no score, and no vote in the mean
+            per_class[label] = {"value": None, "pairs": 0}
+            continue
+        c_table, c_info = _clustering_info(c_table, o, f" in object class {label!r}")
+        per_class[label] = {"value": _pct(score(contingency=c_table)), "pairs": c_info["pairs"],
+                            "true_labels": c_info["true_labels"], "pred_labels": c_info["pred_labels"]}
+    scored = [c["value"] for c in per_class.values() if c["value"] is not None]
+    out["class_mean"] = float(np.mean(scored))
+    out["classes"] = len(scored)
+    out["per_class"] = per_class
+    if o.average == "class":
+        out["value"] = out["class_mean"]
+    return out
 
 
 def _miou_result(tables: _PixelTables, fit: Optional[_PixelTables], o: EvalOptions) -> dict:
@@ -126,8 +158,10 @@ def _miou_result(tables: _PixelTables, fit: Optional[_PixelTables], o: EvalOptio
     return out
 
 
+AVERAGES = ("pooled", "class")  # nmi/ari --average: value pooled over the dataset, or the mean over object classes
+
 register_accumulator("pixels", lambda o, names: _PixelTables())
-register_accumulator("keypoints", lambda o, names: _KeypointTable())
+register_accumulator("keypoints", lambda o, names: _KeypointTable())  # nmi/ari --at keypoints
 
 
 def _clustering_table(o: EvalOptions) -> str:
@@ -135,29 +169,33 @@ def _clustering_table(o: EvalOptions) -> str:
 
 
 def _clustering(p: Pass, name: str) -> dict:
-    acc = p.accumulators[_clustering_table(p.options)]
-    table = acc.table.table_ if p.options.at == "keypoints" else acc.pooled()
-    return _clustering_results([name], table, p.options)[name]
+    return _clustering_results(name, p.accumulators[_clustering_table(p.options)], p.options)
 
 
 def _clustering_summary(r: dict) -> str:
     where = f"keypoints ({r['pairs']} visible)" if r["at"] == "keypoints" else f"{r['region']} pixels ({r['pairs']:,})"
-    return f"pooled over {where}; {r['true_labels']} true x {r['pred_labels']} predicted labels"
+    labels = f"{r['true_labels']} true x {r['pred_labels']} predicted labels"
+    if r["average"] == "class":
+        return f"mean over {r['classes']} object classes of scores pooled over {where}; {labels}"
+    extra = f"; mean over {r['classes']} classes {fmt(r['class_mean'])}" if "class_mean" in r else ""
+    return f"pooled over {where}; {labels}{extra}"
 
 
 _CLUSTERING = dict(accumulator=_clustering_table, summary=_clustering_summary, options=("pred", "gt_field"),
-                   choices={"region": REGIONS, "at": ("pixels", "keypoints")})
+                   choices={"region": REGIONS, "at": ("pixels", "keypoints"), "average": AVERAGES})
 
 
 @register_metric("nmi", **_CLUSTERING)
 def nmi(p: Pass) -> dict:
-    """Normalised mutual information of ground-truth parts and predicted ids, pooled over the dataset."""
+    """Normalised mutual information of ground-truth parts and predicted ids, pooled over the dataset
+    (``per_class`` too; ``--average class``: ``value`` is their mean)."""
     return _clustering(p, "nmi")
 
 
 @register_metric("ari", **_CLUSTERING)
 def ari(p: Pass) -> dict:
-    """Adjusted Rand index of ground-truth parts and predicted ids, pooled over the dataset."""
+    """Adjusted Rand index of ground-truth parts and predicted ids, pooled over the dataset
+    (``per_class`` too; ``--average class``: ``value`` is their mean)."""
     return _clustering(p, "ari")
 
 
