@@ -88,7 +88,8 @@ def main(
     max_dets: int = typer.Option(100, "--max-dets", help="Detections per image for mask-ap."),
     feat: str = typer.Option("feat.npy", "--feat", help="Feature field (retrieval, probe)."),
     patch: int = typer.Option(3, "--patch", help="retrieval: pool a PATCH x PATCH window of cells per keypoint."),
-    exclude_self: bool = typer.Option(False, "--exclude-self", help="retrieval: leave the query out of its ranking."),
+    exclude_self: bool = typer.Option(True, "--exclude-self/--include-self", help="retrieval: leave the query out "
+                                      "of its ranking (Zhu et al.) or rank it too."),
     kpt_min_v: int = typer.Option(1, "--kpt-min-v", help="Use keypoints with visibility v >= this (COCO: 2 visible)."),
     category_parts: Optional[str] = typer.Option(None, "--category-parts", help="miou-3d: JSON file {category: "
                                                                                 "[part ids]} [default: ids in data]."),
@@ -105,6 +106,10 @@ def main(
                                                          "images, score the rest."),
     kpt_norm: str = typer.Option("bbox", "--kpt-norm", help="kpt-regression coordinates and error normalised by the "
                                                             "object box (gt_objects.json) or the image size."),
+    retrieval_features: str = typer.Option("pooled-cells", "--retrieval-features", help="retrieval: pooled-cells "
+                                           "(--patch windows of feat.npy) or patches (kpt_feat.npy: crops around "
+                                           "keypoints, `extract --patches-at keypoints`; Zhu et al.)."),
+    kpt_feat: str = typer.Option("kpt_feat.npy", "--kpt-feat", help="retrieval patches: per-keypoint feature field."),
 ):
     """Score part predictions against ground truth: nmi, ari, miou, ar, mask-ap, retrieval, miou-3d, probe,
     kpt-regression.
@@ -123,7 +128,8 @@ def main(
         gt=gt, ks=parse_ints(ks, "--ks") or [], max_dets=max_dets, feat=feat, patch=patch, exclude_self=exclude_self,
         kpt_min_visibility=kpt_min_v, category_parts=_load_json(category_parts, "--category-parts"),
         probe_train=probe_train, probe_target=probe_target, probe_c=probe_c, seed=g.seed, skip_bad=skip_bad,
-        viz_dir=viz, viz_max=viz_max, average=average, kpt_train=kpt_train, kpt_norm=kpt_norm)
+        viz_dir=viz, viz_max=viz_max, average=average, kpt_train=kpt_train, kpt_norm=kpt_norm,
+        retrieval_features=retrieval_features, kpt_feat=kpt_feat)
     options.validate(metrics)
     report = evaluate(inputs, metrics, options)
     if not g.quiet:

@@ -36,16 +36,25 @@ def main(
     skip_bad: SkipBadOption = False,
     num_shards: NumShardsOption = None,
     shard_index: ShardIndexOption = None,
+    patches_at: Optional[str] = typer.Option(None, "--patches-at", help="keypoints: also write kpt_feat.npy/json, "
+                                             "one vector per keypoint from a crop around it (Zhu et al.)."),
+    patch_size: str = typer.Option("nn", "--patch-size", help="Crop side: 'nn' (distance to the nearest other "
+                                   "keypoint, Zhu et al.) or pixels (>= 2)."),
+    patch_pool: str = typer.Option("mean", "--patch-pool", help="A crop's vector: mean (of its feature grid) or "
+                                   "cls (ViT CLS token; CNNs: global average pooling)."),
+    kpt_min_v: int = typer.Option(1, "--kpt-min-v", help="--patches-at keypoints: keypoints with v >= this."),
 ):
     """Add feat.npy (float16 C x h x w) and feat.json (model, layers, grid geometry) to each image sample.
 
     Example: partkit pack images/ | partkit extract --model efficientnet_lite0 --layers 2,3,4 > feats.tar
     """
-    from partkit.extract import extract
+    from partkit.extract import check_patch_options, extract
 
     g = get_globals(ctx)
     check_side(size)
+    check_patch_options(patches_at, patch_size, patch_pool, kpt_min_v)
     extract(inputs or ["-"], model=model, weights=weights, layers=parse_ints(layers, "--layers"), facet=facet, stride=stride,
             grid_stride=grid_stride, size=size, keep_aspect=keep_aspect, saliency=saliency, batch_size=batch_size,
             workers=workers, device=g.device, dtype=dtype, seed=g.seed, handler=handler_for(skip_bad),
-            output=make_output(output, shard_size, overwrite, drop, num_shards, shard_index))
+            output=make_output(output, shard_size, overwrite, drop, num_shards, shard_index),
+            patches_at=patches_at, patch_size=patch_size, patch_pool=patch_pool, kpt_min_visibility=kpt_min_v)

@@ -18,7 +18,7 @@ def main(
     ctx: typer.Context,
     inputs: List[str] = typer.Argument(None, help="Input shards (default '-': stdin)."),
     checkpoint: str = typer.Option(..., "--checkpoint", "-c", help="Run folder (or last.pt) of train-decoder/self-train."),
-    topk: int = typer.Option(100, "--topk", help="Keep the K highest-scoring proposals per image."),
+    topk: int = typer.Option(200, "--topk", help="Keep the K highest-scoring proposals per image (PartDistillation: 200)."),
     score_threshold: float = typer.Option(0.0, "--score-threshold", help="Drop proposals scoring below this."),
     mask_threshold: float = typer.Option(0.5, "--mask-threshold", help="Binarise mask probabilities at this value."),
     label_map: bool = typer.Option(False, "--label-map", help="Also write pred_parts.png (each pixel to its most confident part)."),

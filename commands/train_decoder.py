@@ -22,7 +22,7 @@ def main(
     weights: Optional[str] = typer.Option(None, "--weights", help="Backbone weights for --features online."),
     layers: Optional[str] = typer.Option(None, "--layers", help="Backbone layers for --features online."),
     size: int = typer.Option(224, "--size", help="Image size for --features online."),
-    queries: int = typer.Option(100, "--queries", help="Number of part queries."),
+    queries: int = typer.Option(200, "--queries", help="Number of part queries (PartDistillation: 200)."),
     dec_layers: int = typer.Option(3, "--dec-layers", help="Transformer decoder layers."),
     hidden: int = typer.Option(128, "--hidden", help="Decoder width."),
     lr: float = typer.Option(1e-4, "--lr", help="AdamW learning rate."),

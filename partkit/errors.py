@@ -77,6 +77,8 @@ PRODUCERS = {
     "feat.npy": "partkit extract",
     "feat.json": "partkit extract",
     "saliency.npy": "partkit extract --saliency",
+    "kpt_feat.npy": "partkit extract --patches-at keypoints",
+    "kpt_feat.json": "partkit extract --patches-at keypoints",
     "parts.png": "partkit cluster",
     "parts.json": "partkit cluster",
     "points.npy": "partkit pack (3D inputs)",

@@ -422,3 +422,28 @@ class SampleView:
         if arr.dtype.kind == "i" and arr.size and arr.min() < 0:
             raise BadSample(self.key, f"'{field_name}' has negative id {int(arr.min())}; ids must be >= 0")
         return arr
+
+
+# ---------------------------------------------------------------------------------------------
+# kpt_feat.npy + kpt_feat.json (extract --patches-at keypoints)
+
+
+def keypoint_features(sample: dict, field: str = "kpt_feat.npy") -> tuple[np.ndarray, dict]:
+    """``kpt_feat.npy`` (K x C float32, one row per keypoint patch) and its checked ``kpt_feat.json``,
+    whose ``keypoints`` list names each row (``object``, ``index``, ``name``, ``x``, ``y``, ``v``, ``box``)."""
+    key = sample["__key__"]
+    feat = decode_npy(sample, field, 2, "K x C")
+    meta_field = companion(field)
+    if meta_field not in sample:
+        raise missing_field(key, meta_field)
+    meta = decode_json(sample, meta_field)
+    rows = meta.get("keypoints") if isinstance(meta, dict) else None
+    if not isinstance(rows, list) or any(not isinstance(r, dict) or "name" not in r for r in rows):
+        raise BadSample(key, f"'{meta_field}' must hold a 'keypoints' list of {{name, v, ...}} entries; "
+                             "re-run `partkit extract --patches-at keypoints`")
+    if len(rows) != feat.shape[0]:
+        raise BadSample(key, f"'{field}' has {feat.shape[0]} rows but '{meta_field}' lists {len(rows)} keypoints")
+    feat = feat.astype(np.float32)
+    if not np.isfinite(feat).all():
+        raise BadSample(key, f"'{field}' holds NaN or infinite values")
+    return feat, meta

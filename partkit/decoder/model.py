@@ -24,7 +24,7 @@ class DecoderConfig:
     in_channels: int
     level_channels: Sequence[int] = ()  # channel groups of the hypercolumn (one per backbone level)
     hidden_dim: int = 128
-    num_queries: int = 100
+    num_queries: int = 200  # PartDistillation: MASK_FORMER.NUM_OBJECT_QUERIES 200 (Swin-L base config)
     num_layers: int = 3
     num_heads: int = 4
     ffn_dim: int = 512
@@ -40,7 +40,7 @@ class DecoderConfig:
         """One-line errors for shapes the decoder cannot be built with."""
         from ..training import check_count, check_rate, require
 
-        check_count("--queries", self.num_queries, fix="pass --queries 100 or another count of part queries")
+        check_count("--queries", self.num_queries, fix="pass --queries 200 or another count of part queries")
         check_count("--dec-layers", self.num_layers)
         check_count("num_heads", self.num_heads)
         check_count("ffn_dim", self.ffn_dim)

@@ -78,7 +78,7 @@ def predict(
     inputs: Sequence[str],
     checkpoint: str,
     *,
-    topk: int = 100,
+    topk: int = 200,  # PartDistillation: TEST.DETECTIONS_PER_IMAGE 200, its AR@200
     score_threshold: float = 0.0,
     mask_threshold: float = 0.5,
     label_map: bool = False,

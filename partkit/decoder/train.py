@@ -66,7 +66,7 @@ class TrainConfig:
 
 @torch.no_grad()
 def masks_recall(decoder: PartDecoder, examples: list, online, device, field_for_gt: str = "gt_parts.png",
-                 ks=(1, 10, 50, 100)) -> dict:
+                 ks=(1, 10, 50, 100, 200)) -> dict:
     """AR@k of the decoder's masks against ground-truth part masks, at mask-feature resolution."""
     from ..decoder.data import grid_labels
     from ..metrics import RecallAccumulator, mask_iou

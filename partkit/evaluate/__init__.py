@@ -52,8 +52,8 @@ class EvalOptions:
     ks: Sequence[int] = (1, 10, 50, 100, 200)
     max_dets: int = 100
     feat: str = "feat.npy"
-    patch: int = 3  # retrieval: pool a patch x patch window of feature cells around each keypoint
-    exclude_self: bool = False
+    patch: int = 3  # retrieval pooled-cells: pool a patch x patch window of feature cells around each keypoint
+    exclude_self: bool = True  # retrieval: each query ranks the other patches (Zhu et al.)
     kpt_min_visibility: int = 1  # keypoints with v >= this are used (COCO: 1 occluded, 2 visible)
     category_parts: Optional[dict] = None  # miou-3d: {category: [part ids]}; default: ids seen in the data
     probe_train: int = 10  # the first N images train the probes, the rest score them
@@ -66,6 +66,8 @@ class EvalOptions:
     average: str = "pooled"  # nmi/ari value: pooled over the dataset, or the mean over object classes (class)
     kpt_train: int = 0  # kpt-regression without --match-on: the first N images fit the regression, the rest score
     kpt_norm: str = "bbox"  # kpt-regression coordinates / error: per object box (gt_objects.json) or image size
+    retrieval_features: str = "pooled-cells"  # pooled-cells (feat.npy windows) | patches (kpt_feat.npy crops)
+    kpt_feat: str = "kpt_feat.npy"  # retrieval patches: the per-keypoint feature field
 
     def validate(self, metrics: Sequence[str]) -> list[str]:
         """Check every option before any work; returns the metric names, deduplicated.

@@ -22,6 +22,7 @@ class _Masks:
         self.images: list[dict] = []
         self.dets: list[dict] = []
         self.with_category = set()  # whether proposals carried category_id, per sample
+        self.available: list[int] = []  # proposals per image, to say how many each AR@k could use
 
     def _gt_masks(self, v: SampleView) -> list[dict]:
         height, width = v.shape
@@ -58,6 +59,7 @@ class _Masks:
         index, height, width, parsed, gts, iou, has_cat = payload
         if self.want_recall:
             self.recall.update(iou)
+            self.available.append(len(parsed))
         if self.want_ap:
             self.with_category |= has_cat
             self.images.append({"id": index + 1, "height": height, "width": width, "annotations": gts})
@@ -68,7 +70,8 @@ class _Masks:
         if "ar" in names:
             ar = self.recall.result()
             out["ar"] = {"value": _pct(ar[max(self.o.ks)]), **{f"ar@{k}": _pct(v) for k, v in ar.items()},
-                         "gt_masks": self.recall.n_gt_, "gt": self.o.gt}
+                         "gt_masks": self.recall.n_gt_, "gt": self.o.gt,
+                         "proposals_available": _available(self.available, self.o.ks)}
         if "mask-ap" in names:
             agnostic = True not in self.with_category
             if not agnostic and self.o.gt == "parts":
@@ -82,6 +85,17 @@ class _Masks:
                               "class_agnostic": agnostic, "max_dets": self.o.max_dets, "gt": self.o.gt,
                               "detections": len(self.dets)}
         return out
+
+
+def _available(counts: list[int], ks) -> dict:
+    """Per k, the proposals AR@k could use per image (mean, min) and the images that had fewer than k."""
+    n = np.asarray(counts, np.int64)
+    out = {}
+    for k in sorted({int(k) for k in ks}):
+        used = np.minimum(n, k)
+        out[f"ar@{k}"] = {"mean": float(used.mean()) if n.size else 0.0, "min": int(used.min()) if n.size else 0,
+                          "images_short": int((n < k).sum())}
+    return out
 
 
 def _expand_crowd(anns: list[dict]) -> list[dict]:
@@ -100,8 +114,15 @@ _GT = {"gt": ("parts", "objects")}
 
 
 def _ar_summary(r: dict) -> str:
-    ks = [k for k in r if k.startswith("ar@")]
-    return ", ".join(f"{k.upper()} {fmt(r[k])}" for k in ks) + f" over {r['gt_masks']} GT masks"
+    avail = r.get("proposals_available", {})
+    parts = []
+    for k in (k for k in r if k.startswith("ar@")):
+        a = avail.get(k)
+        short = ""
+        if a and a["images_short"]:  # AR@k with fewer than k proposals is AR at what there was
+            short = f" (!{a['images_short']} img < {k[3:]} proposals; mean {a['mean']:g})"
+        parts.append(f"{k.upper()} {fmt(r[k])}{short}")
+    return ", ".join(parts) + f" over {r['gt_masks']} GT masks"
 
 
 @register_metric("ar", accumulator="masks", summary=_ar_summary, options=("proposals", "gt_field"), choices=_GT,

@@ -1,4 +1,9 @@
-"""The retrieval family: keypoint-patch retrieval on frozen features."""
+"""The retrieval family: keypoint-patch retrieval on frozen features.
+
+``--retrieval-features patches`` reads ``kpt_feat.npy`` (Zhu et al.: a crop around each keypoint run
+through the backbone, from ``extract --patches-at keypoints``); ``pooled-cells`` pools a window of
+``feat.npy`` cells around each keypoint's cell.
+"""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -14,14 +19,20 @@ if TYPE_CHECKING:
     from . import EvalOptions, SampleView
 
 
+RETRIEVAL_FEATURES = ("pooled-cells", "patches")
+
+
 class _Retrieval:
     def __init__(self, o: EvalOptions):
         self.o = o
         self.features: list[np.ndarray] = []
         self.names: list[str] = []
         self.source = fields.FeatureSource("eval retrieval")
+        self.skipped_kpts = 0  # keypoints extract could not crop (kpt_feat.json "skipped")
 
     def prepare(self, v: SampleView):
+        if self.o.retrieval_features == "patches":
+            return self._patches(v)
         feat, meta = v.features
         self.source.check(v.sample, meta, feat.shape[0])
         objects, names = v.keypoints
@@ -36,6 +47,14 @@ class _Retrieval:
             window = feat[:, max(r - lo, 0):min(r + hi, gh), max(c - lo, 0):min(c + hi, gw)]
             pooled.append(window.reshape(feat.shape[0], -1).mean(1))
         return pooled, [names[k] for k in kpt]
+
+    def _patches(self, v: SampleView):
+        feat, meta = fields.keypoint_features(v.sample, self.o.kpt_feat)
+        rows = [i for i, r in enumerate(meta["keypoints"]) if int(r.get("v", 2)) >= self.o.kpt_min_visibility]
+        if rows:
+            self.source.check(v.sample, meta, feat.shape[1])
+        self.skipped_kpts += len(meta.get("skipped", ()))
+        return [feat[i] for i in rows], [str(meta["keypoints"][i]["name"]) for i in rows]
 
     def commit(self, payload) -> None:
         pooled, names = payload
@@ -52,7 +71,9 @@ class _Retrieval:
                     if ((names == n) & scored).any()}
         return {"value": _pct(ap[scored].mean()), "map": _pct(np.mean(list(per_part.values()))),
                 "per_part": {n: _pct(v) for n, v in per_part.items()}, "queries": int(scored.sum()), "skipped_queries": int((~scored).sum()),
-                "exclude_self": self.o.exclude_self, "patch": self.o.patch}
+                "exclude_self": self.o.exclude_self, "features": self.o.retrieval_features,
+                **({"patch": self.o.patch} if self.o.retrieval_features == "pooled-cells" else
+                   {"field": self.o.kpt_feat, "uncropped_keypoints": self.skipped_kpts})}
 
 
 register_accumulator("retrieval", lambda o, names: _Retrieval(o))
@@ -60,11 +81,13 @@ register_accumulator("retrieval", lambda o, names: _Retrieval(o))
 
 def _summary(r: dict) -> str:
     self_ = "excluded" if r["exclude_self"] else "included"
-    return f"mAP over parts {fmt(r['map'])}; {r['queries']} queries, self {self_}"
+    what = "keypoint crops" if r.get("features") == "patches" else f"{r.get('patch')}x{r.get('patch')} cells"
+    return f"mAP over parts {fmt(r['map'])}; {r['queries']} queries ({what}), self {self_}"
 
 
 @register_metric("retrieval", accumulator="retrieval", summary=_summary,
-                 options=("feat", "gt_field", "exclude_self", "kpt_min_visibility"), at_least_1=("patch",))
+                 options=("feat", "gt_field", "exclude_self", "kpt_min_visibility", "kpt_feat"), at_least_1=("patch",),
+                 choices={"retrieval_features": RETRIEVAL_FEATURES})
 def retrieval(p: Pass) -> dict:
     """Mean AP of keypoint patches retrieving patches of the same keypoint name."""
     return p.accumulators["retrieval"].result()

@@ -138,6 +138,21 @@ class _ViTBase(Backbone):
                 break
         return [out[i] for i in layers], sal
 
+    def _embed(self, x, stride):
+        """Preprocessed images -> (tokens with prefix, blocks, grid height, grid width)."""
+        raise NotImplementedError
+
+    def forward_features(self, x, layers, facet=None, saliency=False, stride=None):
+        tokens, blocks, gh, gw = self._embed(x, stride)
+        feats, sal = self._run(tokens, blocks, self._qkv, layers, facet, saliency, self.heads)
+        return self._to_maps(feats, sal, gh, gw)
+
+    def forward_cls(self, x: torch.Tensor, layers: Sequence[int], facet: Optional[str] = None) -> list[torch.Tensor]:
+        """The CLS token (``B x C``) of ``facet`` at each of ``layers``: a whole-input embedding."""
+        tokens, blocks, _, _ = self._embed(x, None)
+        feats, _ = self._run(tokens, blocks, self._qkv, layers, facet, False, self.heads)
+        return [f[:, 0] for f in feats]
+
     def _to_maps(self, feats, sal, gh, gw):
         maps = [f[:, self.prefix:].transpose(1, 2).reshape(f.shape[0], -1, gh, gw) for f in feats]
         if sal is not None:
@@ -166,15 +181,14 @@ class TimmViT(_ViTBase):
         qkv = attn.qkv(blk.norm1(tokens))
         return qkv.chunk(3, dim=-1)
 
-    def forward_features(self, x, layers, facet=None, saliency=False, stride=None):
+    def _embed(self, x, stride):
         net = self.net
         proj = net.patch_embed.proj
         x = F.conv2d(x, proj.weight, proj.bias, stride=stride or proj.stride)
         B, C, gh, gw = x.shape
         x = net.patch_embed.norm(x.permute(0, 2, 3, 1))  # NHWC: timm resamples pos_embed to (gh, gw)
         x = net.norm_pre(net.patch_drop(net._pos_embed(x)))
-        feats, sal = self._run(x, net.blocks, self._qkv, layers, facet, saliency, self.heads)
-        return self._to_maps(feats, sal, gh, gw)
+        return x, net.blocks, gh, gw
 
 
 class OpenClipViT(_ViTBase):
@@ -199,7 +213,7 @@ class OpenClipViT(_ViTBase):
         qkv = F.linear(blk.ln_1(tokens), blk.attn.in_proj_weight, blk.attn.in_proj_bias)
         return qkv.chunk(3, dim=-1)
 
-    def forward_features(self, x, layers, facet=None, saliency=False, stride=None):
+    def _embed(self, x, stride):
         from timm.layers import resample_abs_pos_embed
 
         v = self.visual
@@ -214,8 +228,7 @@ class OpenClipViT(_ViTBase):
         blocks = v.transformer.resblocks
         if not self.batch_first:
             blocks = [_SeqFirst(b) for b in blocks]
-        feats, sal = self._run(x, blocks, self._qkv, layers, facet, saliency, self.heads)
-        return self._to_maps(feats, sal, gh, gw)
+        return x, blocks, gh, gw
 
 
 class _SeqFirst(nn.Module):
