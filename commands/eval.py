@@ -26,11 +26,12 @@ _FIELD = {"kpt_min_v": "kpt_min_visibility", "viz": "viz_dir"}
 
 def given_options(ctx: typer.Context) -> list[str]:
     """EvalOptions fields whose option was typed on the command line (or set by environment)."""
-    import click
+    def typed(name: str) -> bool:  # by name: typer may bring its own copy of click's enum
+        source = ctx.get_parameter_source(name)
+        return getattr(source, "name", None) in ("COMMANDLINE", "ENVIRONMENT")
 
-    explicit = (click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.ENVIRONMENT)
-    return [_FIELD.get(name, name) for name in ctx.params if ctx.get_parameter_source(name) in explicit
-            and name not in ("args", "json_path", "protocol")]
+    return [_FIELD.get(name, name) for name in ctx.params if typed(name) and name not in ("args", "json_path",
+                                                                                           "protocol")]
 
 
 def split_args(args: List[str]) -> tuple[list[str], list[str]]:
@@ -128,7 +129,8 @@ def main(
     if viz:
         check_output_folder(viz, "--viz")
     options = EvalOptions(
-        protocol=protocol, given=given_options(ctx), miou=miou, pred=pred, gt_field=gt_field, region=region, at=at, match=match, match_on=match_on, proposals=proposals,
+        protocol=protocol, given=given_options(ctx), miou=miou, pred=pred, gt_field=gt_field, region=region, at=at,
+        match=match, match_on=match_on, proposals=proposals,
         gt=gt, ks=parse_ints(ks, "--ks") or [], max_dets=max_dets, feat=feat, patch=patch, exclude_self=exclude_self,
         kpt_min_visibility=kpt_min_v, category_parts=_load_json(category_parts, "--category-parts"),
         probe_train=probe_train, probe_target=probe_target, probe_c=probe_c, seed=g.seed, skip_bad=skip_bad,
