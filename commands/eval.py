@@ -88,8 +88,8 @@ def main(
                                                             "for miou-3d]."),
     gt_field: Optional[str] = typer.Option(None, "--gt-field", help="Ground-truth field [default: gt_parts.png; "
                                                                     "gt_parts.npy for miou-3d]."),
-    region: str = typer.Option("fg", "--region", help="fg: ground-truth foreground pixels only; full: background "
-                                                      "is a label too."),
+    region: str = typer.Option("fg", "--region", help="nmi/ari, miou --miou pooled, probe: fg: ground-truth "
+                                                      "foreground pixels only; full: background is a label too."),
     at: str = typer.Option("pixels", "--at", help="nmi/ari at pixels, or at visible ground-truth keypoints (CUB)."),
     match: str = typer.Option("majority", "--match", help="Cluster-to-part matching for miou/miou-3d: majority "
                                                           "(many-to-one), hungarian (one-to-one) or none."),
