@@ -3,6 +3,7 @@ kpt-regression.
 
 Metric names come first, then the input shards (default: stdin):
   partkit eval nmi ari miou parts/{000000..000009}.tar --region full
+  partkit eval miou ar preds.tar --protocol partdistillation
 A table goes to stderr and the JSON report to stdout (or --json FILE).
 """
 from __future__ import annotations
@@ -15,11 +16,23 @@ import typer
 
 from partkit._log import console
 from partkit.errors import PartkitError
-from partkit.evaluate import METRICS, EvalOptions, evaluate, get_metric, list_metrics
+from partkit.evaluate import METRICS, PROTOCOLS, EvalOptions, evaluate, get_metric, list_metrics
 
 from ._common import SkipBadOption, check_output_file, check_output_folder, cli_errors, get_globals, parse_ints
 
 _INPUT_CHARS = set("/.*?{[-:")
+# CLI parameter -> EvalOptions field, where the names differ
+_FIELD = {"kpt_min_v": "kpt_min_visibility", "viz": "viz_dir"}
+
+
+def given_options(ctx: typer.Context) -> list[str]:
+    """EvalOptions fields whose option was typed on the command line (or set by environment)."""
+    def typed(name: str) -> bool:  # by name: typer may bring its own copy of click's enum
+        source = ctx.get_parameter_source(name)
+        return getattr(source, "name", None) in ("COMMANDLINE", "ENVIRONMENT")
+
+    return [_FIELD.get(name, name) for name in ctx.params if typed(name) and name not in ("args", "json_path",
+                                                                                           "protocol")]
 
 
 def split_args(args: List[str]) -> tuple[list[str], list[str]]:
@@ -70,15 +83,20 @@ def main(
     ctx: typer.Context,
     args: List[str] = typer.Argument(..., metavar="METRIC... [SHARD]",
                                      help=f"Metrics ({', '.join(METRICS)}), then input shards (default '-', stdin)."),
+    protocol: Optional[str] = typer.Option(None, "--protocol", help=f"Option preset of a paper's evaluation "
+                                           f"({', '.join(PROTOCOLS)}); options given explicitly override it."),
     pred: Optional[str] = typer.Option(None, "--pred", help="Predicted field [default: parts.png; pred_parts.npy "
                                                             "for miou-3d]."),
     gt_field: Optional[str] = typer.Option(None, "--gt-field", help="Ground-truth field [default: gt_parts.png; "
                                                                     "gt_parts.npy for miou-3d]."),
-    region: str = typer.Option("fg", "--region", help="fg: ground-truth foreground pixels only; full: background "
-                                                      "is a label too."),
+    region: str = typer.Option("fg", "--region", help="nmi/ari, miou --miou pooled, probe: fg: ground-truth "
+                                                      "foreground pixels only; full: background is a label too."),
     at: str = typer.Option("pixels", "--at", help="nmi/ari at pixels, or at visible ground-truth keypoints (CUB)."),
     match: str = typer.Option("majority", "--match", help="Cluster-to-part matching for miou/miou-3d: majority "
                                                           "(many-to-one), hungarian (one-to-one) or none."),
+    miou: str = typer.Option("official", "--miou", help="miou computation: official (PartDistillation's "
+                                                        "evaluator: per object class, background counted) or "
+                                                        "pooled (one table over --region pixels)."),
     match_on: List[str] = typer.Option([], "--match-on", help="Fit the matching on these shards (repeatable) "
                                                               "instead of the scored ones."),
     proposals: str = typer.Option("proposals.json", "--proposals", help="Field with scored RLE proposals (ar, mask-ap)."),
@@ -124,7 +142,8 @@ def main(
     if viz:
         check_output_folder(viz, "--viz")
     options = EvalOptions(
-        pred=pred, gt_field=gt_field, region=region, at=at, match=match, match_on=match_on, proposals=proposals,
+        protocol=protocol, given=given_options(ctx), miou=miou, pred=pred, gt_field=gt_field, region=region, at=at,
+        match=match, match_on=match_on, proposals=proposals,
         gt=gt, ks=parse_ints(ks, "--ks") or [], max_dets=max_dets, feat=feat, patch=patch, exclude_self=exclude_self,
         kpt_min_visibility=kpt_min_v, category_parts=_load_json(category_parts, "--category-parts"),
         probe_train=probe_train, probe_target=probe_target, probe_c=probe_c, seed=g.seed, skip_bad=skip_bad,

@@ -23,6 +23,7 @@ from .errors import PartkitError
 
 __all__ = [
     "Contingency", "nmi_score", "ari_score", "match_clusters", "matched_iou", "confusion_iou",
+    "match_to_parts", "part_confusion", "official_part_scores",
     "mask_iou", "COCO_IOU_THRESHOLDS", "greedy_recall", "RecallAccumulator", "coco_mask_ap",
     "average_precision", "retrieval_ap", "shape_miou", "fit_linear_probe", "part_centroids", "landmark_regression",
 ]
@@ -262,6 +263,96 @@ def matched_iou(table, method: str = "majority", *, fit_table=None, ignore_true:
     iou = confusion_iou(table[:, valid] @ onehot, true_totals=table.sum(1))
     iou[drop] = np.nan
     return iou, mapping
+
+
+def match_to_parts(fit_table, method: str = "majority", *, n_pred: Optional[int] = None) -> np.ndarray:
+    """Map predicted ids to ground-truth parts as PartDistillation's ``miou_matcher.py`` does.
+
+    Row and column 0 are background: predicted 0 stays background and no cluster is ever mapped to
+    it. ``majority``: each predicted id >= 1 goes to the part (row >= 1) it shares most pixels with
+    in ``fit_table``, background pixels not counted; ties go to the lowest part id, and an id with
+    no part pixels (all-zero column, or an id absent from ``fit_table``) goes to part 1, as the
+    official argmax over an all-zero row picks the first part. ``hungarian`` (not in the official
+    code): one-to-one over part pixels, unmatched ids become background. ``none``: identity.
+    ``n_pred``: the number of predicted ids to map (default: the columns of ``fit_table``).
+
+    Example:
+        >>> match_to_parts([[9, 0, 9], [0, 3, 1], [0, 1, 2]]).tolist()  # id 2: 1 px of part 1, 2 of part 2
+        [0, 1, 2]
+    """
+    fit = np.asarray(fit_table, dtype=np.int64)
+    n_pred = fit.shape[1] if n_pred is None else n_pred
+    if method == "none":
+        return np.arange(n_pred, dtype=np.int64)
+    fit = _pad(fit, max(fit.shape[0], 2), max(fit.shape[1], n_pred))[:, :n_pred]
+    parts = fit[1:]
+    mapping = np.zeros(n_pred, dtype=np.int64)
+    if method == "majority":
+        mapping[1:] = parts[:, 1:].argmax(0) + 1  # all-zero column: argmax 0, i.e. part 1
+    elif method == "hungarian":
+        from scipy.optimize import linear_sum_assignment
+
+        r, c = linear_sum_assignment(parts[:, 1:], maximize=True)
+        keep = parts[r, c + 1] > 0
+        mapping[c[keep] + 1] = r[keep] + 1
+    else:
+        raise PartkitError(f"unknown matching {method!r}; choose majority, hungarian or none")
+    mapping[0] = 0
+    return mapping
+
+
+def part_confusion(table, mapping=None, size: Optional[int] = None) -> np.ndarray:
+    """Square truth x predicted-part confusion matrix: column ``j`` sums the columns of ``table``
+    (truth x predicted id) whose id maps to part ``j`` (``mapping``, identity by default; -1 and
+    0 are background, column 0). ``size``: at least this many rows and columns."""
+    table = np.asarray(table, dtype=np.int64)
+    mapping = np.arange(table.shape[1]) if mapping is None else np.asarray(mapping, dtype=np.int64)
+    mapping = np.concatenate([mapping, np.full(max(0, table.shape[1] - mapping.size), -1)])[:table.shape[1]]
+    mapping = np.where(mapping < 0, 0, mapping)
+    n = max(table.shape[0], int(mapping.max(initial=0)) + 1, size or 0, 1)
+    onehot = np.zeros((table.shape[1], n), np.int64)
+    onehot[np.arange(table.shape[1]), mapping] = 1
+    out = np.zeros((n, n), np.int64)
+    out[:table.shape[0]] = table @ onehot
+    return out
+
+
+def official_part_scores(confusion) -> dict:
+    """PartDistillation's ``measure_mIOU`` on a truth x predicted confusion matrix with background
+    as row and column 0 (the official code keeps background last and its matrix transposed; the
+    numbers are the same). For each part ``c >= 1``, with ``tp`` = ``conf[c, c]``, ``gt`` = row sum
+    (its pixels, predicted background included) and ``pred`` = column sum (predicted pixels, those
+    on background included):
+
+    - ``acc = tp / gt`` and ``iou = tp / (gt + pred - tp)`` where ``gt > 0`` (NaN elsewhere);
+      ``iopred = tp / pred`` where ``pred > 0``;
+    - ``miou`` = sum of ``iou`` over parts with ``gt > 0``, divided by the number of parts with
+      ``gt + pred > 0``: a part predicted but absent from the truth adds a 0;
+    - ``macc``, ``miopred``: means of ``acc`` (``gt > 0``) and ``iopred`` (``pred > 0``);
+    - ``fwiou`` = sum of ``iou * gt / sum(gt)``; ``pacc`` = sum(tp) / sum(gt).
+
+    Arrays are indexed by part id (index 0, background, is NaN); fractions, not percentages.
+
+    Example:
+        >>> conf = [[90, 0], [0, 10]]  # 10 part pixels, all found; 90 background pixels
+        >>> official_part_scores(conf)["miou"], official_part_scores([[0, 90], [0, 10]])["miou"]
+        (1.0, 0.1)
+    """
+    conf = np.asarray(confusion, dtype=np.float64)
+    tp, gt, pred = np.diag(conf).copy(), conf.sum(1), conf.sum(0)
+    tp[0] = gt[0] = pred[0] = 0  # background is not a part
+    has_gt, has_pred, either = gt > 0, pred > 0, (gt + pred) > 0
+    acc, iou, iopred = (np.full(conf.shape[0], np.nan) for _ in range(3))
+    acc[has_gt] = tp[has_gt] / gt[has_gt]
+    iou[has_gt] = tp[has_gt] / (gt + pred - tp)[has_gt]
+    iopred[has_pred] = tp[has_pred] / pred[has_pred]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return {"iou": iou, "acc": acc, "iopred": iopred,
+                "miou": float(np.sum(iou[has_gt]) / np.sum(either)),
+                "macc": float(np.sum(acc[has_gt]) / np.sum(has_gt)),
+                "miopred": float(np.sum(iopred[has_pred]) / np.sum(has_pred)),
+                "fwiou": float(np.sum(iou[has_gt] * gt[has_gt] / gt.sum())),
+                "pacc": float(tp.sum() / gt.sum())}
 
 
 def _pad(table: np.ndarray, rows: int, cols: int) -> np.ndarray:

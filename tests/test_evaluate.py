@@ -71,7 +71,7 @@ def test_nmi_ari_pooled_over_pixels_match_sklearn(shard_factory, region):
 def test_uint16_label_maps_use_65535_as_void(shard_factory):
     gt = np.array([[0, 300, 300, 7, 65535, 7]], np.uint16)
     pred = np.array([[0, 1, 1, 2, 2, 1]], np.uint8)
-    r = evaluate([shard_factory([_sample("u", gt, pred)])], ["nmi", "miou"], region="full")["metrics"]
+    r = evaluate([shard_factory([_sample("u", gt, pred)])], ["nmi", "miou"], region="full", miou="pooled")["metrics"]
     assert r["nmi"]["pairs"] == 5
     assert r["nmi"]["value"] == pytest.approx(100 * skm.normalized_mutual_info_score([0, 300, 300, 7, 7],
                                                                                      [0, 1, 1, 2, 1]))
@@ -126,7 +126,7 @@ def _class_samples():
 
 
 def test_miou_per_class_by_hand(shard_factory):
-    r = evaluate([shard_factory(_class_samples())], ["miou"])["metrics"]["miou"]
+    r = evaluate([shard_factory(_class_samples())], ["miou"], miou="pooled")["metrics"]["miou"]
     # dog: part 1 I=3 U=4, part 3 I=0, part 2 I=2 U=2 -> (3/4 + 0 + 1) / 3
     assert r["per_class"]["cat"]["miou"] == pytest.approx(100.0)
     assert r["per_class"]["dog"]["miou"] == pytest.approx(100 * 7 / 12, abs=1e-4)
@@ -141,18 +141,18 @@ def test_miou_matching_variants(shard_factory):
     gt = np.array([[0, 1, 1, 1, 2, 2]], np.uint8)
     pred = np.array([[1, 1, 1, 2, 3, 3]], np.uint8)
     shard = shard_factory([_sample("a", gt, pred)])
-    fg = evaluate([shard], ["miou"])["metrics"]["miou"]
+    fg = evaluate([shard], ["miou"], miou="pooled")["metrics"]["miou"]
     # fg: cluster 1 -> part 1 (2 of its fg pixels), 2 -> 1, 3 -> 2: part 1 I=3 U=3, part 2 exact
     assert fg["value"] == 100.0 and fg["region"] == "fg"
-    hungarian = evaluate([shard], ["miou"], match="hungarian")["metrics"]["miou"]
+    hungarian = evaluate([shard], ["miou"], match="hungarian", miou="pooled")["metrics"]["miou"]
     # one-to-one: cluster 1 -> part 1 (2 px), 3 -> part 2; cluster 2 unmatched: part 1 I=2 U=3
     assert hungarian["value"] == pytest.approx(100 * (2 / 3 + 1) / 2, abs=1e-4)
-    full = evaluate([shard], ["miou"], region="full")["metrics"]["miou"]
+    full = evaluate([shard], ["miou"], region="full", miou="pooled")["metrics"]["miou"]
     # full: background is a part; cluster 1 -> part 1 (2 vs 1): background I=0 -> IoU 0
     assert full["iou"]["0"] == 0.0 and len(full["iou"]) == 3
     # fitted on another split where the clusters meant the opposite parts
     other = shard_factory([_sample("f", [[2, 2, 1, 1]], [[1, 2, 3, 3]])])
-    fitted = evaluate([shard], ["miou"], match_on=[other])["metrics"]["miou"]
+    fitted = evaluate([shard], ["miou"], match_on=[other], miou="pooled")["metrics"]["miou"]
     assert fitted["fitted_on"] == "match-on shards" and fitted["value"] == 0.0
     with pytest.raises(PartkitError, match="--match-on only applies to miou"):
         evaluate([shard], ["nmi"], match_on=[other])
@@ -534,7 +534,7 @@ def test_every_metric_summary_row_renders(shard_factory):
         r = evaluate(shards, [name], **options)["metrics"][name]
         value, protocol = get_metric(name).summary_row(r)
         assert value == f"{r['value']:.2f}" and protocol and "{" not in protocol, (name, protocol)
-    r = evaluate(cases["miou"][0], ["miou"])["metrics"]["miou"]
+    r = evaluate(cases["miou"][0], ["miou"], miou="pooled")["metrics"]["miou"]
     assert get_metric("miou").summary_row(r)[1] == ("majority matching fitted on scored data, fg pixels, 3 parts; "
                                                     "C-mIoU 79.17, A-mIoU 75.00")
     assert get_metric("ar").summary_row({"value": None, "ar@1": None, "ar@10": 50.0, "gt_masks": 4}) == \

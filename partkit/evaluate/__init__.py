@@ -6,9 +6,9 @@ keeps only what the metric pools (contingency tables, masks, pooled features). S
 reported x100, as in the papers.
 
 Example:
-    >>> report = evaluate(["preds.tar"], ["nmi", "ari", "miou"], region="fg")  # doctest: +SKIP
-    >>> report["metrics"]["nmi"]["value"]  # doctest: +SKIP
-    61.2
+    >>> report = evaluate(["preds.tar"], ["nmi", "ari", "miou"], protocol="partdistillation")  # doctest: +SKIP
+    >>> report["metrics"]["miou"]["c_miou"], report["protocol"]["set"]["miou"]  # doctest: +SKIP
+    (4.45, 'official')
 """
 from __future__ import annotations
 
@@ -27,11 +27,12 @@ from ..io import iter_loaded
 from ..show import VIEWS, Pictures, view_paths
 # The families register their metrics on import; this order is METRICS' order.
 from . import pixels, masks, retrieval, shapes, probe, keypoints  # noqa: F401  # isort: skip
+from ._protocols import PROTOCOLS, Protocol, apply_protocol, get_protocol, given_options
 from ._registry import (Metric, Pass, accumulator_kinds, create_accumulator, get_metric, list_metrics,
                         register_accumulator, register_metric, registered_metrics)
 from .pixels import _PixelTables, _region_rows
 
-__all__ = ["METRICS", "EvalOptions", "SampleView", "evaluate", "render", "parse_keypoints", "register_metric",
+__all__ = ["METRICS", "PROTOCOLS", "Protocol", "get_protocol", "EvalOptions", "SampleView", "evaluate", "render", "parse_keypoints", "register_metric",
            "register_accumulator", "list_metrics", "get_metric", "Metric", "Pass"]
 
 METRICS = tuple(list_metrics())  # the built-in metrics; list_metrics() also sees ones registered later
@@ -39,13 +40,20 @@ METRICS = tuple(list_metrics())  # the built-in metrics; list_metrics() also see
 
 @dataclass
 class EvalOptions:
-    """Every option of ``partkit eval``; see the README's eval section for the protocols."""
+    """Every option of ``partkit eval``; see the README's eval section for the protocols.
 
+    ``protocol`` names a preset (:data:`PROTOCOLS`) applied by :meth:`validate` to the options not
+    in ``given`` (the options set explicitly; None: those that differ from their defaults).
+    """
+
+    protocol: Optional[str] = None  # partdistillation | choudhury | shapenetpart | zhu (evaluate/_protocols.py)
+    given: Optional[Sequence[str]] = None
     pred: Optional[str] = None  # predicted field; default parts.png (2D) or pred_parts.npy (miou-3d)
     gt_field: Optional[str] = None  # default gt_parts.png (2D) or gt_parts.npy (miou-3d)
     region: str = "fg"  # fg: ground-truth foreground pixels only; full: background is a label too
     at: str = "pixels"  # nmi/ari at every pixel, or at visible ground-truth keypoints
     match: str = "majority"  # majority | hungarian | none (miou, miou-3d)
+    miou: str = "official"  # official: PartDistillation's evaluator; pooled: one table over --region pixels
     match_on: Sequence[str] = ()  # shards to fit the cluster->part matching on (default: the scored data)
     proposals: str = "proposals.json"
     gt: str = "parts"  # ar/mask-ap ground truth: parts (gt_parts.png, one mask per id) or objects
@@ -73,7 +81,9 @@ class EvalOptions:
         """Check every option before any work; returns the metric names, deduplicated.
 
         Each option is checked as the metrics that use it declare, whichever metrics are asked for.
+        The protocol preset is applied first (once), so its values are checked too.
         """
+        self.resolve_protocol()
         registry = registered_metrics()
         choices = ", ".join(registry)
         if not metrics:
@@ -105,6 +115,14 @@ class EvalOptions:
         if self.match_on and self.match == "none":
             raise PartkitError("--match none uses predicted ids as they are; there is nothing to fit on --match-on")
         return names
+
+    def resolve_protocol(self) -> dict:
+        """Apply the ``protocol`` preset to the options not given explicitly (once); the report's record."""
+        record = getattr(self, "_protocol_record", None)
+        if record is None:
+            record = apply_protocol(self, given_options(self, self.given))
+            self._protocol_record = record
+        return record
 
 
 def _flag(option: str) -> str:
@@ -165,6 +183,8 @@ def _run(inputs: Sequence[str], accumulators: list, o: EvalOptions, what: str) -
 def _options(options: Optional[EvalOptions], kwargs: dict) -> EvalOptions:
     if options is not None and kwargs:
         raise TypeError("give options= or keyword options, not both")
+    if options is None and "given" not in kwargs:
+        kwargs["given"] = [k for k in kwargs if k != "protocol"]
     try:
         return options or EvalOptions(**kwargs)
     except TypeError as e:
@@ -208,7 +228,7 @@ def evaluate(inputs: Sequence[str], metrics: Sequence[str], options: Optional[Ev
     p = Pass(o, names, accs, fit, run.samples)
     results = {m.name: m.result(p) for m in chosen}
     report = {"metrics": {n: results[n] for n in names}, "samples": run.samples, "skipped": run.skipped,
-              "options": _report_options(o), "partkit_version": __version__}
+              "options": _report_options(o), "protocol": o.resolve_protocol(), "partkit_version": __version__}
     if "views" in accs:
         report["pictures"] = accs["views"].finish()
     return report
@@ -216,6 +236,7 @@ def evaluate(inputs: Sequence[str], metrics: Sequence[str], options: Optional[Ev
 
 def _report_options(o: EvalOptions) -> dict:
     out = asdict(o)
+    out.pop("given")
     out["pred"] = o.pred
     out["match_on"] = list(o.match_on)
     out["ks"] = [int(k) for k in o.ks]

@@ -1,4 +1,10 @@
-"""The pixel family: nmi, ari (pooled over pixels or at keypoints, per object class too) and miou."""
+"""The pixel family: nmi, ari (pooled over pixels or at keypoints, per object class too) and miou, over
+label maps.
+
+``miou`` has two computations (``--miou``): ``official``, PartDistillation's evaluator (per object
+class, background a row and column of the confusion matrix), and ``pooled``, one table over the
+``--region`` pixels.
+"""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Optional
@@ -8,6 +14,8 @@ import numpy as np
 from .. import metrics as M
 from ..errors import PartkitError
 from ._registry import MATCHES, REGIONS, Pass, _pct, fmt, register_accumulator, register_metric
+
+MIOU = ("official", "pooled")
 
 if TYPE_CHECKING:
     from . import EvalOptions, SampleView
@@ -117,7 +125,79 @@ def _clustering_results(name: str, tables: _PixelTables, o: EvalOptions) -> dict
     return out
 
 
+def _ids(scores: np.ndarray, key: str) -> dict:
+    return {str(i): _pct(scores[key][i]) for i in np.flatnonzero(~np.isnan(scores[key]))}
+
+
+def _class_name(cat) -> str:
+    return "(none)" if cat is None else str(cat)
+
+
+def _official_miou(tables: _PixelTables, fit: Optional[_PixelTables], o: EvalOptions) -> dict:
+    """PartDistillation's mIoU: per object class, the predicted ids matched to parts on that class's
+    pixels (``miou_matcher.py``) and scored with background as a row and column (``miou_evaluator.py``).
+    """
+    by_class = tables.by_class
+    gt_ids = set()
+    for table in by_class.values():
+        gt_ids.update(np.flatnonzero(table.table_.sum(1)).tolist())
+    if not gt_ids - {0}:
+        raise PartkitError("no ground-truth part pixels to score for miou (every pixel is background or void)")
+    if o.match == "none":
+        unknown = sorted({int(i) for t in by_class.values() for i in np.flatnonzero(t.table_.sum(0))} - gt_ids - {0})
+        if unknown:
+            shown = ", ".join(map(str, unknown[:20])) + (", ..." if len(unknown) > 20 else "")
+            raise PartkitError(f"--match none takes predicted ids as part ids, but predicted ids {shown} are no "
+                               f"ground-truth part id (those are {_id_list(gt_ids - {0})}); use --match majority "
+                               f"to fit a mapping, or pass the prediction made with the ground truth's ids")
+    per_class, keys = {}, ("miou", "macc", "miopred")
+    means: dict[str, list] = {k: [] for k in keys}
+    pairs: dict[str, list] = {k: [] for k in ("iou", "acc", "iopred")}
+    for cat in sorted(by_class, key=lambda c: (c is None, str(c))):
+        table = by_class[cat].table_
+        if table.shape[0] < 2 or not table[1:].any():
+            raise PartkitError(f"object class {cat!r} has no ground-truth part pixels; its official mIoU is 0/0 "
+                               f"and would make C-mIoU undefined; drop its samples or label their parts")
+        fit_table = table
+        if fit is not None:
+            if cat not in fit.by_class:
+                raise PartkitError(f"object class {cat!r} has no samples in the --match-on shards to fit on")
+            fit_table = fit.by_class[cat].table_
+        n_pred = max(table.shape[1], fit_table.shape[1])
+        mapping = M.match_to_parts(fit_table, o.match, n_pred=n_pred)
+        scores = M.official_part_scores(M.part_confusion(table, mapping))
+        for k in keys:
+            means[k].append(scores[k])
+        for k in pairs:
+            pairs[k].extend(scores[k][~np.isnan(scores[k])])
+        seen = np.zeros(n_pred, bool)
+        for t in (table, fit_table):
+            seen[:t.shape[1]] |= t.sum(0) > 0
+        per_class[_class_name(cat)] = {
+            **{k: _pct(scores[k]) for k in (*keys, "fwiou", "pacc")},
+            "iou": _ids(scores, "iou"), "acc": _ids(scores, "acc"), "iopred": _ids(scores, "iopred"),
+            "mapping": {str(c): int(m) for c, m in enumerate(mapping) if c > 0 and seen[c]}}
+    out = {"value": _pct(np.mean(means["miou"])), "miou": "official", "match": o.match,
+           "fitted_on": "match-on shards" if fit else "scored data", "classes": len(per_class),
+           "c_miou": _pct(np.mean(means["miou"])), "a_miou": _pct(np.mean(pairs["iou"])),
+           "c_macc": _pct(np.mean(means["macc"])), "a_macc": _pct(np.mean(pairs["acc"])),
+           "c_miopred": _pct(np.mean(means["miopred"])),
+           "a_miopred": _pct(np.mean(pairs["iopred"])) if pairs["iopred"] else None}
+    if len(per_class) == 1:  # one class: its details at the top, as the pooled computation has them
+        only = next(iter(per_class.values()))
+        out.update({k: only[k] for k in ("iou", "acc", "iopred", "mapping")})
+    out["per_class"] = per_class
+    return out
+
+
+def _id_list(ids) -> str:
+    ids = sorted(int(i) for i in ids)
+    return ", ".join(map(str, ids[:20])) + (", ..." if len(ids) > 20 else "")
+
+
 def _miou_result(tables: _PixelTables, fit: Optional[_PixelTables], o: EvalOptions) -> dict:
+    if o.miou == "official":
+        return _official_miou(tables, fit, o)
     ignore = (0,) if o.region == "fg" else ()
 
     def score(table, fit_table, where=""):
@@ -137,7 +217,7 @@ def _miou_result(tables: _PixelTables, fit: Optional[_PixelTables], o: EvalOptio
             seen[:table.shape[1]] |= table.sum(0)[:mapping.size] > 0
     out = {"value": _pct(np.nanmean(iou)), "iou": {str(i): _pct(iou[i]) for i in present},
            "mapping": {str(c): int(m) for c, m in enumerate(mapping) if m >= 0 and seen[c]},
-           "region": o.region, "match": o.match, "fitted_on": "match-on shards" if fit else "scored data"}
+           "miou": "pooled", "region": o.region, "match": o.match, "fitted_on": "match-on shards" if fit else "scored data"}
     if tables.has_classes:
         per_class, class_means, pairs = {}, [], []
         for cat in sorted(tables.by_class, key=lambda c: (c is None, str(c))):
@@ -200,12 +280,18 @@ def ari(p: Pass) -> dict:
 
 
 def _miou_summary(r: dict) -> str:
+    if r["miou"] == "official":
+        parts = sum(len(c["iou"]) for c in r["per_class"].values())
+        return (f"official (PartDistillation): C-mIoU over {r['classes']} object class(es), {r['match']} matching "
+                f"per class fitted on {r['fitted_on']}, background counted; A-mIoU {fmt(r['a_miou'])} over "
+                f"{parts} class-part pairs, C-mACC {fmt(r['c_macc'])}, C-mIoPred {fmt(r['c_miopred'])}")
     extra = f"; C-mIoU {fmt(r['c_miou'])}, A-mIoU {fmt(r['a_miou'])}" if "c_miou" in r else ""
     return f"{r['match']} matching fitted on {r['fitted_on']}, {r['region']} pixels, {len(r['iou'])} parts{extra}"
 
 
 @register_metric("miou", accumulator="pixels", summary=_miou_summary, options=("pred", "gt_field"),
-                 choices={"region": REGIONS, "match": MATCHES}, fit="pixels")
+                 choices={"miou": MIOU, "region": REGIONS, "match": MATCHES}, fit="pixels")
 def miou(p: Pass) -> dict:
-    """Mean IoU of parts after matching predicted ids to parts (per object class too, when known)."""
+    """Mean IoU of parts after matching predicted ids to parts: PartDistillation's C-mIoU (``--miou
+    official``, the default) or one pooled table over ``--region`` pixels (``--miou pooled``)."""
     return _miou_result(p.accumulators["pixels"], p.fit.get("pixels"), p.options)
