@@ -201,3 +201,18 @@ def test_every_preset_sets_valid_options(shard_factory, name):
     o.validate(["miou"])
     for option, value in PROTOCOLS[name].options.items():
         assert getattr(o, option) == value
+
+
+def test_every_preset_option_exists_and_the_papers_settings_are_wired():
+    from dataclasses import fields as dc_fields
+
+    from partkit.evaluate import PROTOCOLS, EvalOptions
+
+    names = {f.name for f in dc_fields(EvalOptions)}
+    for p in PROTOCOLS.values():
+        assert set(p.options) <= names, (p.name, set(p.options) - names)
+        assert not p.pending, (p.name, p.pending)
+    assert PROTOCOLS["partdistillation"].options["average"] == "class"  # Tab. 2: NMI averaged over classes
+    assert PROTOCOLS["choudhury"].options["average"] == "pooled"
+    assert PROTOCOLS["zhu"].options["retrieval_features"] == "patches"
+    assert PROTOCOLS["zhu"].options["exclude_self"] is True  # "all the other patches"
