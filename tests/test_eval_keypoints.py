@@ -245,3 +245,18 @@ def test_cli_nmi_ari_kpt_regression_at_keypoints(shard_factory):
     assert json.loads(result.stdout)["metrics"]["kpt-regression"]["fitted_on"] == "match-on shards"
     result = runner.invoke(app, ["eval", "kpt-regression", shard])
     assert result.exit_code == 2 and "--kpt-train N" in result.stderr and result.stdout == ""
+
+
+def test_cli_choudhury_protocol_at_keypoints(shard_factory):
+    """`eval nmi ari kpt-regression --protocol choudhury --at keypoints`: pooled NMI/ARI, exact regression."""
+    affine = _affine(9)
+    train, test = _images(10, 15, affine), _images(11, 5, affine)
+    shard = shard_factory([_sample(f"s{i}", p, k, b, category="bird") for i, (p, k, b) in enumerate(train + test)])
+    result = runner.invoke(app, ["eval", "nmi", "ari", "kpt-regression", shard, "--protocol", "choudhury",
+                                 "--at", "keypoints", "--kpt-train", "15"])
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["protocol"]["name"] == "choudhury" and report["options"]["average"] == "pooled"
+    assert report["metrics"]["nmi"]["value"] == report["metrics"]["nmi"]["pooled"]
+    assert report["metrics"]["kpt-regression"]["value"] == pytest.approx(0, abs=1e-9)
+    assert "kpt-regression" in report["protocol"]["official"]

@@ -60,8 +60,9 @@ PROTOCOLS: dict[str, Protocol] = {p.name: p for p in [
     Protocol(
         "shapenetpart", "ShapeNetPart part segmentation: instance mIoU (mean over shapes) and class mIoU",
         options={"match": "none"},
-        official={"miou-3d": "the ShapeNetPart rule (per shape, mean part IoU over the category's parts, a part "
-                             "absent from truth and prediction counting 1); no official file checked here"}),
+        official={"miou-3d": "ardianumam/PartDistill util.py compute_overall_iou_batchwise (per shape, mean part "
+                             "IoU over the category's parts, a part absent from truth and prediction counting 1, "
+                             "as PointCLIPv2)"}),
     Protocol(
         "zhu", "Zhu et al. part retrieval: keypoint-centred crops through the backbone, ranked by cosine similarity",
         options={"retrieval_features": "patches", "exclude_self": True},
