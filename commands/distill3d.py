@@ -91,14 +91,14 @@ def main(
 
     Then, on new shapes: partkit distill-3d new.tar --student runs/caps -o preds/
     """
-    from click.core import ParameterSource
-
     from partkit.distill3d import DistillConfig, distill_3d
 
     g = get_globals(ctx)
     out_opts = make_output(output, shard_size, overwrite, drop, num_shards, shard_index)
     if student is not None:
-        given = [p for p in _TRAINING if ctx.get_parameter_source(p) not in (ParameterSource.DEFAULT, None)]
+        # by name: typer may carry its own copy of click's ParameterSource enum
+        given = [p for p in _TRAINING if getattr(ctx.get_parameter_source(p), "name", "DEFAULT") in
+                 ("COMMANDLINE", "ENVIRONMENT", "PROMPT")]
         given = ["--" + p.replace("_", "-") if len(p) > 1 else "-" + p for p in given]
         distill_3d(inputs or ["-"], None, student=student, out=out, resume=resume, stop_at=stop_at, labeled=labeled,
                    save_views=save_views, handler=handler_for(skip_bad), output=out_opts,
