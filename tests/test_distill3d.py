@@ -418,5 +418,5 @@ def test_quality_script_runs_tiny(tmp_path):
                           str(tmp_path)], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     rec = json.loads(out.stdout.splitlines()[-1])
-    assert len(rec["scores"]) == 5 and all(0 <= v <= 100 for v in rec["scores"].values())
+    assert len(rec["scores"]) == 6 and all(0 <= v <= 100 for v in rec["scores"].values())
     assert "| saved student |" in out.stderr and "| few-shot student (2 labelled) |" in out.stderr
