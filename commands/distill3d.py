@@ -8,9 +8,14 @@ import typer
 from partkit.errors import PartkitError, handler_for
 
 from ._common import (
-    DropOption, OutputOption, OverwriteOption, ShardSizeOption, SkipBadOption, check_side, cli_errors, get_globals,
-    make_output, parse_ints,
+    DropOption, NumShardsOption, OutputOption, OverwriteOption, ShardIndexOption, ShardSizeOption, SkipBadOption,
+    check_side, cli_errors, get_globals, make_output, parse_ints,
 )
+
+# what --student refuses: everything that picks a teacher or trains (the run's config.json has them)
+_TRAINING = ("teacher", "teacher_model", "weights", "layers", "k", "parts", "category", "elevations", "azimuths", "size",
+             "radius", "temperature", "width", "depth", "knn", "points", "batch_size", "epochs", "lr", "plateau",
+             "backward")
 
 
 def _floats(text: str, opt: str) -> tuple:
@@ -61,10 +66,20 @@ def main(
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out exactly where it stopped."),
     stop_at: Optional[int] = typer.Option(None, "--stop-at", help="Checkpoint and stop after this epoch, writing no "
                                                                   "samples (finish later with --resume)."),
+    student: Optional[str] = typer.Option(None, "--student", help="Apply the trained student of this run folder "
+                                                                  "(a finished --out) to the inputs: no teacher, no "
+                                                                  "training; streams, shards with --num-shards."),
+    labeled: Optional[List[str]] = typer.Option(None, "--labeled", help="Shards of shapes with gt_parts.npy: a "
+                                                "supervised loss on them (few-shot); ids follow their part ids."),
+    save_views: Optional[str] = typer.Option(None, "--save-views", help="Folder for each shape's rendered views, "
+                                             "teacher label maps and coverage picture (<key>.views/teacher/"
+                                             "coverage.png)."),
     output: OutputOption = "-",
     shard_size: ShardSizeOption = 1000,
     overwrite: OverwriteOption = False,
     drop: DropOption = [],
+    num_shards: NumShardsOption = None,
+    shard_index: ShardIndexOption = None,
     skip_bad: SkipBadOption = False,
 ):
     """Add pred_parts.npy (a part id per point) and pred_parts.json to every point-cloud sample.
@@ -73,10 +88,22 @@ def main(
     labels onto the points and trains one point-cloud student on all shapes (PartDistill).
 
     Example: partkit pack caps.npz | partkit distill-3d --teacher parts -k 8 --out runs/caps | partkit eval miou-3d
+
+    Then, on new shapes: partkit distill-3d new.tar --student runs/caps -o preds/
     """
     from partkit.distill3d import DistillConfig, distill_3d
 
     g = get_globals(ctx)
+    out_opts = make_output(output, shard_size, overwrite, drop, num_shards, shard_index)
+    if student is not None:
+        # by name: typer may carry its own copy of click's ParameterSource enum
+        given = [p for p in _TRAINING if getattr(ctx.get_parameter_source(p), "name", "DEFAULT") in
+                 ("COMMANDLINE", "ENVIRONMENT", "PROMPT")]
+        given = ["--" + p.replace("_", "-") if len(p) > 1 else "-" + p for p in given]
+        distill_3d(inputs or ["-"], None, student=student, out=out, resume=resume, stop_at=stop_at, labeled=labeled,
+                   save_views=save_views, handler=handler_for(skip_bad), output=out_opts,
+                   **({"given": given} if given else {}))
+        return
     check_side(size)
     cfg = DistillConfig(
         teacher=teacher, teacher_model=teacher_model, weights=weights, layers=parse_ints(layers, "--layers"), k=k,
@@ -86,4 +113,4 @@ def main(
         batch_size=batch_size, epochs=epochs, lr=lr, plateau=plateau, backward=backward, seed=g.seed,
         device=g.device)
     distill_3d(inputs or ["-"], cfg, out=out, handler=handler_for(skip_bad), resume=resume, stop_at=stop_at,
-               output=make_output(output, shard_size, overwrite, drop, None, None))
+               labeled=labeled or None, save_views=save_views, output=out_opts)

@@ -1,7 +1,7 @@
 """Draw pictures of part predictions: overlays, purity grids, confusion heat maps."""
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -88,16 +88,24 @@ def confusion(
 @cli_errors
 def points(
     inputs: InputsArgument,
-    output: str = typer.Option(..., "--output", "-o", help="Folder for one <key>.png per point cloud."),
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="Folder for one <key>.png per point cloud."),
+    ply: Optional[str] = typer.Option(None, "--ply", help="Folder for coloured <key>.<field>.ply files (MeshLab, "
+                                                          "CloudCompare), one per label field."),
+    ascii_ply: bool = typer.Option(False, "--ascii", help="Write ASCII PLY instead of binary."),
     fields: list[str] = typer.Option(["pred_parts.npy", "gt_parts.npy"], "--field",
                                      help="Per-point label field to colour by, one row each (repeatable)."),
     max_samples: int = typer.Option(16, "--max", help="Draw the first N point clouds."),
     size: int = typer.Option(256, "--size", help="Pixels per view."),
     skip_bad: SkipBadOption = False,
 ):
-    """Point clouds from three views, coloured by predicted and ground-truth part ids (one PNG per shape)."""
-    check_output_folder(output, "--output")
+    """Point clouds from three views, coloured by predicted and ground-truth part ids (one PNG per shape);
+    --ply also writes coloured .ply files."""
+    if output is None and ply is None:
+        raise PartkitError("show points needs --output DIR (PNG pictures), --ply DIR (.ply files) or both")
+    for opt, folder in (("--output", output), ("--ply", ply)):
+        if folder is not None:
+            check_output_folder(folder, opt)
     check_side(size)
-    for path in show.show_points(inputs, output, fields=fields, max_samples=max_samples, size=size,
-                                 handler=handler_for(skip_bad)):
+    for path in show.show_points(inputs, output, fields=fields, max_samples=max_samples, size=size, ply=ply,
+                                 ascii_ply=ascii_ply, handler=handler_for(skip_bad)):
         log(f"show points: wrote {path}")

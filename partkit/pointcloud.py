@@ -25,7 +25,7 @@ from .errors import BadSample, PartkitError
 from .io import decode_json, decode_npy, encode_json, encode_npy
 from .io.tario import sample_key
 
-__all__ = ["POINT_EXTS", "SHAPENETPART", "Shape", "read_shape", "list_shapes", "read_ply", "read_obj", "read_off",
+__all__ = ["POINT_EXTS", "SHAPENETPART", "Shape", "read_shape", "list_shapes", "read_ply", "write_ply", "read_obj", "read_off",
            "sample_surface", "normalize", "shape_sample", "decode_shape", "shapenet_category"]
 
 POINT_EXTS = ("ply", "obj", "off", "npz", "npy", "txt")
@@ -204,6 +204,35 @@ def read_ply(data: bytes) -> Shape:
         polys = next(iter(found["face"].values()))
         faces = _triangulate(polys)
     return Shape(points, normals, colors, faces=faces)
+
+
+def write_ply(points: np.ndarray, colors: Optional[np.ndarray] = None, normals: Optional[np.ndarray] = None,
+              labels: Optional[np.ndarray] = None, *, binary: bool = True) -> bytes:
+    """A PLY point cloud (binary little-endian, or ASCII) that MeshLab and CloudCompare open: vertices
+    ``x y z`` (float), optional ``nx ny nz`` (float), ``red green blue`` (uchar) and ``label`` (int).
+    :func:`read_ply` reads it back."""
+    pts = np.asarray(points, np.float32).reshape(-1, 3)
+    cols = [("x", "f4", pts[:, 0]), ("y", "f4", pts[:, 1]), ("z", "f4", pts[:, 2])]
+    if normals is not None:
+        nrm = np.asarray(normals, np.float32).reshape(-1, 3)
+        cols += [("nx", "f4", nrm[:, 0]), ("ny", "f4", nrm[:, 1]), ("nz", "f4", nrm[:, 2])]
+    if colors is not None:
+        rgb = np.asarray(colors, np.uint8).reshape(-1, 3)
+        cols += [("red", "u1", rgb[:, 0]), ("green", "u1", rgb[:, 1]), ("blue", "u1", rgb[:, 2])]
+    if labels is not None:
+        cols.append(("label", "i4", np.asarray(labels).reshape(-1).astype(np.int32)))
+    ply_type = {"f4": "float", "u1": "uchar", "i4": "int"}
+    header = ["ply", f"format {'binary_little_endian' if binary else 'ascii'} 1.0", "comment written by partkit",
+              f"element vertex {len(pts)}"] + [f"property {ply_type[t]} {n}" for n, t, _ in cols] + ["end_header"]
+    head = ("\n".join(header) + "\n").encode("ascii")
+    if binary:
+        rows = np.empty(len(pts), np.dtype([(n, "<" + t) for n, t, _ in cols]))
+        for n, _, v in cols:
+            rows[n] = v
+        return head + rows.tobytes()
+    fmt = " ".join("%.6g" if t == "f4" else "%d" for _, t, _ in cols)
+    lines = [fmt % row for row in zip(*(v.tolist() for _, _, v in cols))]
+    return head + ("\n".join(lines) + "\n").encode("ascii")
 
 
 def _triangulate(polys) -> Optional[np.ndarray]:

@@ -10,7 +10,10 @@ This module decides what goes into each picture:
   (:func:`partkit.evaluate.render`).
 - :func:`purity_per_class`: one purity figure per object class from ``partkit rank apply``
   output, plus an ``index.html``.
-- :func:`show_points`: three views of each point cloud, a row per label field.
+- :func:`show_points`: three views of each point cloud, a row per label field; with ``ply``, a
+  coloured ``.ply`` per (point cloud, label field) for MeshLab / CloudCompare.
+- :func:`save_shape_views`: ``distill-3d --save-views``: a shape's rendered views, the teacher's
+  label map per view, and its coverage (views per point, vote confidence).
 
 Example:
     >>> show_points(["preds.tar"], "pictures/")  # doctest: +SKIP
@@ -30,9 +33,10 @@ from ._log import progress
 from . import fields as F
 from .errors import BadSample, Handler, PartkitError, stop
 from .io import decode_json, decode_label_map, decode_npy, iter_loaded, write_atomic
-from .pointcloud import decode_shape
+from .io.tario import key_problem
+from .pointcloud import decode_shape, write_ply
 
-__all__ = ["VIEWS", "Pictures", "view_paths", "purity_per_class", "show_points"]
+__all__ = ["VIEWS", "Pictures", "view_paths", "purity_per_class", "show_points", "save_shape_views", "file_key"]
 
 VIEWS = ("overlays", "purity", "confusion")
 
@@ -158,18 +162,39 @@ def purity_per_class(inputs: Sequence[str], out_dir: str, *, n_rows: int = 3, ha
 # Point clouds
 
 
-def show_points(inputs: Sequence[str], out_dir: str, *, fields: Sequence[str] = ("pred_parts.npy", "gt_parts.npy"),
-                max_samples: int = 16, size: int = 256, handler: Handler = stop) -> list[str]:
-    """One ``<key>.png`` per point-cloud sample: a row per label field present, three views each.
+def file_key(key: str) -> str:
+    """A sample key used as a file name: the sample-key rule of :func:`partkit.io.tario.key_problem`
+    (no path separators, no leading dot, bounded length), else :class:`BadSample`."""
+    problem = key_problem(key)
+    if problem is not None:
+        raise BadSample(key, f"cannot name a file after this sample: it {problem}")
+    return key
+
+
+def _field_stem(name: str) -> str:
+    return name.split(".", 1)[0]
+
+
+def show_points(inputs: Sequence[str], out_dir: Optional[str], *,
+                fields: Sequence[str] = ("pred_parts.npy", "gt_parts.npy"), max_samples: int = 16, size: int = 256,
+                ply: Optional[str] = None, ascii_ply: bool = False, handler: Handler = stop) -> list[str]:
+    """One ``<key>.png`` per point-cloud sample in ``out_dir``: a row per label field present, three
+    views each; with ``ply`` (a folder), also ``<key>.<field>.ply`` per label field present
+    (``<key>.points.ply``, grey, when none is), points coloured as in the pictures, with a ``label``
+    property (binary PLY; ``ascii_ply``: ASCII).
 
     Samples with none of ``fields`` are drawn grey (shading only).
     """
     from .render3d import render_views_png  # torch: only when points are drawn
+    from .viz import label_colors
 
     if max_samples < 1:
         raise PartkitError(f"--max must be at least 1, got {max_samples}")
-    if os.path.isfile(out_dir):
-        raise PartkitError(f"--output {out_dir!r} is a file; pass a folder for the pictures")
+    if out_dir is None and ply is None:
+        raise PartkitError("show points needs --output DIR (PNG pictures), --ply DIR (.ply files) or both")
+    for opt, folder in (("--output", out_dir), ("--ply", ply)):
+        if folder is not None and os.path.isfile(folder):
+            raise PartkitError(f"{opt} {folder!r} is a file; pass a folder")
     def load(sample: dict) -> tuple:
         shape = decode_shape(sample)
         panels = []
@@ -179,15 +204,62 @@ def show_points(inputs: Sequence[str], out_dir: str, *, fields: Sequence[str] = 
                 if len(labels) != len(shape):
                     raise BadSample(sample["__key__"], f"'{name}' has {len(labels)} labels for {len(shape)} points")
                 panels.append((name, labels))
-        return sample["__key__"], shape, panels or [("points", None)]
+        return file_key(sample["__key__"]), shape, panels or [("points", None)]
 
-    written = []
+    written, count = [], 0
     for key, shape, panels in iter_loaded(inputs, load, handler=handler):
-        path = os.path.join(out_dir, f"{key}.png")
-        render_views_png(path, shape.points, panels, normals=shape.normals, size=size)
-        written.append(path)
-        if len(written) >= max_samples:
+        if out_dir is not None:
+            path = os.path.join(out_dir, f"{key}.png")
+            render_views_png(path, shape.points, panels, normals=shape.normals, size=size)
+            written.append(path)
+        if ply is not None:
+            os.makedirs(ply, exist_ok=True)
+            for name, labels in panels:
+                grey = np.full((len(shape), 3), 153, np.uint8)
+                colors = grey if labels is None else label_colors(labels)
+                path = os.path.join(ply, f"{key}.{_field_stem(name)}.ply")
+                write_atomic(path, write_ply(shape.points, colors, shape.normals, labels, binary=not ascii_ply))
+                written.append(path)
+        count += 1
+        if count >= max_samples:
             break
     if not written:
         raise PartkitError("show points: the input holds no point-cloud samples; run `partkit pack` on point clouds")
     return written
+
+
+def save_shape_views(out_dir: str, key: str, shape, rendering, label, confidence, point_labels) -> list[str]:
+    """``distill-3d --save-views``: ``<key>.views.png`` (the rendered views), ``<key>.teacher.png`` (the
+    teacher's label per pixel, background white, one colour per class, under a row of its confidence)
+    and ``<key>.coverage.png`` (the points from three views, coloured by how many views labelled each,
+    and by the vote confidence of its pseudo-label; grey: never seen)."""
+    from .render3d import render_views_png
+
+    key = file_key(key)
+    os.makedirs(out_dir, exist_ok=True)
+    V = rendering.image.shape[0]
+    views = np.concatenate(list(rendering.image.cpu().numpy()), axis=1)
+    lab = label.cpu().numpy()
+    colours = viz.label_colors(lab.reshape(-1)).reshape(*lab.shape, 3)
+    colours[lab < 0] = 255
+    conf = confidence.float().cpu().numpy()
+    heat = viz.heat_colors(conf.reshape(-1), vmax=1.0).reshape(*conf.shape, 3)
+    heat[lab < 0] = 255
+    teacher = np.concatenate([viz.titled(np.concatenate(list(colours), axis=1), "teacher label per view", bar=18,
+                                         font_size=None),
+                              viz.titled(np.concatenate(list(heat), axis=1), "teacher confidence (0..1)", bar=18,
+                                         font_size=None)], axis=0)
+    count = point_labels.views_per_point().cpu().numpy().astype(np.float64)
+    target, weight = point_labels.targets()
+    seen = target.cpu().numpy() >= 0
+    conf_pts = np.where(seen, weight.cpu().numpy(), np.nan)
+    count_cols = viz.heat_colors(np.where(count > 0, count, np.nan), vmax=float(V))
+    cov = point_labels.coverage()
+    paths = [os.path.join(out_dir, f"{key}.{name}.png") for name in ("views", "teacher", "coverage")]
+    viz.save_png(paths[0], viz.titled(views, f"{key}: {V} rendered views", bar=18, font_size=None))
+    viz.save_png(paths[1], teacher)
+    render_views_png(paths[2], shape.points, [
+        (f"views labelling each point (0..{V}; grey: none), coverage {100 * cov['coverage']:.1f}%", count_cols),
+        (f"vote confidence (0..1), mean {cov['confidence']:.2f}", viz.heat_colors(conf_pts, vmax=1.0))],
+        normals=shape.normals, size=192)
+    return paths

@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .errors import PartkitError
 
-__all__ = ["palette", "colorize", "label_colors", "overlay", "titled", "overlay_panel", "PurityGrid", "save_confusion",
+__all__ = ["palette", "colorize", "label_colors", "heat_colors", "overlay", "titled", "overlay_panel", "PurityGrid", "save_confusion",
            "save_png"]
 
 # tab20's colours, reordered so neighbouring ids contrast; beyond 20, golden-ratio hues.
@@ -74,6 +74,23 @@ def label_colors(labels: np.ndarray) -> np.ndarray:
     pal = palette(int(labels.max(initial=0)) + 2)[1:]
     out = pal[np.clip(labels, 0, None)]
     out[labels < 0] = (200, 200, 200)  # unlabelled
+    return out
+
+
+def heat_colors(values: np.ndarray, vmax: Optional[float] = None) -> np.ndarray:
+    """Values in [0, vmax] (default: their max) as viridis colours (N x 3 uint8); NaN is light grey.
+
+    Example:
+        >>> heat_colors(np.array([0.0, 1.0])).tolist()
+        [[68, 1, 84], [253, 231, 37]]
+    """
+    from matplotlib import colormaps
+
+    v = np.asarray(values, np.float64)
+    top = vmax if vmax is not None else (np.nanmax(v) if np.isfinite(v).any() else 1.0)
+    t = np.clip(np.nan_to_num(v / max(top, 1e-12)), 0, 1)
+    out = np.round(255 * colormaps["viridis"](t)[..., :3]).astype(np.uint8)
+    out[~np.isfinite(v)] = (200, 200, 200)
     return out
 
 

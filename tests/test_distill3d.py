@@ -223,3 +223,200 @@ def test_stop_at_then_resume_equals_a_straight_run(tmp_path):
     assert (tmp_path / "p_part" / "000000.tar").read_bytes() == (tmp_path / "p_full" / "000000.tar").read_bytes()
     assert json.loads((tmp_path / "full" / "config.json").read_text())["shapes_digest"] == \
         json.loads((tmp_path / "part" / "config.json").read_text())["shapes_digest"]
+
+
+# ---------------------------------------------------------------------------------------------
+# beyond one transductive run: a saved student on new shapes, few-shot, diagnostics
+
+TINY = dict(weights="none", size=48, epochs=3, points=96, width=8, depth=1, knn=4, k=3, elevations=(30,),
+            azimuths=(0, 180))
+TINY_CLI = ["--weights", "none", "--size", "48", "--epochs", "3", "--points", "96", "--width", "8", "--depth", "1",
+            "--knn", "4", "-k", "3", "--elevations", "30", "--azimuths", "0,180"]
+
+
+@pytest.fixture(scope="module")
+def caps(tmp_path_factory):
+    """cap_test packed (11 shapes, one shard), cap_val packed in two shards (3 + 2), and a run trained on cap_test."""
+    from partkit.pack import pack
+
+    root = tmp_path_factory.mktemp("caps")
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    pack([str(SHAPENET / "cap_test.npz")], output=Output(str(root / "train")))
+    pack([str(SHAPENET / "cap_val.npz")], output=Output(str(root / "new"), shard_size=3))
+    distill_3d([str(root / "train")], out=str(root / "run"), output=Output(str(root / "train_pred")), **TINY)
+    torch.set_num_threads(n)
+    return root
+
+
+def _by_key(folder):
+    return {s["__key__"]: {k: v for k, v in s.items() if k != "__url__"}
+            for f in sorted(os.listdir(folder)) if f.endswith(".tar") for s in read_shard(folder / f)}
+
+
+def test_saved_student_labels_new_shapes_deterministically_and_sharded(caps, tmp_path):
+    new, run = str(caps / "new"), str(caps / "run")
+    one = distill_3d([new], student=run, output=Output(str(tmp_path / "one")))
+    assert one["written"] == 5
+    distill_3d([new], student=run, output=Output(str(tmp_path / "two")))
+    assert (tmp_path / "one" / "000000.tar").read_bytes() == (tmp_path / "two" / "000000.tar").read_bytes()
+    for i in range(2):  # one process per input shard, as torchrun would
+        distill_3d([new], student=run, output=Output(str(tmp_path / "sh"), num_shards=2, shard_index=i))
+    assert _by_key(tmp_path / "sh") == _by_key(tmp_path / "one")
+
+    config = json.loads((caps / "run" / "config.json").read_text())
+    run_ids = config["classes"]
+    assert config["student"]["ids"] == [int(i) for i in run_ids] and config["student"]["use_normals"]
+    assert "unit sphere" in config["student"]["normalisation"]
+    trained = read_shard(caps / "train_pred" / "000000.tar")
+    assert decode_json(trained[0], "pred_parts.json")["ids"] == run_ids
+    for s in _by_key(tmp_path / "one").values():
+        meta, pred = decode_json(s, "pred_parts.json"), decode_npy(s, "pred_parts.npy")
+        assert meta["ids"] == run_ids and set(np.unique(pred)) <= {int(i) for i in run_ids}
+        assert pred.shape == decode_npy(s, "gt_parts.npy").shape and 0 < meta["student_confidence"] <= 1
+    # the trained run's transductive labels and the saved student agree on the shapes it learnt from
+    again = distill_3d([str(caps / "train")], student=run, output=Output(str(tmp_path / "again")))
+    assert again["written"] == 11
+    for a, b in zip(trained, read_shard(tmp_path / "again" / "000000.tar")):
+        assert np.array_equal(decode_npy(a, "pred_parts.npy"), decode_npy(b, "pred_parts.npy"))
+
+
+def _cli(*args):
+    from partkit.cli.main import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def _one_line_error(res, *needles):
+    assert res.exit_code == 2, res.output
+    lines = [line for line in res.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("partkit: error: ") and "Traceback" not in res.output, res.output
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def test_student_errors_are_one_line(caps, tmp_path, shard_factory):
+    new, run = caps / "new", caps / "run"
+    _one_line_error(_cli("distill-3d", new, "--student", tmp_path / "nothing", "-o", tmp_path / "o"), "not a folder")
+    (tmp_path / "empty").mkdir()
+    _one_line_error(_cli("distill-3d", new, "--student", tmp_path / "empty", "-o", tmp_path / "o"), "no trained student")
+    res = _cli("distill-3d", new, *TINY_CLI, "--out", tmp_path / "half", "--stop-at", "1")
+    assert res.exit_code == 0, res.output
+    _one_line_error(_cli("distill-3d", new, "--student", tmp_path / "half", "-o", tmp_path / "o"),
+                    "stopped at epoch 1 of 3", "--resume")
+    _one_line_error(_cli("distill-3d", new, "--student", run, "-k", "4", "--epochs", "2", "-o", tmp_path / "o"),
+                    "-k, --epochs")
+    _one_line_error(_cli("distill-3d", new, "--student", run, "--out", tmp_path / "r", "-o", tmp_path / "o"), "--out")
+    pts = np.random.default_rng(0).normal(size=(300, 3)).astype(np.float32)
+    nrm = pts / np.linalg.norm(pts, axis=1, keepdims=True)
+    chair = shard_factory([{"__key__": "c", "points.npy": pts, "normals.npy": nrm, "json": b'{"category": "chair"}'}])
+    _one_line_error(_cli("distill-3d", chair, "--student", run, "-o", tmp_path / "o"), "'chair'", "cap")
+    other = shard_factory([{"__key__": "d", "points.npy": pts, "normals.npy": nrm,
+                            "json": b'{"category": "cap", "parts": {"6": "panel", "7": "peak", "8": "button"}}'}])
+    _one_line_error(_cli("distill-3d", other, "--student", run, "-o", tmp_path / "o"), "part")
+    bare = shard_factory([{"__key__": "e", "points.npy": pts, "json": b'{"category": "cap"}'}])
+    _one_line_error(_cli("distill-3d", bare, "--student", run, "-o", tmp_path / "o"), "normals")
+    unlabelled = shard_factory([{"__key__": "f", "points.npy": pts, "normals.npy": nrm}])
+    _one_line_error(_cli("distill-3d", new, "--labeled", unlabelled, *TINY_CLI, "-o", tmp_path / "o"),
+                    "gt_parts.npy")
+
+
+def test_few_shot_ids_follow_the_labelled_parts(caps, tmp_path):
+    samples = read_shard(caps / "train" / "000000.tar")
+    labeled = write_shard(tmp_path / "labeled.tar", [{k: v for k, v in s.items() if k != "__url__"}
+                                                     for s in samples[:2]])
+    rest = write_shard(tmp_path / "rest.tar", [{k: v for k, v in s.items() if k != "__url__"} for s in samples[2:]])
+    res = _cli("distill-3d", rest, "--labeled", labeled, *TINY_CLI, "--out", tmp_path / "run", "-o", tmp_path / "p")
+    assert res.exit_code == 0, res.output
+    out = read_shard(tmp_path / "p" / "000000.tar")
+    assert len(out) == 9
+    for s in out:
+        meta = decode_json(s, "pred_parts.json")
+        assert meta["ids"] == {"6": "panel", "7": "peak"} and meta["labeled"] == 2
+        assert set(np.unique(decode_npy(s, "pred_parts.npy"))) <= {6, 7}
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["student"]["ids"] == [6, 7] and config["labeled_shapes"] == 2
+    assert set(config["teacher"]["to_parts"].values()) <= {6, 7, None}
+    # the few-shot student on new shapes keeps the part ids
+    distill_3d([str(caps / "new")], student=str(tmp_path / "run"), output=Output(str(tmp_path / "new")))
+    for s in _by_key(tmp_path / "new").values():
+        assert decode_json(s, "pred_parts.json")["ids"] == {"6": "panel", "7": "peak"}
+        assert set(np.unique(decode_npy(s, "pred_parts.npy"))) <= {6, 7}
+    # the supervised shapes keep their labels through backward distillation and an exact resume
+    d = PartDistiller(**{**TINY, "epochs": 8, "plateau": 0.5})
+    shapes = cap_shapes(["cap_val"])
+    d.fit(shapes[2:], labeled=shapes[:2])
+    assert d.backward_epoch_ is not None and d.ids_ == [6, 7]
+    for data, s in zip(d.data_[3:], shapes[:2]):
+        assert data.supervised and torch.equal(data.target.cpu(), torch.as_tensor(s.labels) - 6)
+
+
+def test_save_views_and_coverage_in_pred_parts_json(tmp_path):
+    from partkit.pack import pack
+
+    pack([str(SHAPENET / "cap_val.npz")], output=Output(str(tmp_path / "caps")))
+    distill_3d([str(tmp_path / "caps")], save_views=str(tmp_path / "views"), output=Output(str(tmp_path / "p")),
+               **TINY)
+    samples = read_shard(tmp_path / "p" / "000000.tar")
+    names = sorted(os.listdir(tmp_path / "views"))
+    assert names == sorted(f"{s['__key__']}.{kind}.png" for s in samples for kind in ("views", "teacher", "coverage"))
+    from PIL import Image
+
+    assert Image.open(tmp_path / "views" / names[0]).size[0] > 0
+    for s in samples:
+        meta = decode_json(s, "pred_parts.json")
+        assert 0 < meta["coverage"] <= 1 and 0 < meta["confidence"] <= 1 and 0 < meta["views_per_point"] <= 2
+        assert 0 < meta["student_confidence"] <= 1
+
+
+def test_show_points_ply_reads_back(caps, tmp_path):
+    from partkit.pointcloud import read_ply
+    from partkit.show import file_key
+    from partkit.viz import label_colors
+
+    res = _cli("show", "points", caps / "train_pred", "--ply", tmp_path / "ply", "--max", "2")
+    assert res.exit_code == 0, res.output
+    res = _cli("show", "points", caps / "train_pred", "--ply", tmp_path / "ascii", "--ascii", "--max", "1")
+    assert res.exit_code == 0, res.output
+    samples = read_shard(caps / "train_pred" / "000000.tar")[:2]
+    assert sorted(os.listdir(tmp_path / "ply")) == sorted(f"{s['__key__']}.{f}.ply" for s in samples
+                                                          for f in ("pred_parts", "gt_parts"))
+    for folder, s in ((tmp_path / "ply", samples[0]), (tmp_path / "ascii", samples[0]), (tmp_path / "ply", samples[1])):
+        data = (folder / f"{s['__key__']}.pred_parts.ply").read_bytes()
+        assert data.startswith(b"ply\nformat " + (b"ascii" if folder.name == "ascii" else b"binary_little_endian"))
+        shape = read_ply(data)
+        pts = decode_npy(s, "points.npy")
+        assert np.allclose(shape.points, pts, atol=1e-5) and shape.normals is not None
+        assert np.array_equal(shape.colors, label_colors(decode_npy(s, "pred_parts.npy")))
+    _one_line_error(_cli("show", "points", caps / "train_pred"), "--ply")
+    with pytest.raises(BadSample, match="path separator"):
+        file_key("../etc")
+
+
+def test_clip_run_records_prompts_temperature_and_views(tmp_path):
+    from partkit.distill3d import PROMPTS
+    from partkit.pack import pack
+
+    pack([str(SHAPENET / "cap_val.npz")], output=Output(str(tmp_path / "caps")))
+    distill_3d([str(tmp_path / "caps")], teacher="clip", teacher_model=tiny_clip(), weights="none", size=64, epochs=1,
+               points=128, width=8, depth=1, knn=4, temperature=0.02, azimuths=(0, 90), elevations=(10,),
+               out=str(tmp_path / "run"), output=Output(str(tmp_path / "p")))
+    teacher = json.loads((tmp_path / "run" / "config.json").read_text())["teacher"]
+    assert teacher["prompts"] == list(PROMPTS) and teacher["temperature"] == 0.02 and teacher["category"] == "cap"
+    assert teacher["views"] == {"elevations": [10.0], "azimuths": [0.0, 90.0], "size": 64, "radius": None}
+    assert teacher["classes"] == ["panel", "peak"]
+    # the saved clip student (text head) applies to new shapes with the json part ids
+    distill_3d([str(tmp_path / "caps")], student=str(tmp_path / "run"), output=Output(str(tmp_path / "again")))
+    a, b = read_shard(tmp_path / "p" / "000000.tar"), read_shard(tmp_path / "again" / "000000.tar")
+    assert [decode_json(s, "pred_parts.json")["ids"] for s in b] == [{"6": "panel", "7": "peak"}] * 5
+    assert all(np.array_equal(decode_npy(x, "pred_parts.npy"), decode_npy(y, "pred_parts.npy")) for x, y in zip(a, b))
+
+
+def test_quality_script_runs_tiny(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    out = subprocess.run(["python", str(ROOT / "scripts" / "distill3d_quality.py"), "--tiny", "--work",
+                          str(tmp_path)], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rec = json.loads(out.stdout.splitlines()[-1])
+    assert len(rec["scores"]) == 6 and all(0 <= v <= 100 for v in rec["scores"].values())
+    assert "| saved student |" in out.stderr and "| few-shot student (2 labelled) |" in out.stderr

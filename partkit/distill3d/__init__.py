@@ -11,15 +11,21 @@ Teachers: ``parts`` (partkit's own unsupervised 2D parts: extract + dataset-scop
 the rendered views, so ids agree across views and shapes) and ``clip`` (MaskCLIP-style dense
 patch-text similarity for given part names).
 
+The run folder keeps what inference needs, so the student then labels new shapes alone
+(:func:`apply_student`, ``--student RUN``: streamed, shardable). ``labeled`` shards with
+``gt_parts.npy`` add a supervised loss (PartDistill's few-shot setting).
+
 >>> distill_3d(["caps.tar"], teacher="parts", k=4, out="runs/caps", output=Output("preds/"))  # doctest: +SKIP
+>>> distill_3d(["new.tar"], student="runs/caps", output=Output("new_preds/"))  # doctest: +SKIP
 """
 from .config import DEFAULT_MODEL, DEFAULT_TEMPERATURE, PROMPTS, TEACHERS, DistillConfig
-from .distiller import PartDistiller, StudentTrainer, class_ids
-from .stage import distill_3d
+from .distiller import PartDistiller, StudentTrainer, class_ids, predict_points
+from .saved import SavedStudent
+from .stage import apply_student, distill_3d
 from .student import EdgeConv, PointStudent, knn_graph
 from .teachers import ClipTeacher, PartsTeacher, PointLabels, fill_unlabelled, render_shape
 
 __all__ = ["DistillConfig", "PartsTeacher", "ClipTeacher", "PointStudent", "PartDistiller", "StudentTrainer",
-           "distill_3d", "fill_unlabelled", "TEACHERS", "PROMPTS",
+           "distill_3d", "apply_student", "SavedStudent", "predict_points", "fill_unlabelled", "TEACHERS", "PROMPTS",
            # the parts behind them
            "DEFAULT_MODEL", "DEFAULT_TEMPERATURE", "PointLabels", "render_shape", "knn_graph", "EdgeConv", "class_ids"]

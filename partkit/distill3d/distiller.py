@@ -3,7 +3,7 @@ the student on :class:`partkit.training.Trainer` (:class:`StudentTrainer`, one s
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -16,7 +16,7 @@ from ..errors import PartkitError
 from ..pointcloud import Shape, normalize
 from ..render3d import Rendering
 from ..training import RunDir, Trainer, digest
-from .config import DistillConfig
+from .config import PROMPTS, DistillConfig
 from .student import PointStudent
 from .teachers import ClipTeacher, PartsTeacher, PointLabels, clip_classes, render_shape
 
@@ -28,6 +28,53 @@ class _ShapeData:
     labels: PointLabels
     target: torch.Tensor = None  # (N,) pseudo-labels, -1 unlabelled
     weight: torch.Tensor = None  # (N,)
+    supervised: bool = False  # a --labeled shape: targets are its gt_parts, never reweighted
+
+
+@torch.no_grad()
+def predict_points(student: PointStudent, feats: torch.Tensor, points: int, seed: int, num_classes: int,
+                   passes: int = 3) -> torch.Tensor:
+    """(N, C) class probabilities for all points: each pass cuts the points into random disjoint chunks
+    of ``points`` points (the training density); the passes' probabilities are averaged. Seeded per
+    shape, so a shape's labels do not depend on which other shapes are labelled, or in what order."""
+    student.eval()
+    n, N = points, len(feats)
+    gen = torch.Generator().manual_seed(seed)
+    prob = torch.zeros(N, num_classes, device=feats.device)
+    for _ in range(passes):
+        perm = torch.randperm(N, generator=gen).to(feats.device)
+        for i in range(0, N, n):
+            own = perm[i:i + n]
+            pad = n - len(own)
+            idx = own if pad <= 0 or N <= n else torch.cat([own, perm[torch.randint(N, (pad,), generator=gen)]])
+            prob[own] += student(feats[idx][None])[0, :len(own)].softmax(-1)
+    return prob / passes
+
+
+def shape_inputs(shape: Shape, use_normals: bool, device) -> torch.Tensor:
+    """The student's input for a shape: xyz normalised into the unit sphere (bounding-box centre,
+    :func:`partkit.pointcloud.normalize`), then the unit normals when ``use_normals``."""
+    xyz = torch.from_numpy(normalize(shape.points)[0])
+    if use_normals:
+        nrm = torch.as_tensor(np.asarray(shape.normals, np.float32))
+        xyz = torch.cat([xyz, F.normalize(nrm, dim=1)], 1)
+    return xyz.to(device)
+
+
+def part_table(shapes: Sequence[Shape]) -> Optional[dict]:
+    """The samples' json ``parts`` table ({id: name}) when they all carry the same one, else None."""
+    tables = [s.meta.get("parts") for s in shapes]
+    first = tables[0] if tables else None
+    if not isinstance(first, dict) or any(t != first for t in tables):
+        return None
+    return {str(k): str(v) for k, v in first.items()}
+
+
+def labelled_targets(shape: Shape, key: str, ids: Sequence[int]) -> torch.Tensor:
+    """A --labeled shape's gt_parts as indices into ``ids`` (-1: an ignore id)."""
+    gt = np.asarray(shape.labels).reshape(-1).astype(np.int64)
+    lut = {int(i): j for j, i in enumerate(ids)}
+    return torch.as_tensor([lut.get(int(g), -1) for g in gt], dtype=torch.long)
 
 
 class PartDistiller:
@@ -51,56 +98,111 @@ class PartDistiller:
         return ClipTeacher(cfg, names, category, self.device_)
 
     def _inputs(self, shape: Shape) -> torch.Tensor:
-        xyz = torch.from_numpy(normalize(shape.points)[0])
-        if self.use_normals_:
-            nrm = torch.as_tensor(np.asarray(shape.normals, np.float32))
-            xyz = torch.cat([xyz, F.normalize(nrm, dim=1)], 1)
-        return xyz.to(self.device_)
+        return shape_inputs(shape, self.use_normals_, self.device_)
 
     def fit(self, shapes: Sequence[Shape], keys: Optional[Sequence[str]] = None, run_dir: Optional[RunDir] = None, *,
-            resume: bool = False, stop_at: Optional[int] = None) -> "PartDistiller":
+            labeled: Sequence[Shape] = (), labeled_keys: Optional[Sequence[str]] = None, resume: bool = False,
+            stop_at: Optional[int] = None, views: Optional[Callable] = None) -> "PartDistiller":
         """Label the shapes with the teacher and train the student; with ``run_dir``, checkpoint there
-        (``resume`` continues its run exactly; ``stop_at`` stops after that epoch with a checkpoint)."""
+        (``resume`` continues its run exactly; ``stop_at`` stops after that epoch with a checkpoint).
+
+        ``labeled`` shapes (with ``labels``, their gt_parts) add a supervised loss (PartDistill's
+        few-shot setting): the classes become their part ids, and the teacher's classes are mapped to
+        them by majority vote over the labelled shapes' points. ``views(i, key, rendering, label,
+        confidence, point_labels)`` is called for every input shape (``--save-views``).
+        """
         cfg = self.config
         if not shapes:
             raise PartkitError("distill-3d needs at least one shape")
         seed_everything(cfg.seed)
         self.device_ = resolve_device(cfg.device)
-        self.use_normals_ = cfg.use_normals and all(s.normals is not None for s in shapes)
+        labeled = list(labeled)
+        everything = list(shapes) + labeled
+        self.use_normals_ = cfg.use_normals and all(s.normals is not None for s in everything)
         keys = list(keys) if keys is not None else [f"shape{i}" for i in range(len(shapes))]
-        teacher = self._teacher(shapes)
+        labeled_keys = list(labeled_keys) if labeled_keys is not None else [f"labeled{i}" for i in range(len(labeled))]
+        teacher = self._teacher(everything)
         self.classes_ = list(teacher.class_names)
         self.text_ = getattr(teacher, "text", None)
         C = teacher.num_classes
 
         def render(i: int) -> Rendering:
-            return render_shape(shapes[i], cfg, self.device_)
+            return render_shape(everything[i], cfg, self.device_)
 
-        teacher.fit(render, len(shapes))
+        teacher.fit(render, len(everything))
         self.teacher_ = {"name": cfg.teacher, "model": cfg.model_name,
-                         "weights": getattr(teacher.fx.backbone, "weights", None)}
-        self.data_ = []
-        with progress(f"distill-3d: {cfg.teacher} teacher", total=len(shapes)) as bar:
-            for i, (key, s) in enumerate(zip(keys, shapes)):
+                         "weights": getattr(teacher.fx.backbone, "weights", None), "classes": list(self.classes_),
+                         "temperature": cfg.tau, "views": {"elevations": list(cfg.elevations),
+                                                           "azimuths": list(cfg.azimuths), "size": cfg.size,
+                                                           "radius": cfg.radius}}
+        if cfg.teacher == "clip":
+            self.teacher_.update(prompts=list(PROMPTS), category=teacher.category)
+        self.data_, self.coverage_ = [], []
+        with progress(f"distill-3d: {cfg.teacher} teacher", total=len(everything)) as bar:
+            for i, (key, s) in enumerate(zip(keys + labeled_keys, everything)):
                 r = render(i)
                 lab, conf = teacher(r, i)
                 pl = PointLabels.gather(r.index.to(lab.device), lab, conf, len(s), C)
                 d = _ShapeData(key, self._inputs(s), pl)
                 d.target, d.weight = pl.targets()
+                if i < len(shapes):
+                    self.coverage_.append(pl.coverage())
+                    if views is not None:
+                        views(i, key, r, lab, conf, pl)
                 self.data_.append(d)
                 bar.update(1)
         del teacher
-        self.pseudo_labels_ = [d.target.cpu().numpy() for d in self.data_]
+        self.pseudo_labels_ = [d.target.cpu().numpy() for d in self.data_[:len(shapes)]]
         seen = sum(int((d.target >= 0).sum()) for d in self.data_) / sum(len(d.target) for d in self.data_)
-        log(f"distill-3d: {len(shapes)} shapes x {cfg.num_views} views labelled by the {cfg.teacher} teacher "
+        log(f"distill-3d: {len(everything)} shapes x {cfg.num_views} views labelled by the {cfg.teacher} teacher "
             f"({cfg.model_name}); {100 * seen:.1f}% of points got 2D labels")
         self.ids_ = class_ids(self, shapes)
-        self.trainer_ = StudentTrainer(self, C, digest(keys), run_dir, resume=resume, stop_at=stop_at)
+        if labeled:
+            C = self._few_shot(labeled, labeled_keys)
+        self.trainer_ = StudentTrainer(self, C, digest(keys + [f"labeled:{k}" for k in labeled_keys]), run_dir,
+                                       resume=resume, stop_at=stop_at)
         self.trainer_.fit()
         if self.backward_epoch_ is not None:
             log(f"distill-3d: backward distillation at epoch {self.backward_epoch_} "
                 f"(mean region IoU {self.history_[self.backward_epoch_ - 1]['region_iou']:.3f})")
         return self
+
+    def _few_shot(self, labeled: Sequence[Shape], labeled_keys: Sequence[str]) -> int:
+        """Switch the classes to the labelled shapes' part ids; map the teacher's classes onto them by
+        majority over the labelled points (a teacher class never seen there is dropped); the labelled
+        shapes' targets become their gt_parts, weight 1. Returns the new class count."""
+        from ..fields import IGNORE_IDS
+
+        ignore = set(IGNORE_IDS.values())
+        part_ids = sorted({int(g) for s in labeled for g in np.unique(s.labels) if g >= 0 and int(g) not in ignore})
+        if len(part_ids) < 2:
+            raise PartkitError(f"the --labeled shapes hold {len(part_ids)} part id(s) in gt_parts.npy; few-shot "
+                               "training needs at least two parts")
+        P, C = len(part_ids), len(self.classes_)
+        sup = self.data_[len(self.data_) - len(labeled):]
+        table = np.zeros((C, P))
+        for d, s in zip(sup, labeled):
+            d.target = labelled_targets(s, d.key, part_ids).to(self.device_)
+            d.weight = torch.ones(len(d.target), device=self.device_)
+            d.supervised = True
+            t = d.labels.targets()[0].cpu().numpy()
+            ok = (t >= 0) & (d.target.cpu().numpy() >= 0)
+            np.add.at(table, (t[ok], d.target.cpu().numpy()[ok]), 1)
+        mapping = np.where(table.sum(1) > 0, table.argmax(1), -1)
+        self.teacher_["to_parts"] = {self.classes_[c]: (part_ids[m] if m >= 0 else None) for c, m in enumerate(mapping)}
+        lut = torch.as_tensor(mapping, device=self.device_)
+        for d in self.data_:
+            d.labels = d.labels.remap(lut, P)
+            if not d.supervised:
+                d.target, d.weight = d.labels.targets()
+        self.pseudo_labels_ = [d.target.cpu().numpy() for d in self.data_[:len(self.data_) - len(labeled)]]
+        names = part_table(labeled) or {}
+        self.classes_ = [names.get(str(i), f"part{i}") for i in part_ids]
+        self.ids_ = part_ids
+        self.text_ = None  # the student's head is a plain classifier over the labelled parts
+        log(f"distill-3d: few-shot, {len(labeled)} labelled shapes with parts {part_ids}; teacher classes -> parts "
+            f"{self.teacher_['to_parts']}")
+        return P
 
     def _class_weights(self, C: int) -> torch.Tensor:
         """Inverse-frequency weights (confidence-weighted counts), mean 1 over the classes present."""
@@ -135,6 +237,9 @@ class PartDistiller:
         ious, changed, total = [], 0, 0
         self.region_iou_ = []
         for d in self.data_:
+            if d.supervised:
+                self.region_iou_.append(None)
+                continue
             pred = self._predict_feats(d.feats)
             iou = d.labels.region_iou(pred)
             self.region_iou_.append(iou)
@@ -147,30 +252,23 @@ class PartDistiller:
             total += len(old)
         return {"event": "backward", "region_iou": float(torch.cat(ious).mean()), "relabelled": changed / total}
 
-    @torch.no_grad()
-    def _predict_feats(self, feats: torch.Tensor, passes: int = 3) -> torch.Tensor:
-        """Labels for all points: each pass cuts the points into random disjoint chunks of ``points``
-        points (the training density); the passes' probabilities are averaged."""
-        self.student_.eval()
-        n, N = self.config.points, len(feats)
-        gen = torch.Generator().manual_seed(self.config.seed)
-        prob = torch.zeros(N, len(self.classes_), device=feats.device)
-        for _ in range(passes):
-            perm = torch.randperm(N, generator=gen).to(feats.device)
-            for i in range(0, N, n):
-                own = perm[i:i + n]
-                pad = n - len(own)
-                idx = own if pad <= 0 or N <= n else torch.cat([own, perm[torch.randint(N, (pad,), generator=gen)]])
-                prob[own] += self.student_(feats[idx][None])[0, :len(own)].softmax(-1)
-        return prob.argmax(1)
+    def _predict_feats(self, feats: torch.Tensor) -> torch.Tensor:
+        return predict_points(self.student_, feats, self.config.points, self.config.seed, len(self.classes_)).argmax(1)
+
+    def predict_proba(self, shapes: Sequence[Shape]) -> list[np.ndarray]:
+        """(N, C) student probabilities (columns: ``classes_``) for every point of every shape."""
+        cfg = self.config
+        return [predict_points(self.student_, self._inputs(s), cfg.points, cfg.seed, len(self.classes_)).cpu().numpy()
+                for s in shapes]
 
     def predict(self, shapes: Sequence[Shape]) -> list[np.ndarray]:
         """Student labels (indices into ``classes_``) for every point of every shape."""
-        return [self._predict_feats(self._inputs(s)).cpu().numpy() for s in shapes]
+        return [p.argmax(1) for p in self.predict_proba(shapes)]
 
     def state(self) -> dict:
         return {"student": self.student_.state_dict(), "classes": self.classes_, "config": asdict(self.config),
                 "in_dim": self.data_[0].feats.shape[1] if getattr(self, "data_", None) else None,
+                "use_normals": self.use_normals_,
                 "partkit_version": __version__}
 
 
@@ -251,7 +349,7 @@ class StudentTrainer(Trainer):
 
     def state(self, step: int) -> dict:
         d = self.distiller
-        ious = [iou.cpu() for iou in d.region_iou_] if d.region_iou_ is not None else None
+        ious = [None if iou is None else iou.cpu() for iou in d.region_iou_] if d.region_iou_ is not None else None
         return {**d.state(), "ids": [int(i) for i in d.ids_], "optimizer": self.opt.state_dict(),
                 "scheduler": self.sched.state_dict(), "rng": self.rng(), "step": step, "history": d.history_,
                 "backward_epoch": d.backward_epoch_, "region_iou": ious, "shapes_digest": self.config["shapes_digest"]}
@@ -260,9 +358,10 @@ class StudentTrainer(Trainer):
         d = self.distiller
         d.history_, d.backward_epoch_ = ckpt["history"], ckpt["backward_epoch"]
         if ckpt["region_iou"] is not None:
-            d.region_iou_ = [iou.to(d.device_) for iou in ckpt["region_iou"]]
+            d.region_iou_ = [None if iou is None else iou.to(d.device_) for iou in ckpt["region_iou"]]
             for data, iou in zip(d.data_, d.region_iou_):
-                data.target, data.weight = data.labels.targets(iou)
+                if not data.supervised:
+                    data.target, data.weight = data.labels.targets(iou)
             self.cw = d._class_weights(self.num_classes)
 
 

@@ -78,6 +78,28 @@ class PointLabels:
         weight = torch.where(seen, best / pixels.clamp_min(1e-9), torch.zeros_like(best))
         return torch.where(seen, label, torch.full_like(label, -1)), weight
 
+    def views_per_point(self) -> torch.Tensor:
+        """(N,) how many views show each point with a label."""
+        seen = torch.zeros(self.num_views * self.num_points, dtype=torch.bool, device=self.point.device)
+        seen[self.view * self.num_points + self.point] = True
+        return seen.view(self.num_views, self.num_points).sum(0)
+
+    def coverage(self) -> dict:
+        """What the views saw: the fraction of points labelled by at least one view, the mean number of
+        views per point, and the mean vote confidence (:meth:`targets` weight) over the seen points."""
+        count = self.views_per_point()
+        target, weight = self.targets()
+        seen = target >= 0
+        return {"coverage": round(float(seen.float().mean()), 6), "views_per_point": round(float(count.float().mean()), 6),
+                "confidence": round(float(weight[seen].mean()) if seen.any() else 0.0, 6)}
+
+    def remap(self, lut: torch.Tensor, num_classes: int) -> "PointLabels":
+        """The same votes with label ``c`` renamed ``lut[c]`` (rows with ``lut[c] < 0`` dropped)."""
+        new = lut[self.label]
+        keep = new >= 0
+        return PointLabels(self.view[keep], self.point[keep], new[keep], self.weight[keep], self.pixels[keep],
+                           self.num_points, self.num_views, num_classes)
+
     def region_iou(self, pred: torch.Tensor) -> torch.Tensor:
         """(V, C) IoU between each view's label region (its points) and the points predicted as that label
         among the points visible in the view; regions with no points get 0."""
@@ -215,7 +237,8 @@ class ClipTeacher:
         self.visual = backbone.visual
         self.class_names = list(part_names)
         self.num_classes = len(part_names)
-        self.text = self.encode_text(part_names, category or "object")
+        self.category = category or "object"
+        self.text = self.encode_text(part_names, self.category)
 
     @torch.inference_mode()
     def encode_text(self, part_names: Sequence[str], category: str) -> torch.Tensor:
