@@ -21,6 +21,11 @@ def main(
                                                    "(.ply .obj .off .npz .npy ShapeNetPart .txt for point clouds)."),
     labels: Optional[str] = typer.Option(None, "--labels", help="Folder of part label PNGs matched by file stem."),
     coco: Optional[str] = typer.Option(None, "--coco", help="COCO JSON with instance masks (polygons or RLE), categories, keypoints."),
+    coco_as: str = typer.Option("objects", "--coco-as", help="objects: --coco holds whole objects (gt_objects.json); "
+                                "parts: one instance per part (PartImageNet) -> gt_parts.png, part_names in json, "
+                                "the union of parts as gt_objects.json."),
+    coco_objects: Optional[str] = typer.Option(None, "--coco-objects", help="With --coco-as parts: COCO JSON of whole "
+                                               "objects for gt_objects.json instead of the union of parts."),
     category: Optional[str] = typer.Option(None, "--category", help="Object category recorded in every sample's json."),
     provenance: Optional[str] = typer.Option(None, "--provenance", help="Where the data comes from (recorded in json)."),
     points_per_shape: int = typer.Option(2048, "--points-per-shape",
@@ -37,7 +42,9 @@ def main(
     Point clouds and meshes give points.npy (unit sphere), normals.npy, colors.npy, gt_parts.npy and json.
 
     Example: partkit pack ../shared/data/cihp/images --labels ../shared/data/cihp/labels > cihp.tar
+
+    Example: partkit pack ../shared/data/carparts/images --coco ../shared/data/carparts/annotations.json --coco-as parts
     """
-    pack(images, labels=labels, coco=coco, category=category, provenance=provenance, handler=handler_for(skip_bad),
+    pack(images, labels=labels, coco=coco, coco_as=coco_as, coco_objects=coco_objects, category=category, provenance=provenance, handler=handler_for(skip_bad),
          points_per_shape=points_per_shape,
          output=make_output(output, shard_size, overwrite, [], num_shards, shard_index))

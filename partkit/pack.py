@@ -11,13 +11,15 @@ from typing import Iterator, Optional, Sequence
 
 from . import rle as R
 from .errors import BadSample, Handler, PartkitError, stop
-from .io import Output, encode_json, run_stage
+import numpy as np
+
+from .io import Output, encode_json, encode_png, run_stage
 from .io.tario import sample_key
 from .io.urls import expand_paths
 from .io.codecs import IMAGE_EXTS, MIN_IMAGE_SIDE, _open_checked
 from .pointcloud import POINT_EXTS, list_shapes, prepare_shape
 
-__all__ = ["pack", "find_images", "find_inputs"]
+__all__ = ["pack", "find_images", "find_inputs", "part_ids", "COCO_AS"]
 
 _EXT_ALIASES = {"jpeg": "jpg", "tiff": "tif"}
 
@@ -119,8 +121,9 @@ def _load_coco(path: str) -> dict:
     return table
 
 
-def _objects(entry: dict, cats: dict, height: int, width: int, key: str,
-             source: str = "--coco") -> tuple[bytes, Optional[bytes]]:
+def _instances(entry: dict, cats: dict, height: int, width: int, key: str,
+               source: str = "--coco") -> tuple[list[dict], list, Optional[list]]:
+    """One image's annotations, checked, as (objects with compressed RLE, keypoints, keypoint names)."""
     objects, kpts, kpt_names = [], [], None
     for ann in entry["annotations"]:
         aid = ann.get("id")
@@ -159,6 +162,12 @@ def _objects(entry: dict, cats: dict, height: int, width: int, key: str,
             k = ann["keypoints"]
             kpts.append([[float(k[i]), float(k[i + 1]), int(k[i + 2])] for i in range(0, len(k), 3)])
             kpt_names = cat.get("keypoints", kpt_names)
+    return objects, kpts, kpt_names
+
+
+def _objects(entry: dict, cats: dict, height: int, width: int, key: str,
+             source: str = "--coco") -> tuple[bytes, Optional[bytes]]:
+    objects, kpts, kpt_names = _instances(entry, cats, height, width, key, source)
     objects_bytes = encode_json({"objects": objects})
     kpts_bytes = None
     if kpts:
@@ -167,11 +176,67 @@ def _objects(entry: dict, cats: dict, height: int, width: int, key: str,
     return objects_bytes, kpts_bytes
 
 
+COCO_AS = ("objects", "parts")
+
+
+def part_ids(table: dict) -> dict:
+    """``--coco-as parts``: COCO category id -> label id 1..N, for the categories that have at least
+    one annotation (of a listed image) in the file, in order of category id; the same for every image.
+
+    A category id that ``categories`` does not list is an error naming the annotation.
+    """
+    cats, used = table["__categories__"], set()
+    for k, entry in table.items():
+        if k.startswith("__"):
+            continue
+        for ann in entry["annotations"]:
+            cid = ann.get("category_id")
+            if cid not in cats:
+                known = ", ".join(str(c) for c in sorted(cats, key=str)[:20]) or "none"
+                raise PartkitError(f"--coco file {table['__path__']!r}: annotation {ann.get('id', '?')} has "
+                                   f"category_id {json.dumps(cid)[:40]}, which 'categories' does not list "
+                                   f"(ids: {known}); add the category or fix the annotation")
+            used.add(cid)
+    return {cid: i + 1 for i, cid in enumerate(sorted(used, key=lambda c: (str(type(c)), c)))}
+
+
+def _parts(entry: dict, table: dict, ids: dict, height: int, width: int, key: str,
+           category: Optional[str]) -> tuple[bytes, bytes]:
+    """One image's part instances -> (``gt_parts.png`` bytes, ``gt_objects.json`` of their union).
+
+    Overlaps: **the smaller part wins** (instances are painted largest first, so a small part is
+    never hidden under a larger neighbour's slightly overlapping polygon; equal areas: the later
+    annotation wins). Crowd instances are void (255/65535) wherever no non-crowd part covers them.
+    """
+    objects, _, _ = _instances(entry, table["__categories__"], height, width, key, f"--coco {table['__path__']}")
+    masks = R.decode([o["segmentation"] for o in objects], (height, width))
+    dtype = np.uint8 if len(ids) < 255 else np.uint16
+    void = np.iinfo(dtype).max
+    labels = np.zeros((height, width), dtype)
+    crowd = np.zeros((height, width), bool)
+    order = sorted((i for i, o in enumerate(objects) if not o["iscrowd"]), key=lambda i: (-masks[i].sum(), i))
+    for i in order:
+        labels[masks[i]] = ids[objects[i]["category_id"]]
+    for i, o in enumerate(objects):
+        if o["iscrowd"]:
+            crowd |= masks[i]
+    labels[crowd & (labels == 0)] = void
+    union = masks.any(axis=0) if len(objects) else np.zeros((height, width), bool)
+    objs = []
+    if union.any():
+        rle = R.encode(union)
+        objs.append({"id": 1, "category_id": None, "category": category, "bbox": R.bbox(rle), "area": R.area(rle),
+                     "iscrowd": 0, "segmentation": rle})
+    return encode_png(labels), encode_json({"objects": objs})
+
+
 def pack(
     images: Sequence[str],
     *,
     labels: Optional[str] = None,
     coco: Optional[str] = None,
+    coco_as: str = "objects",
+    coco_objects: Optional[str] = None,
     category: Optional[str] = None,
     provenance: Optional[str] = None,
     output: Output = Output(),
@@ -182,10 +247,24 @@ def pack(
 
     Point clouds and meshes (``.ply``, ``.obj``, ``.off``, ``.npz``, ``.npy``, ShapeNetPart ``.txt``)
     become 3D samples (:mod:`partkit.pointcloud`); an npz with ``offsets`` gives one per shape.
+
+    ``coco_as="parts"`` reads ``coco`` as one instance per part (PartImageNet's format): each image
+    gets ``gt_parts.png`` (ids from :func:`part_ids`, overlaps as :func:`_parts`), ``part_names``
+    in its ``json``, and as ``gt_objects.json`` the union of its parts, or the instances of
+    ``coco_objects`` (a second COCO file of whole objects) when given.
     """
+    if coco_as not in COCO_AS:
+        raise PartkitError(f"--coco-as must be one of {', '.join(COCO_AS)}, got {coco_as!r}")
+    if coco_as == "parts" and not coco:
+        raise PartkitError("--coco-as parts needs --coco FILE, the COCO json of part instances")
+    if coco_objects and coco_as != "parts":
+        raise PartkitError("--coco-objects is for --coco-as parts (part instances in --coco, whole objects in "
+                           "--coco-objects); with --coco-as objects pass the objects as --coco")
+    if coco_as == "parts" and labels is not None:
+        raise PartkitError("--labels and --coco-as parts both write gt_parts.png; pass one of them")
     files = find_inputs(images)
     shapes = [p for p in files if _is_3d(p)]
-    if shapes and (labels or coco):
+    if shapes and (labels or coco or coco_objects):
         raise PartkitError(f"--labels and --coco are for images, but {shapes[0]!r} is a point cloud (3D inputs carry "
                            "their part labels inside the file); pack images and point clouds separately")
     if points_per_shape < 1:
@@ -201,6 +280,12 @@ def pack(
     if labels is not None and not os.path.isdir(labels):
         raise PartkitError(f"--labels {labels!r} is not a folder; pass the folder of label PNGs")
     coco_table = _load_coco(coco) if coco else None
+    ids = part_ids(coco_table) if coco_as == "parts" else None
+    objects_table = _load_coco(coco_objects) if coco_objects else None
+    if ids is not None:
+        cats = coco_table["__categories__"]
+        part_names = {str(i): cats[cid].get("name", str(cid)) for cid, i in ids.items()}
+        part_cats = {str(i): cid for cid, i in ids.items()}
 
     def source(rank: int, world: int) -> Iterator[dict]:
         for i, (k, p, j) in enumerate(zip(keys, files, indices)):
@@ -236,7 +321,19 @@ def pack(
             if lab.mode not in ("L", "P", "I;16", "I;16B", "I;16L", "I"):
                 raise BadSample(key, f"label map {lpath} has mode {lab.mode}; expected single-channel label ids")
             sample["gt_parts.png"] = ldata
-        if coco_table is not None:
+        if ids is not None:
+            meta["part_names"], meta["part_category_ids"] = part_names, part_cats
+            entry = coco_table.get(key)
+            if entry is not None:
+                sample["gt_parts.png"], sample["gt_objects.json"] = _parts(entry, coco_table, ids, height, width, key,
+                                                                           category)
+            oentry = objects_table.get(key) if objects_table is not None else None
+            if oentry is not None:
+                sample["gt_objects.json"], kp = _objects(oentry, objects_table["__categories__"], height, width, key,
+                                                         f"--coco-objects {coco_objects}")
+                if kp is not None:
+                    sample["gt_kpts.json"] = kp
+        elif coco_table is not None:
             entry = coco_table.get(key)
             if entry is not None:
                 sample["gt_objects.json"], kp = _objects(entry, coco_table["__categories__"], height, width, key,
@@ -247,13 +344,14 @@ def pack(
         return sample
 
     config = {"labels": labels, "coco": coco, "category": category, "provenance": provenance}
+    if coco_as != "objects":
+        config.update(coco_as=coco_as, coco_objects=coco_objects)
     if any(_is_3d(p) for p in files):
         config["points_per_shape"] = points_per_shape
     inputs = list(dict.fromkeys(files))
     if labels is not None:
         stems = (os.path.splitext(os.path.basename(p))[0] for p in inputs if not _is_3d(p))
         inputs += [q for q in (os.path.join(labels, f"{stem}.png") for stem in stems) if os.path.isfile(q)]
-    if coco:
-        inputs.append(coco)
+    inputs += [f for f in (coco, coco_objects) if f]
     return run_stage(images, lambda batch: batch, output=output, name="pack", prepare=prepare, handler=handler,
                      config=config, source=source, input_files=inputs)
