@@ -225,10 +225,16 @@ def test_per_class_at_keypoints_and_without_classes(shard_factory):
 # ------------------------------------------------------------------------------------------- the CLI
 
 
-def test_cli_nmi_ari_kpt_regression_at_keypoints(shard_factory):
+def _bird_images(shard_factory):
+    """15 train + 5 test images whose keypoints are an affine map of the part centroids, one shard."""
     affine = _affine(9)
     train, test = _images(10, 15, affine), _images(11, 5, affine)
     shard = shard_factory([_sample(f"s{i}", p, k, b, category="bird") for i, (p, k, b) in enumerate(train + test)])
+    return train, shard
+
+
+def test_cli_nmi_ari_kpt_regression_at_keypoints(shard_factory):
+    train, shard = _bird_images(shard_factory)
     result = runner.invoke(app, ["eval", "nmi", "ari", "kpt-regression", shard, "--at", "keypoints",
                                  "--kpt-train", "15", "--average", "class"])
     assert result.exit_code == 0, result.stderr
@@ -249,9 +255,7 @@ def test_cli_nmi_ari_kpt_regression_at_keypoints(shard_factory):
 
 def test_cli_choudhury_protocol_at_keypoints(shard_factory):
     """`eval nmi ari kpt-regression --protocol choudhury --at keypoints`: pooled NMI/ARI, exact regression."""
-    affine = _affine(9)
-    train, test = _images(10, 15, affine), _images(11, 5, affine)
-    shard = shard_factory([_sample(f"s{i}", p, k, b, category="bird") for i, (p, k, b) in enumerate(train + test)])
+    _, shard = _bird_images(shard_factory)
     result = runner.invoke(app, ["eval", "nmi", "ari", "kpt-regression", shard, "--protocol", "choudhury",
                                  "--at", "keypoints", "--kpt-train", "15"])
     assert result.exit_code == 0, result.stderr
