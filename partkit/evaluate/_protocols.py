@@ -25,7 +25,7 @@ class Protocol:
     description: str
     options: Mapping[str, Any]  # EvalOptions field -> value
     official: Mapping[str, str]  # metric -> the official code (or paper section) reproduced
-    # Options other modules are adding; applied as soon as EvalOptions has them. TODO(coordinator): wire.
+    # Preset options EvalOptions does not have yet (applied once it has them; listed in the report).
     pending: Mapping[str, Any] = field(default_factory=dict)
 
 
