@@ -16,6 +16,7 @@ import typer
 
 from partkit._log import console
 from partkit.errors import PartkitError
+from partkit.evaluate._registry import fmt
 from partkit.evaluate import METRICS, PROTOCOLS, EvalOptions, evaluate, get_metric, list_metrics
 
 from ._common import SkipBadOption, check_output_file, check_output_folder, cli_errors, get_globals, parse_ints
@@ -76,6 +77,29 @@ def print_table(report: dict) -> None:
     for name, result in report["metrics"].items():
         table.add_row(name, *get_metric(name).summary_row(result))  # each metric's registered summary
     console.print(table)
+    parts = part_rows(report)
+    if parts:
+        per_part = Table(title="miou per part", title_justify="left")
+        one_class = len({row[0] for row in parts}) == 1
+        for column in ("class", "id", "part", "IoU")[int(one_class):]:
+            per_part.add_column(column, justify="right" if column in ("id", "IoU") else "left")
+        for row in parts:
+            per_part.add_row(*row[int(one_class):])
+        console.print(per_part)
+
+
+def part_rows(report: dict) -> list[tuple[str, str, str, str]]:
+    """(class, id, name, IoU) rows of the miou result's parts, when the samples name their parts."""
+    names = report.get("part_names") or {}
+    result = report["metrics"].get("miou")
+    if not names or not result:
+        return []
+    classes = result.get("per_class") or {"": result}
+    rows = []
+    for cat, entry in classes.items():
+        for i, iou in entry.get("iou", {}).items():
+            rows.append((cat, i, names.get(i, "-"), fmt(iou)))
+    return rows
 
 
 @cli_errors

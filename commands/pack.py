@@ -20,6 +20,8 @@ def main(
     images: List[str] = typer.Argument(..., help="Image or 3D folders (searched recursively), globs or files "
                                                    "(.ply .obj .off .npz .npy ShapeNetPart .txt for point clouds)."),
     labels: Optional[str] = typer.Option(None, "--labels", help="Folder of part label PNGs matched by file stem."),
+    label_names: Optional[str] = typer.Option(None, "--label-names", help="JSON file {\"id\": name} naming the "
+                                              "ids of the --labels maps; recorded as part_names in each json."),
     coco: Optional[str] = typer.Option(None, "--coco", help="COCO JSON with instance masks (polygons or RLE), categories, keypoints."),
     coco_as: str = typer.Option("objects", "--coco-as", help="objects: --coco holds whole objects (gt_objects.json); "
                                 "parts: one instance per part (PartImageNet) -> gt_parts.png, part_names in json, "
@@ -43,8 +45,10 @@ def main(
 
     Example: partkit pack ../shared/data/cihp/images --labels ../shared/data/cihp/labels > cihp.tar
 
+    Example: partkit pack ../shared/data/ccp/images --labels ../shared/data/ccp/labels --label-names ../shared/data/ccp/label_names.json
+
     Example: partkit pack ../shared/data/carparts/images --coco ../shared/data/carparts/annotations.json --coco-as parts
     """
-    pack(images, labels=labels, coco=coco, coco_as=coco_as, coco_objects=coco_objects, category=category, provenance=provenance, handler=handler_for(skip_bad),
+    pack(images, labels=labels, label_names=label_names, coco=coco, coco_as=coco_as, coco_objects=coco_objects, category=category, provenance=provenance, handler=handler_for(skip_bad),
          points_per_shape=points_per_shape,
          output=make_output(output, shard_size, overwrite, [], num_shards, shard_index))

@@ -47,7 +47,8 @@ def overlays(
 @cli_errors
 def purity(
     inputs: InputsArgument,
-    output: str = typer.Option("purity.png", "--output", "-o", help="PNG file (a folder with --per-class)."),
+    output: str = typer.Option("purity.png", "--output", "-o", help="PNG file (.png is added when missing; a "
+                                                                   "folder with --per-class)."),
     pred: PredOption = "parts.png",
     per_class: bool = typer.Option(False, "--per-class",
                                    help="One figure per object class from `partkit rank apply` (ranked.json, "
@@ -58,6 +59,7 @@ def purity(
     if per_class:
         check_output_folder(output[:-4] if output.endswith(".png") else output, "--output")
     else:
+        output = show.png_path(output)
         check_output_file(output, "--output", create_parents=True)
     if per_class:
         if pred != "parts.png":
@@ -73,13 +75,14 @@ def purity(
 @cli_errors
 def confusion(
     inputs: InputsArgument,
-    output: str = typer.Option("confusion.png", "--output", "-o", help="PNG file."),
+    output: str = typer.Option("confusion.png", "--output", "-o", help="PNG file (.png is added when missing)."),
     pred: PredOption = "parts.png",
     gt_field: GtFieldOption = "gt_parts.png",
     region: str = typer.Option("fg", "--region", help="fg: ground-truth foreground pixels; full: all pixels."),
     skip_bad: SkipBadOption = False,
 ):
     """Heat map of predicted cluster x ground-truth part (each cluster's pixels split over parts)."""
+    output = show.png_path(output)
     check_output_file(output, "--output", create_parents=True)
     _render(inputs, "confusion", output, pred=pred, gt_field=gt_field, region=region, skip_bad=skip_bad)
 

@@ -25,7 +25,7 @@ from .io import decode_image, decode_json, decode_label_map, decode_npy
 __all__ = [
     "GEOMETRY_KEYS", "IGNORE_IDS", "companion", "info", "category", "image", "ignore_id", "gt_parts", "foreground",
     "geometry", "features", "FeatureSource", "label_map", "masks", "decode_masks", "objects", "object_masks",
-    "keypoints", "parse_keypoints", "proposals", "SampleView",
+    "keypoints", "parse_keypoints", "proposals", "part_names", "parse_part_names", "PartNames", "SampleView",
 ]
 
 GEOMETRY_KEYS = ("grid", "stride", "image_size", "resized")  # what partkit.grid needs (plus optional "offset")
@@ -60,6 +60,71 @@ def category(sample: dict) -> Optional[str]:
 def image(sample: dict, min_size: int = 1) -> np.ndarray:
     """The image as H x W x 3 uint8 RGB."""
     return decode_image(sample, min_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# part_names (in json): what the ids of gt_parts.png are called
+
+
+def parse_part_names(doc, where: str) -> dict[int, str]:
+    """``{"id": name}`` (ids as strings or integers >= 0, names strings) -> ``{int id: name}``;
+    ``ValueError`` naming ``where`` otherwise."""
+    if not isinstance(doc, dict):
+        raise ValueError(f"{where} must be an object {{\"id\": \"name\", ...}}, got {type(doc).__name__}")
+    out = {}
+    for k, v in doc.items():
+        try:
+            i = int(k)
+        except (TypeError, ValueError):
+            i = -1
+        if i < 0 or str(i) != str(k).strip():
+            raise ValueError(f"{where}: key {k!r} is not a part id (an integer >= 0)")
+        if not isinstance(v, str):
+            raise ValueError(f"{where}: the name of part {k} is {repr(v)[:40]}, not a string")
+        out[i] = v
+    return out
+
+
+def part_names(sample: dict) -> dict[int, str]:
+    """The names of the ground-truth part ids (``json`` ``part_names``, written by ``pack --coco-as
+    parts`` or ``pack --label-names``): ``{id: name}``, ``{}`` when the sample has none."""
+    doc = info(sample).get("part_names")
+    if doc is None:
+        return {}
+    try:
+        return parse_part_names(doc, "'json' part_names")
+    except ValueError as e:
+        raise BadSample(sample["__key__"], f"{e}; re-run `partkit pack` with --label-names") from None
+
+
+class PartNames:
+    """Part names pooled over samples: the first sample to name an id wins; a later sample naming it
+    differently is reported once per id by :meth:`add` (callers warn) and does not change it.
+
+    >>> names = PartNames(); names.add({1: "hair"}, "a"); names.add({1: "head"}, "b")  # doctest: +SKIP
+    ["part 1 is 'hair' in sample 'a' but 'head' in sample 'b'; keeping 'hair'"]
+    """
+
+    def __init__(self):
+        self.names: dict[int, str] = {}
+        self.first: dict[int, str] = {}
+        self.conflicts: set[int] = set()
+
+    def add(self, names: dict[int, str], key: str) -> list[str]:
+        """Merge one sample's names; returns a message per id newly found to conflict."""
+        messages = []
+        for i, name in names.items():
+            if i not in self.names:
+                self.names[i], self.first[i] = name, key
+            elif self.names[i] != name and i not in self.conflicts:
+                self.conflicts.add(i)
+                messages.append(f"part {i} is {self.names[i]!r} in sample {self.first[i]!r} but {name!r} in sample "
+                                f"{key!r}; keeping {self.names[i]!r}")
+        return messages
+
+    def label(self, i: int) -> str:
+        """``name`` when the id has one, else the id."""
+        return self.names.get(int(i), str(int(i)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -349,6 +414,10 @@ class SampleView:
     @cached_property
     def category(self) -> Optional[str]:
         return category(self.sample)
+
+    @cached_property
+    def part_names(self) -> dict[int, str]:
+        return part_names(self.sample)
 
     @cached_property
     def gt(self) -> np.ndarray:

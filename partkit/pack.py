@@ -11,6 +11,7 @@ from typing import Iterator, Optional, Sequence
 
 from . import rle as R
 from .errors import BadSample, Handler, PartkitError, stop
+from .fields import parse_part_names
 import numpy as np
 
 from .io import Output, encode_json, encode_png, run_stage
@@ -179,6 +180,22 @@ def _objects(entry: dict, cats: dict, height: int, width: int, key: str,
 COCO_AS = ("objects", "parts")
 
 
+def _load_label_names(path: str) -> dict:
+    """``--label-names FILE``: ``{"id": name}`` JSON, checked, as ``json`` ``part_names`` (string ids)."""
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+    except OSError as e:
+        raise PartkitError(f"cannot read --label-names file {path!r}: {e.strerror}") from None
+    except ValueError:
+        raise PartkitError(f"--label-names file {path!r} is not valid JSON") from None
+    try:
+        names = parse_part_names(doc, f"--label-names file {path!r}")
+    except ValueError as e:
+        raise PartkitError(f"{e}; expected {{\"0\": \"background\", \"1\": \"hat\", ...}}") from None
+    return {str(i): names[i] for i in sorted(names)}
+
+
 def part_ids(table: dict) -> dict:
     """``--coco-as parts``: COCO category id -> label id 1..N, for the categories that have at least
     one annotation (of a listed image) in the file, in order of category id; the same for every image.
@@ -234,6 +251,7 @@ def pack(
     images: Sequence[str],
     *,
     labels: Optional[str] = None,
+    label_names: Optional[str] = None,
     coco: Optional[str] = None,
     coco_as: str = "objects",
     coco_objects: Optional[str] = None,
@@ -252,6 +270,9 @@ def pack(
     gets ``gt_parts.png`` (ids from :func:`part_ids`, overlaps as :func:`_parts`), ``part_names``
     in its ``json``, and as ``gt_objects.json`` the union of its parts, or the instances of
     ``coco_objects`` (a second COCO file of whole objects) when given.
+
+    ``label_names`` (with ``labels``): a JSON file ``{"id": name}`` naming the ids of the label maps
+    (CCP's ``label_names.json``), recorded as ``part_names`` in every sample's ``json``.
     """
     if coco_as not in COCO_AS:
         raise PartkitError(f"--coco-as must be one of {', '.join(COCO_AS)}, got {coco_as!r}")
@@ -262,6 +283,10 @@ def pack(
                            "--coco-objects); with --coco-as objects pass the objects as --coco")
     if coco_as == "parts" and labels is not None:
         raise PartkitError("--labels and --coco-as parts both write gt_parts.png; pass one of them")
+    if label_names is not None and labels is None:
+        raise PartkitError("--label-names names the ids of --labels label maps; pass --labels too (--coco-as parts "
+                           "takes the names from the COCO categories)")
+    named = _load_label_names(label_names) if label_names is not None else None
     files = find_inputs(images)
     shapes = [p for p in files if _is_3d(p)]
     if shapes and (labels or coco or coco_objects):
@@ -321,6 +346,8 @@ def pack(
             if lab.mode not in ("L", "P", "I;16", "I;16B", "I;16L", "I"):
                 raise BadSample(key, f"label map {lpath} has mode {lab.mode}; expected single-channel label ids")
             sample["gt_parts.png"] = ldata
+            if named is not None:
+                meta["part_names"] = named
         if ids is not None:
             meta["part_names"], meta["part_category_ids"] = part_names, part_cats
             entry = coco_table.get(key)
@@ -343,7 +370,7 @@ def pack(
         sample["json"] = encode_json(meta)
         return sample
 
-    config = {"labels": labels, "coco": coco, "category": category, "provenance": provenance}
+    config = {"labels": labels, **({"label_names": label_names} if label_names else {}), "coco": coco, "category": category, "provenance": provenance}
     if coco_as != "objects":
         config.update(coco_as=coco_as, coco_objects=coco_objects)
     if any(_is_3d(p) for p in files):
@@ -352,6 +379,6 @@ def pack(
     if labels is not None:
         stems = (os.path.splitext(os.path.basename(p))[0] for p in inputs if not _is_3d(p))
         inputs += [q for q in (os.path.join(labels, f"{stem}.png") for stem in stems) if os.path.isfile(q)]
-    inputs += [f for f in (coco, coco_objects) if f]
+    inputs += [f for f in (label_names, coco, coco_objects) if f]
     return run_stage(images, lambda batch: batch, output=output, name="pack", prepare=prepare, handler=handler,
                      config=config, source=source, input_files=inputs)

@@ -31,12 +31,13 @@ import numpy as np
 from . import viz
 from ._log import progress
 from . import fields as F
+from . import metrics as M
 from .errors import BadSample, Handler, PartkitError, stop
 from .io import decode_json, decode_label_map, decode_npy, iter_loaded, write_atomic
 from .io.tario import key_problem
 from .pointcloud import decode_shape, write_ply
 
-__all__ = ["VIEWS", "Pictures", "view_paths", "purity_per_class", "show_points", "save_shape_views", "file_key"]
+__all__ = ["VIEWS", "Pictures", "view_paths", "png_path", "purity_per_class", "show_points", "save_shape_views", "file_key"]
 
 VIEWS = ("overlays", "purity", "confusion")
 
@@ -45,6 +46,13 @@ def view_paths(directory: str) -> dict:
     """Where ``eval --viz DIR`` puts each picture: ``overlays/``, ``purity.png``, ``confusion.png``."""
     return {"overlays": os.path.join(directory, "overlays"), "purity": os.path.join(directory, "purity.png"),
             "confusion": os.path.join(directory, "confusion.png")}
+
+
+def png_path(path: str) -> str:
+    """Where ``show purity|confusion -o PATH`` writes: PATH itself when it ends in ``.png``, else
+    PATH + ``.png`` (``-o out/confusion`` writes ``out/confusion.png``, never a file without an
+    extension)."""
+    return path if path.lower().endswith(".png") else path + ".png"
 
 
 class Pictures:
@@ -58,10 +66,28 @@ class Pictures:
     """
 
     def __init__(self, out: dict, *, max_overlays: int = 16,
-                 confusion_table: Optional[Callable[[], Optional[np.ndarray]]] = None):
+                 confusion_table: Optional[Callable[[], Optional[np.ndarray]]] = None,
+                 names: Optional[F.PartNames] = None):
         self.out, self.max_overlays, self.confusion_table = out, max_overlays, confusion_table
-        self.purity = viz.PurityGrid() if "purity" in out else None
+        self.names = names if names is not None else F.PartNames()  # filled by the pass (evaluate._Names)
+        self.purity = viz.PurityGrid(title=self._purity_title) if "purity" in out else None
+        self.majority = M.Contingency() if "purity" in out else None  # ground truth x cluster, for the titles
         self.written = 0
+
+    def cluster_names(self) -> dict[int, str]:
+        """{predicted cluster: the name (or id) of the ground-truth part most of its pixels fall on},
+        from the samples seen so far that have ground truth."""
+        table = self.majority.table_ if self.majority is not None else np.zeros((0, 0))
+        if not table.size:
+            return {}
+        fg = table.copy()
+        fg[0] = 0
+        return {int(c): viz.part_label(int(fg[:, c].argmax()), self.names.names)
+                for c in np.flatnonzero(fg.sum(0)) if c != 0}
+
+    def _purity_title(self, group, part: int) -> str:
+        name = self.cluster_names().get(int(part)) if self.names.names else None
+        return f"part {part}" if name is None else f"part {part}: mostly {name}"
 
     def prepare(self, v):
         need_image = self.purity is not None or ("overlays" in self.out and self.written < self.max_overlays)
@@ -70,17 +96,23 @@ class Pictures:
             raise BadSample(v.key, f"the image is {image.shape[1]}x{image.shape[0]} but "
                                    f"'{v.gt_field}' is {v.shape[1]}x{v.shape[0]}")
         gt = v.gt if v.has(v.gt_field) else None
-        return v.key, image, v.pred, gt, (v.ignore_id if gt is not None else None)
+        table = None
+        if self.majority is not None and gt is not None:
+            keep = gt != v.ignore_id
+            table = M.Contingency().update(gt[keep], v.pred[keep])
+        return v.key, image, v.pred, gt, (v.ignore_id if gt is not None else None), table
 
     def commit(self, payload) -> None:
-        key, image, pred, gt, ignore_id = payload
+        key, image, pred, gt, ignore_id, table = payload
         if "overlays" in self.out and self.written < self.max_overlays:
             os.makedirs(self.out["overlays"], exist_ok=True)
             viz.save_png(os.path.join(self.out["overlays"], f"{key}.png"),
-                         viz.overlay_panel(image, pred, gt, ignore_id=ignore_id))
+                         viz.overlay_panel(image, pred, gt, ignore_id=ignore_id, names=self.names.names))
             self.written += 1
         if self.purity is not None:
             self.purity.update(key, image, pred)
+        if table is not None:
+            self.majority.add(table)
 
     def finish(self) -> dict:
         files = {}
@@ -91,7 +123,7 @@ class Pictures:
         if "confusion" in self.out and self.confusion_table is not None:
             table = self.confusion_table()
             if table is not None:
-                files["confusion"] = viz.save_confusion(self.out["confusion"], table)
+                files["confusion"] = viz.save_confusion(self.out["confusion"], table, names=self.names.names)
         return files
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import colorsys
 import heapq
 import os
-from typing import Callable, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -22,6 +22,7 @@ from PIL import Image, ImageDraw, ImageFont
 from .errors import PartkitError
 
 __all__ = ["palette", "colorize", "label_colors", "heat_colors", "overlay", "titled", "overlay_panel", "PurityGrid", "save_confusion",
+           "legend_entries", "legend", "part_label", "confusion_figure",
            "save_png"]
 
 # tab20's colours, reordered so neighbouring ids contrast; beyond 20, golden-ratio hues.
@@ -130,12 +131,48 @@ def _hstack(panels: Sequence[np.ndarray], gap: int = 6) -> np.ndarray:
     return out
 
 
+def part_label(i: int, names: Optional[Mapping[int, str]] = None) -> str:
+    """What a picture calls part ``i``: its name when ``names`` has one, else the id."""
+    return (names or {}).get(int(i), str(int(i)))
+
+
+def legend_entries(labels: np.ndarray, names: Optional[Mapping[int, str]] = None,
+                   ignore_id: Optional[int] = None) -> list[tuple[int, str]]:
+    """(id, text) for each part present in ``labels`` (background and ignore left out), by id."""
+    ids = np.unique(np.asarray(labels))
+    return [(int(i), part_label(i, names)) for i in ids if i != 0 and (ignore_id is None or i != ignore_id)]
+
+
+def legend(entries: Sequence[tuple[int, str]], width: int, *, row: int = 16) -> np.ndarray:
+    """A white strip ``width`` wide with a colour swatch (:func:`palette`) and the text of each entry,
+    wrapped over as many rows as needed."""
+    font = _font(11)
+    pal = palette(max((i for i, _ in entries), default=0) + 1)
+    placed, x, y = [], 4, 2
+    for i, text in entries:
+        w = 14 + int(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(text, font=font)) + 10
+        if x + w > width and x > 4:
+            x, y = 4, y + row
+        placed.append((x, y, i, text))
+        x += w
+    im = Image.new("RGB", (width, y + row + 2), (255, 255, 255))
+    draw = ImageDraw.Draw(im)
+    for x, y, i, text in placed:
+        draw.rectangle((x, y + 2, x + 10, y + 12), fill=tuple(int(c) for c in pal[i]), outline=(0, 0, 0))
+        draw.text((x + 14, y), text, fill=(0, 0, 0), font=font)
+    return np.asarray(im)
+
+
 def overlay_panel(image: np.ndarray, pred: np.ndarray, gt: Optional[np.ndarray] = None,
-                  ignore_id: Optional[int] = None) -> np.ndarray:
-    """Image | prediction overlay | ground-truth overlay, side by side with titles."""
+                  ignore_id: Optional[int] = None, names: Optional[Mapping[int, str]] = None) -> np.ndarray:
+    """Image | prediction overlay | ground-truth overlay, side by side with titles; with ``names``
+    ({ground-truth id: name}), a legend of the ground-truth parts present under its panel."""
     panels = [titled(image, "image"), titled(overlay(image, pred), "predicted parts")]
     if gt is not None:
-        panels.append(titled(overlay(image, gt, ignore_id=ignore_id), "ground truth"))
+        panel = titled(overlay(image, gt, ignore_id=ignore_id), "ground truth")
+        if names:
+            panel = np.concatenate([panel, legend(legend_entries(gt, names, ignore_id), panel.shape[1])])
+        panels.append(panel)
     return _hstack(panels)
 
 
@@ -241,10 +278,10 @@ class PurityGrid:
         return os.path.dirname(path) or "."
 
 
-def save_confusion(path: str, table: np.ndarray, *, true_name: str = "ground-truth part",
-                   pred_name: str = "predicted cluster") -> str:
-    """Heat map of a true x predicted count table, drawn predicted x true, rows normalised
-    (each cluster's pixels split over the true parts); clusters ordered by their majority part."""
+def confusion_figure(table: np.ndarray, *, names: Optional[Mapping[int, str]] = None,
+                     true_name: str = "ground-truth part", pred_name: str = "predicted cluster"):
+    """The matplotlib ``Figure`` of :func:`save_confusion`; ground-truth ticks show ``names``
+    ({id: name}) where given, predicted clusters their id."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -261,7 +298,8 @@ def save_confusion(path: str, table: np.ndarray, *, true_name: str = "ground-tru
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     im = ax.imshow(frac, cmap="viridis", vmin=0, vmax=1, aspect="auto", interpolation="nearest")
-    ax.set_xticks(range(len(true_ids)), [str(i) for i in true_ids], fontsize=7)
+    ax.set_xticks(range(len(true_ids)), [part_label(i, names) for i in true_ids], fontsize=7,
+                  rotation=45 if names else 0, ha="right" if names else "center")
     ax.set_yticks(range(len(pred_ids)), [str(i) for i in pred_ids], fontsize=7)
     ax.set_xlabel(true_name)
     ax.set_ylabel(pred_name)
@@ -273,10 +311,19 @@ def save_confusion(path: str, table: np.ndarray, *, true_name: str = "ground-tru
                         color="black" if v > 0.5 else "white")
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     fig.tight_layout()
+    return fig
+
+
+def save_confusion(path: str, table: np.ndarray, *, names: Optional[Mapping[int, str]] = None,
+                   true_name: str = "ground-truth part", pred_name: str = "predicted cluster") -> str:
+    """Heat map of a true x predicted count table, drawn predicted x true, rows normalised
+    (each cluster's pixels split over the true parts); clusters ordered by their majority part;
+    ground-truth parts labelled by ``names`` ({id: name}) where given."""
     import io
 
     from .io.sink import write_atomic
 
+    fig = confusion_figure(table, names=names, true_name=true_name, pred_name=pred_name)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     buf = io.BytesIO()
     fig.savefig(buf, format="png")

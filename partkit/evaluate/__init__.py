@@ -202,33 +202,37 @@ def evaluate(inputs: Sequence[str], metrics: Sequence[str], options: Optional[Ev
         {'value': 41.3, 'at': 'pixels', 'region': 'full', ...}
     """
     o = _options(options, kwargs)
-    names = o.validate(metrics)
+    metric_names = o.validate(metrics)
     if isinstance(inputs, str):
         inputs = [inputs]
     if isinstance(o.match_on, str):
         o.match_on = [o.match_on]
-    chosen = [get_metric(n) for n in list_metrics() if n in names]  # registry order
+    chosen = [get_metric(n) for n in list_metrics() if n in metric_names]  # registry order
     used = {m.kind(o) for m in chosen}
-    accs: dict[str, object] = {}
+    names = _Names("eval")
+    accs: dict[str, object] = {"names": names}  # first: a sample's names are known when its pictures are drawn
     for kind in accumulator_kinds():
         if kind in used:
-            accs[kind] = create_accumulator(kind, o, names)
+            accs[kind] = create_accumulator(kind, o, metric_names)
         elif kind == "pixels" and o.viz_dir is not None:
             accs[kind] = _PixelTables(optional=True)  # pictures only
     if o.viz_dir is not None:
-        accs["views"] = _pictures(o, view_paths(o.viz_dir), accs["pixels"])
+        accs["views"] = _pictures(o, view_paths(o.viz_dir), accs["pixels"], names.names)
 
     fit: dict[str, object] = {}
     if o.match_on:
         fitted = {m.fit for m in chosen if m.fit is not None}
-        fit = {kind: create_accumulator(kind, o, names) for kind in accumulator_kinds() if kind in fitted}
+        fit = {kind: create_accumulator(kind, o, metric_names) for kind in accumulator_kinds() if kind in fitted}
         _run(o.match_on, list(fit.values()), o, "eval (--match-on)")
 
     run = _run(inputs, list(accs.values()), o, "eval")
-    p = Pass(o, names, accs, fit, run.samples)
+    part_names = names.names.names
+    p = Pass(o, metric_names, accs, fit, run.samples, part_names)
     results = {m.name: m.result(p) for m in chosen}
-    report = {"metrics": {n: results[n] for n in names}, "samples": run.samples, "skipped": run.skipped,
+    report = {"metrics": {n: results[n] for n in metric_names}, "samples": run.samples, "skipped": run.skipped,
               "options": _report_options(o), "protocol": o.resolve_protocol(), "partkit_version": __version__}
+    if part_names:
+        report["part_names"] = {str(i): part_names[i] for i in sorted(part_names)}
     if "views" in accs:
         report["pictures"] = accs["views"].finish()
     return report
@@ -256,14 +260,30 @@ def render(inputs: Sequence[str], view: str, out: str, options: Optional[EvalOpt
     if o.viz_max < 1:
         raise PartkitError(f"--max must be at least 1, got {o.viz_max}")
     tables = _PixelTables() if view == "confusion" else None
-    views = _pictures(o, {view: out}, tables)
-    _run(inputs, [a for a in (tables, views) if a is not None], o, f"show {view}")
+    names = _Names(f"show {view}")
+    views = _pictures(o, {view: out}, tables, names.names)
+    _run(inputs, [a for a in (names, tables, views) if a is not None], o, f"show {view}")
     return views.finish()
 
 
-def _pictures(o: EvalOptions, out: dict, tables: Optional[_PixelTables]) -> Pictures:
+class _Names:
+    """Accumulator of the samples' part names (:class:`partkit.fields.PartNames`: the first name of
+    an id wins; a conflicting one is a warning on stderr)."""
+
+    def __init__(self, what: str):
+        self.what, self.names = what, fields.PartNames()
+
+    def prepare(self, v: SampleView):
+        return v.key, v.part_names
+
+    def commit(self, payload) -> None:
+        for message in self.names.add(payload[1], payload[0]):
+            log(f"{self.what}: warning: {message}")
+
+
+def _pictures(o: EvalOptions, out: dict, tables: Optional[_PixelTables], names: fields.PartNames) -> Pictures:
     """The pictures of one pass; the confusion map draws the pooled pixel table over ``--region``."""
     def confusion() -> Optional[np.ndarray]:
         return _region_rows(tables.pooled(), o.region) if tables is not None and tables.by_class else None
 
-    return Pictures(out, max_overlays=o.viz_max, confusion_table=confusion)
+    return Pictures(out, max_overlays=o.viz_max, confusion_table=confusion, names=names)

@@ -73,6 +73,11 @@ class Pass:
     accumulators: dict[str, Any]
     fit: dict[str, Any]  # accumulators of the --match-on pass (empty without --match-on)
     samples: int
+    part_names: dict = field(default_factory=dict)  # {ground-truth id: name} ('part_names' in the samples' json)
+
+    def named(self, ids) -> dict:
+        """``{"id": name}`` for those of ``ids`` (ints or strings) that have a name."""
+        return {str(i): self.part_names[int(i)] for i in ids if int(i) in self.part_names}
 
 
 @dataclass(frozen=True)

@@ -293,5 +293,23 @@ def _miou_summary(r: dict) -> str:
                  choices={"miou": MIOU, "region": REGIONS, "match": MATCHES}, fit="pixels")
 def miou(p: Pass) -> dict:
     """Mean IoU of parts after matching predicted ids to parts: PartDistillation's C-mIoU (``--miou
-    official``, the default) or one pooled table over ``--region`` pixels (``--miou pooled``)."""
-    return _miou_result(p.accumulators["pixels"], p.fit.get("pixels"), p.options)
+    official``, the default) or one pooled table over ``--region`` pixels (``--miou pooled``).
+
+    When the samples name their parts (``part_names`` in ``json``), ``part_names`` gives the name of
+    each scored part id and ``named_iou`` its IoU by name (per class too)."""
+    out = _miou_result(p.accumulators["pixels"], p.fit.get("pixels"), p.options)
+    if p.part_names:
+        for entry in [out, *out.get("per_class", {}).values()]:
+            if "iou" in entry:
+                entry["named_iou"] = {_part_label(p, i): v for i, v in entry["iou"].items()}
+        ids = set(out.get("iou", {})).union(*(c.get("iou", {}) for c in out.get("per_class", {}).values()))
+        out["part_names"] = p.named(sorted(ids, key=int))
+    return out
+
+
+def _part_label(p: Pass, i) -> str:
+    """A part's name, or ``part <id>`` when it has none; ``name (id)`` when two ids share the name."""
+    name = p.part_names.get(int(i))
+    if name is None:
+        return f"part {i}"
+    return name if list(p.part_names.values()).count(name) == 1 else f"{name} ({i})"
