@@ -71,9 +71,9 @@ def cli_errors(fn):
 # Options shared by every stage command, as typer types: `output: OutputOption = "-"` declares -o/--output and its
 # help; the default stays in the command's signature (typer reads it from there).
 InputsArgument = Annotated[List[str], typer.Argument(
-    help="Input shards: paths, globs, {000000..000009} braces, '-' (stdin) or 'pipe:CMD'.")]
+    help="Input shards: paths, globs, {000000..000009} braces, '-' (stdin), 'pipe:CMD' or http(s)://, s3://, gs:// URLs.")]
 OutputOption = Annotated[str, typer.Option(
-    "--output", "-o", help="'-' for stdout (tar stream) or a folder for numbered shards.")]
+    "--output", "-o", help="'-' for stdout (tar stream), 'pipe:CMD' (the stream into CMD) or a folder for numbered shards.")]
 ShardSizeOption = Annotated[int, typer.Option("--shard-size", help="Samples per output shard (folder output).")]
 OverwriteOption = Annotated[bool, typer.Option("--overwrite", help="Redo shards that a previous run finished.")]
 DropOption = Annotated[List[str], typer.Option(
