@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import errno
 import functools
+import inspect
+import json
 import os
 import sys
 from dataclasses import dataclass
@@ -69,9 +71,9 @@ def cli_errors(fn):
 # Options shared by every stage command, as typer types: `output: OutputOption = "-"` declares -o/--output and its
 # help; the default stays in the command's signature (typer reads it from there).
 InputsArgument = Annotated[List[str], typer.Argument(
-    help="Input shards: paths, globs, {000000..000009} braces, '-' (stdin) or 'pipe:CMD'.")]
+    help="Input shards: paths, globs, {000000..000009} braces, '-' (stdin), 'pipe:CMD' or http(s)://, s3://, gs:// URLs.")]
 OutputOption = Annotated[str, typer.Option(
-    "--output", "-o", help="'-' for stdout (tar stream) or a folder for numbered shards.")]
+    "--output", "-o", help="'-' for stdout (tar stream), 'pipe:CMD' (the stream into CMD) or a folder for numbered shards.")]
 ShardSizeOption = Annotated[int, typer.Option("--shard-size", help="Samples per output shard (folder output).")]
 OverwriteOption = Annotated[bool, typer.Option("--overwrite", help="Redo shards that a previous run finished.")]
 DropOption = Annotated[List[str], typer.Option(
@@ -123,3 +125,110 @@ def make_output(output: str, shard_size: int, overwrite: bool, drop: List[str],
                 num_shards: Optional[int], shard_index: Optional[int]) -> Output:
     return Output(path=output, shard_size=shard_size, overwrite=overwrite, drop=tuple(drop),
                   num_shards=num_shards, shard_index=shard_index)
+
+
+# --------------------------------------------------------------------------------------------
+# --config FILE: every command's options from a file; flags on the command line win
+
+
+_GLOBAL_KEYS = ("seed", "device", "threads")
+
+
+def _read_config(path: str) -> dict:
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError as e:
+        raise PartkitError(f"--config {path!r}: {e.strerror}; check the path") from None
+    try:
+        if path.endswith(".json"):
+            data = json.loads(text)
+        else:
+            try:
+                import yaml
+            except ImportError:
+                data = json.loads(text)
+            else:
+                data = yaml.safe_load(text)
+    except Exception as e:  # noqa: BLE001  json.JSONDecodeError or yaml.YAMLError
+        raise PartkitError(f"--config {path!r} is not valid {'JSON' if path.endswith('.json') else 'YAML/JSON'}: "
+                           f"{' '.join(str(e).split())}") from None
+    if isinstance(data, dict) and isinstance(data.get("options"), dict):
+        data = data["options"]  # the config.json a training run wrote
+    if not isinstance(data, dict) or any(isinstance(v, dict) for v in data.values()):
+        raise PartkitError(f"--config {path!r} must be a flat mapping {{option: value}} (e.g. {{\"lr\": 0.001, "
+                           "\"batch_size\": 8}}), or the config.json of a run that recorded its \"options\"")
+    return data
+
+
+def _apply_config(ctx: typer.Context, param: typer.CallbackParam, value: Optional[str]) -> Optional[str]:
+    """Eager: runs before the other options are read, so they take their defaults from the file."""
+    if not value:
+        return value
+    try:
+        data = _read_config(value)
+    except PartkitError as e:
+        fail(str(e))
+    names = [p.name for p in ctx.command.params if p.name != "config"]
+    mapping, unknown = {}, []
+    for key, v in data.items():
+        name = str(key).lstrip("-").replace("-", "_")
+        if name in names:
+            mapping[name] = v
+        elif name in _GLOBAL_KEYS:
+            _apply_global(ctx, name, v)
+        else:
+            unknown.append(str(key))
+    if unknown:
+        fail(f"--config {value!r}: unknown option(s) {', '.join(sorted(unknown))} for "
+             f"'{ctx.command_path}'; valid: {', '.join(sorted(names + list(_GLOBAL_KEYS)))}")
+    ctx.default_map = {**(ctx.default_map or {}), **mapping}
+    return value
+
+
+def _apply_global(ctx: typer.Context, name: str, value) -> None:
+    """seed/device/threads from a config file, unless given on the command line before the command."""
+    root = ctx.find_root()
+    source = root.get_parameter_source(name)  # typer's own click copy: compare the enum by name
+    if source is not None and source.name != "DEFAULT":
+        return
+    g = root.obj if isinstance(root.obj, Globals) else None
+    if g is None:
+        return
+    if name == "seed":
+        check_seed(int(value))
+        g.seed = int(value)
+    elif name == "device":
+        g.device = str(value)
+    else:
+        from partkit._runtime import set_threads
+
+        g.threads = int(value)
+        set_threads(g.threads)
+
+
+def with_config(fn):
+    """``fn`` (a typer command) plus an eager ``--config FILE`` option; the resolved options are recorded."""
+
+    sig = inspect.signature(fn, eval_str=True)  # typer does not evaluate a given __signature__
+    contexts = {name for name, p in sig.parameters.items() if p.annotation is typer.Context}
+
+    @functools.wraps(fn)
+    def wrapper(*args, config: Optional[str] = None, **kwargs):
+        from partkit._runtime import set_command_options
+
+        set_command_options({k: v for k, v in kwargs.items() if k not in contexts})
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            set_command_options(None)
+
+    option = typer.Option(None, "--config", is_eager=True, callback=_apply_config, metavar="FILE",
+                          help="Options from a file: YAML (when PyYAML is installed) or JSON, flat {option: value}, "
+                               "or a run's config.json; flags given here override it.")
+    params = list(sig.parameters.values())
+    params.append(inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=option,
+                                    annotation=Optional[str]))
+    wrapper.__signature__ = sig.replace(parameters=params)
+    wrapper.__annotations__ = {**getattr(fn, "__annotations__", {}), "config": Optional[str]}
+    return wrapper

@@ -9,7 +9,7 @@ import typer
 from partkit import __version__
 from partkit._log import set_verbosity
 
-from ._common import Globals, check_seed, cli_errors
+from ._common import Globals, check_seed, cli_errors, with_config
 
 app = typer.Typer(
     name="partkit",
@@ -65,9 +65,11 @@ def root(
 for _module, _name in _COMMANDS:
     _mod = importlib.import_module(f".{_module}", __package__)
     if hasattr(_mod, "app"):
+        for _info in _mod.app.registered_commands:  # every command takes --config FILE
+            _info.callback = with_config(_info.callback)
         app.add_typer(_mod.app, name=_name)
     else:
-        app.command(_name, short_help=_mod.__doc__.strip().splitlines()[0])(_mod.main)
+        app.command(_name, short_help=_mod.__doc__.strip().splitlines()[0])(with_config(_mod.main))
 
 
 def main() -> None:

@@ -52,3 +52,17 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
+
+
+# The options of the command running now, as ``--config`` reads them back ({option_name: value}); set by the CLI,
+# recorded by a training run in its config.json under "options" so `--config RUN/config.json` repeats the run.
+_command_options: dict | None = None
+
+
+def set_command_options(options: dict | None) -> None:
+    global _command_options
+    _command_options = options
+
+
+def command_options() -> dict | None:
+    return _command_options

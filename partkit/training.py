@@ -187,6 +187,10 @@ class RunDir:
 
     def write_config(self, config: dict) -> None:
         if self.main:
+            from ._runtime import command_options
+
+            if command_options() is not None and "options" not in config:
+                config = {**config, "options": command_options()}  # what `--config RUN/config.json` reads back
             self._made()
             write_atomic(self.file("config.json"), json.dumps(config, indent=1, sort_keys=True).encode())
 

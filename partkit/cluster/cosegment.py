@@ -14,6 +14,7 @@ import numpy as np
 from .._log import log
 from ..errors import BadSample, Handler, PartkitError
 from ..io import Output, run_stage
+from ..io.sink import is_folder_output
 from ..io.urls import expand_urls
 from ..kmeans import FAISS_MIN_ROWS, KMeans, KMeansResult, batched_kmeans, elbow_kmeans
 from ._config import Job
@@ -23,7 +24,7 @@ from ._items import finalize, iter_items, load_light, replayable, rounded, write
 def run(inputs: Sequence[str], job: Job, *, output: Output, handler: Handler) -> dict:
     """Cluster every group (pass 1), then write each sample with its group's parts (pass 2)."""
     cfg = job.cfg
-    given = expand_urls(inputs) if output.path not in (None, "-") else ()
+    given = expand_urls(inputs) if is_folder_output(output.path) else ()
     with replayable(inputs) as replay:
         results = solve(replay, job, handler)
 

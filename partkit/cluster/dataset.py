@@ -11,6 +11,7 @@ import numpy as np
 from .._log import log
 from ..errors import Handler, PartkitError
 from ..io import Output, encode_npy, run_stage, write_atomic
+from ..io.sink import is_folder_output
 from ..io.urls import expand_urls
 from ..kmeans import KMeansResult, faiss_assign, faiss_kmeans, nearest_center
 from ._config import Job
@@ -20,7 +21,7 @@ from ._items import finalize, iter_items, load, replayable, rounded, write_item
 def run(inputs: Sequence[str], job: Job, *, output: Output, handler: Handler) -> dict:
     """Fit (unless ``--centroids``), save the centroids if asked, then assign every sample."""
     cfg, fixed = job.cfg, job.centroids
-    given = expand_urls(inputs) if output.path not in (None, "-") else ()  # what resume fingerprints
+    given = expand_urls(inputs) if is_folder_output(output.path) else ()  # what resume fingerprints
     with replayable(inputs if fixed is None and not cfg.fit_on else []) as replay:
         inputs = replay or inputs
         if fixed is None:

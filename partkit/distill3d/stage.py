@@ -11,7 +11,7 @@ from .._log import log
 from .._version import __version__
 from ..errors import BadSample, Handler, PartkitError, stop
 from ..io import Output, encode_json, encode_npy, iter_samples, run_stage
-from ..io.sink import check_output_apart
+from ..io.sink import check_output_apart, is_folder_output
 from ..io.urls import expand_urls
 from ..pointcloud import decode_shape
 from ..training import RunDir, check_count
@@ -94,7 +94,7 @@ def distill_3d(inputs: Sequence[str], config: Optional[DistillConfig] = None, *,
     check_count("--stop-at", stop_at, fix="pass the epoch to checkpoint and stop at, or drop --stop-at")
     if out is None and (resume or stop_at is not None):
         raise PartkitError("--resume and --stop-at continue or checkpoint a run folder; pass --out RUN_DIR")
-    if output.path not in (None, "-"):  # refuse before training, not after it
+    if is_folder_output(output.path):  # refuse before training, not after it
         check_output_apart(output.path, expand_urls(inputs))
     if save_views is not None and os.path.isfile(save_views):
         raise PartkitError(f"--save-views {save_views!r} is a file; pass a folder for the pictures")

@@ -18,7 +18,7 @@ from typing import Callable, Iterator, Optional, Sequence, TypeVar
 from .._log import log, progress
 from .._version import __version__
 from ..errors import BadSample, Handler, PartkitError, stop
-from .sink import open_sink
+from .sink import is_folder_output, open_sink
 from .tario import iter_tar, unique_keys
 from .urls import expand_urls, iter_streams, select_for_rank
 
@@ -152,7 +152,7 @@ def run_stage(
     rank, world = dist_info(output.num_shards, output.shard_index)
     config = {"stage": name, **(config or {}), "shard_size": output.shard_size, "world": world}
     if input_files is None:
-        input_files = expand_urls(inputs) if output.path not in (None, "-") else ()
+        input_files = expand_urls(inputs) if is_folder_output(output.path) else ()
     sink = open_sink(output.path, overwrite=output.overwrite, rank=rank, world=world, config=config,
                      inputs=input_files)
     drop = set(output.drop)

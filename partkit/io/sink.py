@@ -22,9 +22,9 @@ from typing import Optional, Sequence
 
 from ..errors import PartkitError
 from .tario import TarSampleWriter
-from .urls import is_stream
+from .urls import has_no_mtime
 
-__all__ = ["StdoutSink", "FolderSink", "open_sink", "write_atomic", "check_output_file", "check_output_folder",
+__all__ = ["StdoutSink", "PipeSink", "FolderSink", "open_sink", "is_folder_output", "write_atomic", "check_output_file", "check_output_folder",
            "check_output_apart", "input_fingerprint"]
 
 _SHARD = re.compile(r"^\d{6}\.tar$")
@@ -95,7 +95,7 @@ def check_output_apart(folder: str, inputs: Sequence[str]) -> None:
     """Refuse an output folder that is, or holds, one of the input files (a run would overwrite its input)."""
     here = os.path.realpath(folder)
     for url in inputs:
-        if not is_stream(url):
+        if not has_no_mtime(url):
             real = os.path.realpath(url)
             if real == here or real.startswith(here.rstrip(os.sep) + os.sep):
                 raise PartkitError(f"--output {folder!r} holds the input {url!r} (a run would overwrite its own "
@@ -103,8 +103,9 @@ def check_output_apart(folder: str, inputs: Sequence[str]) -> None:
 
 
 def input_fingerprint(inputs: Sequence[str]) -> Optional[dict]:
-    """``{"files", "sha256"}`` over the input files' real paths, sizes and mtimes; ``None`` for streams."""
-    if not inputs or any(is_stream(u) for u in inputs):
+    """``{"files", "sha256"}`` over the input files' real paths, sizes and mtimes; ``None`` (not comparable) when
+    any input is a stream or a remote URL, which have no mtime."""
+    if not inputs or any(has_no_mtime(u) for u in inputs):
         return None
     h = hashlib.sha256()
     for url in inputs:
@@ -146,6 +147,45 @@ class StdoutSink:
 
     def abort(self) -> None:
         pass
+
+
+class PipeSink(StdoutSink):
+    """``-o pipe:CMD``: all samples as one tar into CMD's stdin; closing checks CMD's exit status."""
+
+    def __init__(self, cmd: str):
+        import subprocess
+
+        self.cmd = cmd
+        self.name = f"pipe:{cmd}"
+        self.proc = subprocess.Popen(cmd, shell=True, stdin=subprocess.PIPE)
+        super().__init__(self.proc.stdin)
+
+    def _exited(self) -> PartkitError:
+        rc = self.proc.wait()
+        return PartkitError(f"output command {self.cmd!r} exited with status {rc} before all output was written")
+
+    def write(self, sample: dict) -> None:
+        try:
+            super().write(sample)
+        except BrokenPipeError:
+            raise self._exited() from None
+
+    def close(self) -> None:
+        try:
+            super().close()
+            self.stream.close()
+        except BrokenPipeError:
+            raise self._exited() from None
+        rc = self.proc.wait()
+        if rc != 0:
+            raise PartkitError(f"output command {self.cmd!r} exited with status {rc}")
+
+    def abort(self) -> None:
+        try:
+            self.stream.close()
+        except OSError:
+            pass
+        self.proc.wait()
 
 
 class FolderSink:
@@ -308,11 +348,17 @@ class FolderSink:
         self._release()
 
 
+def is_folder_output(output: Optional[str]) -> bool:
+    """False for ``-`` / ``None`` (stdout) and ``pipe:CMD`` (the literal option value); else a shard folder."""
+    return output not in (None, "-") and not output.startswith("pipe:")
+
+
 def open_sink(output: Optional[str], *, overwrite: bool = False, rank: int = 0, world: int = 1,
               config: Optional[dict] = None, inputs: Sequence[str] = ()):
-    """``None`` or ``-``: stdout; anything else: a shard folder."""
-    if output in (None, "-"):
+    """``None`` or ``-``: stdout; ``pipe:CMD``: CMD's stdin; anything else: a shard folder."""
+    if not is_folder_output(output):
         if world > 1:
-            raise PartkitError("several processes cannot share stdout; pass --output DIR when distributed")
-        return StdoutSink()
+            raise PartkitError("several processes cannot share one output stream; pass --output DIR when "
+                               "distributed")
+        return PipeSink(output[5:]) if output and output.startswith("pipe:") else StdoutSink()
     return FolderSink(output, overwrite=overwrite, rank=rank, world=world, config=config, inputs=inputs)
