@@ -39,6 +39,25 @@ def read_shard(data_or_path) -> list[dict]:
         return list(iter_tar(stream, "test"))
 
 
+def invoke(args, **kw):
+    """Run the CLI in process (typer's CliRunner); arguments may be paths."""
+    from typer.testing import CliRunner
+
+    from partkit.cli.main import app
+
+    return CliRunner().invoke(app, [str(a) for a in args], **kw)
+
+
+def one_error_line(res, *needles) -> str:
+    """Exit 2 and exactly one ``partkit: error:`` line holding every needle."""
+    assert res.exit_code == 2, (res.exit_code, res.stderr)
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("partkit: error:"), res.stderr
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+    return lines[0]
+
+
 def tar_names(data: bytes) -> list[str]:
     with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tf:
         return tf.getnames()

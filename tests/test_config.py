@@ -3,28 +3,12 @@ the command line override it; unknown keys are refused in one line."""
 import json
 
 import pytest
-from typer.testing import CliRunner
 
-from partkit.cli.main import app
-from conftest import ROOT
+from conftest import ROOT, invoke, one_error_line
 
-runner = CliRunner()
 IMAGES = [ROOT / "examples" / "data" / "cihp" / "images" / f"{k}.jpg" for k in ("0002190", "0005008")]
 TINY = ["--max-steps", "1", "--queries", "4", "--hidden", "16", "--dec-layers", "1", "--batch-size", "2",
         "--warmup", "0", "--crop-grid", "4", "--val-every", "1", "--checkpoint-every", "1"]
-
-
-def invoke(args, **kw):
-    return runner.invoke(app, [str(a) for a in args], **kw)
-
-
-def one_error_line(res, *needles):
-    assert res.exit_code == 2, (res.exit_code, res.stderr)
-    lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("partkit: error:"), res.stderr
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

@@ -6,29 +6,13 @@ import os
 import threading
 
 import pytest
-from typer.testing import CliRunner
 
-from partkit.cli.main import app
 from partkit.io.sink import input_fingerprint
 from partkit.io.urls import expand_urls, open_url
-from conftest import ROOT, read_shard, write_shard
+from conftest import ROOT, invoke, one_error_line, read_shard, write_shard
 
-runner = CliRunner()
 EXAMPLES = ROOT / "examples" / "data"
 IMAGES = [EXAMPLES / "cihp" / "images" / f"{k}.jpg" for k in ("0002190", "0005008")]
-
-
-def invoke(args, **kw):
-    return runner.invoke(app, [str(a) for a in args], **kw)
-
-
-def one_error_line(res, *needles):
-    assert res.exit_code == 2, (res.exit_code, res.stderr)
-    lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("partkit: error:"), res.stderr
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
