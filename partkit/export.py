@@ -16,6 +16,7 @@ Example:
 from __future__ import annotations
 
 import json
+import os
 from typing import Optional, Sequence
 
 from .errors import PartkitError
@@ -51,6 +52,4 @@ def export_coco(inputs: Sequence[str], output: str, *, pred: str = "proposals.js
 
 
 def _same(a: str, b: str) -> bool:
-    import os
-
     return os.path.realpath(a) == os.path.realpath(b)
