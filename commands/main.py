@@ -33,6 +33,7 @@ _COMMANDS = [
     ("distill3d", "distill-3d"),
     ("eval", "eval"), ("show", "show"),
     ("rank", "rank"),
+    ("export", "export"),
 ]
 
 

@@ -24,7 +24,7 @@ from .errors import PartkitError
 __all__ = [
     "Contingency", "nmi_score", "ari_score", "match_clusters", "matched_iou", "confusion_iou",
     "match_to_parts", "part_confusion", "official_part_scores",
-    "mask_iou", "COCO_IOU_THRESHOLDS", "greedy_recall", "RecallAccumulator", "coco_mask_ap",
+    "mask_iou", "COCO_IOU_THRESHOLDS", "greedy_recall", "RecallAccumulator", "coco_dataset", "coco_mask_ap",
     "average_precision", "retrieval_ap", "shape_miou", "fit_linear_probe", "part_centroids", "landmark_regression",
 ]
 
@@ -425,13 +425,13 @@ class RecallAccumulator:
         return {k: float((self.matched_[i] / self.n_gt_).mean()) for i, k in enumerate(self.ks)}
 
 
-def coco_mask_ap(images: Sequence[dict], detections: Sequence[dict], *, class_agnostic: bool = True,
-                 max_dets: int = 100) -> dict[str, float]:
-    """COCO mask AP, AP50 and AP75 with ``pycocotools.cocoeval.COCOeval`` (its prints silenced).
+def coco_dataset(images: Sequence[dict], detections: Sequence[dict], *,
+                 class_agnostic: bool = True) -> tuple[dict, list[dict]]:
+    """A COCO ground-truth dataset and COCO results from ``images`` and ``detections`` (as in
+    :func:`coco_mask_ap`): what COCOeval scores, and what ``partkit export coco`` writes.
 
-    ``images``: ``{"id", "height", "width", "annotations": [{"segmentation": rle, "category_id",
-    "iscrowd"}]}``; ``detections``: ``{"image_id", "segmentation", "score", "category_id"}``.
-    With ``class_agnostic`` every category becomes 1. No detections at all scores 0.
+    An image's optional ``file_name`` is kept. With ``class_agnostic`` every category becomes 1,
+    named ``part``; otherwise a category is named by its id.
     """
     from . import rle
 
@@ -443,14 +443,32 @@ def coco_mask_ap(images: Sequence[dict], detections: Sequence[dict], *, class_ag
             anns.append({"id": len(anns) + 1, "image_id": img["id"], "category_id": cat,
                          "segmentation": a["segmentation"], "area": rle.area(a["segmentation"]),
                          "bbox": rle.bbox(a["segmentation"]), "iscrowd": int(a.get("iscrowd", 0))})
-    if not any(a["iscrowd"] == 0 for a in anns):
+    dets = [{"image_id": d["image_id"], "category_id": 1 if class_agnostic else int(d["category_id"]),
+             "segmentation": d["segmentation"], "score": float(d["score"])} for d in detections]
+    if class_agnostic:
+        cats.add(1)
+    dataset = {"images": [{"id": i["id"], "height": i["height"], "width": i["width"],
+                           **({"file_name": i["file_name"]} if "file_name" in i else {})} for i in images],
+               "annotations": anns,
+               "categories": [{"id": c, "name": "part" if class_agnostic else str(c)} for c in sorted(cats)]}
+    return dataset, dets
+
+
+def coco_mask_ap(images: Sequence[dict], detections: Sequence[dict], *, class_agnostic: bool = True,
+                 max_dets: int = 100) -> dict[str, float]:
+    """COCO mask AP, AP50 and AP75 with ``pycocotools.cocoeval.COCOeval`` (its prints silenced).
+
+    ``images``: ``{"id", "height", "width", "annotations": [{"segmentation": rle, "category_id",
+    "iscrowd"}]}``; ``detections``: ``{"image_id", "segmentation", "score", "category_id"}``.
+    With ``class_agnostic`` every category becomes 1. No detections at all scores 0.
+    """
+    from . import rle
+
+    dataset, dets = coco_dataset(images, detections, class_agnostic=class_agnostic)
+    if not any(a["iscrowd"] == 0 for a in dataset["annotations"]):
         raise PartkitError("no ground-truth masks to score")
     if not detections:
         return {"ap": 0.0, "ap50": 0.0, "ap75": 0.0}
-    dets = [{"image_id": d["image_id"], "category_id": 1 if class_agnostic else int(d["category_id"]),
-             "segmentation": d["segmentation"], "score": float(d["score"])} for d in detections]
-    dataset = {"images": [{"id": i["id"], "height": i["height"], "width": i["width"]} for i in images],
-               "annotations": anns, "categories": [{"id": c, "name": str(c)} for c in sorted(cats)]}
     stats = rle.coco_evaluate(dataset, dets, max_dets)
     return {"ap": max(stats[0], 0.0), "ap50": max(stats[1], 0.0), "ap75": max(stats[2], 0.0)}
 

@@ -32,7 +32,7 @@ from ._registry import (Metric, Pass, accumulator_kinds, create_accumulator, get
                         register_accumulator, register_metric, registered_metrics)
 from .pixels import _PixelTables, _region_rows
 
-__all__ = ["METRICS", "PROTOCOLS", "Protocol", "get_protocol", "EvalOptions", "SampleView", "evaluate", "render", "parse_keypoints", "register_metric",
+__all__ = ["METRICS", "PROTOCOLS", "Protocol", "get_protocol", "EvalOptions", "SampleView", "evaluate", "render", "accumulate", "parse_keypoints", "register_metric",
            "register_accumulator", "list_metrics", "get_metric", "Metric", "Pass"]
 
 METRICS = tuple(list_metrics())  # the built-in metrics; list_metrics() also sees ones registered later
@@ -236,6 +236,17 @@ def evaluate(inputs: Sequence[str], metrics: Sequence[str], options: Optional[Ev
     if "views" in accs:
         report["pictures"] = accs["views"].finish()
     return report
+
+
+def accumulate(inputs: Sequence[str], kind: str, metrics: Sequence[str], options: EvalOptions, what: str):
+    """One reading pass feeding one accumulator ``kind`` as it is fed for ``metrics`` (the options checked
+    first); returns the accumulator and the number of samples read. ``partkit export coco`` reads mask-ap's."""
+    metric_names = options.validate(metrics)
+    if isinstance(inputs, str):
+        inputs = [inputs]
+    acc = create_accumulator(kind, options, metric_names)
+    run = _run(inputs, [acc], options, what)
+    return acc, run.samples
 
 
 def _report_options(o: EvalOptions) -> dict:

@@ -53,16 +53,17 @@ class _Masks:
         if self.want_recall:
             real = [g["segmentation"] for g in gts if not g["iscrowd"]]
             iou = M.mask_iou([p["segmentation"] for p in parsed[:max(self.o.ks)]], real)
-        return v.index, height, width, parsed, gts, iou, has_cat
+        return v.index, v.key, height, width, parsed, gts, iou, has_cat
 
     def commit(self, payload) -> None:
-        index, height, width, parsed, gts, iou, has_cat = payload
+        index, key, height, width, parsed, gts, iou, has_cat = payload
         if self.want_recall:
             self.recall.update(iou)
             self.available.append(len(parsed))
         if self.want_ap:
             self.with_category |= has_cat
-            self.images.append({"id": index + 1, "height": height, "width": width, "annotations": gts})
+            self.images.append({"id": index + 1, "height": height, "width": width, "file_name": key,
+                                "annotations": gts})
             self.dets.extend({"image_id": index + 1, **p} for p in parsed)
 
     def results(self, names) -> dict:
@@ -73,18 +74,30 @@ class _Masks:
                          "gt_masks": self.recall.n_gt_, "gt": self.o.gt,
                          "proposals_available": _available(self.available, self.o.ks)}
         if "mask-ap" in names:
-            agnostic = True not in self.with_category
+            images, agnostic = self.ap_images()
             if not agnostic and self.o.gt == "parts":
                 log("mask-ap: proposals carry category_id; comparing it with the ground-truth part ids")
-            images = self.images
-            if not agnostic:
-                # A crowd (void) region must carry a category: give each image's one to all its categories.
-                images = [dict(img, annotations=_expand_crowd(img["annotations"])) for img in images]
             ap = M.coco_mask_ap(images, self.dets, class_agnostic=agnostic, max_dets=self.o.max_dets)
             out["mask-ap"] = {"value": _pct(ap["ap"]), "ap50": _pct(ap["ap50"]), "ap75": _pct(ap["ap75"]),
                               "class_agnostic": agnostic, "max_dets": self.o.max_dets, "gt": self.o.gt,
                               "detections": len(self.dets)}
         return out
+
+    def ap_images(self) -> tuple[list[dict], bool]:
+        """The images mask-ap scores (ground truth per image) and whether the scoring is class-agnostic
+        (no proposal carried category_id); ``partkit export coco`` writes the same."""
+        agnostic = True not in self.with_category
+        images = self.images
+        if not agnostic:
+            # A crowd (void) region must carry a category: give each image's one to all its categories.
+            images = [dict(img, annotations=_expand_crowd(img["annotations"])) for img in images]
+        return images, agnostic
+
+    def coco(self) -> tuple[dict, list[dict], bool]:
+        """The COCO ground-truth dataset and results that mask-ap scores, and whether class-agnostic."""
+        images, agnostic = self.ap_images()
+        dataset, dets = M.coco_dataset(images, self.dets, class_agnostic=agnostic)
+        return dataset, dets, agnostic
 
 
 def _available(counts: list[int], ks) -> dict:
