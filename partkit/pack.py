@@ -57,19 +57,24 @@ def _is_3d(path: str) -> bool:
     return path.lower().rsplit(".", 1)[-1] in POINT_EXTS
 
 
+def _read_json(path: str, option: str):
+    """The JSON document an option names; an unreadable or invalid file is a one-line error."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except OSError as e:
+        raise PartkitError(f"cannot read {option} file {path!r}: {e.strerror}") from None
+    except ValueError:
+        raise PartkitError(f"{option} file {path!r} is not valid JSON") from None
+
+
 def _load_coco(path: str) -> dict:
     """COCO JSON -> {file stem: {"image": ..., "annotations": [...]}, "__categories__": {...}, "__path__": path}.
 
     The structure is checked here (null entries, duplicate image ids, keypoints, segmentation
     types); masks are checked against their image when it is packed (:func:`_objects`).
     """
-    try:
-        with open(path) as f:
-            coco = json.load(f)
-    except OSError as e:
-        raise PartkitError(f"cannot read --coco file {path!r}: {e.strerror}") from None
-    except ValueError:
-        raise PartkitError(f"--coco file {path!r} is not valid JSON") from None
+    coco = _read_json(path, "--coco")
     if not isinstance(coco, dict) or "images" not in coco or "annotations" not in coco:
         raise PartkitError(f"--coco file {path!r} lacks 'images'/'annotations'; expected COCO instances JSON")
 
@@ -182,13 +187,7 @@ COCO_AS = ("objects", "parts")
 
 def _load_label_names(path: str) -> dict:
     """``--label-names FILE``: ``{"id": name}`` JSON, checked, as ``json`` ``part_names`` (string ids)."""
-    try:
-        with open(path) as f:
-            doc = json.load(f)
-    except OSError as e:
-        raise PartkitError(f"cannot read --label-names file {path!r}: {e.strerror}") from None
-    except ValueError:
-        raise PartkitError(f"--label-names file {path!r} is not valid JSON") from None
+    doc = _read_json(path, "--label-names")
     try:
         names = parse_part_names(doc, f"--label-names file {path!r}")
     except ValueError as e:
