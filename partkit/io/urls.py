@@ -131,7 +131,10 @@ class _PipeStream:
         self.stream.close()
         rc = self.proc.wait()
         if rc != 0:
-            raise PartkitError(f"input command {self.cmd!r} exited with status {rc}")
+            raise self.failed(rc)
+
+    def failed(self, rc: int) -> PartkitError:
+        return PartkitError(f"input command {self.cmd!r} exited with status {rc}")
 
 
 def _timeout() -> float:
@@ -164,7 +167,7 @@ class _HttpStream:
         self.resp.close()
 
 
-class _ClientStream:
+class _ClientStream(_PipeStream):
     """An ``s3://`` or ``gs://`` object through its command-line client; closing checks its exit status."""
 
     def __init__(self, url: str):
@@ -178,18 +181,17 @@ class _ClientStream:
         self.proc = subprocess.Popen(before + [url] + after, stdout=subprocess.PIPE, stderr=self.err)
         self.stream = self.proc.stdout
 
-    def read(self, n: int = -1) -> bytes:
-        return self.stream.read(n)
-
     def close(self) -> None:
-        self.stream.close()
-        rc = self.proc.wait()
+        try:
+            super().close()
+        finally:
+            self.err.close()
+
+    def failed(self, rc: int) -> PartkitError:
         self.err.seek(0)
         lines = self.err.read().decode(errors="replace").strip().splitlines()
-        self.err.close()
-        if rc != 0:
-            why = f": {lines[-1]}" if lines else ""
-            raise PartkitError(f"cannot read {self.url!r}: {self.proc.args[0]} exited with status {rc}{why}")
+        why = f": {lines[-1]}" if lines else ""
+        return PartkitError(f"cannot read {self.url!r}: {self.proc.args[0]} exited with status {rc}{why}")
 
 
 def _open_cloud(url: str):
