@@ -136,3 +136,15 @@ def test_cloud_through_a_fake_client(monkeypatch, tmp_path, served):
     assert remote.exit_code == 0, remote.stderr
     assert remote.stdout_bytes == local.stdout_bytes
     one_error_line(invoke(["cluster", "s3://b/nope.tar", "-k", "2"]), "aws exited with status 1", "NoSuchKey")
+
+
+def test_output_pipe_is_stopped_when_the_run_fails(served, tmp_path):
+    """A failed run must not hand CMD a clean end of stream: CMD is terminated, so 'write then rename' never renames."""
+    www, _ = served
+    bad = tmp_path / "bad.tar"
+    bad.write_bytes(b"not a tar file at all" * 100)
+    target, part = tmp_path / "out.tar", tmp_path / "out.part"
+    res = invoke(["cluster", www / "in-000000.tar", bad, "-k", "2",
+                  "-o", f"pipe:cat > '{part}' && mv '{part}' '{target}'"])
+    assert res.exit_code != 0
+    assert not target.exists()

@@ -181,11 +181,21 @@ class PipeSink(StdoutSink):
             raise PartkitError(f"output command {self.cmd!r} exited with status {rc}")
 
     def abort(self) -> None:
+        """The run failed: stop CMD first, so it never takes the truncated stream for a whole one (an upload
+        command would commit it), then close its stdin; never waits on a CMD that ignores both."""
+        import subprocess
+
+        if self.proc.poll() is None:
+            self.proc.terminate()
         try:
             self.stream.close()
         except OSError:
             pass
-        self.proc.wait()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
 
 
 class FolderSink:
