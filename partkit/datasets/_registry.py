@@ -80,6 +80,7 @@ def read_table(path: str, columns: int, *, text_last: bool = False) -> list[list
                 continue
             parts = line.split(None, columns - 1) if text_last else line.split()
             if len(parts) != columns:
-                raise PartkitError(f"{path} line {n} has {len(parts)} fields, expected {columns}: {line.strip()[:60]!r}")
+                raise PartkitError(f"{path} line {n} has {len(parts)} fields, expected {columns}: "
+                                   f"{line.strip()[:60]!r}")
             rows.append([p.strip() for p in parts])
     return rows

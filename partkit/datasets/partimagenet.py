@@ -18,7 +18,8 @@ import re
 
 from ..errors import BadSample, PartkitError
 from ..io.tario import sample_key
-from ..pack import _load_coco, _parts, find_images, image_sample
+from ..io.codecs import IMAGE_EXTS
+from ..pack import _load_coco, _parts, image_sample
 from ._registry import Recipe, register_dataset, require
 
 NAME = "partimagenet"
@@ -78,7 +79,8 @@ def read(root: str, split: str) -> Recipe:
     items, inputs = [], [files[s] for s in splits]
     for s in splits:
         table = tables[s]
-        on_disk = {sample_key(p): p for p in find_images([os.path.join(root, "images", s)])}
+        on_disk = {sample_key(f): os.path.join(d, f) for d, _, names in os.walk(os.path.join(root, "images", s))
+                   for f in names if f.lower().rsplit(".", 1)[-1] in IMAGE_EXTS}
         for key in sorted(k for k in table if not k.startswith("__")):
             items.append((key, (s, on_disk.get(key), table[key]["image"].get("file_name"))))
         inputs += [on_disk[k] for k in table if k in on_disk]

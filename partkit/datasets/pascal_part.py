@@ -92,6 +92,7 @@ def _structs(value) -> list:
 def read_annotation(path: str, key: str):
     """``(image name, [(class, silhouette mask, [(part name, mask), ...]), ...])`` of one ``.mat`` file."""
     from scipy.io import loadmat
+    from scipy.io.matlab import MatReadError
 
     try:
         doc = loadmat(path)
@@ -101,7 +102,7 @@ def read_annotation(path: str, key: str):
             parts = [(_text(p["part_name"]), np.asarray(p["mask"]).astype(bool)) for p in _structs(o["parts"])]
             objects.append((_text(o["class"]), np.asarray(o["mask"]).astype(bool), parts))
         return _text(anno["imname"]), objects
-    except (OSError, ValueError, KeyError, IndexError, TypeError, NotImplementedError) as e:
+    except (MatReadError, OSError, ValueError, KeyError, IndexError, TypeError, NotImplementedError) as e:
         raise BadSample(key, f"cannot read Pascal-Part annotation {path}: {type(e).__name__}: {e}; expected a .mat "
                              "file with anno.objects(i).{class, mask, parts(j).{part_name, mask}}") from None
 
