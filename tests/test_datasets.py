@@ -106,11 +106,10 @@ def test_partimagenet_missing_split_file_and_image(partimagenet, tmp_path):
     one_error_line(res, "n02085620_10074.JPEG", "not found")
 
 
-def test_partimagenet_on_the_real_carparts_coco_file_equals_pack_coco_parts(tmp_path):
-    """The real car-parts COCO file (PartImageNet's format, with tool keys and overlapping polygons): the first
-    images with their real annotations, packed by the recipe and by ``pack --coco-as parts``, agree byte for byte."""
+def _carparts_root(tmp_path, n):
+    """A PartImageNet-layout root holding the first ``n`` annotated images of the real car-parts COCO file."""
     doc = json.loads((CARPARTS / "annotations.json").read_text())
-    keep = [im for im in doc["images"] if any(a["image_id"] == im["id"] for a in doc["annotations"])][:4]
+    keep = [im for im in doc["images"] if any(a["image_id"] == im["id"] for a in doc["annotations"])][:n]
     ids = {im["id"] for im in keep}
     doc.update(images=keep, annotations=[a for a in doc["annotations"] if a["image_id"] in ids])
     root = tmp_path / "pin"
@@ -119,6 +118,13 @@ def test_partimagenet_on_the_real_carparts_coco_file_equals_pack_coco_parts(tmp_
     (root / "images" / "train").mkdir(parents=True)
     for im in keep:
         os.symlink(CARPARTS / "images" / im["file_name"], root / "images" / "train" / im["file_name"])
+    return root
+
+
+def test_partimagenet_on_the_real_carparts_coco_file_equals_pack_coco_parts(tmp_path):
+    """The real car-parts COCO file (PartImageNet's format, with tool keys and overlapping polygons): the first
+    images with their real annotations, packed by the recipe and by ``pack --coco-as parts``, agree byte for byte."""
+    root = _carparts_root(tmp_path, 4)
     got = _pack("partimagenet", root, "train", tmp_path)
     pack([str(root / "images" / "train")], coco=str(root / "annotations" / "train.json"), coco_as="parts",
          output=Output(str(tmp_path / "ref")))
@@ -132,6 +138,25 @@ def test_partimagenet_on_the_real_carparts_coco_file_equals_pack_coco_parts(tmp_
     assert {"wheel", "hood", "front_bumper"} <= names and "_background_" not in names
     lab = decode_label_map(next(iter(got.values())), "gt_parts.png")
     assert 0 < (lab > 0).mean() < 1
+
+
+def test_recipe_output_runs_through_extract_cluster_eval_with_part_names(tmp_path):
+    """Issue 20's check, on the recipe's output: pack | extract | cluster --scope dataset --fg-from gt_parts |
+    eval miou nmi prints the car-part names in its per-part table."""
+    root = _carparts_root(tmp_path, 3)
+    steps = [["pack", "--dataset", "partimagenet", root, "--split", "train", "-o", tmp_path / "packed"],
+             ["extract", tmp_path / "packed", "--model", "rgb", "--size", "64", "-o", tmp_path / "feat"],
+             ["cluster", tmp_path / "feat", "--scope", "dataset", "-k", "18", "--fg-from", "gt_parts",
+              "-o", tmp_path / "parts"]]
+    for args in steps:
+        res = invoke(args)
+        assert res.exit_code == 0, (args[0], res.stderr)
+    res = invoke(["eval", "miou", "nmi", tmp_path / "parts"])
+    assert res.exit_code == 0, res.stderr
+    report = json.loads(res.stdout)
+    assert 0 < report["metrics"]["miou"]["value"] <= 100 and 0 < report["metrics"]["nmi"]["value"] <= 100
+    for name in ("wheel", "hood", "front_bumper"):
+        assert name in res.stderr
 
 
 # --------------------------------------------------------------------------------------------- CUB-200-2011
