@@ -5,7 +5,6 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 
 from partkit.errors import PartkitError
 from partkit.training import check_log
@@ -75,10 +74,12 @@ def test_train_decoder_log_tensorboard_cli(tmp_path):
 
 
 def test_log_choices_and_the_missing_package(tmp_path, monkeypatch):
-    one_error_line(invoke(["train-decoder", "x.tar", "--out", tmp_path / "r", "--log", "wandb"]),
-                   "--log must be one of jsonl, tensorboard")
+    for args in (["train-decoder", "x.tar"], ["self-train", "x.tar", "--objective", "part-contrast"]):
+        one_error_line(invoke([*args, "--out", tmp_path / "r", "--log", "wandb"]),
+                       "--log must be one of jsonl, tensorboard")
     assert not (tmp_path / "r").exists()
     monkeypatch.setitem(sys.modules, "tensorboard", None)  # as if not installed
     with pytest.raises(PartkitError, match=r'pip install "partkit\[tensorboard\]"'):
         check_log("tensorboard")
     check_log("jsonl")
+
