@@ -43,7 +43,8 @@ def test_events_hold_the_metrics_of_the_jsonl(tmp_path):
     TBToy(str(tmp_path / "run")).fit()
     rows = _jsonl(tmp_path / "run")
     scalars = _events(tmp_path / "run")
-    assert list(scalars) == ["loss"] and [s for s, _ in scalars["loss"]] == [r["step"] for r in rows] == list(range(1, 7))
+    assert list(scalars) == ["loss"]
+    assert [s for s, _ in scalars["loss"]] == [r["step"] for r in rows] == list(range(1, 7))
     assert np.allclose([v for _, v in scalars["loss"]], [r["loss"] for r in rows], rtol=1e-6)
 
 
