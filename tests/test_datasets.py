@@ -218,6 +218,13 @@ def test_cub_keypoints_boxes_classes_and_splits(cub, tmp_path):
     assert m3[0].sum() == 8 * 13 and m3[0][2:10, 10:23].all()  # box x 10..22.5, y 2..10
 
 
+def test_cub_to_stdout_is_a_tar_of_the_split(cub):
+    res = invoke(["pack", "--dataset", "cub", cub, "--split", "test"])
+    assert res.exit_code == 0, res.stderr
+    (s,) = read_shard(res.stdout_bytes)
+    assert s["__key__"] == "Black_Footed_Albatross_0009_34" and decode_json(s)["split"] == "test"
+
+
 def test_cub_missing_file_is_one_line(cub, tmp_path):
     os.remove(cub / "parts" / "part_locs.txt")
     one_error_line(cli(tmp_path, [ "cub", cub]), "parts/part_locs.txt", "CUB-200-2011")
