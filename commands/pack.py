@@ -6,10 +6,8 @@ from typing import List, Optional
 import typer
 
 from partkit.datasets import DATASETS, pack_dataset
-from partkit.errors import PartkitError
+from partkit.errors import PartkitError, handler_for
 from partkit.pack import pack
-
-from partkit.errors import handler_for
 
 from ._common import (
     NumShardsOption, OutputOption, OverwriteOption, ShardIndexOption, ShardSizeOption, SkipBadOption, cli_errors,

@@ -186,7 +186,7 @@ COCO_AS = ("objects", "parts")
 
 
 def image_sample(key: str, path: str, *, category: Optional[str] = None,
-                 provenance: Optional[str] = None) -> tuple[dict, dict, "object"]:
+                 provenance: Optional[str] = None) -> tuple[dict, dict, object]:
     """One image file -> (sample with the image bytes, its ``json`` metadata (not yet encoded), the PIL image);
     an unreadable or missing image is :class:`BadSample`."""
     try:

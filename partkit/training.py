@@ -10,6 +10,7 @@ import io
 import json
 import os
 import math
+import numbers
 import random
 import time
 from typing import Optional, Sequence
@@ -176,6 +177,15 @@ def cosine_warmup(optimizer, warmup: int, total: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def _scalars(record: dict, prefix: str = ""):
+    """The numbers of a metrics record as (tag, value); nested records give ``val/AR@10``-style tags."""
+    for key, value in sorted(record.items()):
+        if isinstance(value, dict):
+            yield from _scalars(value, f"{prefix}{key}/")
+        elif isinstance(value, numbers.Real) and not isinstance(value, bool):
+            yield f"{prefix}{key}", float(value)
+
+
 class RunDir:
     """A run folder: config.json, metrics.jsonl (+ TensorBoard events), loss.png, checkpoints (atomic writes).
 
@@ -233,9 +243,8 @@ class RunDir:
                 f.write(json.dumps(record, sort_keys=True) + "\n")
             if self.events is not None:
                 step = int(record.get("step", 0))
-                for key, value in sorted(record.items()):
-                    if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                        self.events.add_scalar(key, value, step)
+                for tag, value in _scalars({k: v for k, v in record.items() if k != "step"}):
+                    self.events.add_scalar(tag, value, step)
                 self.events.flush()  # on disk with its metrics.jsonl line, so a killed run keeps both
 
     def truncate_log(self, step: int) -> None:

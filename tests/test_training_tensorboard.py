@@ -64,12 +64,16 @@ def test_train_decoder_log_tensorboard_cli(tmp_path):
     shard = write_shard(tmp_path / "train.tar", _synthetic(4))
     res = invoke(["train-decoder", shard, "--out", tmp_path / "run", "--max-steps", 4, "--log-every", 2,
                   "--batch-size", 2, "--queries", SMALL["num_queries"], "--hidden", SMALL["hidden_dim"],
-                  "--dec-layers", 1, "--crop-grid", 8, "--log", "tensorboard"])
+                  "--dec-layers", 1, "--crop-grid", 8, "--log", "tensorboard", "--val", shard, "--val-every", 4])
     assert res.exit_code == 0, res.stderr
     rows = _jsonl(tmp_path / "run")
+    train, (val,) = [r for r in rows if "loss" in r], [r for r in rows if "val" in r]
     scalars = _events(tmp_path / "run")
-    assert [r["step"] for r in rows] == [2, 4] and [s for s, _ in scalars["loss"]] == [2, 4]
-    assert np.allclose([v for _, v in scalars["loss"]], [r["loss"] for r in rows], rtol=1e-6)
+    assert [r["step"] for r in train] == [2, 4] and [s for s, _ in scalars["loss"]] == [2, 4]
+    assert np.allclose([v for _, v in scalars["loss"]], [r["loss"] for r in train], rtol=1e-6)
+    assert val["step"] == 4 and val["val"]  # the nested AR@k record: one tag per number, "val/AR@k"
+    for k, v in val["val"].items():
+        assert scalars[f"val/{k}"] == [(4, pytest.approx(v, rel=1e-6))]
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["train"]["log"] == "tensorboard"
 
