@@ -78,6 +78,9 @@ ShardSizeOption = Annotated[int, typer.Option("--shard-size", help="Samples per 
 OverwriteOption = Annotated[bool, typer.Option("--overwrite", help="Redo shards that a previous run finished.")]
 DropOption = Annotated[List[str], typer.Option(
     "--drop", help="Remove this field from the output samples (repeatable).")]
+LogOption = Annotated[str, typer.Option(
+    "--log", help="jsonl: metrics.jsonl in the run folder; tensorboard: also TensorBoard event files there (needs "
+                  "pip install \"partkit[tensorboard]\").")]
 SkipBadOption = Annotated[bool, typer.Option(
     "--skip-bad", help="Skip unreadable samples (counted in the stats) instead of stopping.")]
 NumShardsOption = Annotated[Optional[int], typer.Option(

@@ -7,7 +7,7 @@ import typer
 
 from partkit.errors import PartkitError, handler_for
 
-from ._common import SkipBadOption, cli_errors, get_globals, parse_ints
+from ._common import LogOption, SkipBadOption, cli_errors, get_globals, parse_ints
 
 
 @cli_errors
@@ -46,6 +46,7 @@ def main(
     val_every: int = typer.Option(100, "--val-every"),
     checkpoint_every: int = typer.Option(100, "--checkpoint-every"),
     log_every: int = typer.Option(10, "--log-every"),
+    log: LogOption = "jsonl",
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out exactly where it stopped."),
     stop_at: Optional[int] = typer.Option(None, "--stop-at", help="Checkpoint and stop at this step."),
     skip_bad: SkipBadOption = False,
@@ -69,7 +70,8 @@ def main(
         given = {"lr": lr, "weight_decay": weight_decay, "batch_size": batch_size, "max_steps": max_steps,
                  "warmup": warmup}
         tc = TrainConfig(**{k_: v for k_, v in given.items() if v is not None}, crop_grid=crop_grid,
-                         checkpoint_every=checkpoint_every, val_every=val_every, log_every=log_every, stop_at=stop_at)
+                         checkpoint_every=checkpoint_every, val_every=val_every, log_every=log_every, stop_at=stop_at,
+                         log=log)
         self_train_masks(inputs, out, teacher, student_init=student_init, burn_in=burn_in, ema_decay=ema_decay,
                          rounds=1 if rounds is None else rounds, score_threshold=score_threshold, min_mask_area=min_mask_area, labeled=labeled,
                          labeled_field=labeled_field, unsup_weight=unsup_weight, train=tc, val=val, resume=resume,
@@ -84,7 +86,7 @@ def main(
         part_contrast(inputs, out, model=model, weights=weights, layers=parse_ints(layers, "--layers"), facet=facet, rounds=2 if rounds is None else rounds,
                       k=k, size=size, momentum=momentum, tau=tau, proj_dim=proj_dim, proj_hidden=proj_hidden,
                       device=g.device, seed=g.seed, resume=resume, stop_at=stop_at, log_every=log_every,
-                      checkpoint_every=checkpoint_every, handler=handler_for(skip_bad),
+                      checkpoint_every=checkpoint_every, handler=handler_for(skip_bad), log=log,
                       **{k_: v for k_, v in given.items() if v is not None})
     else:
         raise PartkitError(f"unknown --objective {objective!r}; choose masks or part-contrast")

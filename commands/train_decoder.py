@@ -7,7 +7,7 @@ import typer
 
 from partkit.errors import handler_for
 
-from ._common import SkipBadOption, cli_errors, get_globals, parse_ints
+from ._common import LogOption, SkipBadOption, cli_errors, get_globals, parse_ints
 
 
 @cli_errors
@@ -38,6 +38,7 @@ def main(
     val_every: int = typer.Option(100, "--val-every"),
     checkpoint_every: int = typer.Option(100, "--checkpoint-every"),
     log_every: int = typer.Option(10, "--log-every"),
+    log: LogOption = "jsonl",
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out exactly where it stopped."),
     stop_at: Optional[int] = typer.Option(None, "--stop-at", help="Checkpoint and stop at this step (resume later with --resume)."),
     skip_bad: SkipBadOption = False,
@@ -52,7 +53,7 @@ def main(
     g = get_globals(ctx)
     tc = TrainConfig(lr=lr, weight_decay=weight_decay, batch_size=batch_size, max_steps=max_steps, epochs=epochs,
                      warmup=warmup, clip_grad=clip_grad, amp=amp, crop_grid=crop_grid, checkpoint_every=checkpoint_every,
-                     val_every=val_every, log_every=log_every, stop_at=stop_at)
+                     val_every=val_every, log_every=log_every, stop_at=stop_at, log=log)
     train_decoder(inputs, out, field=field, min_part_area=min_part_area, features=features, model=model,
                   weights=weights, layers=parse_ints(layers, "--layers"), size=size,
                   decoder={"num_queries": queries, "num_layers": dec_layers, "hidden_dim": hidden}, train=tc,

@@ -347,7 +347,7 @@ class PartContrastTrainer(Trainer):
                  lr: float = 0.005, weight_decay: float = 1.5e-6, warmup: Optional[int] = None, size: int = 224,
                  momentum: float = 0.996, tau: float = 0.1, proj_dim: int = 256, proj_hidden: int = 4096,
                  device: str = "auto", seed: int = 0, resume: bool = False, stop_at: Optional[int] = None,
-                 log_every: int = 10, checkpoint_every: int = 100, handler: Handler = stop):
+                 log_every: int = 10, checkpoint_every: int = 100, handler: Handler = stop, log: str = "jsonl"):
         for option, value in (("--rounds", rounds), ("--max-steps", steps_per_round), ("--batch-size", batch_size),
                               ("--size", size), ("--proj-dim", proj_dim), ("--proj-hidden", proj_hidden)):
             check_count(option, value)
@@ -363,7 +363,7 @@ class PartContrastTrainer(Trainer):
         if get_spec(model).family == "pixels":
             raise PartkitError(f"{model!r} has no weights to fine-tune; pick a CNN or ViT backbone (see `partkit models`)")
         self.setup_run(out, device=resolve_device(device), resume=resume, stop_at=stop_at, log_every=log_every,
-                       checkpoint_every=checkpoint_every)
+                       checkpoint_every=checkpoint_every, log_to=log)
         dev = self.dev
         seed_everything(seed)
         backbone, self.clip_model = _build(model, weights)

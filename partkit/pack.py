@@ -20,7 +20,7 @@ from .io.urls import expand_paths
 from .io.codecs import IMAGE_EXTS, MIN_IMAGE_SIDE, _open_checked
 from .pointcloud import POINT_EXTS, list_shapes, prepare_shape
 
-__all__ = ["pack", "find_images", "find_inputs", "part_ids", "COCO_AS"]
+__all__ = ["pack", "find_images", "find_inputs", "part_ids", "image_sample", "COCO_AS"]
 
 _EXT_ALIASES = {"jpeg": "jpg", "tiff": "tif"}
 
@@ -185,6 +185,26 @@ def _objects(entry: dict, cats: dict, height: int, width: int, key: str,
 COCO_AS = ("objects", "parts")
 
 
+def image_sample(key: str, path: str, *, category: Optional[str] = None,
+                 provenance: Optional[str] = None) -> tuple[dict, dict, object]:
+    """One image file -> (sample with the image bytes, its ``json`` metadata (not yet encoded), the PIL image);
+    an unreadable or missing image is :class:`BadSample`."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise BadSample(key, f"cannot read image {path}: {e.strerror}") from None
+    im = _open_checked(data, key, f"image {path}", MIN_IMAGE_SIDE)
+    ext = path.rsplit(".", 1)[-1].lower()
+    ext = _EXT_ALIASES.get(ext, ext)
+    meta = {"width": im.size[0], "height": im.size[1], "source": os.path.abspath(path)}
+    if provenance:
+        meta["provenance"] = provenance
+    if category:
+        meta["category"] = category
+    return {"__key__": key, ext: data}, meta, im
+
+
 def _load_label_names(path: str) -> dict:
     """``--label-names FILE``: ``{"id": name}`` JSON, checked, as ``json`` ``part_names`` (string ids)."""
     doc = _read_json(path, "--label-names")
@@ -321,18 +341,8 @@ def pack(
         if _is_3d(path):
             return prepare_shape(key, path, rec["__index__"], num_points=points_per_shape, category=category,
                                  provenance=provenance)
-        with open(path, "rb") as f:
-            data = f.read()
-        im = _open_checked(data, key, f"image {path}", MIN_IMAGE_SIDE)
+        sample, meta, im = image_sample(key, path, category=category, provenance=provenance)
         width, height = im.size
-        ext = path.rsplit(".", 1)[-1].lower()
-        ext = _EXT_ALIASES.get(ext, ext)
-        meta = {"width": width, "height": height, "source": os.path.abspath(path)}
-        if provenance:
-            meta["provenance"] = provenance
-        if category:
-            meta["category"] = category
-        sample = {"__key__": key, ext: data}
         if labels is not None:
             lpath = os.path.join(labels, os.path.splitext(os.path.basename(path))[0] + ".png")
             if not os.path.isfile(lpath):

@@ -10,6 +10,7 @@ import io
 import json
 import os
 import math
+import numbers
 import random
 import time
 from typing import Optional, Sequence
@@ -76,6 +77,22 @@ def stream_batch_indices(step: int, n: int, batch: int, rank: int, world: int, s
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
         out.append(int(perm[i]))
     return out
+
+
+LOGS = ("jsonl", "tensorboard")
+
+
+def check_log(value: str) -> None:
+    """``--log``: ``jsonl`` (metrics.jsonl only, the default) or ``tensorboard`` (also event files), which needs
+    the ``tensorboard`` package."""
+    if value not in LOGS:
+        raise PartkitError(f"--log must be one of {', '.join(LOGS)}, got {value!r}")
+    if value == "tensorboard":
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            raise PartkitError('--log tensorboard needs the tensorboard package: pip install "partkit[tensorboard]" '
+                               "(metrics.jsonl is written either way)") from None
 
 
 def digest(keys: Sequence[str]) -> str:
@@ -160,8 +177,17 @@ def cosine_warmup(optimizer, warmup: int, total: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def _scalars(record: dict, prefix: str = ""):
+    """The numbers of a metrics record as (tag, value); nested records give ``val/AR@10``-style tags."""
+    for key, value in sorted(record.items()):
+        if isinstance(value, dict):
+            yield from _scalars(value, f"{prefix}{key}/")
+        elif isinstance(value, numbers.Real) and not isinstance(value, bool):
+            yield f"{prefix}{key}", float(value)
+
+
 class RunDir:
-    """A training run folder: config.json, metrics.jsonl, loss.png, checkpoints (atomic writes).
+    """A run folder: config.json, metrics.jsonl (+ TensorBoard events), loss.png, checkpoints (atomic writes).
 
     Checked when made (a file, or an existing run without ``resume``, is refused) but created only
     by the first write, so a run refused before training leaves no folder. ``path=None``: no folder.
@@ -194,11 +220,32 @@ class RunDir:
             self._made()
             write_atomic(self.file("config.json"), json.dumps(config, indent=1, sort_keys=True).encode())
 
+    events = None  # a TensorBoard SummaryWriter with --log tensorboard (see open_events)
+
+    def open_events(self, purge_step: Optional[int] = None) -> None:
+        """``--log tensorboard``: also write every record's numbers as TensorBoard scalars (event files in the run
+        folder); on resume, events at or after ``purge_step`` (written after the checkpoint) are hidden."""
+        if self.main:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._made()
+            self.events = SummaryWriter(self.path, purge_step=purge_step)
+
+    def close_events(self) -> None:
+        if self.events is not None:
+            self.events.close()
+            self.events = None
+
     def log(self, record: dict) -> None:
         if self.main:
             self._made()
             with open(self.file("metrics.jsonl"), "a") as f:
                 f.write(json.dumps(record, sort_keys=True) + "\n")
+            if self.events is not None:
+                step = int(record.get("step", 0))
+                for tag, value in _scalars({k: v for k, v in record.items() if k != "step"}):
+                    self.events.add_scalar(tag, value, step)
+                self.events.flush()  # on disk with its metrics.jsonl line, so a killed run keeps both
 
     def truncate_log(self, step: int) -> None:
         """On resume, drop records written after the checkpoint so the log matches an uninterrupted run."""
@@ -302,10 +349,13 @@ class Trainer:
     loss_keys: tuple = ("loss",)  # the curves of loss.png
 
     def setup_run(self, out: Optional[str], *, device, resume: bool = False, stop_at: Optional[int] = None,
-                  log_every: int = 1, checkpoint_every: int = 100, run: Optional[RunDir] = None) -> None:
+                  log_every: int = 1, checkpoint_every: int = 100, run: Optional[RunDir] = None,
+                  log_to: str = "jsonl") -> None:
         """Process group, run folder (checked, not yet made; or ``run``, checked earlier) and the loop's
-        options; call first."""
+        options (``log_to``: ``--log``, :func:`check_log`); call first."""
         check_count("--stop-at", stop_at, fix="pass the step to checkpoint and stop at, or drop --stop-at")
+        check_log(log_to)
+        self.log_to = log_to
         check_count("--log-every", log_every)
         check_count("--checkpoint-every", checkpoint_every)
         self.out, self.resume, self.stop_at = out, resume, stop_at
@@ -397,6 +447,8 @@ class Trainer:
         if self.resume:
             self.say(f"{self.command}: resumed at step {start}")
         self.run.write_config(self.config)
+        if getattr(self, "log_to", "jsonl") == "tensorboard":
+            self.run.open_events(purge_step=start + 1 if self.resume else None)
         self.net.train()
         end = min(steps, self.stop_at or steps)
         history = []
@@ -413,6 +465,7 @@ class Trainer:
                 self.after_log(done)
                 if done % self.checkpoint_every == 0 or done == end:
                     self.checkpoint(done)
+        self.run.close_events()
         self.run.plot_losses(self.loss_keys)
         final = f"{history[-1]:.3f}" if history else "n/a"
         where = f" -> {self.out}" if self.out else ""

@@ -44,9 +44,10 @@ class TrainConfig:
     num_points: int = 1024
     no_part_weight: float = 0.1
     stop_at: Optional[int] = None  # stop (with a checkpoint) at this step; --resume continues the schedule
+    log: str = "jsonl"  # --log: jsonl (metrics.jsonl) or tensorboard (also event files)
 
     # options that may change when a run is resumed (the others define it)
-    VOLATILE = ("stop_at", "checkpoint_every", "val_every", "log_every")
+    VOLATILE = ("stop_at", "checkpoint_every", "val_every", "log_every", "log")
 
     def validate(self) -> "TrainConfig":
         """One-line errors for options no run can use (zero counts, non-finite rates)."""
@@ -118,7 +119,7 @@ class DecoderTrainer(Trainer):
         self.inputs, self.field, self.seed = list(inputs), field, seed
         self.min_part_area = min_part_area
         self.setup_run(out, device=resolve_device(device), resume=resume, stop_at=tc.stop_at,
-                       log_every=tc.log_every, checkpoint_every=tc.checkpoint_every)
+                       log_every=tc.log_every, checkpoint_every=tc.checkpoint_every, log_to=tc.log)
         seed_everything(seed + self.dist.rank)
         first = next(iter(iter_samples(inputs, rank=self.dist.rank, world=self.dist.world)), None)
         if first is None:
