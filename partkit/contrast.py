@@ -170,7 +170,7 @@ class MLP(nn.Sequential):
 
     def __init__(self, dim_in: int, hidden: int, dim_out: int):
         super().__init__(nn.Linear(dim_in, hidden), nn.LayerNorm(hidden), nn.ReLU(inplace=True),
-                         nn.Linear(hidden, dim_out, bias=False))
+                         nn.Linear(hidden, dim_out))
 
 
 class DINOHead(nn.Module):
