@@ -257,8 +257,9 @@ def test_one_round_on_cihp_lowers_the_loss_and_reports_nmi(cihp_shard, tmp_path,
 def test_tiny_vit_discovers_on_keys_and_adds_the_dino_loss(cihp_shard, tmp_path):
     out = str(tmp_path / "vit")
     name = "timm:vit_tiny_patch16_224"
-    result = part_contrast([cihp_shard], out, model=name, weights="none", rounds=1, epochs=1, batch_size=2, size=64,
-                           proj_hidden=64, dino_out_dim=32, device="cpu", log_every=1)
+    opts = dict(model=name, weights="none", rounds=1, epochs=1, batch_size=2, size=64, proj_hidden=64, dino_out_dim=32,
+                device="cpu", log_every=1)
+    result = part_contrast([cihp_shard], out, **opts)
     assert result["k"] == 6 and all(math.isfinite(v) for v in result["losses"])
     config = json.load(open(f"{out}/config.json"))
     # the paper's ViT setting: parts from last-layer keys, AdamW, wd 0.4, DINO with equal weight
@@ -275,6 +276,12 @@ def test_tiny_vit_discovers_on_keys_and_adds_the_dino_loss(cihp_shard, tmp_path)
     state = torch.load(f"{out}/last.pt", map_location="cpu", weights_only=False)["model"]
     assert state["center"].abs().sum() > 0  # DINO's centre moved
     assert torch.equal(state["head.last_g"], torch.ones(32, 1))  # last layer frozen in the first epoch
+    resumed = str(tmp_path / "vit_resumed")  # exact resume with AdamW, the DINO head, centre and temperatures
+    part_contrast([cihp_shard], resumed, stop_at=2, **opts)
+    part_contrast([cihp_shard], resumed, resume=True, **opts)
+    again = torch.load(f"{resumed}/last.pt", map_location="cpu", weights_only=False)["model"]
+    _assert_same_weights(state, again)
+    assert _metrics(resumed) == rows
 
 
 # ---- what is contrasted, the schedule, the warm start
