@@ -537,7 +537,8 @@ class PartContrastTrainer(Trainer):
 
         family = get_spec(model).family
         if family not in FAMILY_DEFAULTS:
-            raise PartkitError(f"{model!r} has no weights to fine-tune; pick a CNN or ViT backbone (see `partkit models`)")
+            raise PartkitError(f"{model!r} has no weights to fine-tune; pick a CNN or ViT backbone "
+                               "(see `partkit models`)")
         given = dict(k=k, facet=facet, optimizer=optimizer, lr=lr, round_lr=round_lr, min_lr=min_lr,
                      weight_decay=weight_decay, batch_size=batch_size, epochs=epochs, round_epochs=round_epochs,
                      warmup=warmup, momentum=momentum, momentum_end=momentum_end, tau=tau, proj_dim=proj_dim,

@@ -126,7 +126,8 @@ def test_moco_checkpoint_loads_its_query_encoder(tmp_path):
     sd = {f"module.encoder_q.{n}": v for n, v in q.items() if not n.startswith("fc.")}
     sd.update({f"module.encoder_k.{n}": v for n, v in k.items() if not n.startswith("fc.")})
     width = base["fc.weight"].shape[1]
-    sd.update({"module.encoder_q.fc.0.weight": torch.randn(width, width), "module.encoder_q.fc.0.bias": torch.zeros(width),
+    sd.update({"module.encoder_q.fc.0.weight": torch.randn(width, width),
+               "module.encoder_q.fc.0.bias": torch.zeros(width),
                "module.encoder_q.fc.2.weight": torch.randn(128, width), "module.queue": torch.randn(128, 65536 // 64),
                "module.queue_ptr": torch.zeros(1, dtype=torch.long)})
     path = tmp_path / "moco_v2.pth.tar"

@@ -35,13 +35,15 @@ def _load_into(net, spec: BackboneSpec, path: str) -> dict:
     # the classifier is never used for features: a checkpoint's own head (MoCo's MLP, none at all) may differ
     head = (getattr(net, "pretrained_cfg", None) or {}).get("classifier")
     if isinstance(head, str) and head:
-        sd = {k: v for k, v in sd.items() if not (k.startswith(head + ".") and (k not in own or v.shape != own[k].shape))}
+        sd = {k: v for k, v in sd.items()
+              if not (k.startswith(head + ".") and (k not in own or v.shape != own[k].shape))}
     try:
         missing, unexpected = net.load_state_dict(sd, strict=False)
     except RuntimeError as e:  # same names, other shapes
-        first = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), str(e).splitlines()[0])
-        raise PartkitError(f"weights file {path!r} does not fit {spec.name}: {first[:200].rstrip('.')}; pass weights saved for "
-                           "this architecture") from None
+        lines = str(e).splitlines()
+        first = next((line.strip() for line in lines if "size mismatch" in line), lines[0]).rstrip(".")
+        raise PartkitError(f"weights file {path!r} does not fit {spec.name}: {first[:200]}; pass weights saved "
+                           "for this architecture") from None
     if isinstance(head, str) and head:
         missing = [k for k in missing if not k.startswith(head + ".")]
     if missing or unexpected:
