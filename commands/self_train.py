@@ -20,27 +20,37 @@ def main(
     student_init: str = typer.Option("teacher", "--student-init", help="masks: teacher (copy its weights) or scratch."),
     burn_in: int = typer.Option(0, "--burn-in", help="masks: steps with the teacher frozen before it takes the student's weights."),
     ema_decay: float = typer.Option(0.9996, "--ema-decay", help="masks: teacher = a*teacher + (1-a)*student after burn-in (1 = fixed)."),
-    rounds: Optional[int] = typer.Option(None, "--rounds", help="Rounds of (pseudo-label, train) [1]; part-contrast: (cluster, train) [2]."),
+    rounds: Optional[int] = typer.Option(None, "--rounds", help="Rounds of (pseudo-label, train) [1]; part-contrast: (discover, train) [3]."),
     score_threshold: float = typer.Option(0.7, "--score-threshold", help="masks: keep teacher predictions scoring at least this."),
     min_mask_area: int = typer.Option(5, "--min-mask-area", help="masks: ... whose mask has at least this many cells."),
     labeled: Optional[List[str]] = typer.Option(None, "--labeled", help="masks: shards with ground-truth label maps (semi-supervised)."),
     labeled_field: str = typer.Option("gt_parts.png", "--labeled-field", help="masks: label-map field of --labeled (e.g. targets.png from rank)."),
     unsup_weight: float = typer.Option(2.0, "--unsup-weight", help="masks: lambda_u, weight of the pseudo-label loss with --labeled."),
     model: str = typer.Option("efficientnet_lite0", "--model", help="part-contrast: backbone to fine-tune."),
-    weights: Optional[str] = typer.Option(None, "--weights", help="part-contrast: starting weights."),
+    weights: Optional[str] = typer.Option(None, "--weights", help="part-contrast: starting weights (a registry tag, or a file: partkit, timm, MoCo or DetCon checkpoint)."),
     layers: Optional[str] = typer.Option(None, "--layers", help="part-contrast: feature layers."),
-    facet: Optional[str] = typer.Option(None, "--facet", help="part-contrast: ViT facet (token, key, query, value)."),
+    facet: Optional[str] = typer.Option(None, "--facet", help="part-contrast: ViT facet for part discovery [key]."),
     k: Optional[int] = typer.Option(None, "-k", help="part-contrast: parts per image [default: 25 for CNNs, 6 for ViTs]."),
     size: int = typer.Option(224, "--size", help="part-contrast: image size."),
-    momentum: float = typer.Option(0.996, "--momentum", help="part-contrast: EMA decay of the momentum encoder."),
-    tau: float = typer.Option(0.1, "--tau", help="part-contrast: temperature (latents scaled to norm 1/sqrt(tau))."),
-    proj_dim: int = typer.Option(256, "--proj-dim", help="part-contrast: projector/predictor output size."),
-    proj_hidden: int = typer.Option(4096, "--proj-hidden", help="part-contrast: projector/predictor hidden size."),
-    lr: Optional[float] = typer.Option(None, "--lr", help="[default: 1e-4 AdamW for masks; 0.005 SGD for part-contrast]"),
-    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="[default: 0.05 masks; 1.5e-6 part-contrast]"),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="[default: 4 masks; 16 part-contrast]"),
-    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Steps per round [default: 1000 masks; 500 part-contrast]."),
-    warmup: Optional[int] = typer.Option(None, "--warmup", help="Warm-up steps [default: 50 masks; 5% of steps part-contrast]."),
+    momentum: Optional[float] = typer.Option(None, "--momentum", help="part-contrast: EMA decay of the momentum encoder [0.996]."),
+    momentum_end: Optional[float] = typer.Option(None, "--momentum-end", help="part-contrast: EMA decay at a round's end, cosine [CNN 0.996, ViT 1]."),
+    tau: Optional[float] = typer.Option(None, "--tau", help="part-contrast: temperature (latents scaled to norm 1/sqrt(tau)) [0.1]."),
+    proj_dim: Optional[int] = typer.Option(None, "--proj-dim", help="part-contrast: projector/predictor output size [256]."),
+    proj_hidden: Optional[int] = typer.Option(None, "--proj-hidden", help="part-contrast: projector/predictor hidden size [CNN 4096, ViT 2048]."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="part-contrast: epochs of round 1 [CNN 600, ViT 100]."),
+    round_epochs: Optional[int] = typer.Option(None, "--round-epochs", help="part-contrast: epochs of each later round [CNN 20, ViT 60]."),
+    round_lr: Optional[float] = typer.Option(None, "--round-lr", help="part-contrast: peak learning rate of later rounds [CNN 0.05, ViT 1e-8]."),
+    min_lr: Optional[float] = typer.Option(None, "--min-lr", help="part-contrast: learning rate at a round's end [CNN 0, ViT 1e-8]."),
+    optimizer: Optional[str] = typer.Option(None, "--optimizer", help="part-contrast: sgd or adamw [CNN sgd, ViT adamw]."),
+    dino_weight: Optional[float] = typer.Option(None, "--dino-weight", help="part-contrast: weight of the DINO loss [ViT 1, CNN 0]."),
+    dino_out_dim: int = typer.Option(65536, "--dino-out-dim", help="part-contrast: DINO head output size."),
+    clip_grad: Optional[float] = typer.Option(None, "--clip-grad", help="part-contrast: per-parameter gradient-norm bound, 0 = none [ViT 3, CNN 0]."),
+    kmeans_iters: int = typer.Option(500, "--kmeans-iters", help="part-contrast: k-means iterations of part discovery."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="[default: 1e-4 AdamW for masks; part-contrast round 1: CNN 0.005, ViT 1e-7]"),
+    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="[default: 0.05 masks; part-contrast CNN 1.5e-6, ViT 0.4]"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="[default: 4 masks; part-contrast CNN 320, ViT 64, per process]"),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="masks: steps per round [1000] (part-contrast counts --epochs)."),
+    warmup: Optional[int] = typer.Option(None, "--warmup", help="Warm-up [default: 50 steps masks; 10 epochs per round part-contrast]."),
     crop_grid: int = typer.Option(32, "--crop-grid", help="masks: feature cells per side after cropping."),
     val: Optional[List[str]] = typer.Option(None, "--val", help="masks: held-out shards; teacher and student AR@k are logged."),
     val_every: int = typer.Option(100, "--val-every"),
@@ -81,12 +91,16 @@ def main(
             raise PartkitError("--teacher and --labeled belong to --objective masks; part-contrast needs neither")
         from partkit.contrast import part_contrast
 
-        given = {"lr": lr, "weight_decay": weight_decay, "batch_size": batch_size, "steps_per_round": max_steps,
-                 "warmup": warmup}
-        part_contrast(inputs, out, model=model, weights=weights, layers=parse_ints(layers, "--layers"), facet=facet, rounds=2 if rounds is None else rounds,
-                      k=k, size=size, momentum=momentum, tau=tau, proj_dim=proj_dim, proj_hidden=proj_hidden,
-                      device=g.device, seed=g.seed, resume=resume, stop_at=stop_at, log_every=log_every,
-                      checkpoint_every=checkpoint_every, handler=handler_for(skip_bad), log=log,
-                      **{k_: v for k_, v in given.items() if v is not None})
+        if max_steps is not None:
+            raise PartkitError("--max-steps belongs to --objective masks; part-contrast counts epochs: pass --epochs "
+                               "(round 1) and --round-epochs (later rounds)")
+        given = {"rounds": rounds, "lr": lr, "weight_decay": weight_decay, "batch_size": batch_size, "warmup": warmup}
+        part_contrast(inputs, out, model=model, weights=weights, layers=parse_ints(layers, "--layers"), facet=facet,
+                      k=k, size=size, momentum=momentum, momentum_end=momentum_end, tau=tau, proj_dim=proj_dim,
+                      proj_hidden=proj_hidden, epochs=epochs, round_epochs=round_epochs, round_lr=round_lr,
+                      min_lr=min_lr, optimizer=optimizer, dino_weight=dino_weight, dino_out_dim=dino_out_dim,
+                      clip_grad=clip_grad, kmeans_iters=kmeans_iters, device=g.device, seed=g.seed, resume=resume,
+                      stop_at=stop_at, log_every=log_every, checkpoint_every=checkpoint_every,
+                      handler=handler_for(skip_bad), log=log, **{k_: v for k_, v in given.items() if v is not None})
     else:
         raise PartkitError(f"unknown --objective {objective!r}; choose masks or part-contrast")

@@ -1,19 +1,22 @@
 """``self-train --objective part-contrast``: PARTICLE's part-contrastive fine-tuning of a backbone.
 
-Each round clusters every image's dense features into parts (per-image k-means, warm-started from
-the previous round's centroids so part ids keep their meaning), then fine-tunes the backbone so
-that a part's pooled features agree across two augmented views of its image and differ from the
-other parts of the image and of the batch (Saha & Maji, "PARTICLE: Part Discovery and Contrastive
-Learning for Fine-grained Recognition", 2023; the loss is DetCon's, Henaff et al. 2021).
+Each round clusters every image's discovery features into parts (per-image k-means of CNN
+hypercolumns or ViT keys; later rounds continue the previous round's partition), then fine-tunes
+the backbone so that a part's pooled features **of the network's last feature map** (CNN: before
+global pooling; ViT: the output patch tokens) agree across two augmented views of its image and
+differ from the other parts of the image and of the batch (Saha & Maji, "PARTICLE: Part Discovery
+and Contrastive Learning for Fine-grained Recognition", 2023; the loss is DetCon's, Henaff et al.
+2021). ViTs add the DINO loss on the CLS token with equal weight (Sec. 5.2). A long first stage is
+followed by short rounds, each with its own learning rate (Sec. 5.4, 6.6).
 
->>> part_contrast(["cihp.tar"], "runs/pc", rounds=2, steps_per_round=500)  # doctest: +SKIP
+>>> part_contrast(["cihp.tar"], "runs/pc", epochs=40, round_epochs=5)  # doctest: +SKIP
 >>> create_backbone("efficientnet_lite0", "runs/pc")  # doctest: +SKIP  (the fine-tuned weights)
 """
 from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Optional, Sequence
 
 import numpy as np
@@ -25,27 +28,93 @@ from . import fields
 from ._runtime import resolve_device, seed_everything
 from ._version import __version__
 from .errors import Handler, PartkitError, recorded, stop
-from .extract import FeatureExtractor, hypercolumn
+from .extract import FeatureExtractor
 from .io import iter_loaded
-from .training import Trainer, check_count, check_rate, cosine_warmup, digest, stream_batch_indices
+from .training import Trainer, check_count, check_rate, digest, require, stream_batch_indices
 
-__all__ = ["part_contrast", "PartContrastTrainer", "part_contrast_loss", "mask_pool", "part_masks", "PartContrastNet", "make_views",
-           "discover_parts", "DEFAULT_K"]
+__all__ = ["part_contrast", "PartContrastTrainer", "part_contrast_loss", "dino_loss", "mask_pool", "part_masks",
+           "cell_masks", "PartContrastNet", "DINOHead", "make_views", "discover_parts", "Phase", "plan_phases",
+           "FAMILY_DEFAULTS", "DEFAULT_K"]
 
-DEFAULT_K = {"cnn": 25, "vit": 6}  # PARTICLE: 25 parts for hypercolumns, 5-7 for ViT keys
-MIN_PART_CELLS = 0.5  # a part counts as present in a view from half a feature cell on
+# The paper's settings per backbone family (Sec. 5.1-5.4, 6.3, 6.6; the official code where the paper
+# is silent). Every option left at None takes its family's value; the README lists them beside ours.
+FAMILY_DEFAULTS = {
+    "cnn": {"k": 25, "facet": None, "optimizer": "sgd", "lr": 0.005, "round_lr": 0.05, "min_lr": 0.0,
+            "weight_decay": 1.5e-6, "batch_size": 320, "epochs": 600, "round_epochs": 20, "warmup": 10,
+            "momentum": 0.996, "momentum_end": 0.996, "tau": 0.1, "proj_dim": 256, "proj_hidden": 4096,
+            "dino_weight": 0.0, "clip_grad": 0.0},
+    "vit": {"k": 6, "facet": "key", "optimizer": "adamw", "lr": 1e-7, "round_lr": 1e-8, "min_lr": 1e-8,
+            "weight_decay": 0.4, "batch_size": 64, "epochs": 100, "round_epochs": 60, "warmup": 10,
+            "momentum": 0.996, "momentum_end": 1.0, "tau": 0.1, "proj_dim": 256, "proj_hidden": 2048,
+            "dino_weight": 1.0, "clip_grad": 3.0},
+}
+DEFAULT_K = {family: d["k"] for family, d in FAMILY_DEFAULTS.items()}  # PARTICLE: 25 hypercolumn parts, 5-7 ViT
+KMEANS_ITERS = 500  # sklearn k-means with 500 iterations, first round and warm-started rounds (Sec. 5.1, 6.3)
+SGD_MOMENTUM = 0.9
+# DINO (Caron et al. 2021) as PARTICLE's ViT script runs it: head 2048 hidden / 256 bottleneck, student
+# temperature 0.1, teacher temperature 0.04 -> 0.07 over 20 epochs, centre momentum 0.9, the head's last
+# layer frozen during the first epoch
+DINO_HIDDEN, DINO_BOTTLENECK, DINO_OUT_DIM = 2048, 256, 65536
+DINO_STUDENT_TEMP, DINO_TEACHER_TEMP, DINO_TEMP_EPOCHS = 0.1, (0.04, 0.07), 20
+DINO_CENTER_MOMENTUM, DINO_FREEZE_LAST_EPOCHS = 0.9, 1
 CROP_SCALE, CROP_RATIO = (0.08, 1.0), (3 / 4, 4 / 3)
 JITTER = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue (BYOL / PARTICLE)
 # (blur, solarize) probability of the first and second view: BYOL's asymmetric pair
 VIEW_PROBS = ((1.0, 0.0), (0.1, 0.2))
 _PROBE = 0x9E3779B9  # generator word of the fixed probe views
 # options that must match to --resume a run (the rest, e.g. stop_at or log_every, may change)
-RESUME_KEYS = ("model", "weights", "layers", "facet", "rounds", "k", "steps_per_round", "batch_size", "lr",
-                "weight_decay", "warmup", "size", "momentum", "tau", "proj_dim", "proj_hidden", "seed", "images_digest")
+RESUME_KEYS = ("model", "weights", "layers", "facet", "rounds", "k", "epochs", "round_epochs", "batch_size",
+               "optimizer", "lr", "round_lr", "min_lr", "weight_decay", "warmup", "size", "momentum", "momentum_end",
+               "tau", "proj_dim", "proj_hidden", "dino_weight", "dino_out_dim", "clip_grad", "kmeans_iters", "seed",
+               "images_digest")
 
 
 # --------------------------------------------------------------------------------------------
-# Loss and model
+# Schedule: a long first stage, then short rounds, each with its own learning rate
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One round of training: ``steps`` steps from ``start``, peak ``lr`` after ``warmup`` steps."""
+    round: int  # 1-based
+    start: int
+    steps: int
+    epochs: int
+    lr: float
+    warmup: int
+
+
+def plan_phases(rounds: int, epochs: int, round_epochs: int, steps_per_epoch: int, lr: float, round_lr: float,
+                warmup: int) -> list[Phase]:
+    """Round 1 trains ``epochs`` epochs at ``lr``; rounds 2.. train ``round_epochs`` at ``round_lr``.
+
+    Each phase warms up linearly for ``warmup`` epochs (at most half the phase), then decays with a
+    cosine (PARTICLE reruns its training script for every round, so every phase has its own schedule).
+    """
+    phases, start = [], 0
+    for r in range(rounds):
+        ep = epochs if r == 0 else round_epochs
+        steps = ep * steps_per_epoch
+        phases.append(Phase(r + 1, start, steps, ep, lr if r == 0 else round_lr,
+                            min(warmup * steps_per_epoch, steps // 2)))
+        start += steps
+    return phases
+
+
+def _cosine(start: float, end: float, t: float) -> float:
+    """``start`` at ``t = 0`` to ``end`` at ``t = 1`` along half a cosine."""
+    return end + (start - end) * 0.5 * (1 + math.cos(math.pi * min(1.0, max(0.0, t))))
+
+
+def phase_lr(phase: Phase, s: int, min_lr: float) -> float:
+    """The learning rate of step ``s`` of ``phase``: linear warm-up to ``phase.lr``, cosine to ``min_lr``."""
+    if s < phase.warmup:
+        return phase.lr * (s + 1) / phase.warmup
+    return _cosine(phase.lr, min_lr, (s - phase.warmup) / max(1, phase.steps - phase.warmup))
+
+
+# --------------------------------------------------------------------------------------------
+# Losses and model
 
 
 def part_contrast_loss(pred1: torch.Tensor, target1: torch.Tensor, pred2: torch.Tensor, target2: torch.Tensor,
@@ -65,16 +134,35 @@ def part_contrast_loss(pred1: torch.Tensor, target1: torch.Tensor, pred2: torch.
     return 0.5 * (nce(pred1, target2) + nce(pred2, target1))
 
 
+def dino_loss(student: torch.Tensor, teacher: torch.Tensor, center: torch.Tensor, teacher_temp: float,
+              student_temp: float = DINO_STUDENT_TEMP) -> torch.Tensor:
+    """DINO's cross-entropy between the centred, sharpened teacher and the student, across views.
+
+    ``student`` and ``teacher`` are ``2B x D`` head outputs of view 1 then view 2; the teacher of
+    each view teaches the student of the other view; the two terms are averaged.
+    """
+    s = (student.float() / student_temp).chunk(2)
+    t = F.softmax((teacher.float() - center) / teacher_temp, dim=-1).detach().chunk(2)
+    return 0.5 * sum((-t[a] * F.log_softmax(s[1 - a], dim=-1)).sum(-1).mean() for a in (0, 1))
+
+
 def part_masks(labels: torch.Tensor, k: int, cell: int) -> torch.Tensor:
     """``B x S x S`` part ids -> ``B x k x S/cell x S/cell`` soft masks (fraction of each cell)."""
     onehot = F.one_hot(labels.long(), k).permute(0, 3, 1, 2).float()
     return F.avg_pool2d(onehot, cell) if cell > 1 else onehot
 
 
+def cell_masks(labels: torch.Tensor, k: int, size: Sequence[int]) -> torch.Tensor:
+    """``B x S x S`` part ids -> ``B x k x h x w`` binary masks on an ``h x w`` feature map: each cell
+    goes to the part covering most of it (ties: the lower id), as PARTICLE's code downsamples."""
+    frac = F.adaptive_avg_pool2d(F.one_hot(labels.long(), k).permute(0, 3, 1, 2).float(), tuple(size))
+    return F.one_hot(frac.argmax(1), k).permute(0, 3, 1, 2).float()
+
+
 def mask_pool(feats: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     """PARTICLE's Eq. 1: the average of ``B x C x h x w`` features under each of ``B x K x h x w`` masks."""
     area = masks.sum((2, 3)).clamp_min(1e-6)
-    return torch.einsum("bkhw,bchw->bkc", masks, feats) / area[..., None]
+    return torch.einsum("bkhw,bchw->bkc", masks, feats.float()) / area[..., None]
 
 
 class MLP(nn.Sequential):
@@ -82,7 +170,30 @@ class MLP(nn.Sequential):
 
     def __init__(self, dim_in: int, hidden: int, dim_out: int):
         super().__init__(nn.Linear(dim_in, hidden), nn.LayerNorm(hidden), nn.ReLU(inplace=True),
-                         nn.Linear(hidden, dim_out, bias=False))
+                         nn.Linear(hidden, dim_out))
+
+
+class DINOHead(nn.Module):
+    """DINO's head: a 3-layer GELU MLP to a 256-d bottleneck, L2-normalised, then a weight-normalised
+    linear layer (direction ``v``, norm ``g`` per output, ``g`` starting at 1 and trained)."""
+
+    def __init__(self, dim: int, out_dim: int, hidden: int = DINO_HIDDEN, bottleneck: int = DINO_BOTTLENECK):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
+                                 nn.Linear(hidden, bottleneck))
+        for m in self.mlp:
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        self.last_v = nn.Parameter(nn.Linear(bottleneck, out_dim, bias=False).weight.detach().clone())
+        self.last_g = nn.Parameter(torch.ones(out_dim, 1))
+
+    def last_layer(self) -> list:
+        return [self.last_v, self.last_g]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.normalize(self.mlp(x), dim=-1)
+        return x @ (self.last_g * F.normalize(self.last_v, dim=1)).T
 
 
 def _freeze_batchnorm(module: nn.Module) -> None:
@@ -92,23 +203,30 @@ def _freeze_batchnorm(module: nn.Module) -> None:
 
 
 class PartContrastNet(nn.Module):
-    """Online backbone + projector + predictor, and the momentum (EMA) copy of backbone + projector.
+    """Online backbone + projector + predictor (+ DINO head), and the momentum (EMA) copy of backbone,
+    projector (and head).
 
-    ``forward(x1, x2, m1, m2)`` takes two batches of views and their ``B x K x h x w`` part masks
-    and returns ``(loss, number of parts present in both views)``.
+    ``forward(x1, x2, l1, l2)`` takes two batches of views and their ``B x S x S`` part ids and
+    returns ``(loss, number of parts present in both views, contrast loss, DINO loss or None)``. The
+    parts are pooled on the backbone's last feature map (``Backbone.forward_last``); a part is in a
+    view when it is the majority part of at least one cell of that map.
     """
 
-    def __init__(self, fx: FeatureExtractor, channels: int, *, proj_dim: int = 256, proj_hidden: int = 4096,
-                 tau: float = 0.1):
+    def __init__(self, backbone: nn.Module, k: int, *, proj_dim: int = 256, proj_hidden: int = 4096,
+                 tau: float = 0.1, dino_weight: float = 0.0, dino_out_dim: int = DINO_OUT_DIM):
         super().__init__()
-        self.layers, self.facet, self.normalize = fx.layers, fx.facet, fx.normalized
-        self.grid_size = fx.grid_size
-        self.tau = tau
-        self.backbone = fx.backbone
+        self.k, self.tau, self.dino_weight = k, tau, dino_weight
+        self.backbone = backbone
+        channels = backbone.last_channels
         self.projector = MLP(channels, proj_hidden, proj_dim)
         self.predictor = MLP(proj_dim, proj_hidden, proj_dim)
-        self.target = nn.ModuleDict({"backbone": copy.deepcopy(self.backbone),
-                                     "projector": copy.deepcopy(self.projector)})
+        target = {"backbone": copy.deepcopy(self.backbone), "projector": copy.deepcopy(self.projector)}
+        self.head = None
+        if dino_weight > 0:
+            self.head = DINOHead(channels, dino_out_dim)
+            target["head"] = copy.deepcopy(self.head)
+            self.register_buffer("center", torch.zeros(1, dino_out_dim))
+        self.target = nn.ModuleDict(target)
         for p in self.target.parameters():
             p.requires_grad_(False)
 
@@ -117,30 +235,56 @@ class PartContrastNet(nn.Module):
         _freeze_batchnorm(self)
         return self
 
-    def dense(self, backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """The features ``extract`` writes (hypercolumn or ViT facet), with gradients."""
+    def last_map(self, backbone: nn.Module, x: torch.Tensor):
+        """The contrasted features: ``(B x C x h x w`` last feature map, CLS token or None)."""
         if backbone.family == "cnn":
             x = x.contiguous(memory_format=torch.channels_last)
-        maps, _ = backbone.forward_features(x, self.layers, facet=self.facet)
-        return hypercolumn(maps, self.grid_size(x), self.normalize)
+        return backbone.forward_last(x)
 
-    def forward(self, x1, x2, m1, m2):
-        both = (m1.sum((2, 3)) >= MIN_PART_CELLS) & (m2.sum((2, 3)) >= MIN_PART_CELLS)  # B x K
+    def forward(self, x1, x2, l1, l2, teacher_temp: Optional[float] = None, update_center: bool = False):
+        b = len(x1)
+        x = torch.cat([x1, x2])
+        fmap, cls = self.last_map(self.backbone, x)
+        masks = cell_masks(torch.cat([l1, l2]), self.k, fmap.shape[-2:])
+        present = masks.sum((2, 3)) > 0
+        both = present[:b] & present[b:]  # B x K
         sel = torch.cat([both, both])
-        x, m = torch.cat([x1, x2]), torch.cat([m1, m2])
-        f = mask_pool(self.dense(self.backbone, x), m)
         n = int(both.sum())
-        if n == 0:
-            return f.sum() * 0.0, 0  # no part survives both crops: a zero loss that keeps the graph
-        q = self.predictor(self.projector(f[sel]))
         with torch.no_grad():
-            t = self.target["projector"](mask_pool(self.dense(self.target["backbone"], x), m)[sel])
-        return part_contrast_loss(q[:n], t[:n], q[n:], t[n:], self.tau), n
+            tmap, tcls = self.last_map(self.target["backbone"], x)
+        if n:
+            q = self.predictor(self.projector(mask_pool(fmap, masks)[sel]))
+            with torch.no_grad():
+                t = self.target["projector"](mask_pool(tmap, masks)[sel])
+            contrast = part_contrast_loss(q[:n], t[:n], q[n:], t[n:], self.tau)
+        else:
+            contrast = fmap.sum() * 0.0  # no part survives both crops: a zero loss that keeps the graph
+        loss, dino = contrast, None
+        if self.head is not None and teacher_temp is not None:
+            student = self.head(cls)
+            with torch.no_grad():
+                teacher = self.target["head"](tcls)
+            dino = dino_loss(student, teacher, self.center, teacher_temp)
+            loss = loss + self.dino_weight * dino
+            if update_center:
+                self._update_center(teacher)
+        return loss, n, contrast, dino
+
+    @torch.no_grad()
+    def _update_center(self, teacher: torch.Tensor) -> None:
+        total, count = teacher.float().sum(0, keepdim=True), len(teacher)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(total)
+            count *= torch.distributed.get_world_size()
+        self.center.mul_(DINO_CENTER_MOMENTUM).add_(total / count, alpha=1 - DINO_CENTER_MOMENTUM)
+
+    def student_modules(self) -> list:
+        return [self.backbone, self.projector] + ([self.head] if self.head is not None else [])
 
     @torch.no_grad()
     def update_target(self, momentum: float) -> None:
-        """EMA: target <- momentum * target + (1 - momentum) * online (backbone and projector)."""
-        for name in ("backbone", "projector"):
+        """EMA: target <- momentum * target + (1 - momentum) * online (backbone, projector, head)."""
+        for name in self.target:
             online, target = getattr(self, name), self.target[name]
             for po, pt in zip(online.parameters(), target.parameters()):
                 pt.lerp_(po.detach(), 1.0 - momentum)
@@ -264,14 +408,16 @@ def _load_images(inputs: Sequence[str], fx: FeatureExtractor, device, handler: H
     return images, skipped
 
 
-def discover_parts(fx: FeatureExtractor, images: Sequence[_Image], k: int, *, init=None, seed: int = 0,
-                   batch_size: int = 16):
-    """Per-image k-means (cosine) of the current features: ``(centroids, part-id grids, total inertia)``.
+def discover_parts(fx: FeatureExtractor, images: Sequence[_Image], k: int, *, prev=None, seed: int = 0,
+                   batch_size: int = 16, max_iter: int = KMEANS_ITERS):
+    """Per-image k-means (cosine) of the discovery features: ``(part-id grids, total inertia)``.
 
-    ``init`` (per-image centroids of the previous round) warm-starts k-means so ids keep their
-    meaning across rounds; otherwise k-means++ with seed ``(seed, i)`` for image i.
+    Round 1 (``prev=None``): k-means++ with seed ``(seed, i)`` for image i. Later rounds continue
+    the previous partition ``prev`` (one part-id grid per image, PARTICLE Sec. 6.3): k-means starts
+    from the means of the current features under the old parts (``kmeans.partition_centers``, as
+    ``cluster --warm-start parts``), so part ids keep their meaning; a part that vanished stays gone.
     """
-    from .kmeans import batched_kmeans
+    from .kmeans import batched_kmeans, normalize_rows, partition_centers
 
     problems = []
     for s in range(0, len(images), batch_size):
@@ -280,11 +426,18 @@ def discover_parts(fx: FeatureExtractor, images: Sequence[_Image], k: int, *, in
             feats, _ = fx.forward(torch.stack([fx.preprocess(im.rgb)[0] for im in chunk]))
         for im, f in zip(chunk, feats):
             gh, gw = im.grid
-            problems.append(f[:, :gh, :gw].reshape(f.shape[0], -1).T.cpu().numpy())
-    results = batched_kmeans(problems, k, metric="cosine", init="k-means++" if init is None else list(init),
-                             random_state=seed, device=fx.device)
-    labels = [torch.from_numpy(r.labels.reshape(im.grid)).to(im.tensor.device) for r, im in zip(results, images)]
-    return [r.centers for r in results], labels, float(sum(r.inertia for r in results))
+            problems.append(normalize_rows(f[:, :gh, :gw].reshape(f.shape[0], -1).T.cpu().numpy(), "cosine"))
+    if prev is None:
+        results = batched_kmeans(problems, k, metric="cosine", random_state=seed, device=fx.device, max_iter=max_iter)
+        ids = [np.arange(r.n_clusters) for r in results]
+    else:
+        starts = [partition_centers(X, lab.cpu().numpy()) for X, lab in zip(problems, prev)]
+        ids = [i for _, i in starts]
+        results = batched_kmeans(problems, [len(i) for i in ids], metric="cosine", init=[c for c, _ in starts],
+                                 random_state=seed, device=fx.device, max_iter=max_iter)
+    labels = [torch.from_numpy(i[r.labels].reshape(im.grid)).long().to(im.tensor.device)
+              for r, i, im in zip(results, ids, images)]
+    return labels, float(sum(r.inertia for r in results))
 
 
 def _generator(*words: int) -> torch.Generator:
@@ -294,14 +447,14 @@ def _generator(*words: int) -> torch.Generator:
 
 
 @torch.no_grad()
-def _probe_loss(net: PartContrastNet, images: list, labels: list, fx: FeatureExtractor, k: int, batch_size: int,
+def _probe_loss(net: PartContrastNet, images: list, labels: list, fx: FeatureExtractor, batch_size: int,
                 seed: int) -> float:
-    """The loss on one fixed batch of views: unlike the training loss, comparable from step to step."""
+    """The contrast loss on one fixed batch of views: unlike the training loss, comparable from step to step."""
     idx = list(range(min(batch_size, len(images))))
     x1, x2, l1, l2 = make_views([images[i].tensor for i in idx], [labels[i] for i in idx], cell=fx.cell,
                                 size=fx.input_size, mean=fx.backbone.mean, std=fx.backbone.std,
                                 gen=_generator(seed, _PROBE))
-    return float(net(x1, x2, part_masks(l1, k, fx.cell), part_masks(l2, k, fx.cell))[0])
+    return float(net(x1, x2, l1, l2)[2])
 
 
 # --------------------------------------------------------------------------------------------
@@ -332,121 +485,193 @@ def _build(model: str, weights: Optional[str]):
 # Training
 
 
+def _check_options(o: dict, family: str) -> None:
+    for option, key in (("--rounds", "rounds"), ("--epochs", "epochs"), ("--round-epochs", "round_epochs"),
+                        ("--batch-size", "batch_size"), ("--size", "size"), ("--proj-dim", "proj_dim"),
+                        ("--proj-hidden", "proj_hidden"), ("--dino-out-dim", "dino_out_dim"),
+                        ("--kmeans-iters", "kmeans_iters")):
+        check_count(option, o[key])
+    check_count("-k", o["k"], 2, fix="pass at least 2 parts per image, e.g. -k 8")
+    check_count("--warmup", o["warmup"], 0, fix="pass the warm-up epochs of each round, e.g. --warmup 10")
+    check_rate("--lr", o["lr"], fix="pass a learning rate such as --lr 0.005")
+    check_rate("--round-lr", o["round_lr"], fix="pass a learning rate such as --round-lr 0.05")
+    check_rate("--min-lr", o["min_lr"], strict=False, fix="pass the final learning rate, e.g. --min-lr 0")
+    check_rate("--weight-decay", o["weight_decay"], strict=False, fix="pass e.g. --weight-decay 1.5e-6")
+    for option, key in (("--momentum", "momentum"), ("--momentum-end", "momentum_end")):
+        check_rate(option, o[key], high=1.0, strict=False,
+                   fix="pass the EMA decay of the momentum encoder, e.g. --momentum 0.996")
+    check_rate("--tau", o["tau"], fix="pass a temperature such as --tau 0.1")
+    check_rate("--dino-weight", o["dino_weight"], strict=False, fix="pass 1 (the paper's equal weight) or 0 (off)")
+    check_rate("--clip-grad", o["clip_grad"], strict=False, fix="pass a gradient-norm bound, or 0 for none")
+    require(o["optimizer"] in ("sgd", "adamw"), "--optimizer", o["optimizer"], "sgd or adamw",
+            "pass --optimizer sgd (PARTICLE's CNN setting) or adamw (its ViT setting)")
+    if o["dino_weight"] > 0 and family != "vit":
+        raise PartkitError(f"--dino-weight {o['dino_weight']:g}: the DINO loss needs a ViT's CLS token and "
+                           f"{o['model']!r} is a {family}; pass --dino-weight 0 or a ViT --model")
+
+
 class PartContrastTrainer(Trainer):
     """PARTICLE's rounds on :class:`partkit.training.Trainer`: a step re-discovers the parts when a round
-    starts, then takes one SGD step on the part-contrastive loss and moves the momentum encoder.
+    starts, then takes one optimiser step on the part-contrastive loss (+ DINO for ViTs) and moves
+    the momentum encoder.
 
     The options are :func:`part_contrast`'s; ``fit()`` runs it.
     """
 
     command = "part-contrast"
+    loss_keys = ("loss", "contrast", "dino")
 
     def __init__(self, inputs: Sequence[str], out: str, *, model: str = "efficientnet_lite0",
                  weights: Optional[str] = None, layers: Optional[Sequence[int]] = None, facet: Optional[str] = None,
-                 rounds: int = 2, k: Optional[int] = None, steps_per_round: int = 500, batch_size: int = 16,
-                 lr: float = 0.005, weight_decay: float = 1.5e-6, warmup: Optional[int] = None, size: int = 224,
-                 momentum: float = 0.996, tau: float = 0.1, proj_dim: int = 256, proj_hidden: int = 4096,
-                 device: str = "auto", seed: int = 0, resume: bool = False, stop_at: Optional[int] = None,
-                 log_every: int = 10, checkpoint_every: int = 100, handler: Handler = stop, log: str = "jsonl"):
-        for option, value in (("--rounds", rounds), ("--max-steps", steps_per_round), ("--batch-size", batch_size),
-                              ("--size", size), ("--proj-dim", proj_dim), ("--proj-hidden", proj_hidden)):
-            check_count(option, value)
-        check_count("-k", k, 2, fix="pass at least 2 parts per image, e.g. -k 8")
-        check_count("--warmup", warmup, 0)
-        check_rate("--lr", lr, fix="pass a learning rate such as --lr 0.005")
-        check_rate("--weight-decay", weight_decay, strict=False, fix="pass e.g. --weight-decay 1.5e-6")
-        check_rate("--momentum", momentum, high=1.0, strict=False,
-                   fix="pass the EMA decay of the momentum encoder, e.g. --momentum 0.996")
-        check_rate("--tau", tau, fix="pass a temperature such as --tau 0.1")
+                 rounds: int = 3, k: Optional[int] = None, epochs: Optional[int] = None,
+                 round_epochs: Optional[int] = None, batch_size: Optional[int] = None,
+                 optimizer: Optional[str] = None, lr: Optional[float] = None, round_lr: Optional[float] = None,
+                 min_lr: Optional[float] = None, weight_decay: Optional[float] = None, warmup: Optional[int] = None,
+                 size: int = 224, momentum: Optional[float] = None, momentum_end: Optional[float] = None,
+                 tau: Optional[float] = None, proj_dim: Optional[int] = None, proj_hidden: Optional[int] = None,
+                 dino_weight: Optional[float] = None, dino_out_dim: int = DINO_OUT_DIM,
+                 clip_grad: Optional[float] = None, kmeans_iters: int = KMEANS_ITERS, device: str = "auto",
+                 seed: int = 0, resume: bool = False, stop_at: Optional[int] = None, log_every: int = 10,
+                 checkpoint_every: int = 100, handler: Handler = stop, log: str = "jsonl"):
         from .models import get_spec
 
-        if get_spec(model).family == "pixels":
-            raise PartkitError(f"{model!r} has no weights to fine-tune; pick a CNN or ViT backbone (see `partkit models`)")
+        family = get_spec(model).family
+        if family not in FAMILY_DEFAULTS:
+            raise PartkitError(f"{model!r} has no weights to fine-tune; pick a CNN or ViT backbone "
+                               "(see `partkit models`)")
+        given = dict(k=k, facet=facet, optimizer=optimizer, lr=lr, round_lr=round_lr, min_lr=min_lr,
+                     weight_decay=weight_decay, batch_size=batch_size, epochs=epochs, round_epochs=round_epochs,
+                     warmup=warmup, momentum=momentum, momentum_end=momentum_end, tau=tau, proj_dim=proj_dim,
+                     proj_hidden=proj_hidden, dino_weight=dino_weight, clip_grad=clip_grad)
+        o = {**FAMILY_DEFAULTS[family], **{key: v for key, v in given.items() if v is not None}}
+        o.update(model=model, rounds=rounds, size=size, dino_out_dim=dino_out_dim, kmeans_iters=kmeans_iters)
+        _check_options(o, family)
         self.setup_run(out, device=resolve_device(device), resume=resume, stop_at=stop_at, log_every=log_every,
                        checkpoint_every=checkpoint_every, log_to=log)
         dev = self.dev
         seed_everything(seed)
         backbone, self.clip_model = _build(model, weights)
-        fx = self.fx = FeatureExtractor(backbone, layers=layers, facet=facet, size=size, device=str(dev))
-        k = self.k = k if k is not None else DEFAULT_K[backbone.family]
+        fx = self.fx = FeatureExtractor(backbone, layers=layers, facet=o["facet"], size=size, device=str(dev))
         images, skipped = _load_images(inputs, fx, dev, handler)
         if skipped:
             self.say(f"part-contrast: skipped {len(skipped)} bad samples")
         if not images:
             raise PartkitError("part-contrast: the input holds no images; pack some with `partkit pack`")
-        if batch_size > len(images):
-            self.say(f"part-contrast: --batch-size {batch_size} is more than the {len(images)} images; "
-                     f"using {len(images)}")
-            batch_size = len(images)
-        self.backbone, self.images, self.batch_size, self.seed = backbone, images, batch_size, seed
-        self.rounds, self.steps_per_round, self.momentum = rounds, steps_per_round, momentum
-        channels = sum(backbone.channels[i] for i in fx.layers)
-        net = self.net = PartContrastNet(fx, channels, proj_dim=proj_dim, proj_hidden=proj_hidden, tau=tau).to(dev)
+        batch = o["batch_size"]
+        if batch > len(images):
+            self.say(f"part-contrast: --batch-size {batch} is more than the {len(images)} images; using {len(images)}")
+            batch = len(images)
+        self.backbone, self.images, self.batch_size, self.seed, self.k = backbone, images, batch, seed, o["k"]
+        self.o, self.rounds = o, rounds
+        self.steps_per_epoch = math.ceil(len(images) / (batch * self.dist.world))
+        self.phases = plan_phases(rounds, o["epochs"], o["round_epochs"], self.steps_per_epoch, o["lr"],
+                                  o["round_lr"], o["warmup"])
+        net = self.net = PartContrastNet(backbone, o["k"], proj_dim=o["proj_dim"], proj_hidden=o["proj_hidden"],
+                                         tau=o["tau"], dino_weight=o["dino_weight"],
+                                         dino_out_dim=dino_out_dim).to(dev)
         self.ddp = self.dist.wrap(net)
         params = [p for p in net.parameters() if p.requires_grad]
-        self.opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
-        total = self.steps = rounds * steps_per_round
-        warmup = warmup if warmup is not None else total // 20
-        self.sched = cosine_warmup(self.opt, warmup, total)
-        self.config = {"command": "self-train", "objective": "part-contrast", "inputs": list(inputs), "model": model,
-                       "weights": weights, "backbone_weights": backbone.weights, "layers": fx.layers,
-                       "facet": fx.facet, "rounds": rounds, "k": k, "steps_per_round": steps_per_round,
-                       "steps": total, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
-                       "warmup": warmup, "size": size, "momentum": momentum, "tau": tau, "proj_dim": proj_dim,
-                       "proj_hidden": proj_hidden, "seed": seed, "world": self.dist.world, "images": len(images),
-                       "images_digest": digest([im.key for im in images]), "cell": fx.cell,
+        # the schedule sets every step's rate: the optimiser's base rate is 1 and the scheduler's factor is the rate
+        if o["optimizer"] == "sgd":
+            self.opt = torch.optim.SGD(params, lr=1.0, momentum=SGD_MOMENTUM, weight_decay=o["weight_decay"])
+        else:
+            self.opt = torch.optim.AdamW(params, lr=1.0, weight_decay=o["weight_decay"])
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self.lr_at)
+        total = self.steps = self.phases[-1].start + self.phases[-1].steps
+        self.config = {"command": "self-train", "objective": "part-contrast", "inputs": list(inputs),
+                       **{key: o[key] for key in RESUME_KEYS if key in o}, "weights": weights,
+                       "backbone_weights": backbone.weights, "layers": fx.layers, "facet": fx.facet, "family": family,
+                       "batch_size": batch, "steps": total, "steps_per_epoch": self.steps_per_epoch,
+                       "phases": [asdict(ph) for ph in self.phases], "contrast_features": "last feature map",
+                       "contrast_channels": backbone.last_channels, "seed": seed, "world": self.dist.world,
+                       "images": len(images), "images_digest": digest([im.key for im in images]), "cell": fx.cell,
                        "input_size": fx.input_size, "mean": list(backbone.mean), "std": list(backbone.std),
                        "skipped_samples": skipped, "partkit_version": __version__, "torch": torch.__version__}
-        self.centers, self.labels, self.label_round, self.probe = None, None, -1, None
+        self.labels, self.label_round, self.probe = None, -1, None
+
+    # ---- the schedule
+    def phase_of(self, step: int) -> Phase:
+        for ph in self.phases:
+            if step < ph.start + ph.steps:
+                return ph
+        return self.phases[-1]
+
+    def lr_at(self, step: int) -> float:
+        ph = self.phase_of(step)
+        return phase_lr(ph, step - ph.start, self.o["min_lr"])
+
+    def momentum_at(self, step: int) -> float:
+        """EMA decay: constant for CNNs; for ViTs a cosine from --momentum to --momentum-end over each round."""
+        ph = self.phase_of(step)
+        return _cosine(self.o["momentum"], self.o["momentum_end"], (step - ph.start) / ph.steps)
+
+    def teacher_temp_at(self, epoch: int) -> float:
+        lo, hi = DINO_TEACHER_TEMP
+        return lo + (hi - lo) * min(epoch, DINO_TEMP_EPOCHS - 1) / (DINO_TEMP_EPOCHS - 1)
 
     # ---- the Trainer's hooks
     def resume_options(self, config: dict) -> dict:
-        names = {"images_digest": "the list of input images", "steps_per_round": "--max-steps"}
+        names = {"images_digest": "the list of input images", "k": "-k"}
         return {names.get(key, f"--{key.replace('_', '-')}"): config[key] for key in RESUME_KEYS if key in config}
 
     def _probe_loss(self) -> float:
-        return _probe_loss(self.net, self.images, self.labels, self.fx, self.k, self.batch_size, self.seed)
+        return _probe_loss(self.net, self.images, self.labels, self.fx, self.batch_size, self.seed)
 
     def train_step(self, step: int) -> dict:
-        fx, net, images, k = self.fx, self.net, self.images, self.k
-        r = step // self.steps_per_round
+        fx, net, images = self.fx, self.net, self.images
+        ph = self.phase_of(step)
+        r = ph.round - 1
         if r != self.label_round:
             net.eval()
-            self.centers, self.labels, inertia = discover_parts(fx, images, k, init=self.centers, seed=self.seed,
-                                                                batch_size=self.batch_size)
+            self.labels, inertia = discover_parts(fx, images, self.k, prev=self.labels, seed=self.seed,
+                                                  batch_size=self.batch_size, max_iter=self.o["kmeans_iters"])
             net.train()
             self.label_round = r
             self.probe = self._probe_loss()
-            self.say(f"part-contrast: round {r + 1}/{self.rounds}, {k} parts, inertia {inertia:.1f}, "
-                     f"probe loss {self.probe:.3f}")
+            self.say(f"part-contrast: round {r + 1}/{self.rounds} ({ph.epochs} epochs, lr {ph.lr:g}), {self.k} parts, "
+                     f"inertia {inertia:.1f}, probe loss {self.probe:.3f}")
+        epoch = (step - ph.start) // self.steps_per_epoch  # within the round
         idx = stream_batch_indices(step, len(images), self.batch_size, self.dist.rank, self.dist.world, self.seed)
         x1, x2, l1, l2 = make_views([images[i].tensor for i in idx], [self.labels[i] for i in idx], cell=fx.cell,
                                     size=fx.input_size, mean=self.backbone.mean, std=self.backbone.std,
                                     gen=_generator(self.seed, self.dist.rank, step))
-        loss, parts = self.ddp(x1, x2, part_masks(l1, k, fx.cell), part_masks(l2, k, fx.cell))
+        temp = self.teacher_temp_at(epoch) if net.head is not None else None
+        loss, parts, contrast, dino = self.ddp(x1, x2, l1, l2, teacher_temp=temp, update_center=True)
+        lr = self.opt.param_groups[0]["lr"]
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
+        if self.o["clip_grad"] > 0:  # DINO's clipping: each parameter's gradient norm on its own
+            for module in net.student_modules():
+                for p in module.parameters():
+                    if p.grad is not None:
+                        p.grad.mul_((self.o["clip_grad"] / (p.grad.norm() + 1e-6)).clamp(max=1.0))
+        if net.head is not None and epoch < DINO_FREEZE_LAST_EPOCHS:
+            for p in net.head.last_layer():
+                p.grad = None
         self.opt.step()
         self.sched.step()
-        net.update_target(self.momentum)
+        momentum = self.momentum_at(step)
+        net.update_target(momentum)
         done = step + 1
-        record = {"step": done, "round": r + 1, "loss": float(loss.detach()), "parts": parts,
-                  "lr": self.sched.get_last_lr()[0]}
-        if done % self.steps_per_round == 0:
+        record = {"step": done, "round": ph.round, "loss": float(loss.detach()), "contrast": float(contrast.detach()),
+                  "parts": parts, "lr": lr, "momentum": momentum}
+        if dino is not None:
+            record.update(dino=float(dino.detach()), teacher_temp=temp)
+        if done == ph.start + ph.steps:
             # the loss on fixed views at the start and the end of the round (same part maps)
             record["probe"] = [self.probe, self._probe_loss()]
-            self.say(f"part-contrast: round {r + 1} done, probe loss {record['probe'][0]:.3f} -> "
+            self.say(f"part-contrast: round {ph.round} done, probe loss {record['probe'][0]:.3f} -> "
                      f"{record['probe'][1]:.3f}")
         return record
 
     def log_now(self, done: int) -> bool:
-        return done % self.log_every == 0 or done % self.steps_per_round == 0
+        return done % self.log_every == 0 or any(done == ph.start + ph.steps for ph in self.phases)
 
     def state(self, step: int) -> dict:
         labels = self.labels
         return {"model": self.net.state_dict(), "optimizer": self.opt.state_dict(),
                 "scheduler": self.sched.state_dict(), "rng": self.rng(), "step": step,
-                "round": self.label_round + 1, "centroids": self.centers,
+                "round": self.label_round + 1,
                 "labels": [lab.cpu() for lab in labels] if labels is not None else None, "probe": self.probe,
                 "config": self.config}
 
@@ -459,26 +684,27 @@ class PartContrastTrainer(Trainer):
         self.run.save(state)
 
     def load_state(self, ckpt: dict) -> None:
-        self.centers, self.label_round, self.probe = ckpt["centroids"], ckpt["round"] - 1, ckpt["probe"]
+        self.label_round, self.probe = ckpt["round"] - 1, ckpt["probe"]
         self.labels = [lab.to(self.dev) for lab in ckpt["labels"]] if ckpt["labels"] is not None else None
 
     def summary(self, history: list, end: int) -> dict:
         return {"out": self.out, "steps": self.steps, "done": end, "rounds": self.rounds, "k": self.k,
-                "losses": history, "backbone": self.run.file("backbone.pt")}
+                "phases": [asdict(ph) for ph in self.phases], "losses": history,
+                "backbone": self.run.file("backbone.pt")}
 
 
 def part_contrast(inputs: Sequence[str], out: str, **options) -> dict:
     """Fine-tune a registry backbone with PARTICLE's part discovery + part-contrastive rounds.
 
-    The features are those ``partkit extract`` gives for ``model``/``weights``/``layers``/``facet``
-    (CNN hypercolumns, ViT patch tokens or another facet), images resized to ``size`` for part
-    discovery. ``k`` parts per image (default 25 for CNN hypercolumns, 6 for ViTs); ``rounds`` x
-    ``steps_per_round`` SGD steps (momentum 0.9, PARTICLE's ``lr`` and ``weight_decay``, linear
-    ``warmup`` (default 5% of the steps) then cosine decay); views are ``size`` x ``size``;
-    ``momentum`` is the EMA decay of the target encoder, ``tau`` the temperature. Writes
+    Parts are discovered on the features ``partkit extract`` gives for ``model``/``weights``/
+    ``layers``/``facet`` (CNN hypercolumns; ViT keys of the last layer by default), ``k`` per image;
+    the contrast pools the backbone's last feature map (``Backbone.forward_last``). Round 1 trains
+    ``epochs`` epochs at ``lr``, each later round ``round_epochs`` at ``round_lr`` (``rounds`` in
+    all), each with a ``warmup``-epoch linear warm-up then a cosine decay to ``min_lr``. Every option
+    left at ``None`` takes its family's value from :data:`FAMILY_DEFAULTS` (the paper's). Writes
     ``backbone.pt`` (load it with ``create_backbone(model, out)``), ``config.json``,
     ``metrics.jsonl``, ``loss.png`` and ``last.pt`` (``resume=True`` continues exactly;
     ``stop_at`` stops early with a checkpoint). Every process of a torchrun job holds all images
-    and takes its own slice of each batch. Options: :class:`PartContrastTrainer`'s.
+    and takes its own batch of ``batch_size`` images per step. Options: :class:`PartContrastTrainer`'s.
     """
     return PartContrastTrainer(inputs, out, **options).fit()

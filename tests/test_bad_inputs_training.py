@@ -56,7 +56,7 @@ TRAIN = ["train-decoder", "{parts}", "--out", "{out}", *DECODER]
 MASKS = ["self-train", "{parts}", "--teacher", "{run}", "--out", "{out}", "--max-steps", "1", "--batch-size", "2",
          "--crop-grid", "8"]
 CONTRAST = ["self-train", "{img}", "--objective", "part-contrast", "--out", "{out}", "--model", "timm:test_efficientnet",
-            "--weights", "none", "--size", "32", "-k", "3", "--max-steps", "1", "--rounds", "1", "--batch-size", "2"]
+            "--weights", "none", "--size", "32", "-k", "3", "--epochs", "1", "--rounds", "1", "--batch-size", "2"]
 DISTILL_3D = ["distill-3d", "{pts}", *DISTILL, "--out", "{out}", "-o", "{preds}"]
 
 CASES = [
@@ -75,7 +75,10 @@ CASES = [
     (MASKS, ["--stop-at", "0"], "--stop-at"),
     (CONTRAST, ["--lr", "nan"], "--lr"), (CONTRAST, ["--lr", "-1"], "--lr"), (CONTRAST, ["--rounds", "0"], "--rounds"),
     (CONTRAST, ["--tau", "0"], "--tau"), (CONTRAST, ["--momentum", "nan"], "--momentum"), (CONTRAST, ["-k", "1"], "-k"),
-    (CONTRAST, ["--batch-size", "0"], "--batch-size"), (CONTRAST, ["--max-steps", "0"], "--max-steps"),
+    (CONTRAST, ["--batch-size", "0"], "--batch-size"), (CONTRAST, ["--epochs", "0"], "--epochs"),
+    (CONTRAST, ["--round-epochs", "0"], "--round-epochs"), (CONTRAST, ["--max-steps", "5"], "--max-steps"),
+    (CONTRAST, ["--optimizer", "lars"], "--optimizer"), (CONTRAST, ["--dino-weight", "1"], "--dino-weight"),
+    (CONTRAST, ["--round-lr", "0"], "--round-lr"),
     (CONTRAST, ["--size", "0"], "--size"), (CONTRAST, ["--stop-at", "0"], "--stop-at"),
     (DISTILL_3D, ["--lr", "nan"], "--lr"), (DISTILL_3D, ["--lr", "-inf"], "--lr"), (DISTILL_3D, ["--epochs", "0"], "--epochs"),
     (DISTILL_3D, ["--batch-size", "0"], "--batch-size"), (DISTILL_3D, ["--plateau", "nan"], "--plateau"),

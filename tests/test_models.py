@@ -104,3 +104,62 @@ def test_weights_file_carries_its_preprocessing(tmp_path):
     torch.save({"backbone": bb.net.state_dict(), "mean": list(bb.mean), "std": list(bb.std)}, path)
     again = create_backbone("efficientnet_lite0", str(path))
     assert again.mean == bb.mean and again.std == bb.std  # not timm's 0.5/0.5 for tf_efficientnet_lite0
+
+
+# ---- self-supervised checkpoints (MoCo, DetCon) as --weights
+
+
+def _resnet_sd():
+    return {k: v.clone() for k, v in create_backbone("timm:test_resnet", "none").net.state_dict().items()}
+
+
+def _perturbed(sd, seed):
+    g = torch.Generator().manual_seed(seed)
+    return {k: (v + torch.randn(v.shape, generator=g) if v.is_floating_point() else v) for k, v in sd.items()}
+
+
+def test_moco_checkpoint_loads_its_query_encoder(tmp_path):
+    """MoCo v2: {"state_dict": {"module.encoder_q.*", "module.encoder_k.*", "module.queue", ...}} with a
+    2-layer MLP head in place of fc; the query encoder is loaded, the key encoder and head are not."""
+    base = _resnet_sd()
+    q, k = _perturbed(base, 1), _perturbed(base, 2)
+    sd = {f"module.encoder_q.{n}": v for n, v in q.items() if not n.startswith("fc.")}
+    sd.update({f"module.encoder_k.{n}": v for n, v in k.items() if not n.startswith("fc.")})
+    width = base["fc.weight"].shape[1]
+    sd.update({"module.encoder_q.fc.0.weight": torch.randn(width, width),
+               "module.encoder_q.fc.0.bias": torch.zeros(width),
+               "module.encoder_q.fc.2.weight": torch.randn(128, width), "module.queue": torch.randn(128, 65536 // 64),
+               "module.queue_ptr": torch.zeros(1, dtype=torch.long)})
+    path = tmp_path / "moco_v2.pth.tar"
+    torch.save({"epoch": 200, "arch": "resnet50", "state_dict": sd}, path)
+    net = create_backbone("timm:test_resnet", str(path)).net.state_dict()
+    for n, v in q.items():
+        if not n.startswith("fc."):
+            assert torch.equal(net[n], v), n
+    first = next(iter(q))
+    assert not torch.equal(net[first], k[first])
+
+
+def test_detcon_checkpoint_loads_its_backbone(tmp_path):
+    """DetCon/BYOL-style: {"model": {"backbone.*", "projector.*", "predictor.*"}}."""
+    w = _perturbed(_resnet_sd(), 3)
+    sd = {f"backbone.{n}": v for n, v in w.items() if not n.startswith("fc.")}
+    sd.update({"projector.0.weight": torch.randn(16, 8), "predictor.0.weight": torch.randn(16, 8)})
+    path = tmp_path / "detcon.pth"
+    torch.save({"model": sd}, path)
+    net = create_backbone("timm:test_resnet", str(path)).net.state_dict()
+    assert all(torch.equal(net[n], v) for n, v in w.items() if not n.startswith("fc."))
+
+
+def test_checkpoint_of_another_network_is_refused_with_one_line(tmp_path):
+    w = _resnet_sd()
+    torch.save({"state_dict": {f"module.encoder_q.{n}": v for n, v in w.items()}}, tmp_path / "resnet.pth")
+    with pytest.raises(PartkitError, match="does not fit timm:test_efficientnet") as e:
+        create_backbone("timm:test_efficientnet", str(tmp_path / "resnet.pth"))
+    assert "\n" not in str(e.value) and "architecture" in str(e.value)
+    bad = dict(w)
+    bad[next(iter(bad))] = torch.randn(3, 3, 3, 3)  # same name, another shape
+    torch.save(bad, tmp_path / "shapes.pth")
+    with pytest.raises(PartkitError, match="does not fit timm:test_resnet") as e:
+        create_backbone("timm:test_resnet", str(tmp_path / "shapes.pth"))
+    assert "\n" not in str(e.value)

@@ -139,7 +139,7 @@ def test_cli_objectives_and_option_errors(tmp_path, cihp_dir):
     assert res.exit_code == 2 and "unknown --objective" in res.stderr
     res = runner.invoke(app, ["--seed", "1", "self-train", str(tmp_path / "imgs"), "--objective", "part-contrast",
                               "--out", str(tmp_path / "pc"), "--model", "timm:vit_tiny_patch16_224", "--weights", "none",
-                              "--size", "32", "-k", "3", "--max-steps", "1", "--rounds", "1", "--batch-size", "2",
+                              "--size", "32", "-k", "3", "--epochs", "1", "--rounds", "1", "--batch-size", "5",
                               "--proj-hidden", "32", "--proj-dim", "16"])
     assert res.exit_code == 0, res.stderr
     assert (tmp_path / "pc" / "backbone.pt").exists()

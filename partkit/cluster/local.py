@@ -11,7 +11,7 @@ import numpy as np
 
 from ..errors import Handler, PartkitError
 from ..io import Output, run_stage
-from ..kmeans import KMeansResult, batched_kmeans, elbow_kmeans
+from ..kmeans import KMeansResult, batched_kmeans, elbow_kmeans, partition_centers
 from ._config import Job
 from ._items import Item, finalize, load, rounded, write_item
 
@@ -46,15 +46,8 @@ def _warm_init(item: Item, idx: np.ndarray, job: Job):
             raise PartkitError(f"--warm-start centroids have {warm.shape[1]} channels, the features of "
                                f"{item.key!r} have {item.X.shape[1]}; use centroids from the same model and layers")
         return warm, None
-    prev = item.prev[idx]
-    ids = np.unique(prev[prev > 0])
-    if len(ids) == 0:
-        return None, None
-    sel = prev > 0
-    inv = np.searchsorted(ids, prev[sel])
-    sums = np.zeros((len(ids), item.X.shape[1]), np.float64)
-    np.add.at(sums, inv, item.X[idx][sel])
-    return (sums / np.bincount(inv, minlength=len(ids))[:, None]).astype(np.float32), ids
+    centers, ids = partition_centers(item.X[idx], item.prev[idx], min_id=1)  # id 0: no previous part
+    return (centers, ids) if len(ids) else (None, None)
 
 
 def solve(items: list, job: Job) -> list:

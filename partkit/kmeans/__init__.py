@@ -13,11 +13,12 @@ views) all call the names below.
 >>> [r.n_clusters for r in batched_kmeans([X, X[:2]], 3)]
 [3, 2]
 """
-from ._api import FAISS_MIN_ROWS, KMeans, batched_kmeans, elbow_kmeans, elbow_pick, weighted_kmeans
+from ._api import FAISS_MIN_ROWS, KMeans, batched_kmeans, elbow_kmeans, elbow_pick, partition_centers, weighted_kmeans
 from ._engine import INITS, METRICS, KMeansResult, nearest_center, normalize_rows
 from ._faiss import faiss_assign, faiss_kmeans
 
 __all__ = [
     "KMeans", "KMeansResult", "batched_kmeans", "elbow_kmeans", "weighted_kmeans", "elbow_pick", "nearest_center",
+    "partition_centers",
     "normalize_rows", "faiss_kmeans", "faiss_assign", "METRICS", "INITS", "FAISS_MIN_ROWS",
 ]

@@ -15,7 +15,8 @@ from ._engine import (
 )
 from ._faiss import faiss_assign, faiss_kmeans
 
-__all__ = ["KMeans", "batched_kmeans", "elbow_kmeans", "elbow_pick", "weighted_kmeans", "FAISS_MIN_ROWS"]
+__all__ = ["KMeans", "batched_kmeans", "elbow_kmeans", "elbow_pick", "weighted_kmeans", "partition_centers",
+           "FAISS_MIN_ROWS"]
 
 # One big problem goes to faiss from this many rows on (below it, exact batched Lloyd is as fast).
 FAISS_MIN_ROWS = 100_000
@@ -93,6 +94,25 @@ def batched_kmeans(problems: Sequence[np.ndarray], n_clusters: Union[int, Sequen
         _check_choice(init, INITS, "init")
     return run_batched(mats, ks, init=init, max_iter=max_iter, tol=tol, seeds=_seeds(random_state, len(mats)),
                        device=resolve_device(str(device)), chunk_bytes=chunk_bytes)
+
+
+def partition_centers(X: np.ndarray, labels: np.ndarray, min_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The start of a k-means that continues a previous partition: ``(centres, ids)``.
+
+    ``labels`` gives each row of ``X`` its previous part id (ids below ``min_id`` mean "no part");
+    the centres are the means of each present part's rows, in the order of ``ids`` (the sorted
+    present ids), so result cluster ``j`` continues part ``ids[j]``. Used by ``cluster
+    --warm-start parts`` and by part-contrast's later rounds (PARTICLE Sec. 6.3).
+    """
+    labels = np.asarray(labels).ravel()
+    sel = labels >= min_id
+    ids = np.unique(labels[sel])
+    if len(ids) == 0:
+        return np.zeros((0, X.shape[1]), np.float32), ids
+    inv = np.searchsorted(ids, labels[sel])
+    sums = np.zeros((len(ids), X.shape[1]), np.float64)
+    np.add.at(sums, inv, X[sel])
+    return (sums / np.bincount(inv, minlength=len(ids))[:, None]).astype(np.float32), ids
 
 
 def _sse_about_mean(x: np.ndarray) -> float:

@@ -14,7 +14,8 @@ from typing import Optional
 from ..errors import PartkitError
 from . import presets  # noqa: F401  (registers the presets)
 from ._registry import BackboneSpec, get_spec, list_backbones, register_backbone
-from ._weights import WeightSource, find_local, hub_reachable, load_state_dict, offline_error, resolve_weights
+from ._weights import (WeightSource, find_local, hub_reachable, load_state_dict, match_prefix, offline_error,
+                       resolve_weights)
 from .backbone import FACETS, Backbone, OpenClipViT, PixelBackbone, TimmCNN, TimmViT
 
 __all__ = ["create_backbone", "create_clip", "list_backbones", "register_backbone", "get_spec", "BackboneSpec",
@@ -24,11 +25,27 @@ __all__ = ["create_backbone", "create_clip", "list_backbones", "register_backbon
 def _load_into(net, spec: BackboneSpec, path: str) -> dict:
     """Load weights into ``net``; returns the preprocessing (mean/std) the file carries, if any."""
     sd, prep = load_state_dict(path, with_preprocessing=True)
-    ref = list(net.state_dict())
+    own = net.state_dict()
+    ref = list(own)
     remap = spec.remap or (presets.remap_by_order(ref) if spec.package_cfg.get("remap") == "by_order" else None)
     if remap is not None:
         sd = remap(sd)
-    missing, unexpected = net.load_state_dict(sd, strict=False)
+    else:
+        sd, _ = match_prefix(sd, own)  # MoCo's encoder_q., DetCon's backbone., ...
+    # the classifier is never used for features: a checkpoint's own head (MoCo's MLP, none at all) may differ
+    head = (getattr(net, "pretrained_cfg", None) or {}).get("classifier")
+    if isinstance(head, str) and head:
+        sd = {k: v for k, v in sd.items()
+              if not (k.startswith(head + ".") and (k not in own or v.shape != own[k].shape))}
+    try:
+        missing, unexpected = net.load_state_dict(sd, strict=False)
+    except RuntimeError as e:  # same names, other shapes
+        lines = str(e).splitlines()
+        first = next((line.strip() for line in lines if "size mismatch" in line), lines[0]).rstrip(".")
+        raise PartkitError(f"weights file {path!r} does not fit {spec.name}: {first[:200]}; pass weights saved "
+                           "for this architecture") from None
+    if isinstance(head, str) and head:
+        missing = [k for k in missing if not k.startswith(head + ".")]
     if missing or unexpected:
         show = (missing or unexpected)[:2]
         raise PartkitError(

@@ -7,9 +7,12 @@ from typing import Optional
 from ..errors import PartkitError
 from ._registry import BackboneSpec
 
-__all__ = ["WeightSource", "resolve_weights", "load_state_dict", "offline_error"]
+__all__ = ["WeightSource", "resolve_weights", "load_state_dict", "offline_error", "match_prefix", "WRAPPER_PREFIXES"]
 
 _EXTS = (".safetensors", ".pth", ".pt", ".bin")
+# Where self-supervised checkpoints keep the backbone, in order of preference: MoCo's query encoder
+# (``encoder_q.``, never the key encoder), DetCon/BYOL-style ``backbone.``/``encoder.``, plain wrappers.
+WRAPPER_PREFIXES = ("", "encoder_q.", "backbone.", "encoder.", "online_network.encoder.", "model.", "net.")
 
 
 class WeightSource(tuple):
@@ -132,3 +135,25 @@ def load_state_dict(path: str, with_preprocessing: bool = False):
     prep = {k: tuple(float(x) for x in raw[k]) for k in ("mean", "std") if isinstance(raw, dict) and k in raw
             and isinstance(raw[k], (list, tuple))}
     return sd, prep
+
+
+def match_prefix(sd: dict, reference: dict) -> tuple[dict, str]:
+    """The part of a checkpoint that belongs to a network: ``(state dict, stripped prefix)``.
+
+    ``reference`` is the network's own ``state_dict``. Each prefix of :data:`WRAPPER_PREFIXES`
+    gives a candidate (its keys with the prefix removed); the candidate with the most keys that
+    fit ``reference`` (same name and shape) wins, ties going to the earlier prefix, so a MoCo
+    checkpoint (``module.encoder_q.*`` and ``module.encoder_k.*``; ``module.`` is already gone) gives
+    its query encoder and a DetCon/BYOL one (``backbone.*`` next to ``projector.*``) its backbone.
+    """
+    def fits(cand: dict) -> int:
+        return sum(1 for k, v in cand.items() if k in reference and tuple(getattr(v, "shape", ())) ==
+                   tuple(reference[k].shape))
+
+    best, best_prefix, best_score = sd, "", fits(sd)
+    for prefix in WRAPPER_PREFIXES[1:]:
+        cand = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+        score = fits(cand) if cand else 0
+        if score > best_score:
+            best, best_prefix, best_score = cand, prefix, score
+    return best, best_prefix

@@ -53,6 +53,15 @@ class Backbone(nn.Module):
                          saliency: bool = False, stride: Optional[int] = None):
         raise NotImplementedError
 
+    def forward_last(self, x: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The network's last feature map, what global pooling would read: ``(B x C x h x w, CLS)``.
+
+        CNNs: the map before global average pooling (timm's ``forward_features``: ResNet's last
+        stage, EfficientNet's head convolution), CLS ``None``. ViTs: the output patch tokens after
+        the final norm as a map, and the output CLS token (``B x C``). ``C`` is ``last_channels``.
+        """
+        raise PartkitError(f"{self.name} has no last feature map to fine-tune; pick a CNN or ViT backbone")
+
 
 class PixelBackbone(Backbone):
     """Normalised RGB, average-pooled to a grid: the colour baseline PARTICLE compares against."""
@@ -95,6 +104,13 @@ class TimmCNN(Backbone):
             raise PartkitError("--stride overrides a ViT's patch stride; for CNNs use --grid-stride")
         feats = self.net.forward_intermediates(x, indices=list(layers), intermediates_only=True)
         return list(feats), None
+
+    @property
+    def last_channels(self) -> int:
+        return int(self.net.num_features)
+
+    def forward_last(self, x):
+        return self.net.forward_features(x), None
 
 
 def _split_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
@@ -153,6 +169,21 @@ class _ViTBase(Backbone):
         feats, _ = self._run(tokens, blocks, self._qkv, layers, facet, False, self.heads)
         return [f[:, 0] for f in feats]
 
+    def _final_norm(self, tokens: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def last_channels(self) -> int:
+        return int(self.channels[-1])
+
+    def forward_last(self, x):
+        tokens, blocks, gh, gw = self._embed(x, None)
+        for blk in blocks:
+            tokens = blk(tokens)
+        tokens = self._final_norm(tokens)
+        maps, _ = self._to_maps([tokens], None, gh, gw)
+        return maps[0], tokens[:, 0]
+
     def _to_maps(self, feats, sal, gh, gw):
         maps = [f[:, self.prefix:].transpose(1, 2).reshape(f.shape[0], -1, gh, gw) for f in feats]
         if sal is not None:
@@ -173,6 +204,9 @@ class TimmViT(_ViTBase):
         self.reductions = [self.patch_size] * self.num_layers
         self.channels = [net.embed_dim] * self.num_layers
         self.default_layers = tuple(default_layers)
+
+    def _final_norm(self, tokens):
+        return self.net.norm(tokens)
 
     def _qkv(self, blk, tokens):
         attn = blk.attn
@@ -206,6 +240,9 @@ class OpenClipViT(_ViTBase):
         self.channels = [width] * self.num_layers
         self.default_layers = tuple(default_layers)
         self.batch_first = getattr(visual.transformer, "batch_first", True)
+
+    def _final_norm(self, tokens):
+        return self.visual.ln_post(tokens)
 
     @staticmethod
     def _qkv(blk, tokens):
