@@ -69,6 +69,12 @@ def apply(
     as_targets: bool = typer.Option(False, "--as-targets",
                                     help="Also write targets.png + targets.json (class-specific parts) for "
                                          "self-train --labeled."),
+    score: str = typer.Option(
+        "density", "--score", help="Final score: density = max_k r_k (Sec. 4.1, the paper); objectness-density = "
+                                   "objectness x max_k r_k (the official code)."),
+    unknown_classes: str = typer.Option(
+        "error", "--unknown-classes", help="Proposals on objects of classes the model was not fitted on: error "
+                                           "(stop, naming them), drop (leave them out), keep (list them unranked)."),
     objects_from: ObjectsFromOption = None,
     objects_field: ObjectsFieldOption = None,
     default_class: DefaultClassOption = None,
@@ -86,6 +92,7 @@ def apply(
     """
     from partkit import rank as R
 
-    R.apply(inputs or ["-"], model, as_targets=as_targets, objects_from=objects_from, objects_field=objects_field,
+    R.apply(inputs or ["-"], model, as_targets=as_targets, score=score, unknown_classes=unknown_classes,
+            objects_from=objects_from, objects_field=objects_field,
             default_class=default_class, handler=handler_for(skip_bad),
             output=make_output(output, shard_size, overwrite, drop, num_shards, shard_index))

@@ -10,8 +10,11 @@ scored by how typical they are for that class:
    least ``min_area`` of its object.
 3. **Clusters**: per class, weighted k-means (weights = scores) on the L2-normalised query
    features of the candidates pooled over the dataset; all classes are solved in one batch.
-4. **Density** (Eq. 2): ``r_k = softmax_k(-||f - mu_k||^2)`` over the class's centroids; the final
-   score is ``objectness x max_k r_k`` and the part's cluster is ``argmax_k r_k``.
+4. **Density** (Eq. 2): ``r_k = softmax_k(-||f - mu_k||^2)`` over the class's centroids; the part's
+   cluster is ``argmax_k r_k``. The final score (``score=``, :data:`SCORES`) is ``max_k r_k`` by
+   default (``density``: Sec. 4.1, "the final part score relies fully on the reranked model"), or
+   ``objectness x max_k r_k`` (``objectness-density``: the official code's ``object_scores *
+   class_scores``).
 
 Part ids are global across classes: ``class_index * k + cluster + 1`` (0 = background), with
 ``class_index`` the position in the model's sorted class list.
@@ -51,12 +54,14 @@ from .kmeans import weighted_kmeans
 
 __all__ = [
     "PartRanker", "Association", "weighted_kmeans", "density", "associate", "fit", "apply",
-    "OBJECT_SOURCES", "ID_SCHEME",
+    "OBJECT_SOURCES", "ID_SCHEME", "SCORES", "UNKNOWN_CLASSES",
 ]
 
 OBJECT_SOURCES = ("gt_objects", "gt_parts")
 ID_SCHEME = "class_index * k + cluster + 1; 0 = background"
 _FORMAT = "partkit-rank-1"
+SCORES = ("density", "objectness-density")  # the final score: Sec. 4.1's, or the official code's
+UNKNOWN_CLASSES = ("error", "drop", "keep")  # rank apply: proposals of classes the model has not seen
 
 
 def density(X: np.ndarray, centers: np.ndarray) -> np.ndarray:
@@ -211,13 +216,22 @@ class PartRanker:
                 r[rows, :len(C)] = _softmax_neg_sqdist((X[rows] @ C.T) * inv[rows, None], (norm[rows] > 0) * 1.0, C)
         return r
 
-    def rank(self, X, y, objectness=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Per row: (final score = objectness x max_k r_k, cluster = argmax_k r_k, density = max_k r_k)."""
+    def rank(self, X, y, objectness=None, score: str = "density") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per row: (final score, cluster = argmax_k r_k, density = max_k r_k).
+
+        The final score is ``max_k r_k`` with ``score="density"`` (Sec. 4.1) and ``objectness x
+        max_k r_k`` with ``score="objectness-density"`` (the official code), which needs ``objectness``.
+        """
+        if score not in SCORES:
+            raise PartkitError(f"--score must be one of {', '.join(SCORES)}, got {score!r}")
         r = self.predict_proba(X, y)
         cluster = r.argmax(1) if len(r) else np.zeros(0, np.int64)
         best = r.max(1) if len(r) else np.zeros(0)
-        obj = np.ones(len(r)) if objectness is None else np.asarray(objectness, np.float64)
-        return obj * best, cluster, best
+        if score == "density":
+            return best.copy(), cluster, best
+        if objectness is None:
+            raise PartkitError("score='objectness-density' needs the proposals' objectness scores")
+        return np.asarray(objectness, np.float64) * best, cluster, best
 
     def part_ids(self, y, cluster) -> np.ndarray:
         """Global part ids: ``class_index * k + cluster + 1``."""
@@ -500,51 +514,77 @@ def _round(x: float) -> float:
     return float(f"{x:.6g}")
 
 
-def _apply_one(sample: dict, ranker: PartRanker, opts: _Objects, as_targets: bool, model_name: str) -> dict:
+def _unknown(img: _Image, cls: np.ndarray, unknown: np.ndarray, ranker: PartRanker, model_name: str) -> None:
+    names = sorted(set(cls[unknown].tolist()))
+    raise PartkitError(f"rank apply: sample {img.key!r} has objects of {len(names)} class(es) the ranking model "
+                       f"{model_name!r} was not fitted on: {', '.join(map(repr, names[:10]))} (it knows "
+                       f"{', '.join(ranker.classes_[:10])}{', ...' if len(ranker.classes_) > 10 else ''}); fit the "
+                       "model on data with these classes, or pass --unknown-classes drop (leave their proposals out) "
+                       "or keep (list them unranked)")
+
+
+def _apply_one(sample: dict, ranker: PartRanker, opts: _Objects, as_targets: bool, model_name: str,
+               score_kind: str = "density", unknown_classes: str = "error") -> dict:
     img = _read(sample, opts)
     cls = img.object_classes()
-    known = (img.assoc.object_index >= 0) & (ranker.class_index(cls) >= 0)
-    rows = np.flatnonzero(known)
-    score, cluster, dens = ranker.rank(img.feats[rows], cls[rows], img.scores[rows])
+    associated = img.assoc.object_index >= 0
+    unknown = associated & (ranker.class_index(cls) < 0)
+    if unknown.any() and unknown_classes == "error":
+        _unknown(img, cls, unknown, ranker, model_name)
+    rows = np.flatnonzero(associated & ~unknown)
+    score, cluster, dens = ranker.rank(img.feats[rows], cls[rows], img.scores[rows], score=score_kind)
     ids = ranker.part_ids(cls[rows], cluster)
     keep = ~ranker.dropped_[ranker.class_index(cls[rows]), cluster]
-    cand = img.assoc.candidates(img.scores, ranker.score_threshold, ranker.min_area)[rows]
-    entries = []
-    for i in np.flatnonzero(keep):
-        p, o = img.proposals[rows[i]], img.objects[img.assoc.object_index[rows[i]]]
-        entries.append({"proposal": p.get("id", int(rows[i]) + 1), "object": o["id"], "class": o["class"],
-                        "cluster": int(cluster[i]), "part_id": int(ids[i]), "score": _round(score[i]),
-                        "objectness": _round(img.scores[rows[i]]), "density": _round(dens[i]),
-                        "iou": _round(img.assoc.iou[rows[i]]), "candidate": bool(cand[i]),
-                        "segmentation": p["segmentation"], **{f: p[f] for f in ("bbox", "area") if f in p}})
+    cand = img.assoc.candidates(img.scores, ranker.score_threshold, ranker.min_area)
+
+    def entry(i: int, **ranked) -> dict:
+        p, o = img.proposals[i], img.objects[img.assoc.object_index[i]]
+        return {"proposal": p.get("id", i + 1), "object": o["id"], "class": o["class"], **ranked,
+                "objectness": _round(img.scores[i]), "iou": _round(img.assoc.iou[i]), "candidate": bool(cand[i]),
+                "segmentation": p["segmentation"], **{f: p[f] for f in ("bbox", "area") if f in p}}
+
+    entries = [entry(int(rows[i]), cluster=int(cluster[i]), part_id=int(ids[i]), score=_round(score[i]),
+                     density=_round(dens[i])) for i in np.flatnonzero(keep)]
+    if unknown_classes == "keep":
+        entries += [entry(int(i), cluster=-1, part_id=0, score=0.0, density=0.0, unknown_class=True)
+                    for i in np.flatnonzero(unknown)]
     entries.sort(key=lambda e: -e["score"])  # stable: ties keep proposal order
-    assigned = int((img.assoc.object_index >= 0).sum())
     doc = {"proposals": entries, "objects": img.objects, "classes": ranker.classes_.tolist(),
            "k": int(ranker.cluster_centers_.shape[1]), "id_scheme": ID_SCHEME, "model": model_name,
-           "dropped": int((~keep).sum()), "unassociated": len(img.scores) - assigned,
-           "unknown_class": assigned - len(rows)}
+           "score": score_kind, "dropped": int((~keep).sum()), "unassociated": int((~associated).sum()),
+           "unknown_class": int(unknown.sum())}
     new = {**sample, "ranked.json": encode_json(doc),
            "ranked_parts.png": encode_png(_label_map(img, rows[keep], score[keep], ids[keep]))}
     if as_targets:
-        sel = keep & cand
+        sel = keep & cand[rows]
         new["targets.png"] = encode_png(_label_map(img, rows[sel], score[sel], ids[sel]))
         new["targets.json"] = encode_json({"classes": {str(i): n for i, n in ranker.id_names().items()},
                                            "background": 0, "id_scheme": ID_SCHEME, "model": model_name})
     return new
 
 
-def apply(inputs: Sequence[str], model: str, *, as_targets: bool = False, objects_from: Optional[str] = None,
-          objects_field: Optional[str] = None, default_class: Optional[str] = None, output: Output = Output(),
-          handler: Handler = stop) -> dict:
+def apply(inputs: Sequence[str], model: str, *, as_targets: bool = False, score: str = "density",
+          unknown_classes: str = "error", objects_from: Optional[str] = None, objects_field: Optional[str] = None,
+          default_class: Optional[str] = None, output: Output = Output(), handler: Handler = stop) -> dict:
     """Add ``ranked.json`` and ``ranked_parts.png`` (plus ``targets.png``/``targets.json`` with
     ``as_targets``) to every sample. Object options default to those the model was fitted with.
 
+    ``score`` is the final score (:data:`SCORES`); ``unknown_classes`` says what happens to proposals
+    whose object's class the model was not fitted on (:data:`UNKNOWN_CLASSES`): ``error`` stops the
+    run naming the classes, ``drop`` leaves them out, ``keep`` lists them unranked (``cluster`` -1,
+    ``part_id`` 0, ``score`` 0, ``unknown_class`` true). Either way ``unknown_class`` counts them.
+
     >>> apply(["preds/"], "rank.npz", output=Output("ranked/"))  # doctest: +SKIP
     """
+    if score not in SCORES:
+        raise PartkitError(f"--score must be one of {', '.join(SCORES)}, got {score!r}")
+    if unknown_classes not in UNKNOWN_CLASSES:
+        raise PartkitError(f"--unknown-classes must be one of {', '.join(UNKNOWN_CLASSES)}, got {unknown_classes!r}")
     ranker = PartRanker.load(model)
     fitted = ranker.meta_.get("objects", {})
     opts = _objects(objects_from, objects_field, default_class, fitted)
     name = os.path.basename(model)
-    config = {"model": name, "as_targets": as_targets, **opts.record()}
+    config = {"model": name, "as_targets": as_targets, "score": score, "unknown_classes": unknown_classes,
+              **opts.record()}
     return run_stage(inputs, lambda items: items, output=output, name="rank apply", handler=handler, config=config,
-                     prepare=lambda s: _apply_one(s, ranker, opts, as_targets, name))
+                     prepare=lambda s: _apply_one(s, ranker, opts, as_targets, name, score, unknown_classes))
