@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import zipfile
 import zlib
@@ -47,7 +48,7 @@ from ._version import __version__
 from . import fields
 from .errors import BadSample, Handler, PartkitError, missing_field, recorded, stop
 from .io import (
-    Output, decode_npy, encode_json, encode_png, iter_loaded, run_stage,
+    Output, decode_json, decode_npy, encode_json, encode_png, iter_loaded, run_stage,
     write_atomic,
 )
 from .kmeans import weighted_kmeans
@@ -57,7 +58,7 @@ __all__ = [
     "OBJECT_SOURCES", "ID_SCHEME", "SCORES", "UNKNOWN_CLASSES",
 ]
 
-OBJECT_SOURCES = ("gt_objects", "gt_parts")
+OBJECT_SOURCES = fields.OBJECT_SOURCES  # gt_objects, gt_parts, saliency
 ID_SCHEME = "class_index * k + cluster + 1; 0 = background"
 _FORMAT = "partkit-rank-1"
 SCORES = ("density", "objectness-density")  # the final score: Sec. 4.1's, or the official code's
@@ -351,12 +352,16 @@ def associate(masks: np.ndarray, scores: np.ndarray, object_masks: np.ndarray) -
 
 @dataclass
 class _Objects:
-    source: str  # gt_objects | gt_parts
+    source: str  # gt_objects | gt_parts | saliency
     field: str  # the JSON field read for gt_objects
     default_class: Optional[str]
+    fg_threshold: float = fields.SALIENCY_THRESHOLD  # saliency only
 
     def record(self) -> dict:
-        return {"objects_from": self.source, "objects_field": self.field, "default_class": self.default_class}
+        rec = {"objects_from": self.source, "objects_field": self.field, "default_class": self.default_class}
+        if self.source == "saliency":
+            rec["fg_threshold"] = self.fg_threshold
+        return rec
 
 
 @dataclass
@@ -391,29 +396,29 @@ def _image_size(sample: dict, objects: _Objects) -> tuple:
         return int(info["height"]), int(info["width"])
     if objects.source == "gt_parts":
         return fields.gt_parts(sample).shape
+    if objects.source == "saliency" and "feat.json" in sample:
+        meta = fields.geometry(decode_json(sample, "feat.json"), sample["__key__"])
+        return tuple(int(v) for v in meta["image_size"])
     raise BadSample(sample["__key__"], "has no image size in its 'json'; re-run `partkit pack`")
 
 
 def _read_objects(sample: dict, size: tuple, opts: _Objects) -> tuple[list, np.ndarray]:
     key = sample["__key__"]
-    if opts.source == "gt_parts":
-        mask = fields.foreground(fields.gt_parts(sample, size=size))
-        if not mask.any():
-            return [], np.zeros((0, *size), bool)
-        return [{"id": 1, "class": _sample_class(sample, opts.default_class)}], mask[None]
-    if opts.field not in sample:
-        if "gt_parts.png" in sample and opts.field == "gt_objects.json":
-            raise BadSample(key, "has no 'gt_objects.json'; use --objects-from gt_parts (the labelled pixels are one "
-                                 "object) or pack with --coco FILE")
-        raise missing_field(key, opts.field)
-    objs = [o for o in fields.objects(sample, opts.field) if not o.get("iscrowd")]  # crowd regions are not instances
+    if opts.source == "gt_objects" and opts.field not in sample and "gt_parts.png" in sample \
+            and opts.field == "gt_objects.json":
+        raise BadSample(key, "has no 'gt_objects.json'; use --objects-from gt_parts (the labelled pixels are one "
+                             "object), --objects-from saliency (extract --saliency), or pack with --coco FILE")
+    objs, masks = fields.objects_from(sample, opts.source, size, field=opts.field, fg_threshold=opts.fg_threshold)
+    if opts.source != "gt_objects":  # one object: the sample's class
+        return [{"id": 1, "class": _sample_class(sample, opts.default_class)} for _ in objs], masks
+    keep = [i for i, o in enumerate(objs) if not o.get("iscrowd")]  # crowd regions are not instances
     records = []
-    for i, o in enumerate(objs):
+    for i in keep:
+        o = objs[i]
         name = o.get("category", o.get("category_id"))
         records.append({"id": o.get("id", i + 1),
                         "class": str(name) if name is not None else _sample_class(sample, opts.default_class)})
-    rles = fields.masks([o["segmentation"] for o in objs], key, opts.field, *size)
-    return records, fields.decode_masks(rles, key, opts.field, size)
+    return records, masks[keep]
 
 
 def _read(sample: dict, opts: _Objects) -> _Image:
@@ -437,7 +442,7 @@ def _read(sample: dict, opts: _Objects) -> _Image:
 
 
 def _objects(objects_from: Optional[str], objects_field: Optional[str], default_class: Optional[str],
-             fitted: Optional[dict] = None) -> _Objects:
+             fitted: Optional[dict] = None, fg_threshold: Optional[float] = None) -> _Objects:
     """The object options given, else as fitted, else the defaults; checked."""
     fitted = fitted or {}
     source = objects_from or fitted.get("objects_from", "gt_objects")
@@ -445,16 +450,23 @@ def _objects(objects_from: Optional[str], objects_field: Optional[str], default_
         raise PartkitError(f"--objects-from must be one of {', '.join(OBJECT_SOURCES)}, got {source!r}")
     if objects_field is not None and source != "gt_objects":
         raise PartkitError(f"--objects-field names instance masks for --objects-from gt_objects; with {source} "
-                           "the objects come from gt_parts.png, so drop --objects-field")
+                           "there is one object per image, so drop --objects-field")
+    if fg_threshold is not None and source != "saliency":
+        raise PartkitError(f"--fg-threshold applies to --objects-from saliency, not {source}; drop --fg-threshold")
     field = objects_field or fitted.get("objects_field", "gt_objects.json")
     if not field.endswith(".json"):
         raise PartkitError(f"--objects-field names a JSON field of instances (like gt_objects.json), got {field!r}")
-    return _Objects(source, field, default_class if default_class is not None else fitted.get("default_class"))
+    threshold = fg_threshold if fg_threshold is not None else fitted.get("fg_threshold", fields.SALIENCY_THRESHOLD)
+    if not math.isfinite(threshold):
+        raise PartkitError(f"--fg-threshold must be a number, got {threshold}")
+    return _Objects(source, field, default_class if default_class is not None else fitted.get("default_class"),
+                    float(threshold))
 
 
 def fit(inputs: Sequence[str], model_out: str, *, n_clusters: int = 8, score_threshold: float = 0.3,
         min_area: float = 0.05, max_object_fraction: Optional[float] = None, objects_from: str = "gt_objects",
-        objects_field: Optional[str] = None, default_class: Optional[str] = None, max_iter: int = 300,
+        objects_field: Optional[str] = None, default_class: Optional[str] = None,
+        fg_threshold: Optional[float] = None, max_iter: int = 300,
         tol: float = 1e-4, seed: int = 0, device: str = "auto", handler: Handler = stop) -> PartRanker:
     """Pool candidate proposals per object class over the input, cluster them, save the model.
 
@@ -464,7 +476,7 @@ def fit(inputs: Sequence[str], model_out: str, *, n_clusters: int = 8, score_thr
                         max_object_fraction=max_object_fraction, max_iter=max_iter, tol=tol, random_state=seed,
                         device=device)
     ranker._check_params()
-    opts = _objects(objects_from, objects_field, default_class)
+    opts = _objects(objects_from, objects_field, default_class, fg_threshold=fg_threshold)
     resolve_device(device)
     feats, classes, weights, fractions = [], [], [], []
     counts = {"samples": 0, "proposals": 0, "associated": 0, "candidates": 0}
@@ -565,7 +577,8 @@ def _apply_one(sample: dict, ranker: PartRanker, opts: _Objects, as_targets: boo
 
 def apply(inputs: Sequence[str], model: str, *, as_targets: bool = False, score: str = "density",
           unknown_classes: str = "error", objects_from: Optional[str] = None, objects_field: Optional[str] = None,
-          default_class: Optional[str] = None, output: Output = Output(), handler: Handler = stop) -> dict:
+          default_class: Optional[str] = None, fg_threshold: Optional[float] = None, output: Output = Output(),
+          handler: Handler = stop) -> dict:
     """Add ``ranked.json`` and ``ranked_parts.png`` (plus ``targets.png``/``targets.json`` with
     ``as_targets``) to every sample. Object options default to those the model was fitted with.
 
@@ -582,7 +595,7 @@ def apply(inputs: Sequence[str], model: str, *, as_targets: bool = False, score:
         raise PartkitError(f"--unknown-classes must be one of {', '.join(UNKNOWN_CLASSES)}, got {unknown_classes!r}")
     ranker = PartRanker.load(model)
     fitted = ranker.meta_.get("objects", {})
-    opts = _objects(objects_from, objects_field, default_class, fitted)
+    opts = _objects(objects_from, objects_field, default_class, fitted, fg_threshold)
     name = os.path.basename(model)
     config = {"model": name, "as_targets": as_targets, "score": score, "unknown_classes": unknown_classes,
               **opts.record()}

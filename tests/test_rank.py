@@ -401,3 +401,78 @@ def test_cli_on_cihp_ranks_person_parts(cihp_preds):
     assert res.exit_code == 0, res.stderr
     assert (root / "purity" / "purity_person.png").exists()
     assert "purity_person.png" in (root / "purity" / "index.html").read_text()
+
+
+# ---------------------------------------------------------------------------------------------
+# Objects on unlabelled images: --objects-from saliency
+
+
+def _salient_cat_samples(n=6, threshold=0.065):
+    """The cat half of _two_class_samples with no object masks: a 4 x 4 saliency grid (stride 8 on the
+    32 x 32 image) above ``threshold`` exactly on the cat's 16 x 16 square, the class in 'json'."""
+    from partkit.io import encode_npy
+
+    out = []
+    for s in _two_class_samples(n):
+        sal = np.full((4, 4), threshold / 2, np.float16)
+        sal[:2, :2] = 0.5
+        sal[3, 3] = 0.06  # below the threshold: not the object
+        geom = {"grid": [4, 4], "stride": 8, "image_size": [32, 32], "resized": [32, 32]}
+        new = {k: v for k, v in s.items() if k != "gt_objects.json"}
+        new.update({"json": encode_json({"width": 32, "height": 32, "category": "cat"}),
+                    "saliency.npy": encode_npy(sal), "feat.json": encode_json(geom)})
+        out.append(new)
+    return out
+
+
+def test_objects_from_saliency_reads_the_object_as_cluster_does():
+    from partkit import fields
+
+    s = _salient_cat_samples(1)[0]
+    records, masks = fields.objects_from(s, "saliency", (32, 32))
+    sal = fields.saliency(s, (4, 4))
+    assert records == [{"source": "saliency"}] and masks.shape == (1, 32, 32)
+    ys, xs = np.mgrid[:32, :32]
+    np.testing.assert_array_equal(masks[0], sal[ys // 8, xs // 8] > 0.065)  # cell = pixel // stride here
+    assert masks[0].sum() == 256 and masks[0, :16, :16].all()
+    assert fields.objects_from(s, "saliency", (32, 32), fg_threshold=0.9)[1].shape == (0, 32, 32)
+    from partkit.errors import BadSample
+
+    with pytest.raises(BadSample, match="not the feature grid 5x4"):
+        fields.saliency(s, (5, 4))
+    with pytest.raises(BadSample, match=r"run `partkit extract --saliency` first"):
+        fields.objects_from({k: v for k, v in s.items() if k != "saliency.npy"}, "saliency", (32, 32))
+
+
+def test_fit_apply_with_saliency_objects_matches_the_same_gt_objects(tmp_path, shard_factory):
+    salient = shard_factory(_salient_cat_samples())
+    cats = []  # the same samples with the cat square as a gt_objects instance
+    for s in _two_class_samples():
+        doc = decode_json(s, "gt_objects.json")
+        doc["objects"] = [o for o in doc["objects"] if o["category"] == "cat"]
+        cats.append({**s, "gt_objects.json": encode_json(doc)})
+    labelled = shard_factory(cats)
+    by_sal = fit([salient], str(tmp_path / "sal.npz"), n_clusters=2, objects_from="saliency")
+    by_gt = fit([labelled], str(tmp_path / "gt.npz"), n_clusters=2)
+    assert by_sal.classes_.tolist() == by_gt.classes_.tolist() == ["cat"]
+    np.testing.assert_allclose(by_sal.cluster_centers_, by_gt.cluster_centers_)
+    assert by_sal.meta_["objects"] == {"objects_from": "saliency", "objects_field": "gt_objects.json",
+                                       "default_class": None, "fg_threshold": 0.065}
+    apply([salient], str(tmp_path / "sal.npz"), output=Output(str(tmp_path / "a")))  # objects as fitted
+    apply([labelled], str(tmp_path / "gt.npz"), output=Output(str(tmp_path / "b")))
+    for a, b in zip(read_shard(tmp_path / "a" / "000000.tar"), read_shard(tmp_path / "b" / "000000.tar")):
+        lab = decode_label_map(a, "ranked_parts.png")
+        np.testing.assert_array_equal(lab, decode_label_map(b, "ranked_parts.png"))
+        assert lab[:16, :16].all() and not lab[16:].any() and not lab[:, 16:].any()
+        da, db = decode_json(a, "ranked.json"), decode_json(b, "ranked.json")
+        assert [(p["proposal"], p["part_id"]) for p in da["proposals"]] == \
+            [(p["proposal"], p["part_id"]) for p in db["proposals"]]
+    # a higher threshold leaves no object: every proposal is unassociated
+    apply([salient], str(tmp_path / "sal.npz"), fg_threshold=0.9, output=Output(str(tmp_path / "c")))
+    doc = decode_json(read_shard(tmp_path / "c" / "000000.tar")[0], "ranked.json")
+    assert doc["proposals"] == [] and doc["unassociated"] == 7
+
+    res = runner.invoke(app, ["rank", "fit", labelled, "-m", str(tmp_path / "x.npz"), "--fg-threshold", "0.1"])
+    assert res.exit_code == 2 and "--fg-threshold applies to --objects-from saliency" in res.stderr
+    res = runner.invoke(app, ["rank", "fit", labelled, "-m", str(tmp_path / "x.npz"), "--objects-from", "saliency"])
+    assert res.exit_code == 2 and "run `partkit extract --saliency` first" in res.stderr
