@@ -12,8 +12,6 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-import numpy as np
-
 from . import fields, rle
 from ._runtime import resolve_device, seed_everything
 from ._version import __version__

@@ -46,7 +46,7 @@ from ._log import log, progress
 from ._runtime import resolve_device
 from ._version import __version__
 from . import fields
-from .errors import BadSample, Handler, PartkitError, missing_field, recorded, stop
+from .errors import BadSample, Handler, PartkitError, recorded, stop
 from .io import (
     Output, decode_json, decode_npy, encode_json, encode_png, iter_loaded, run_stage,
     write_atomic,
