@@ -177,7 +177,7 @@ ARRAY_KINDS = ["nan", "wrong-dtype", "wrong-shape", "not-npy"]
 # (command, extra options, base shard, field, kinds)
 FIELD_TABLE = [
     ("extract", [], "img", "jpg", IMAGE_KINDS),
-    ("detect", [], "img", "jpg", ["not-an-image"]),  # the image reader is extract's (all kinds there)
+    ("detect", [], "img", "jpg", ["not-an-image"]),  # extract's image reader: every kind there
     ("cluster", [], "feat", "feat.npy", ARRAY_KINDS),
     ("cluster", ["--scope", "object", "--fg-from", "gt_parts"], "feat", "gt_parts.png", IMAGE_KINDS),
     ("train-decoder", [], "parts", "feat.npy", ARRAY_KINDS),
