@@ -25,6 +25,7 @@ app = typer.Typer(
 _COMMANDS = [
     ("pack", "pack"),
     ("extract", "extract"),
+    ("detect", "detect"),
     ("models", "models"),
     ("cluster", "cluster"),
     ("train_decoder", "train-decoder"),

@@ -22,7 +22,11 @@ ProposalShardsArgument = Annotated[List[str], typer.Argument(
     help="Input shards with proposals.json + proposals.npy (default '-': stdin).")]
 ObjectsFromOption = Annotated[Optional[str], typer.Option(
     "--objects-from", help="gt_objects: instances from --objects-field; gt_parts: all labelled pixels of "
-                           "gt_parts.png are one object. [fit default: gt_objects; apply: as fitted]")]
+                           "gt_parts.png are one object; saliency: saliency.npy (extract --saliency) above "
+                           "--fg-threshold is one object. [fit default: gt_objects; apply: as fitted]")]
+FgThresholdOption = Annotated[Optional[float], typer.Option(
+    "--fg-threshold", help="With --objects-from saliency: saliency above this is the object. "
+                           "[fit default: 0.065, as cluster; apply: as fitted]")]
 ObjectsFieldOption = Annotated[Optional[str], typer.Option(
     "--objects-field", help="JSON field of object instances, e.g. predicted masks. [default: gt_objects.json]")]
 DefaultClassOption = Annotated[Optional[str], typer.Option(
@@ -44,6 +48,7 @@ def fit(
     objects_from: ObjectsFromOption = None,
     objects_field: ObjectsFieldOption = None,
     default_class: DefaultClassOption = None,
+    fg_threshold: FgThresholdOption = None,
     max_iter: int = typer.Option(300, "--max-iter", help="Lloyd iterations at most."),
     skip_bad: SkipBadOption = False,
 ):
@@ -57,7 +62,7 @@ def fit(
     check_output_file(model_out, "--model-out", create_parents=True)
     R.fit(inputs or ["-"], model_out, n_clusters=k, score_threshold=score_threshold, min_area=min_area,
           max_object_fraction=max_object_fraction, objects_from=objects_from or "gt_objects",
-          objects_field=objects_field, default_class=default_class, max_iter=max_iter,
+          objects_field=objects_field, default_class=default_class, fg_threshold=fg_threshold, max_iter=max_iter,
           seed=g.seed, device=g.device, handler=handler_for(skip_bad))
 
 
@@ -69,9 +74,16 @@ def apply(
     as_targets: bool = typer.Option(False, "--as-targets",
                                     help="Also write targets.png + targets.json (class-specific parts) for "
                                          "self-train --labeled."),
+    score: str = typer.Option(
+        "density", "--score", help="Final score: density = max_k r_k (Sec. 4.1, the paper); objectness-density = "
+                                   "objectness x max_k r_k (the official code)."),
+    unknown_classes: str = typer.Option(
+        "error", "--unknown-classes", help="Proposals on objects of classes the model was not fitted on: error "
+                                           "(stop, naming them), drop (leave them out), keep (list them unranked)."),
     objects_from: ObjectsFromOption = None,
     objects_field: ObjectsFieldOption = None,
     default_class: DefaultClassOption = None,
+    fg_threshold: FgThresholdOption = None,
     output: OutputOption = "-",
     shard_size: ShardSizeOption = 1000,
     overwrite: OverwriteOption = False,
@@ -86,6 +98,7 @@ def apply(
     """
     from partkit import rank as R
 
-    R.apply(inputs or ["-"], model, as_targets=as_targets, objects_from=objects_from, objects_field=objects_field,
-            default_class=default_class, handler=handler_for(skip_bad),
+    R.apply(inputs or ["-"], model, as_targets=as_targets, score=score, unknown_classes=unknown_classes,
+            objects_from=objects_from, objects_field=objects_field,
+            default_class=default_class, fg_threshold=fg_threshold, handler=handler_for(skip_bad),
             output=make_output(output, shard_size, overwrite, drop, num_shards, shard_index))

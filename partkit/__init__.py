@@ -10,6 +10,7 @@ from .errors import BadSample, PartkitError
 _LAZY = {
     "Output": "partkit.io", "iter_samples": "partkit.io", "run_stage": "partkit.io",
     "create_backbone": "partkit.models", "list_backbones": "partkit.models", "register_backbone": "partkit.models",
+    "create_detector": "partkit.models", "list_detectors": "partkit.models",
     "FeatureExtractor": "partkit.extract", "KMeans": "partkit.kmeans", "batched_kmeans": "partkit.kmeans",
     "PartDecoder": "partkit.decoder", "train_decoder": "partkit.decoder", "predict": "partkit.decoder",
     "PartRanker": "partkit.rank",

@@ -72,7 +72,7 @@ PRODUCERS = {
     "png": "partkit pack",
     "json": "partkit pack",
     "gt_parts.png": "partkit pack --labels DIR",
-    "gt_objects.json": "partkit pack --coco FILE",
+    "gt_objects.json": "partkit pack --coco FILE` or `partkit detect",
     "gt_kpts.json": "partkit pack --coco FILE (with keypoints)",
     "feat.npy": "partkit extract",
     "feat.json": "partkit extract",

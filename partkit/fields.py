@@ -26,6 +26,7 @@ __all__ = [
     "GEOMETRY_KEYS", "IGNORE_IDS", "companion", "info", "category", "image", "ignore_id", "gt_parts", "foreground",
     "geometry", "features", "FeatureSource", "label_map", "masks", "decode_masks", "objects", "object_masks",
     "keypoints", "parse_keypoints", "proposals", "part_names", "parse_part_names", "PartNames", "SampleView",
+    "OBJECT_SOURCES", "SALIENCY_THRESHOLD", "saliency", "salient", "objects_from",
 ]
 
 GEOMETRY_KEYS = ("grid", "stride", "image_size", "resized")  # what partkit.grid needs (plus optional "offset")
@@ -328,6 +329,65 @@ def object_masks(sample: dict, size: Sequence[int], field: str = "gt_objects.jso
     H, W = (int(s) for s in size)
     rles = masks([o["segmentation"] for o in objs], sample["__key__"], field, H, W)
     return objs, decode_masks(rles, sample["__key__"], field, (H, W))
+
+
+# ---------------------------------------------------------------------------------------------
+# saliency.npy, and object masks from a named source
+
+OBJECT_SOURCES = ("gt_objects", "gt_parts", "saliency")  # --objects-from (rank), --fg-from (cluster)
+SALIENCY_THRESHOLD = 0.065  # CLS-attention saliency above this is foreground (--fg-threshold)
+
+
+def saliency(sample: dict, grid: Optional[Sequence[int]] = None) -> np.ndarray:
+    """``saliency.npy`` (``extract --saliency``: the ViT's CLS attention, h x w on the feature grid) as
+    float32, checked against the feature ``grid`` ``(h, w)`` when given."""
+    sal = decode_npy(sample, "saliency.npy", 2, "h x w on the feature grid").astype(np.float32)
+    if grid is not None and sal.shape != tuple(int(g) for g in grid):
+        raise BadSample(sample["__key__"], f"saliency.npy has shape {sal.shape}, not the feature grid "
+                                           f"{int(grid[0])}x{int(grid[1])}; re-run `partkit extract --saliency`")
+    return sal
+
+
+def salient(sal: np.ndarray, threshold: float = SALIENCY_THRESHOLD) -> np.ndarray:
+    """Foreground cells of a saliency map: saliency above ``threshold``."""
+    return sal > threshold
+
+
+def objects_from(sample: dict, source: str, size: Sequence[int], *, field: str = "gt_objects.json",
+                 fg_threshold: float = SALIENCY_THRESHOLD) -> tuple[list[dict], np.ndarray]:
+    """The objects of a sample from a named ``source`` (:data:`OBJECT_SOURCES`): (records, N x H x W
+    bool masks at the image ``size``).
+
+    ``gt_objects``: the instances of ``field`` (records as stored: ``id``, ``category``, ``iscrowd``,
+    ``score``, ...; callers decide about crowd regions). ``gt_parts``: all labelled pixels of
+    ``gt_parts.png`` as one object. ``saliency``: the cells of ``saliency.npy`` above ``fg_threshold``
+    as one object, upsampled to image pixels with ``feat.json``'s grid geometry. The one-object
+    sources give ``[{"source": ...}]``, or no object when the mask is empty.
+
+    >>> records, masks = objects_from(sample, "saliency", (H, W))  # doctest: +SKIP
+    """
+    H, W = (int(s) for s in size)
+    key = sample["__key__"]
+    if source == "gt_objects":
+        if field not in sample:
+            raise missing_field(key, field)
+        return object_masks(sample, (H, W), field)
+    if source == "gt_parts":
+        mask = foreground(gt_parts(sample, size=(H, W)))
+    elif source == "saliency":
+        sal = saliency(sample)
+        if "feat.json" not in sample:  # the grid geometry travels in feat.json
+            raise missing_field(key, "feat.json")
+        meta = geometry(decode_json(sample, "feat.json"), key, "feat.json")
+        if sal.shape != tuple(meta["grid"]):
+            raise BadSample(key, f"saliency.npy has shape {sal.shape}, not the feature grid {meta['grid'][0]}x"
+                                 f"{meta['grid'][1]} of feat.json; re-run `partkit extract --saliency`")
+        mask = grid_to_image(salient(sal, fg_threshold), meta, H, W)
+    else:
+        raise ValueError(f"unknown object source {source!r}; expected one of {', '.join(OBJECT_SOURCES)}")
+    if not mask.any():
+        return [], np.zeros((0, H, W), bool)
+    return [{"source": source}], mask[None]
 
 
 def proposals(sample: dict, field: str, height: int, width: int) -> list[dict]:

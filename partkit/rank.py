@@ -10,8 +10,11 @@ scored by how typical they are for that class:
    least ``min_area`` of its object.
 3. **Clusters**: per class, weighted k-means (weights = scores) on the L2-normalised query
    features of the candidates pooled over the dataset; all classes are solved in one batch.
-4. **Density** (Eq. 2): ``r_k = softmax_k(-||f - mu_k||^2)`` over the class's centroids; the final
-   score is ``objectness x max_k r_k`` and the part's cluster is ``argmax_k r_k``.
+4. **Density** (Eq. 2): ``r_k = softmax_k(-||f - mu_k||^2)`` over the class's centroids; the part's
+   cluster is ``argmax_k r_k``. The final score (``score=``, :data:`SCORES`) is ``max_k r_k`` by
+   default (``density``: Sec. 4.1, "the final part score relies fully on the reranked model"), or
+   ``objectness x max_k r_k`` (``objectness-density``: the official code's ``object_scores *
+   class_scores``).
 
 Part ids are global across classes: ``class_index * k + cluster + 1`` (0 = background), with
 ``class_index`` the position in the model's sorted class list.
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import zipfile
 import zlib
@@ -42,21 +46,23 @@ from ._log import log, progress
 from ._runtime import resolve_device
 from ._version import __version__
 from . import fields
-from .errors import BadSample, Handler, PartkitError, missing_field, recorded, stop
+from .errors import BadSample, Handler, PartkitError, recorded, stop
 from .io import (
-    Output, decode_npy, encode_json, encode_png, iter_loaded, run_stage,
+    Output, decode_json, decode_npy, encode_json, encode_png, iter_loaded, run_stage,
     write_atomic,
 )
 from .kmeans import weighted_kmeans
 
 __all__ = [
     "PartRanker", "Association", "weighted_kmeans", "density", "associate", "fit", "apply",
-    "OBJECT_SOURCES", "ID_SCHEME",
+    "OBJECT_SOURCES", "ID_SCHEME", "SCORES", "UNKNOWN_CLASSES",
 ]
 
-OBJECT_SOURCES = ("gt_objects", "gt_parts")
+OBJECT_SOURCES = fields.OBJECT_SOURCES  # gt_objects, gt_parts, saliency
 ID_SCHEME = "class_index * k + cluster + 1; 0 = background"
 _FORMAT = "partkit-rank-1"
+SCORES = ("density", "objectness-density")  # the final score: Sec. 4.1's, or the official code's
+UNKNOWN_CLASSES = ("error", "drop", "keep")  # rank apply: proposals of classes the model has not seen
 
 
 def density(X: np.ndarray, centers: np.ndarray) -> np.ndarray:
@@ -211,13 +217,22 @@ class PartRanker:
                 r[rows, :len(C)] = _softmax_neg_sqdist((X[rows] @ C.T) * inv[rows, None], (norm[rows] > 0) * 1.0, C)
         return r
 
-    def rank(self, X, y, objectness=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Per row: (final score = objectness x max_k r_k, cluster = argmax_k r_k, density = max_k r_k)."""
+    def rank(self, X, y, objectness=None, score: str = "density") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per row: (final score, cluster = argmax_k r_k, density = max_k r_k).
+
+        The final score is ``max_k r_k`` with ``score="density"`` (Sec. 4.1) and ``objectness x
+        max_k r_k`` with ``score="objectness-density"`` (the official code), which needs ``objectness``.
+        """
+        if score not in SCORES:
+            raise PartkitError(f"--score must be one of {', '.join(SCORES)}, got {score!r}")
         r = self.predict_proba(X, y)
         cluster = r.argmax(1) if len(r) else np.zeros(0, np.int64)
         best = r.max(1) if len(r) else np.zeros(0)
-        obj = np.ones(len(r)) if objectness is None else np.asarray(objectness, np.float64)
-        return obj * best, cluster, best
+        if score == "density":
+            return best.copy(), cluster, best
+        if objectness is None:
+            raise PartkitError("score='objectness-density' needs the proposals' objectness scores")
+        return np.asarray(objectness, np.float64) * best, cluster, best
 
     def part_ids(self, y, cluster) -> np.ndarray:
         """Global part ids: ``class_index * k + cluster + 1``."""
@@ -337,12 +352,16 @@ def associate(masks: np.ndarray, scores: np.ndarray, object_masks: np.ndarray) -
 
 @dataclass
 class _Objects:
-    source: str  # gt_objects | gt_parts
+    source: str  # gt_objects | gt_parts | saliency
     field: str  # the JSON field read for gt_objects
     default_class: Optional[str]
+    fg_threshold: float = fields.SALIENCY_THRESHOLD  # saliency only
 
     def record(self) -> dict:
-        return {"objects_from": self.source, "objects_field": self.field, "default_class": self.default_class}
+        rec = {"objects_from": self.source, "objects_field": self.field, "default_class": self.default_class}
+        if self.source == "saliency":
+            rec["fg_threshold"] = self.fg_threshold
+        return rec
 
 
 @dataclass
@@ -377,29 +396,29 @@ def _image_size(sample: dict, objects: _Objects) -> tuple:
         return int(info["height"]), int(info["width"])
     if objects.source == "gt_parts":
         return fields.gt_parts(sample).shape
+    if objects.source == "saliency" and "feat.json" in sample:
+        meta = fields.geometry(decode_json(sample, "feat.json"), sample["__key__"])
+        return tuple(int(v) for v in meta["image_size"])
     raise BadSample(sample["__key__"], "has no image size in its 'json'; re-run `partkit pack`")
 
 
 def _read_objects(sample: dict, size: tuple, opts: _Objects) -> tuple[list, np.ndarray]:
     key = sample["__key__"]
-    if opts.source == "gt_parts":
-        mask = fields.foreground(fields.gt_parts(sample, size=size))
-        if not mask.any():
-            return [], np.zeros((0, *size), bool)
-        return [{"id": 1, "class": _sample_class(sample, opts.default_class)}], mask[None]
-    if opts.field not in sample:
-        if "gt_parts.png" in sample and opts.field == "gt_objects.json":
-            raise BadSample(key, "has no 'gt_objects.json'; use --objects-from gt_parts (the labelled pixels are one "
-                                 "object) or pack with --coco FILE")
-        raise missing_field(key, opts.field)
-    objs = [o for o in fields.objects(sample, opts.field) if not o.get("iscrowd")]  # crowd regions are not instances
+    if opts.source == "gt_objects" and opts.field not in sample and "gt_parts.png" in sample \
+            and opts.field == "gt_objects.json":
+        raise BadSample(key, "has no 'gt_objects.json'; use --objects-from gt_parts (the labelled pixels are one "
+                             "object), --objects-from saliency (extract --saliency), or pack with --coco FILE")
+    objs, masks = fields.objects_from(sample, opts.source, size, field=opts.field, fg_threshold=opts.fg_threshold)
+    if opts.source != "gt_objects":  # one object: the sample's class
+        return [{"id": 1, "class": _sample_class(sample, opts.default_class)} for _ in objs], masks
+    keep = [i for i, o in enumerate(objs) if not o.get("iscrowd")]  # crowd regions are not instances
     records = []
-    for i, o in enumerate(objs):
+    for i in keep:
+        o = objs[i]
         name = o.get("category", o.get("category_id"))
         records.append({"id": o.get("id", i + 1),
                         "class": str(name) if name is not None else _sample_class(sample, opts.default_class)})
-    rles = fields.masks([o["segmentation"] for o in objs], key, opts.field, *size)
-    return records, fields.decode_masks(rles, key, opts.field, size)
+    return records, masks[keep]
 
 
 def _read(sample: dict, opts: _Objects) -> _Image:
@@ -423,7 +442,7 @@ def _read(sample: dict, opts: _Objects) -> _Image:
 
 
 def _objects(objects_from: Optional[str], objects_field: Optional[str], default_class: Optional[str],
-             fitted: Optional[dict] = None) -> _Objects:
+             fitted: Optional[dict] = None, fg_threshold: Optional[float] = None) -> _Objects:
     """The object options given, else as fitted, else the defaults; checked."""
     fitted = fitted or {}
     source = objects_from or fitted.get("objects_from", "gt_objects")
@@ -431,16 +450,23 @@ def _objects(objects_from: Optional[str], objects_field: Optional[str], default_
         raise PartkitError(f"--objects-from must be one of {', '.join(OBJECT_SOURCES)}, got {source!r}")
     if objects_field is not None and source != "gt_objects":
         raise PartkitError(f"--objects-field names instance masks for --objects-from gt_objects; with {source} "
-                           "the objects come from gt_parts.png, so drop --objects-field")
+                           "there is one object per image, so drop --objects-field")
+    if fg_threshold is not None and source != "saliency":
+        raise PartkitError(f"--fg-threshold applies to --objects-from saliency, not {source}; drop --fg-threshold")
     field = objects_field or fitted.get("objects_field", "gt_objects.json")
     if not field.endswith(".json"):
         raise PartkitError(f"--objects-field names a JSON field of instances (like gt_objects.json), got {field!r}")
-    return _Objects(source, field, default_class if default_class is not None else fitted.get("default_class"))
+    threshold = fg_threshold if fg_threshold is not None else fitted.get("fg_threshold", fields.SALIENCY_THRESHOLD)
+    if not math.isfinite(threshold):
+        raise PartkitError(f"--fg-threshold must be a number, got {threshold}")
+    return _Objects(source, field, default_class if default_class is not None else fitted.get("default_class"),
+                    float(threshold))
 
 
 def fit(inputs: Sequence[str], model_out: str, *, n_clusters: int = 8, score_threshold: float = 0.3,
         min_area: float = 0.05, max_object_fraction: Optional[float] = None, objects_from: str = "gt_objects",
-        objects_field: Optional[str] = None, default_class: Optional[str] = None, max_iter: int = 300,
+        objects_field: Optional[str] = None, default_class: Optional[str] = None,
+        fg_threshold: Optional[float] = None, max_iter: int = 300,
         tol: float = 1e-4, seed: int = 0, device: str = "auto", handler: Handler = stop) -> PartRanker:
     """Pool candidate proposals per object class over the input, cluster them, save the model.
 
@@ -450,7 +476,7 @@ def fit(inputs: Sequence[str], model_out: str, *, n_clusters: int = 8, score_thr
                         max_object_fraction=max_object_fraction, max_iter=max_iter, tol=tol, random_state=seed,
                         device=device)
     ranker._check_params()
-    opts = _objects(objects_from, objects_field, default_class)
+    opts = _objects(objects_from, objects_field, default_class, fg_threshold=fg_threshold)
     resolve_device(device)
     feats, classes, weights, fractions = [], [], [], []
     counts = {"samples": 0, "proposals": 0, "associated": 0, "candidates": 0}
@@ -500,51 +526,78 @@ def _round(x: float) -> float:
     return float(f"{x:.6g}")
 
 
-def _apply_one(sample: dict, ranker: PartRanker, opts: _Objects, as_targets: bool, model_name: str) -> dict:
+def _unknown(img: _Image, cls: np.ndarray, unknown: np.ndarray, ranker: PartRanker, model_name: str) -> None:
+    names = sorted(set(cls[unknown].tolist()))
+    raise PartkitError(f"rank apply: sample {img.key!r} has objects of {len(names)} class(es) the ranking model "
+                       f"{model_name!r} was not fitted on: {', '.join(map(repr, names[:10]))} (it knows "
+                       f"{', '.join(ranker.classes_[:10])}{', ...' if len(ranker.classes_) > 10 else ''}); fit the "
+                       "model on data with these classes, or pass --unknown-classes drop (leave their proposals out) "
+                       "or keep (list them unranked)")
+
+
+def _apply_one(sample: dict, ranker: PartRanker, opts: _Objects, as_targets: bool, model_name: str,
+               score_kind: str = "density", unknown_classes: str = "error") -> dict:
     img = _read(sample, opts)
     cls = img.object_classes()
-    known = (img.assoc.object_index >= 0) & (ranker.class_index(cls) >= 0)
-    rows = np.flatnonzero(known)
-    score, cluster, dens = ranker.rank(img.feats[rows], cls[rows], img.scores[rows])
+    associated = img.assoc.object_index >= 0
+    unknown = associated & (ranker.class_index(cls) < 0)
+    if unknown.any() and unknown_classes == "error":
+        _unknown(img, cls, unknown, ranker, model_name)
+    rows = np.flatnonzero(associated & ~unknown)
+    score, cluster, dens = ranker.rank(img.feats[rows], cls[rows], img.scores[rows], score=score_kind)
     ids = ranker.part_ids(cls[rows], cluster)
     keep = ~ranker.dropped_[ranker.class_index(cls[rows]), cluster]
-    cand = img.assoc.candidates(img.scores, ranker.score_threshold, ranker.min_area)[rows]
-    entries = []
-    for i in np.flatnonzero(keep):
-        p, o = img.proposals[rows[i]], img.objects[img.assoc.object_index[rows[i]]]
-        entries.append({"proposal": p.get("id", int(rows[i]) + 1), "object": o["id"], "class": o["class"],
-                        "cluster": int(cluster[i]), "part_id": int(ids[i]), "score": _round(score[i]),
-                        "objectness": _round(img.scores[rows[i]]), "density": _round(dens[i]),
-                        "iou": _round(img.assoc.iou[rows[i]]), "candidate": bool(cand[i]),
-                        "segmentation": p["segmentation"], **{f: p[f] for f in ("bbox", "area") if f in p}})
+    cand = img.assoc.candidates(img.scores, ranker.score_threshold, ranker.min_area)
+
+    def entry(i: int, **ranked) -> dict:
+        p, o = img.proposals[i], img.objects[img.assoc.object_index[i]]
+        return {"proposal": p.get("id", i + 1), "object": o["id"], "class": o["class"], **ranked,
+                "objectness": _round(img.scores[i]), "iou": _round(img.assoc.iou[i]), "candidate": bool(cand[i]),
+                "segmentation": p["segmentation"], **{f: p[f] for f in ("bbox", "area") if f in p}}
+
+    entries = [entry(int(rows[i]), cluster=int(cluster[i]), part_id=int(ids[i]), score=_round(score[i]),
+                     density=_round(dens[i])) for i in np.flatnonzero(keep)]
+    if unknown_classes == "keep":
+        entries += [entry(int(i), cluster=-1, part_id=0, score=0.0, density=0.0, unknown_class=True)
+                    for i in np.flatnonzero(unknown)]
     entries.sort(key=lambda e: -e["score"])  # stable: ties keep proposal order
-    assigned = int((img.assoc.object_index >= 0).sum())
     doc = {"proposals": entries, "objects": img.objects, "classes": ranker.classes_.tolist(),
            "k": int(ranker.cluster_centers_.shape[1]), "id_scheme": ID_SCHEME, "model": model_name,
-           "dropped": int((~keep).sum()), "unassociated": len(img.scores) - assigned,
-           "unknown_class": assigned - len(rows)}
+           "score": score_kind, "dropped": int((~keep).sum()), "unassociated": int((~associated).sum()),
+           "unknown_class": int(unknown.sum())}
     new = {**sample, "ranked.json": encode_json(doc),
            "ranked_parts.png": encode_png(_label_map(img, rows[keep], score[keep], ids[keep]))}
     if as_targets:
-        sel = keep & cand
+        sel = keep & cand[rows]
         new["targets.png"] = encode_png(_label_map(img, rows[sel], score[sel], ids[sel]))
         new["targets.json"] = encode_json({"classes": {str(i): n for i, n in ranker.id_names().items()},
                                            "background": 0, "id_scheme": ID_SCHEME, "model": model_name})
     return new
 
 
-def apply(inputs: Sequence[str], model: str, *, as_targets: bool = False, objects_from: Optional[str] = None,
-          objects_field: Optional[str] = None, default_class: Optional[str] = None, output: Output = Output(),
+def apply(inputs: Sequence[str], model: str, *, as_targets: bool = False, score: str = "density",
+          unknown_classes: str = "error", objects_from: Optional[str] = None, objects_field: Optional[str] = None,
+          default_class: Optional[str] = None, fg_threshold: Optional[float] = None, output: Output = Output(),
           handler: Handler = stop) -> dict:
     """Add ``ranked.json`` and ``ranked_parts.png`` (plus ``targets.png``/``targets.json`` with
     ``as_targets``) to every sample. Object options default to those the model was fitted with.
 
+    ``score`` is the final score (:data:`SCORES`); ``unknown_classes`` says what happens to proposals
+    whose object's class the model was not fitted on (:data:`UNKNOWN_CLASSES`): ``error`` stops the
+    run naming the classes, ``drop`` leaves them out, ``keep`` lists them unranked (``cluster`` -1,
+    ``part_id`` 0, ``score`` 0, ``unknown_class`` true). Either way ``unknown_class`` counts them.
+
     >>> apply(["preds/"], "rank.npz", output=Output("ranked/"))  # doctest: +SKIP
     """
+    if score not in SCORES:
+        raise PartkitError(f"--score must be one of {', '.join(SCORES)}, got {score!r}")
+    if unknown_classes not in UNKNOWN_CLASSES:
+        raise PartkitError(f"--unknown-classes must be one of {', '.join(UNKNOWN_CLASSES)}, got {unknown_classes!r}")
     ranker = PartRanker.load(model)
     fitted = ranker.meta_.get("objects", {})
-    opts = _objects(objects_from, objects_field, default_class, fitted)
+    opts = _objects(objects_from, objects_field, default_class, fitted, fg_threshold)
     name = os.path.basename(model)
-    config = {"model": name, "as_targets": as_targets, **opts.record()}
+    config = {"model": name, "as_targets": as_targets, "score": score, "unknown_classes": unknown_classes,
+              **opts.record()}
     return run_stage(inputs, lambda items: items, output=output, name="rank apply", handler=handler, config=config,
-                     prepare=lambda s: _apply_one(s, ranker, opts, as_targets, name))
+                     prepare=lambda s: _apply_one(s, ranker, opts, as_targets, name, score, unknown_classes))

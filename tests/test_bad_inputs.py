@@ -33,6 +33,8 @@ DECODER = ["--queries", "4", "--hidden", "16", "--dec-layers", "1", "--batch-siz
 COMMANDS = {
     "pack": ["pack", "{inp}", "-o", "{out}"],
     "extract": ["extract", "{inp}", "--model", "rgb", "--size", "64", "-o", "{out}"],
+    "detect": ["detect", "{inp}", "--weights", "none", "--size", "64", "--max-size", "64", "--rpn-proposals", "20",
+               "--max-detections", "2", "-o", "{out}"],
     "cluster": ["cluster", "{inp}", "-k", "2", "-o", "{out}"],
     "train-decoder": ["train-decoder", "{inp}", "--out", "{out}", *DECODER],
     "predict": ["predict", "{inp}", "--checkpoint", "{run}", "-o", "{out}"],
@@ -175,6 +177,7 @@ ARRAY_KINDS = ["nan", "wrong-dtype", "wrong-shape", "not-npy"]
 # (command, extra options, base shard, field, kinds)
 FIELD_TABLE = [
     ("extract", [], "img", "jpg", IMAGE_KINDS),
+    ("detect", [], "img", "jpg", ["not-an-image"]),  # extract's image reader: every kind there
     ("cluster", [], "feat", "feat.npy", ARRAY_KINDS),
     ("cluster", ["--scope", "object", "--fg-from", "gt_parts"], "feat", "gt_parts.png", IMAGE_KINDS),
     ("train-decoder", [], "parts", "feat.npy", ARRAY_KINDS),

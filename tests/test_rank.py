@@ -5,9 +5,11 @@ through pack -> extract (efficientnet_lite0) -> cluster (object scope, k=4) -> a
 (20 queries) -> predict -> rank fit/apply (k=4). Pixel mIoU against the CIHP parts (17 present;
 foreground pixels, majority matching, ``partkit.evaluate``), measured on 2 shared CPU cores:
 
-    unranked proposals (predict's pred_parts.png, per-image proposal ids)    mIoU 6.5  (NMI 26.1)
-    ranked class-specific part clusters (ranked_parts.png, 4 dataset ids)    mIoU 5.5  (NMI 18.2)
-    for reference, the k-means parts the decoder was trained on (parts.png)  mIoU 3.3  (NMI 17.2)
+    unranked proposals (predict's pred_parts.png, per-image proposal ids)    mIoU 5.1
+    ranked class-specific part clusters (ranked_parts.png, 4 dataset ids):
+        --score density (Sec. 4.1, the default)                              mIoU 5.3
+        --score objectness-density (the official code)                       mIoU 5.6
+    for reference, the k-means parts the decoder was trained on (parts.png)  mIoU 3.3  (NMI 17.2; earlier run)
 
 With majority matching each predicted id covers at most one part, so 4 ids can score at most
 4 of the 17 parts; the 30-step decoder (about 4 confident queries, ~12 candidates in all) limits
@@ -128,16 +130,23 @@ def test_density_matches_a_direct_computation():
     y = np.array(["a", "b"] * 20)
     ranker = PartRanker(3, random_state=0).fit(X, y, sample_weight=np.full(40, 0.5))
     obj = rng.uniform(0.2, 1.0, 40)
-    score, cluster, dens = ranker.rank(X, y, obj)
+    score, cluster, dens = ranker.rank(X, y, obj)  # the default: Sec. 4.1's score, the density alone
+    official, cluster2, _ = ranker.rank(X, y, obj, score="objectness-density")
+    np.testing.assert_array_equal(cluster, cluster2)
     Xn = X / np.linalg.norm(X, axis=1, keepdims=True)
     for i in range(40):
         mu = ranker.cluster_centers_[ranker.class_index(y[i:i + 1])[0]]
         z = -np.sum((Xn[i].astype(np.float64) - mu) ** 2, axis=1)
         r = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
-        assert score[i] == pytest.approx(obj[i] * r.max(), rel=1e-5)
+        assert score[i] == pytest.approx(r.max(), rel=1e-5)
+        assert official[i] == pytest.approx(obj[i] * r.max(), rel=1e-5)
         assert cluster[i] == r.argmax() and dens[i] == pytest.approx(r.max(), rel=1e-5)
     ids = ranker.part_ids(y, cluster)
     assert ids.tolist() == [(0 if c == "a" else 3) + k + 1 for c, k in zip(y, cluster)]
+    with pytest.raises(PartkitError, match="needs the proposals' objectness"):
+        ranker.rank(X, y, score="objectness-density")
+    with pytest.raises(PartkitError, match="--score must be one of density, objectness-density"):
+        ranker.rank(X, y, obj, score="product")
 
 
 def _solve(problems, weights, k, **kw):
@@ -218,15 +227,68 @@ def test_fit_apply_gt_objects_two_classes(tmp_path, shard_factory):
         by_id = {p["proposal"]: p for p in props}
         assert {by_id[i]["class"] for i in (1, 2, 3)} == {"cat"} and {by_id[i]["class"] for i in (4, 5, 6)} == {"dog"}
         assert by_id[1]["cluster"] != by_id[2]["cluster"] and by_id[4]["cluster"] != by_id[5]["cluster"]
+        assert doc["score"] == "density" and doc["unknown_class"] == 0
         for p in props:
             assert p["part_id"] == doc["classes"].index(p["class"]) * 2 + p["cluster"] + 1
-            assert p["score"] == pytest.approx(p["objectness"] * p["density"], rel=1e-4)
+            assert p["score"] == p["density"]  # Sec. 4.1: the final score is the ranking model's alone
         lab = decode_label_map(s, "ranked_parts.png")
         assert lab[0, 0] == by_id[1]["part_id"] and lab[15, 15] == by_id[2]["part_id"]
         assert lab[16, 16] == by_id[4]["part_id"] and lab[0, 31] == 0 and lab[31, 0] == 0
         np.testing.assert_array_equal(decode_label_map(s, "targets.png"), lab)  # all parts here are candidates
         assert decode_json(s, "targets.json")["classes"] == {"1": "cat/0", "2": "cat/1", "3": "dog/0", "4": "dog/1"}
         assert "proposals.json" in s and "gt_objects.json" in s  # passed through
+
+    apply([shard], str(tmp_path / "m.npz"), score="objectness-density", output=Output(str(tmp_path / "off")))
+    for s, base in zip(read_shard(tmp_path / "off" / "000000.tar"), read_shard(tmp_path / "out" / "000000.tar")):
+        doc, ref = decode_json(s, "ranked.json"), decode_json(base, "ranked.json")
+        assert doc["score"] == "objectness-density"
+        by_id = {p["proposal"]: p for p in ref["proposals"]}
+        for p in doc["proposals"]:  # same clusters and densities; the score is multiplied by objectness
+            assert p["cluster"] == by_id[p["proposal"]]["cluster"] and p["density"] == by_id[p["proposal"]]["density"]
+            assert p["score"] == pytest.approx(p["objectness"] * p["density"], rel=1e-4)
+        # Whole-object proposals (objectness 0.2) rank last by the official score, not by density alone.
+        assert [p["proposal"] for p in doc["proposals"]][-2:] in ([3, 6], [6, 3])
+
+
+def _rename_class(sample: dict, old: str, new: str) -> dict:
+    doc = decode_json(sample, "gt_objects.json")
+    for o in doc["objects"]:
+        o["category"] = new if o["category"] == old else o["category"]
+    return {**sample, "gt_objects.json": encode_json(doc)}
+
+
+def test_unknown_classes_are_an_error_unless_dropped_or_kept(tmp_path, shard_factory):
+    samples = _two_class_samples(3)
+    fit([shard_factory(samples)], str(tmp_path / "m.npz"), n_clusters=2)
+    birds = shard_factory([samples[0], _rename_class(samples[1], "dog", "bird"), samples[2]])
+    model = str(tmp_path / "m.npz")
+    res = runner.invoke(app, ["rank", "apply", birds, "--model", model, "-o", str(tmp_path / "err")])
+    assert res.exit_code == 2 and "Traceback" not in res.stderr
+    assert "'bird'" in res.stderr and "s01" in res.stderr and "--unknown-classes drop" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "err" / "000000.tar").exists()  # no half-written output
+    res = runner.invoke(app, ["rank", "apply", birds, "--model", model, "--unknown-classes", "maybe"])
+    assert res.exit_code == 2 and "error, drop, keep" in res.stderr
+
+    for mode in ("drop", "keep"):
+        res = runner.invoke(app, ["rank", "apply", birds, "--model", model, "--unknown-classes", mode,
+                                  "-o", str(tmp_path / mode)])
+        assert res.exit_code == 0, res.stderr
+    dropped = read_shard(tmp_path / "drop" / "000000.tar")
+    kept = read_shard(tmp_path / "keep" / "000000.tar")
+    for d, k in zip(dropped, kept):
+        dd, kd = decode_json(d, "ranked.json"), decode_json(k, "ranked.json")
+        bird = d["__key__"] == "s01"
+        assert dd["unknown_class"] == kd["unknown_class"] == (3 if bird else 0)
+        assert all(p["class"] != "bird" for p in dd["proposals"])
+        extra = [p for p in kd["proposals"] if p.get("unknown_class")]
+        assert len(extra) == (3 if bird else 0) and len(kd["proposals"]) == len(dd["proposals"]) + len(extra)
+        assert all(p["class"] == "bird" and p["part_id"] == 0 and p["cluster"] == -1 and p["score"] == 0
+                   for p in extra)
+        assert kd["proposals"][len(kd["proposals"]) - len(extra):] == extra  # unranked, so last
+        lab = decode_label_map(d, "ranked_parts.png")
+        np.testing.assert_array_equal(lab, decode_label_map(k, "ranked_parts.png"))
+        assert (lab[16:, 16:] == 0).all() == bird  # the bird object gets no part ids
 
 
 def test_max_object_fraction_drops_whole_object_clusters(tmp_path, shard_factory):
@@ -325,7 +387,11 @@ def test_cli_on_cihp_ranks_person_parts(cihp_preds):
     ranked = evaluate([out], ["miou"], pred="ranked_parts.png", region="fg", match="majority")
     unranked = evaluate([out], ["miou"], pred="pred_parts.png", region="fg", match="majority")
     r, u = ranked["metrics"]["miou"]["value"], unranked["metrics"]["miou"]["value"]
-    print(f"CIHP mIoU: ranked {r:.1f}, unranked {u:.1f}")  # the module docstring records these
+    apply([str(root / "preds")], model, score="objectness-density", output=Output(str(root / "ranked_od")))
+    od = evaluate([str(root / "ranked_od")], ["miou"], pred="ranked_parts.png", region="fg", match="majority")
+    o = od["metrics"]["miou"]["value"]
+    print(f"CIHP mIoU: ranked {r:.1f} (objectness-density {o:.1f}), unranked {u:.1f}")  # the docstring records these
+    assert o > 3
     assert r > 3 and u > 3  # one id over the whole person scores ~2
 
     ranked_ar = evaluate([out], ["ar"], proposals="ranked.json")  # ranked.json is a proposals file too
@@ -335,3 +401,78 @@ def test_cli_on_cihp_ranks_person_parts(cihp_preds):
     assert res.exit_code == 0, res.stderr
     assert (root / "purity" / "purity_person.png").exists()
     assert "purity_person.png" in (root / "purity" / "index.html").read_text()
+
+
+# ---------------------------------------------------------------------------------------------
+# Objects on unlabelled images: --objects-from saliency
+
+
+def _salient_cat_samples(n=6, threshold=0.065):
+    """The cat half of _two_class_samples with no object masks: a 4 x 4 saliency grid (stride 8 on the
+    32 x 32 image) above ``threshold`` exactly on the cat's 16 x 16 square, the class in 'json'."""
+    from partkit.io import encode_npy
+
+    out = []
+    for s in _two_class_samples(n):
+        sal = np.full((4, 4), threshold / 2, np.float16)
+        sal[:2, :2] = 0.5
+        sal[3, 3] = 0.06  # below the threshold: not the object
+        geom = {"grid": [4, 4], "stride": 8, "image_size": [32, 32], "resized": [32, 32]}
+        new = {k: v for k, v in s.items() if k != "gt_objects.json"}
+        new.update({"json": encode_json({"width": 32, "height": 32, "category": "cat"}),
+                    "saliency.npy": encode_npy(sal), "feat.json": encode_json(geom)})
+        out.append(new)
+    return out
+
+
+def test_objects_from_saliency_reads_the_object_as_cluster_does():
+    from partkit import fields
+
+    s = _salient_cat_samples(1)[0]
+    records, masks = fields.objects_from(s, "saliency", (32, 32))
+    sal = fields.saliency(s, (4, 4))
+    assert records == [{"source": "saliency"}] and masks.shape == (1, 32, 32)
+    ys, xs = np.mgrid[:32, :32]
+    np.testing.assert_array_equal(masks[0], sal[ys // 8, xs // 8] > 0.065)  # cell = pixel // stride here
+    assert masks[0].sum() == 256 and masks[0, :16, :16].all()
+    assert fields.objects_from(s, "saliency", (32, 32), fg_threshold=0.9)[1].shape == (0, 32, 32)
+    from partkit.errors import BadSample
+
+    with pytest.raises(BadSample, match="not the feature grid 5x4"):
+        fields.saliency(s, (5, 4))
+    with pytest.raises(BadSample, match=r"run `partkit extract --saliency` first"):
+        fields.objects_from({k: v for k, v in s.items() if k != "saliency.npy"}, "saliency", (32, 32))
+
+
+def test_fit_apply_with_saliency_objects_matches_the_same_gt_objects(tmp_path, shard_factory):
+    salient = shard_factory(_salient_cat_samples())
+    cats = []  # the same samples with the cat square as a gt_objects instance
+    for s in _two_class_samples():
+        doc = decode_json(s, "gt_objects.json")
+        doc["objects"] = [o for o in doc["objects"] if o["category"] == "cat"]
+        cats.append({**s, "gt_objects.json": encode_json(doc)})
+    labelled = shard_factory(cats)
+    by_sal = fit([salient], str(tmp_path / "sal.npz"), n_clusters=2, objects_from="saliency")
+    by_gt = fit([labelled], str(tmp_path / "gt.npz"), n_clusters=2)
+    assert by_sal.classes_.tolist() == by_gt.classes_.tolist() == ["cat"]
+    np.testing.assert_allclose(by_sal.cluster_centers_, by_gt.cluster_centers_)
+    assert by_sal.meta_["objects"] == {"objects_from": "saliency", "objects_field": "gt_objects.json",
+                                       "default_class": None, "fg_threshold": 0.065}
+    apply([salient], str(tmp_path / "sal.npz"), output=Output(str(tmp_path / "a")))  # objects as fitted
+    apply([labelled], str(tmp_path / "gt.npz"), output=Output(str(tmp_path / "b")))
+    for a, b in zip(read_shard(tmp_path / "a" / "000000.tar"), read_shard(tmp_path / "b" / "000000.tar")):
+        lab = decode_label_map(a, "ranked_parts.png")
+        np.testing.assert_array_equal(lab, decode_label_map(b, "ranked_parts.png"))
+        assert lab[:16, :16].all() and not lab[16:].any() and not lab[:, 16:].any()
+        da, db = decode_json(a, "ranked.json"), decode_json(b, "ranked.json")
+        assert [(p["proposal"], p["part_id"]) for p in da["proposals"]] == \
+            [(p["proposal"], p["part_id"]) for p in db["proposals"]]
+    # a higher threshold leaves no object: every proposal is unassociated
+    apply([salient], str(tmp_path / "sal.npz"), fg_threshold=0.9, output=Output(str(tmp_path / "c")))
+    doc = decode_json(read_shard(tmp_path / "c" / "000000.tar")[0], "ranked.json")
+    assert doc["proposals"] == [] and doc["unassociated"] == 7
+
+    res = runner.invoke(app, ["rank", "fit", labelled, "-m", str(tmp_path / "x.npz"), "--fg-threshold", "0.1"])
+    assert res.exit_code == 2 and "--fg-threshold applies to --objects-from saliency" in res.stderr
+    res = runner.invoke(app, ["rank", "fit", labelled, "-m", str(tmp_path / "x.npz"), "--objects-from", "saliency"])
+    assert res.exit_code == 2 and "run `partkit extract --saliency` first" in res.stderr

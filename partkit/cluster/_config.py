@@ -18,7 +18,7 @@ from ..errors import PartkitError
 from ..kmeans import INITS, METRICS
 
 SCOPES = ("image", "object", "dataset", "cosegment")
-FG_SOURCES = ("gt_objects", "gt_parts", "saliency")
+FG_SOURCES = fields.OBJECT_SOURCES
 DEFAULT_K = {"image": 25, "object": 4, "dataset": 25, "cosegment": 4}
 DEFAULT_FG = {"image": None, "object": "gt_objects", "dataset": None, "cosegment": "saliency"}
 DEFAULT_ITERS = {"dataset": 25}  # Lloyd iterations; 100 elsewhere
@@ -47,7 +47,7 @@ class ClusterConfig:
     seed: int = 0
     device: str = "auto"
     fg_from: Optional[str] = None
-    fg_threshold: float = 0.065
+    fg_threshold: float = fields.SALIENCY_THRESHOLD
     coverage: float = 0.5
     upsample: str = "grid"
     min_area: float = 0

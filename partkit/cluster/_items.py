@@ -23,7 +23,7 @@ from .._log import log
 from .._version import __version__
 from ..errors import BadSample, Handler
 from ..grid import grid_to_image, mask_to_grid
-from ..io import decode_label_map, decode_npy, encode_json, encode_png, iter_loaded, open_url
+from ..io import decode_label_map, encode_json, encode_png, iter_loaded, open_url
 from ..kmeans import KMeansResult, nearest_center, normalize_rows
 from ._config import ClusterConfig, Job
 
@@ -86,11 +86,8 @@ def object_cells(sample: dict, meta: dict, cfg: ClusterConfig, h: int, w: int, k
     if fg is None:
         return [{"id": None}], [np.arange(h * w)], None
     if fg == "saliency":
-        sal = decode_npy(sample, "saliency.npy").astype(np.float32)
-        if sal.shape != (h, w):
-            raise BadSample(key, f"saliency.npy has shape {sal.shape}, not the feature grid {h}x{w}")
-        flat = sal.reshape(-1)
-        return [{"id": None, "source": "saliency"}], [np.flatnonzero(flat > cfg.fg_threshold)], flat
+        flat = fields.saliency(sample, (h, w)).reshape(-1)
+        return [{"id": None, "source": "saliency"}], [np.flatnonzero(fields.salient(flat, cfg.fg_threshold))], flat
     fields.geometry(meta, key)
     H, W = meta["image_size"]
     if fg == "gt_parts":

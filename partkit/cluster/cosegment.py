@@ -11,6 +11,7 @@ from typing import Sequence
 
 import numpy as np
 
+from .. import fields
 from .._log import log
 from ..errors import BadSample, Handler, PartkitError
 from ..io import Output, run_stage
@@ -72,7 +73,7 @@ def _solve_group(items: list, job: Job, name: str) -> dict:
             lab = fg_res.labels[start:start + len(it.X)]
             start += len(it.X)
             for c in np.unique(lab):
-                votes[c] += int(it.saliency[lab == c].mean() > cfg.fg_threshold)
+                votes[c] += int(fields.salient(it.saliency[lab == c].mean(), cfg.fg_threshold))
         need = math.ceil(cfg.votes * len(items))
         fg_clusters = np.flatnonzero(votes >= need)
         extra.update(fg_clusters=int(len(fg_clusters)), fg_k=k_fg, fg_votes=votes.tolist(), fg_votes_needed=need)

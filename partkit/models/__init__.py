@@ -13,13 +13,13 @@ from typing import Optional
 
 from ..errors import PartkitError
 from . import presets  # noqa: F401  (registers the presets)
-from ._registry import BackboneSpec, get_spec, list_backbones, register_backbone
+from ._registry import BackboneSpec, get_spec, list_backbones, list_detectors, register_backbone
 from ._weights import (WeightSource, find_local, hub_reachable, load_state_dict, match_prefix, offline_error,
                        resolve_weights)
 from .backbone import FACETS, Backbone, OpenClipViT, PixelBackbone, TimmCNN, TimmViT
 
-__all__ = ["create_backbone", "create_clip", "list_backbones", "register_backbone", "get_spec", "BackboneSpec",
-           "Backbone", "FACETS", "find_local", "load_state_dict"]
+__all__ = ["create_backbone", "create_clip", "create_detector", "list_backbones", "list_detectors",
+           "register_backbone", "get_spec", "BackboneSpec", "Backbone", "FACETS", "find_local", "load_state_dict"]
 
 
 def _load_into(net, spec: BackboneSpec, path: str) -> dict:
@@ -61,6 +61,9 @@ def create_backbone(name: str, weights: Optional[str] = None) -> Backbone:
     ``None`` (local weights if any, else the preset's hub tag).
     """
     spec = get_spec(name)
+    if spec.family == "detector":
+        raise PartkitError(f"{name!r} is an instance-segmentation detector, not a feature backbone; run it with "
+                           f"`partkit detect --model {name}` (backbones: `partkit models`)")
     if spec.builder is not None:
         backbone = spec.builder(spec, weights)
     elif spec.family == "pixels":
@@ -200,3 +203,13 @@ def create_clip(name: str = "clip_vitb16", weights: Optional[str] = None):
     backbone = _create_open_clip(spec, arch, src, model)
     backbone.source, backbone.default_facet = spec.source, spec.default_facet
     return backbone, model.eval(), open_clip.get_tokenizer(arch)
+
+
+def create_detector(name: str = "maskrcnn_resnet50_fpn_v2", weights: Optional[str] = None, **kwargs):
+    """An instance-segmentation detector from the registry (:class:`~partkit.models.detector.Detector`).
+
+    >>> det = create_detector("maskrcnn_resnet50_fpn_v2", weights="none", size=64)  # doctest: +SKIP
+    """
+    from .detector import create_detector as _create
+
+    return _create(name, weights, **kwargs)

@@ -11,7 +11,7 @@ from typing import Callable, Optional
 
 from ..errors import PartkitError
 
-__all__ = ["BackboneSpec", "register_backbone", "get_spec", "list_backbones"]
+__all__ = ["BackboneSpec", "register_backbone", "get_spec", "list_backbones", "list_detectors"]
 
 
 @dataclass(frozen=True)
@@ -19,8 +19,8 @@ class BackboneSpec:
     """Everything the registry knows about a named backbone before building it."""
 
     name: str
-    family: str  # "cnn", "vit" or "pixels"
-    source: str  # "timm:ARCH", "open_clip:ARCH" or "partkit"
+    family: str  # "cnn", "vit", "pixels", or "detector" (instance segmentation, for `partkit detect`)
+    source: str  # "timm:ARCH", "open_clip:ARCH", "torchvision:ARCH" (detectors) or "partkit"
     hub_tag: Optional[str] = None  # default pretrained tag on the hub
     default_layers: tuple = ()
     default_facet: Optional[str] = None
@@ -48,7 +48,13 @@ def register_backbone(fn: Callable[[], BackboneSpec]) -> Callable[[], BackboneSp
 
 
 def list_backbones(pattern: str = "*") -> list[str]:
-    return sorted(n for n in _REGISTRY if fnmatch.fnmatch(n, pattern))
+    """Names of the dense-feature backbones (not the detectors) matching a glob."""
+    return sorted(n for n, s in _REGISTRY.items() if s.family != "detector" and fnmatch.fnmatch(n, pattern))
+
+
+def list_detectors(pattern: str = "*") -> list[str]:
+    """Names of the instance-segmentation detectors (``partkit detect --model``) matching a glob."""
+    return sorted(n for n, s in _REGISTRY.items() if s.family == "detector" and fnmatch.fnmatch(n, pattern))
 
 
 def get_spec(name: str) -> BackboneSpec:

@@ -94,12 +94,12 @@ def hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
     return _REACHABLE[host]
 
 
-def offline_error(spec: BackboneSpec, reason: str = "") -> PartkitError:
+def offline_error(spec: BackboneSpec, reason: str = "", downloader: str = "timm/open_clip") -> PartkitError:
     stem = spec.name.replace(":", "_").replace("/", "_")
     why = f" ({reason})" if reason else ""
     return PartkitError(
         f"no weights for {spec.name!r} on this machine and the model hub is unreachable{why}; fix: "
-        f"pass --weights FILE, or put {stem}.pth in $PARTKIT_WEIGHTS_DIR, or go online once so timm/open_clip "
+        f"pass --weights FILE, or put {stem}.pth in $PARTKIT_WEIGHTS_DIR, or go online once so {downloader} "
         f"can download and cache them (or --weights none for random init)"
     )
 
