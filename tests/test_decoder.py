@@ -129,14 +129,18 @@ def test_predict_writes_rle_proposals_and_features(tmp_path, shard):
 
 
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun ships with torch")
-def test_ddp_two_cpu_processes(tmp_path):
-    shards = [write_shard(tmp_path / f"in{i}.tar", _synthetic(2, seed=i)) for i in range(2)]
+def test_ddp_two_cpu_processes_over_uneven_shards(tmp_path):
+    """2 ranks over 3 shards of 1, 2 and 4 samples: one epoch is ceil(7 / 2) = 4 steps on both ranks."""
+    shards = [write_shard(tmp_path / f"in{i}.tar", [{**s, "__key__": f"r{i}{s['__key__']}"}
+                                                     for s in _synthetic(n, seed=i)])
+              for i, n in enumerate((1, 2, 4))]
     cmd = (f"torchrun --nproc_per_node=2 --master_port=29531 $(which partkit) train-decoder {' '.join(shards)} "
-           f"--out {tmp_path}/run --max-steps 3 --batch-size 1 --queries 8 --hidden 32 --dec-layers 1 "
-           f"--crop-grid 8 --checkpoint-every 3 --log-every 1 --warmup 1")
+           f"--out {tmp_path}/run --epochs 1 --batch-size 1 --queries 8 --hidden 32 --dec-layers 1 "
+           f"--crop-grid 8 --checkpoint-every 4 --log-every 1 --warmup 1 --workers 1 --shuffle-buffer 3")
     res = subprocess.run(cmd, shell=True, capture_output=True, text=True, cwd=ROOT, timeout=300,
                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert res.returncode == 0, res.stderr[-3000:]
     ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
-    assert ckpt["step"] == 3 and ckpt["config"]["world"] == 2 and len(ckpt["rng"]) == 2
-    assert len(open(tmp_path / "run" / "metrics.jsonl").readlines()) == 3  # only rank 0 logs
+    assert ckpt["step"] == 4 and ckpt["config"]["world"] == 2 and len(ckpt["rng"]) == 2
+    assert ckpt["loader"] == [4, 4]  # each rank consumed 4 samples of the stream: equal step counts
+    assert len(open(tmp_path / "run" / "metrics.jsonl").readlines()) == 4  # only rank 0 logs
