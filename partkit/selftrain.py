@@ -19,11 +19,11 @@ from .decoder.data import MASK_FACTOR, Example, augment
 from .decoder.model import PartDecoder
 from .decoder.predict import load_decoder
 from .decoder.features import OnlineFeatures, batch_features, load_examples
-from .decoder.train import DecoderTrainer, TrainConfig, masks_recall
+from .decoder.train import DecoderTrainer, TrainConfig, full_precision, masks_recall
 from .errors import Handler, PartkitError, stop
 from .fields import object_masks
 from .grid import sample_on_grid
-from .training import check_count, check_rate, epoch_batch_indices
+from .training import check_count, check_rate, epoch_batch_indices, to_device
 
 __all__ = ["SelfTrainer", "self_train_masks", "ema_update", "strong_photometric"]
 
@@ -156,7 +156,7 @@ class SelfTrainer(DecoderTrainer):
             xw.append(fw)
             xs.append(fs)
             objects.append(obj > 0 if getattr(ex, "has_objects", False) else None)
-        return torch.stack(xw).to(self.dev), torch.stack(xs).to(self.dev), objects
+        return to_device(torch.stack(xw), self.dev), to_device(torch.stack(xs), self.dev), objects
 
     @torch.no_grad()
     def pseudo_labels(self, x_weak: torch.Tensor, objects: list) -> list[dict]:
@@ -180,7 +180,7 @@ class SelfTrainer(DecoderTrainer):
         targets = self.pseudo_labels(xw, objects)
         with torch.autocast(self.dev.type, dtype=torch.float16, enabled=self.use_amp):
             outputs = self.ddp(xs)
-        unsup, terms = self.crit(outputs, targets, self.gen)
+        unsup, terms = self.crit(full_precision(outputs), targets, self.gen)
         terms = {f"unsup_{k}": v for k, v in terms.items()}
         terms["pseudo_per_image"] = sum(t["masks"].shape[0] for t in targets) / len(targets)
         loss = self.unsup_weight * unsup if self.labeled else unsup

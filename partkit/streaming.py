@@ -136,11 +136,13 @@ class StreamLoader:
 
     def _iterator(self):
         if self._it is None:
+            import torch
             from torch.utils.data import DataLoader
 
             extra = {"prefetch_factor": self.prefetch, "persistent_workers": False} if self.workers > 0 else {}
+            # its own generator: making an iterator draws a worker seed, which must not move the global RNG
             loader = DataLoader(_dataset(self.stream, self.position), batch_size=None, num_workers=self.workers,
-                                pin_memory=self.pin_memory, **extra)
+                                pin_memory=self.pin_memory, generator=torch.Generator().manual_seed(0), **extra)
             self._it = iter(loader)
         return self._it
 

@@ -22,7 +22,7 @@ from .errors import PartkitError
 from .io import write_atomic
 
 __all__ = ["Trainer", "Distributed", "RunDir", "rng_state", "set_rng_state", "cosine_warmup", "load_checkpoint",
-           "require", "check_count", "check_rate", "epoch_batch_indices", "stream_batch_indices", "digest"]
+           "require", "check_count", "check_rate", "epoch_batch_indices", "stream_batch_indices", "digest", "to_device"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -76,6 +76,19 @@ def stream_batch_indices(step: int, n: int, batch: int, rank: int, world: int, s
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
         out.append(int(perm[i]))
     return out
+
+
+def to_device(x, device: torch.device):
+    """Tensors (in dicts, lists, tuples) onto ``device``; on CUDA from pinned memory, without blocking the host."""
+    if isinstance(x, torch.Tensor):
+        if device.type != "cuda":
+            return x.to(device)
+        return (x if x.is_pinned() else x.pin_memory()).to(device, non_blocking=True)
+    if isinstance(x, dict):
+        return {k: to_device(v, device) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(to_device(v, device) for v in x)
+    return x
 
 
 def digest(keys: Sequence[str]) -> str:

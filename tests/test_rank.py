@@ -229,6 +229,46 @@ def test_fit_apply_gt_objects_two_classes(tmp_path, shard_factory):
         assert "proposals.json" in s and "gt_objects.json" in s  # passed through
 
 
+def test_pool_keeps_a_uniform_seeded_sample_past_the_bound():
+    from partkit.rank import _Pool
+
+    n, bound = 400, 40
+    rows = np.arange(n, dtype=np.float32)[:, None]
+    hits = np.zeros(n)
+    for seed in range(200):
+        pool = _Pool(bound, seed)
+        for chunk in np.array_split(np.arange(n), 37):  # candidates arrive a few per image
+            pool.add(rows[chunk], np.array(["cat"] * len(chunk)), rows[chunk, 0], rows[chunk, 0])
+        f, c, w, fr = pool.arrays()
+        kept = f[:, 0].astype(int)
+        assert len(kept) == bound == len(set(kept)) and (w == f[:, 0]).all() and (fr == f[:, 0]).all()
+        hits[kept] += 1
+        assert pool.record() == {"max_candidates": bound, "subsampled": {"cat": {"seen": n, "kept": bound}}}
+    # every row is kept with probability bound / n = 0.1: 20 of 200 runs, whatever its place in the input
+    assert abs(hits[:n // 2].mean() - 20) < 2 and abs(hits[n // 2:].mean() - 20) < 2
+    small = _Pool(bound, 0)
+    small.add(rows[:30], np.array(["dog"] * 30), rows[:30, 0], rows[:30, 0])
+    assert small.arrays()[0][:, 0].tolist() == list(range(30)) and small.record()["subsampled"] == {}
+
+
+def test_fit_past_max_candidates_is_reproducible_and_recorded(tmp_path, shard_factory):
+    shard = shard_factory(_two_class_samples(n=12))  # 24 candidates per class
+    full = fit([shard], str(tmp_path / "full.npz"), n_clusters=2, max_candidates=None)
+    models = [fit([shard], str(tmp_path / f"m{i}.npz"), n_clusters=2, seed=1, max_candidates=10) for i in range(2)]
+    assert (tmp_path / "m0.npz").read_bytes() == (tmp_path / "m1.npz").read_bytes()
+    assert models[0].counts_.sum(1).tolist() == [10, 10] and full.counts_.sum(1).tolist() == [24, 24]
+    meta = PartRanker.load(str(tmp_path / "m0.npz")).meta_
+    assert meta["pooling"] == {"max_candidates": 10, "subsampled": {"cat": {"seen": 24, "kept": 10},
+                                                                    "dog": {"seen": 24, "kept": 10}}}
+    # the sample still finds the head and body clusters of each class
+    for j in range(2):
+        a = np.sort(np.argmax(models[0].cluster_centers_[j], 1))
+        b = np.sort(np.argmax(full.cluster_centers_[j], 1))
+        assert a.tolist() == b.tolist()
+    with pytest.raises(PartkitError, match="--max-candidates"):
+        fit([shard], str(tmp_path / "x.npz"), n_clusters=2, max_candidates=1)
+
+
 def test_max_object_fraction_drops_whole_object_clusters(tmp_path, shard_factory):
     shard = shard_factory(_two_class_samples())
     ranker = fit([shard], str(tmp_path / "m.npz"), n_clusters=3, score_threshold=0.1, min_area=0.0,

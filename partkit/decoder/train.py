@@ -18,7 +18,7 @@ from .._version import __version__
 from ..errors import Handler, PartkitError, recorded, stop
 from ..fields import IGNORE_IDS, FeatureSource
 from ..io import iter_samples
-from ..training import Distributed, Trainer, check_count, check_rate, cosine_warmup
+from ..training import Distributed, Trainer, check_count, check_rate, cosine_warmup, to_device
 from .criterion import SetCriterion
 from .data import Example, augment, collate
 from .features import ExampleStream, OnlineFeatures, batch_features, example_loader, load_examples
@@ -66,6 +66,17 @@ class TrainConfig:
         check_rate("--clip-grad", self.clip_grad, strict=False, fix="pass a gradient norm, or 0 to turn clipping off")
         check_rate("--no-part-weight", self.no_part_weight, strict=False)
         return self
+
+
+def full_precision(outputs):
+    """The decoder's outputs as float32 (the losses and the matching stay out of autocast's float16)."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs.float() if outputs.is_floating_point() else outputs
+    if isinstance(outputs, dict):
+        return {k: full_precision(v) for k, v in outputs.items()}
+    if isinstance(outputs, (list, tuple)):
+        return type(outputs)(full_precision(v) for v in outputs)
+    return outputs
 
 
 @torch.no_grad()
@@ -200,10 +211,10 @@ class DecoderTrainer(Trainer):
         feats = batch_features(batch, self.online)
         items = [augment(Example(ex.key, f, ex.target, ex.ids, ex.classes, ex.meta), self.tc.crop_grid, self.gen)
                  for ex, f in zip(batch, feats)]
-        x, targets = collate(items, batch, self.dev)
+        x, targets = to_device(collate(items, batch, "cpu"), self.dev)
         with torch.autocast(self.dev.type, dtype=torch.float16, enabled=self.use_amp):
             outputs = self.ddp(x)
-        return self.crit(outputs, targets, self.gen)
+        return self.crit(full_precision(outputs), targets, self.gen)
 
     def after_step(self, done: int) -> None:
         pass
