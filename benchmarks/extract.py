@@ -13,6 +13,7 @@ import argparse
 import os
 import sys
 import tempfile
+import warnings
 
 import torch
 
@@ -62,7 +63,8 @@ def bare_forward(model: str, weights, n: int, batch: int, size: int, kwargs: dic
         mod = _Intermediates(bb.net.to(memory_format=fmt), indices).eval()
         xi = x.contiguous(memory_format=fmt)
         try:
-            with torch.no_grad():
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated, still the fastest here
                 graph = torch.jit.optimize_for_inference(torch.jit.trace(mod, xi, check_trace=False))
                 for _ in range(2):  # the profiling executor specialises on the first calls
                     graph(xi)
