@@ -64,7 +64,7 @@ def bare_forward(model: str, weights, n: int, batch: int, size: int, kwargs: dic
         xi = x.contiguous(memory_format=fmt)
         try:
             with torch.no_grad(), warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated, still the fastest here
+                warnings.simplefilter("ignore")  # torch.jit's deprecation and tracer warnings (a baseline only)
                 graph = torch.jit.optimize_for_inference(torch.jit.trace(mod, xi, check_trace=False))
                 for _ in range(2):  # the profiling executor specialises on the first calls
                     graph(xi)
