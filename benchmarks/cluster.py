@@ -1,8 +1,8 @@
 """Benchmark: k-means for part discovery, partkit vs scikit-learn and faiss, measured in one run.
 
 Per image (``--scope image/object``): 1,000 images x 784 cells x 384 dims, k = 4 and 25.
-partkit solves all images in one batched call (default greedy k-means++ seeding, and
-``--init k-means||``); the baselines loop over images with
+partkit solves all images in one batched call (default options: ``init="auto"``, greedy k-means++
+below k = 12 and k-means|| from there on; and ``--init k-means||`` at every k); the baselines loop over images with
 ``sklearn.cluster.KMeans(n_init=1)`` and ``faiss.Kmeans`` (defaults: 25 iterations, random start).
 Reports images/s, the ratios, and the mean inertia of partkit over scikit-learn's on the same
 images. The data has real cluster structure: each image draws 25 sub-part centres grouped

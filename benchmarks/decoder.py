@@ -3,7 +3,8 @@
     python benchmarks/decoder.py          # 224 px, batch 8, 30 steps per mode
     python benchmarks/decoder.py --tiny   # seconds, for CI
 
-Prints images/s for both modes (target: cached >= 2x online), the share of step time spent
+Prints images/s for both modes (for information: the former target cached >= 2x online is
+retired, see benchmarks/train_scale.py for the data path at scale), the share of step time spent
 outside the model (data: batch assembly, augmentation, collation; matching: Hungarian
 assignment) with target < 15%, and peak RSS.
 """
@@ -113,7 +114,9 @@ def main() -> None:
             print(f"  {name:26s} {r['ips']:7.2f} img/s | data {100 * r['data']:4.1f}% | matching "
                   f"{100 * r['match']:4.1f}% | backbone {100 * r['backbone']:4.1f}% of step time", flush=True)
         outside = cached["data"] + cached["match"]
-        print(f"  cached/online speed ratio {cached['ips'] / online['ips']:.2f} (target >= 2)", flush=True)
+        # no target: the backbone is a small share of an online step with efficientnet_lite0; data at
+        # scale is measured by benchmarks/train_scale.py
+        print(f"  cached/online speed ratio {cached['ips'] / online['ips']:.2f} (for information)", flush=True)
         print(f"  outside-model share (cached) ratio {outside:.3f} (target < 0.15)", flush=True)
         print(f"  peak RSS {self_peak_rss_mb():.0f} MiB", flush=True)
 

@@ -22,7 +22,7 @@ def main(
     k: Optional[str] = typer.Option(None, "-k", "--k", help="Parts per image/object/dataset/group, or 'auto' (elbow "
                                     "rule). Default: image 25, object 4, dataset 25, cosegment 4."),
     metric: str = typer.Option("cosine", "--metric", help="cosine (L2-normalise features first) or l2."),
-    init: str = typer.Option("k-means++", "--init", help="k-means++ (greedy, as scikit-learn), k-means|| "
+    init: str = typer.Option("auto", "--init", help="auto (k-means|| from k=12, else k-means++), k-means++ (greedy, as scikit-learn), k-means|| "
                              "(Bahmani et al.: fewer passes, faster at large k) or random."),
     iters: Optional[int] = typer.Option(None, "--iters", help="Maximum Lloyd iterations [default: 100; dataset: 25]."),
     tol: float = typer.Option(1e-4, "--tol", help="Stop when centres move less than this (relative to the variance)."),

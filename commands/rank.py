@@ -50,6 +50,9 @@ def fit(
     default_class: DefaultClassOption = None,
     fg_threshold: FgThresholdOption = None,
     max_iter: int = typer.Option(300, "--max-iter", help="Lloyd iterations at most."),
+    max_candidates: int = typer.Option(100_000, "--max-candidates",
+                                       help="Per class, cluster a seeded uniform sample of this many candidates "
+                                            "when there are more (bounds memory; 0 = no bound)."),
     skip_bad: SkipBadOption = False,
 ):
     """Cluster the candidate proposals of each object class (weighted k-means) and save the model.
@@ -63,7 +66,7 @@ def fit(
     R.fit(inputs or ["-"], model_out, n_clusters=k, score_threshold=score_threshold, min_area=min_area,
           max_object_fraction=max_object_fraction, objects_from=objects_from or "gt_objects",
           objects_field=objects_field, default_class=default_class, fg_threshold=fg_threshold, max_iter=max_iter,
-          seed=g.seed, device=g.device, handler=handler_for(skip_bad))
+          seed=g.seed, device=g.device, handler=handler_for(skip_bad), max_candidates=max_candidates or None)
 
 
 @app.command("apply")

@@ -59,6 +59,8 @@ def main(
     log: LogOption = "jsonl",
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out exactly where it stopped."),
     stop_at: Optional[int] = typer.Option(None, "--stop-at", help="Checkpoint and stop at this step."),
+    workers: int = typer.Option(2, "--workers", help="masks: DataLoader processes that decode the training stream."),
+    shuffle_buffer: int = typer.Option(256, "--shuffle-buffer", help="masks: samples per shuffle buffer (per worker)."),
     skip_bad: SkipBadOption = False,
 ):
     """Improve part predictions without labels.
@@ -81,7 +83,7 @@ def main(
                  "warmup": warmup}
         tc = TrainConfig(**{k_: v for k_, v in given.items() if v is not None}, crop_grid=crop_grid,
                          checkpoint_every=checkpoint_every, val_every=val_every, log_every=log_every, stop_at=stop_at,
-                         log=log)
+                         workers=workers, shuffle_buffer=shuffle_buffer, log=log)
         self_train_masks(inputs, out, teacher, student_init=student_init, burn_in=burn_in, ema_decay=ema_decay,
                          rounds=1 if rounds is None else rounds, score_threshold=score_threshold, min_mask_area=min_mask_area, labeled=labeled,
                          labeled_field=labeled_field, unsup_weight=unsup_weight, train=tc, val=val, resume=resume,

@@ -41,6 +41,8 @@ def main(
     log: LogOption = "jsonl",
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out exactly where it stopped."),
     stop_at: Optional[int] = typer.Option(None, "--stop-at", help="Checkpoint and stop at this step (resume later with --resume)."),
+    workers: int = typer.Option(2, "--workers", help="DataLoader processes that decode the training stream (0 = none)."),
+    shuffle_buffer: int = typer.Option(256, "--shuffle-buffer", help="Samples per shuffle buffer (per worker): bounds memory."),
     skip_bad: SkipBadOption = False,
 ):
     """Train on every proposal (a non-zero id of parts.png) as a mask of one "part" class.
@@ -53,7 +55,8 @@ def main(
     g = get_globals(ctx)
     tc = TrainConfig(lr=lr, weight_decay=weight_decay, batch_size=batch_size, max_steps=max_steps, epochs=epochs,
                      warmup=warmup, clip_grad=clip_grad, amp=amp, crop_grid=crop_grid, checkpoint_every=checkpoint_every,
-                     val_every=val_every, log_every=log_every, stop_at=stop_at, log=log)
+                     val_every=val_every, log_every=log_every, stop_at=stop_at, workers=workers,
+                     shuffle_buffer=shuffle_buffer, log=log)
     train_decoder(inputs, out, field=field, min_part_area=min_part_area, features=features, model=model,
                   weights=weights, layers=parse_ints(layers, "--layers"), size=size,
                   decoder={"num_queries": queries, "num_layers": dec_layers, "hidden_dim": hidden}, train=tc,

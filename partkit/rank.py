@@ -97,6 +97,63 @@ def _class_seed(seed: int, name: str) -> list:
     return [int(seed), zlib.crc32(name.encode("utf-8"))]
 
 
+class _Pool:
+    """Candidate rows pooled per class; past ``bound`` rows a class keeps a uniform sample of them
+    (reservoir sampling, seeded per class name, so the sample depends only on the seed and that
+    class's rows in input order). Memory: at most ``bound`` rows per class."""
+
+    def __init__(self, bound: Optional[int], seed: int):
+        self.bound, self.seed = bound, seed
+        self.rows: dict = {}  # class -> [features, weights, fractions] (lists of rows, or arrays once full)
+        self.seen: dict = {}
+        self.rng: dict = {}
+
+    def add(self, feats: np.ndarray, classes: np.ndarray, weights: np.ndarray, fractions: np.ndarray) -> None:
+        for c in np.unique(classes):
+            m = classes == c
+            self._add(str(c), feats[m], weights[m], fractions[m])
+
+    def _add(self, c: str, f: np.ndarray, w: np.ndarray, fr: np.ndarray) -> None:
+        seen = self.seen.get(c, 0)
+        if c not in self.rows:
+            self.rows[c] = [[], [], []]
+            self.rng[c] = np.random.default_rng(_class_seed(self.seed, c))
+        pool = self.rows[c]
+        bound = self.bound
+        if bound is None or seen + len(f) <= bound:
+            for lst, a in zip(pool, (f, w, fr)):
+                lst.append(a)
+            self.seen[c] = seen + len(f)
+            return
+        if isinstance(pool[0], list):  # full now: one array per column, ``bound`` rows
+            have = [np.concatenate(lst) if lst else a[:0] for lst, a in zip(pool, (f, w, fr))]
+            take = bound - seen
+            pool[:] = [np.concatenate([h, a[:take]]) for h, a in zip(have, (f, w, fr))]
+            f, w, fr = f[take:], w[take:], fr[take:]
+            seen = bound
+        slots = np.array([self.rng[c].integers(0, seen + i + 1) for i in range(len(f))], np.int64)
+        for i in np.flatnonzero(slots < bound):  # algorithm R: row t replaces slot j < bound, j uniform in [0, t]
+            for col, a in zip(pool, (f, w, fr)):
+                col[slots[i]] = a[i]
+        self.seen[c] = seen + len(f)
+
+    def arrays(self) -> tuple:
+        feats, classes, weights, fractions = [], [], [], []
+        for c in sorted(self.rows):
+            cols = [np.concatenate(col) if isinstance(col, list) else col for col in self.rows[c]]
+            feats.append(cols[0])
+            weights.append(cols[1])
+            fractions.append(cols[2])
+            classes.append(np.full(len(cols[0]), c, dtype=object))
+        return np.concatenate(feats), np.concatenate(classes), np.concatenate(weights), np.concatenate(fractions)
+
+    def record(self) -> dict:
+        """What the model file says about the pooling: the bound and, per class, rows seen and kept."""
+        return {"max_candidates": self.bound,
+                "subsampled": {c: {"seen": n, "kept": min(n, self.bound)} for c, n in sorted(self.seen.items())
+                               if self.bound is not None and n > self.bound}}
+
+
 def _npz_bytes(arrays: dict) -> bytes:
     """An .npz with fixed member timestamps, so the same model gives the same bytes."""
     buf = io.BytesIO()
@@ -467,8 +524,12 @@ def fit(inputs: Sequence[str], model_out: str, *, n_clusters: int = 8, score_thr
         min_area: float = 0.05, max_object_fraction: Optional[float] = None, objects_from: str = "gt_objects",
         objects_field: Optional[str] = None, default_class: Optional[str] = None,
         fg_threshold: Optional[float] = None, max_iter: int = 300,
-        tol: float = 1e-4, seed: int = 0, device: str = "auto", handler: Handler = stop) -> PartRanker:
+        tol: float = 1e-4, seed: int = 0, device: str = "auto", handler: Handler = stop,
+        max_candidates: Optional[int] = 100_000) -> PartRanker:
     """Pool candidate proposals per object class over the input, cluster them, save the model.
+
+    A class with more than ``max_candidates`` candidates is clustered on a seeded uniform sample of
+    that many (reservoir sampling; the model records seen and kept counts); ``None``: no bound.
 
     >>> fit(["preds/"], "rank.npz", n_clusters=8, objects_from="gt_parts", default_class="person")  # doctest: +SKIP
     """
@@ -476,18 +537,19 @@ def fit(inputs: Sequence[str], model_out: str, *, n_clusters: int = 8, score_thr
                         max_object_fraction=max_object_fraction, max_iter=max_iter, tol=tol, random_state=seed,
                         device=device)
     ranker._check_params()
+    if max_candidates is not None and (not isinstance(max_candidates, (int, np.integer)) or max_candidates < n_clusters):
+        raise PartkitError(f"--max-candidates must be an integer >= -k ({n_clusters}), got {max_candidates!r}; "
+                           "pass a larger bound, or 0 for none")
     opts = _objects(objects_from, objects_field, default_class, fg_threshold=fg_threshold)
     resolve_device(device)
-    feats, classes, weights, fractions = [], [], [], []
+    pool = _Pool(max_candidates, seed)
     counts = {"samples": 0, "proposals": 0, "associated": 0, "candidates": 0}
     skipped: list = []
     with progress("rank fit") as bar:
         for img in iter_loaded(inputs, lambda sample: _read(sample, opts), handler=recorded(handler, skipped)):
             cand = img.assoc.candidates(img.scores, score_threshold, min_area)
-            feats.append(img.feats[cand])
-            classes.append(img.object_classes()[cand])
-            weights.append(img.scores[cand])
-            fractions.append(img.assoc.cover_fraction[cand])
+            pool.add(np.asarray(img.feats[cand], np.float32), img.object_classes()[cand], img.scores[cand],
+                     img.assoc.cover_fraction[cand])
             counts["samples"] += 1
             counts["proposals"] += len(img.scores)
             counts["associated"] += int((img.assoc.object_index >= 0).sum())
@@ -499,8 +561,12 @@ def fit(inputs: Sequence[str], model_out: str, *, n_clusters: int = 8, score_thr
         raise PartkitError(f"rank fit: no candidate parts in {counts['samples']} samples ({counts['associated']} of "
                            f"{counts['proposals']} proposals overlap an object); lower --score-threshold "
                            f"({score_threshold}) or --min-area ({min_area}), or check --objects-from")
-    ranker.fit(np.concatenate(feats), np.concatenate(classes), np.concatenate(weights), np.concatenate(fractions))
-    ranker.save(model_out, {"objects": opts.record(), "counts": counts, "skipped": skipped, "seed": seed})
+    ranker.fit(*pool.arrays())
+    ranker.save(model_out, {"objects": opts.record(), "counts": counts, "skipped": skipped, "seed": seed,
+                            "pooling": pool.record()})
+    for c, n in pool.record()["subsampled"].items():
+        log(f"rank fit: class {c!r}: {n['seen']} candidates, clustered on a seeded sample of {n['kept']} "
+            "(--max-candidates)")
     dropped = int(ranker.dropped_.sum())
     log(f"rank fit: {counts['candidates']} candidates of {counts['proposals']} proposals in {counts['samples']} "
         f"samples -> {len(ranker.classes_)} classes x k={n_clusters}"

@@ -19,11 +19,11 @@ from .decoder.data import MASK_FACTOR, Example, augment
 from .decoder.model import PartDecoder
 from .decoder.predict import load_decoder
 from .decoder.features import OnlineFeatures, batch_features, load_examples
-from .decoder.train import DecoderTrainer, TrainConfig, masks_recall
-from .errors import BadSample, Handler, PartkitError, stop
+from .decoder.train import DecoderTrainer, TrainConfig, full_precision, masks_recall
+from .errors import Handler, PartkitError, stop
 from .fields import object_masks
 from .grid import sample_on_grid
-from .training import check_count, check_rate, epoch_batch_indices
+from .training import check_count, check_rate, epoch_batch_indices, to_device
 
 __all__ = ["SelfTrainer", "self_train_masks", "ema_update", "strong_photometric"]
 
@@ -116,24 +116,17 @@ class SelfTrainer(DecoderTrainer):
                             "labeled_field": labeled_field, "unsup_weight": unsup_weight,
                             "strong_augment": "photometric" if online else "feature noise"})
 
-    def prepare_examples(self, examples: list, on_bad) -> list:
+    def prepare_example(self, ex: Example) -> Example:
         """Known objects (gt_objects.json) become the target map, so crops carry them along; a malformed
         ``gt_objects.json`` is a bad sample (``--skip-bad`` leaves the example out)."""
-        kept = []
-        for ex in examples:
-            if "gt_objects.json" in ex.sample:
-                try:
-                    masks = object_masks(ex.sample, ex.meta["image_size"])[1]
-                except BadSample as bad:
-                    on_bad(bad)
-                    continue
-                union = np.zeros(tuple(g * MASK_FACTOR for g in ex.meta["grid"]), bool)
-                for m in masks:
-                    union |= sample_on_grid(m.astype(np.uint8), ex.meta, MASK_FACTOR) > 0
-                ex.target = union.astype(np.int32)
-                ex.has_objects = True
-            kept.append(ex)
-        return kept
+        if "gt_objects.json" in ex.sample:
+            masks = object_masks(ex.sample, ex.meta["image_size"])[1]
+            union = np.zeros(tuple(g * MASK_FACTOR for g in ex.meta["grid"]), bool)
+            for m in masks:
+                union |= sample_on_grid(m.astype(np.uint8), ex.meta, MASK_FACTOR) > 0
+            ex.target = union.astype(np.int32)
+            ex.has_objects = True
+        return ex
 
     def total_steps(self) -> int:
         return self.rounds * super().total_steps()
@@ -163,7 +156,7 @@ class SelfTrainer(DecoderTrainer):
             xw.append(fw)
             xs.append(fs)
             objects.append(obj > 0 if getattr(ex, "has_objects", False) else None)
-        return torch.stack(xw).to(self.dev), torch.stack(xs).to(self.dev), objects
+        return to_device(torch.stack(xw), self.dev), to_device(torch.stack(xs), self.dev), objects
 
     @torch.no_grad()
     def pseudo_labels(self, x_weak: torch.Tensor, objects: list) -> list[dict]:
@@ -187,7 +180,7 @@ class SelfTrainer(DecoderTrainer):
         targets = self.pseudo_labels(xw, objects)
         with torch.autocast(self.dev.type, dtype=torch.float16, enabled=self.use_amp):
             outputs = self.ddp(xs)
-        unsup, terms = self.crit(outputs, targets, self.gen)
+        unsup, terms = self.crit(full_precision(outputs), targets, self.gen)
         terms = {f"unsup_{k}": v for k, v in terms.items()}
         terms["pseudo_per_image"] = sum(t["masks"].shape[0] for t in targets) / len(targets)
         loss = self.unsup_weight * unsup if self.labeled else unsup

@@ -23,7 +23,7 @@ from .errors import PartkitError
 from .io import write_atomic
 
 __all__ = ["Trainer", "Distributed", "RunDir", "rng_state", "set_rng_state", "cosine_warmup", "load_checkpoint",
-           "require", "check_count", "check_rate", "epoch_batch_indices", "stream_batch_indices", "digest"]
+           "require", "check_count", "check_rate", "epoch_batch_indices", "stream_batch_indices", "digest", "to_device"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -93,6 +93,19 @@ def check_log(value: str) -> None:
         except ImportError:
             raise PartkitError('--log tensorboard needs the tensorboard package: pip install "partkit[tensorboard]" '
                                "(metrics.jsonl is written either way)") from None
+
+
+def to_device(x, device: torch.device):
+    """Tensors (in dicts, lists, tuples) onto ``device``; on CUDA from pinned memory, without blocking the host."""
+    if isinstance(x, torch.Tensor):
+        if device.type != "cuda":
+            return x.to(device)
+        return (x if x.is_pinned() else x.pin_memory()).to(device, non_blocking=True)
+    if isinstance(x, dict):
+        return {k: to_device(v, device) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(to_device(v, device) for v in x)
+    return x
 
 
 def digest(keys: Sequence[str]) -> str:
@@ -338,9 +351,12 @@ class Trainer:
                 self.setup_run(out, device=torch.device("cpu"), resume=resume, stop_at=stop_at)
                 self.net, self.opt, self.sched, self.steps, self.config = ...
 
+    A trainer that streams its data sets ``loader`` (a :class:`partkit.streaming.StreamLoader`);
+    its position (per rank) is checkpointed and restored, so a resumed run reads what a straight run reads.
+
     The base owns the run folder (``RunDir``, made lazily), the config check on ``--resume`` (one
     line naming the options that differ), exact resume (weights, optimizer, scheduler, every RNG,
-    the step; the log is cut back to the checkpoint), ``--stop-at``, checkpoint and log cadence,
+    the step, the stream position; the log is cut back to the checkpoint), ``--stop-at``, checkpoint and log cadence,
     DDP (``Distributed``: only rank 0 writes and talks), the loss curve and the final log line.
     """
 
@@ -408,8 +424,23 @@ class Trainer:
             return gathered
         return state
 
+    def loader_state(self):
+        """How many items of its stream each rank consumed (a list under DDP), or None without a stream."""
+        if getattr(self, "loader", None) is None:
+            return None
+        if self.dist.world > 1:
+            import torch.distributed as tdist
+
+            gathered = [None] * self.dist.world
+            tdist.all_gather_object(gathered, self.loader.position)
+            return gathered
+        return self.loader.position
+
     def checkpoint(self, step: int) -> None:
         state = self.state(step)
+        loader = self.loader_state()
+        if loader is not None:
+            state["loader"] = loader
         self.run.save(state)
 
     def check_resume(self, saved: dict) -> None:
@@ -437,12 +468,17 @@ class Trainer:
         rng = ckpt["rng"]
         set_rng_state(rng[self.dist.rank] if isinstance(rng, list) else rng, self.gen)
         self.load_state(ckpt)
+        if getattr(self, "loader", None) is not None and "loader" in ckpt:
+            pos = ckpt["loader"]
+            self.loader.seek(pos[self.dist.rank] if isinstance(pos, list) else pos)
         self.run.truncate_log(ckpt["step"])
         return ckpt["step"]
 
     # ---- the loop
     def fit(self) -> dict:
         steps = self.steps
+        if getattr(self, "loader", None) is not None:
+            self.loader.seek(0)  # a straight run reads its stream from the start (restore seeks on)
         start = self.restore() if self.resume else 0
         if self.resume:
             self.say(f"{self.command}: resumed at step {start}")
@@ -465,6 +501,8 @@ class Trainer:
                 self.after_log(done)
                 if done % self.checkpoint_every == 0 or done == end:
                     self.checkpoint(done)
+        if getattr(self, "loader", None) is not None:
+            self.loader.close()
         self.run.close_events()
         self.run.plot_losses(self.loss_keys)
         final = f"{history[-1]:.3f}" if history else "n/a"

@@ -80,19 +80,19 @@ def test_loss_falls_when_fitting_synthetic_parts():
     assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5])
 
 
-def _train(shard, out, steps, resume=False, stop_at=None, **kw):
+def _train(shard, out, steps, resume=False, stop_at=None, workers=2, **kw):
     tc = TrainConfig(max_steps=steps, batch_size=2, warmup=2, checkpoint_every=2, log_every=1, crop_grid=8,
-                     num_points=64, stop_at=stop_at)
+                     num_points=64, stop_at=stop_at, workers=workers)
     return train_decoder([shard], str(out), decoder=SMALL, train=tc, resume=resume, seed=1, **kw)
 
 
 def test_resume_continues_exactly(tmp_path, shard):
     _train(shard, tmp_path / "full", 6)
-    _train(shard, tmp_path / "part", 6, stop_at=3)  # as if killed after the step-3 checkpoint
+    _train(shard, tmp_path / "part", 6, stop_at=3, workers=0)  # as if killed after the step-3 checkpoint
     assert torch.load(tmp_path / "part" / "last.pt", weights_only=False)["step"] == 3
     with open(tmp_path / "part" / "metrics.jsonl", "a") as f:  # a record written after the checkpoint
         f.write(json.dumps({"step": 4, "loss": 0.0}) + "\n")
-    _train(shard, tmp_path / "part", 6, resume=True)
+    _train(shard, tmp_path / "part", 6, resume=True, workers=1)  # --workers may change: the order does not
     a = torch.load(tmp_path / "full" / "last.pt", weights_only=False)["model"]
     b = torch.load(tmp_path / "part" / "last.pt", weights_only=False)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -129,14 +129,18 @@ def test_predict_writes_rle_proposals_and_features(tmp_path, shard):
 
 
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun ships with torch")
-def test_ddp_two_cpu_processes(tmp_path):
-    shards = [write_shard(tmp_path / f"in{i}.tar", _synthetic(2, seed=i)) for i in range(2)]
+def test_ddp_two_cpu_processes_over_uneven_shards(tmp_path):
+    """2 ranks over 3 shards of 1, 2 and 4 samples: one epoch is ceil(7 / 2) = 4 steps on both ranks."""
+    shards = [write_shard(tmp_path / f"in{i}.tar", [{**s, "__key__": f"r{i}{s['__key__']}"}
+                                                     for s in _synthetic(n, seed=i)])
+              for i, n in enumerate((1, 2, 4))]
     cmd = (f"torchrun --nproc_per_node=2 --master_port=29531 $(which partkit) train-decoder {' '.join(shards)} "
-           f"--out {tmp_path}/run --max-steps 3 --batch-size 1 --queries 8 --hidden 32 --dec-layers 1 "
-           f"--crop-grid 8 --checkpoint-every 3 --log-every 1 --warmup 1")
+           f"--out {tmp_path}/run --epochs 1 --batch-size 1 --queries 8 --hidden 32 --dec-layers 1 "
+           f"--crop-grid 8 --checkpoint-every 4 --log-every 1 --warmup 1 --workers 1 --shuffle-buffer 3")
     res = subprocess.run(cmd, shell=True, capture_output=True, text=True, cwd=ROOT, timeout=300,
                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert res.returncode == 0, res.stderr[-3000:]
     ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
-    assert ckpt["step"] == 3 and ckpt["config"]["world"] == 2 and len(ckpt["rng"]) == 2
-    assert len(open(tmp_path / "run" / "metrics.jsonl").readlines()) == 3  # only rank 0 logs
+    assert ckpt["step"] == 4 and ckpt["config"]["world"] == 2 and len(ckpt["rng"]) == 2
+    assert ckpt["loader"] == [4, 4]  # each rank consumed 4 samples of the stream: equal step counts
+    assert len(open(tmp_path / "run" / "metrics.jsonl").readlines()) == 4  # only rank 0 logs

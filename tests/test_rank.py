@@ -5,11 +5,16 @@ through pack -> extract (efficientnet_lite0) -> cluster (object scope, k=4) -> a
 (20 queries) -> predict -> rank fit/apply (k=4). Pixel mIoU against the CIHP parts (17 present;
 foreground pixels, majority matching, ``partkit.evaluate``), measured on 2 shared CPU cores:
 
-    unranked proposals (predict's pred_parts.png, per-image proposal ids)    mIoU 5.1
+    unranked proposals (predict's pred_parts.png, per-image proposal ids)    mIoU 2.6
     ranked class-specific part clusters (ranked_parts.png, 4 dataset ids):
-        --score density (Sec. 4.1, the default)                              mIoU 5.3
+        --score density (Sec. 4.1, the default)                              mIoU 5.6
         --score objectness-density (the official code)                       mIoU 5.6
     for reference, the k-means parts the decoder was trained on (parts.png)  mIoU 3.3  (NMI 17.2; earlier run)
+    the floor: one id over the whole person                                   mIoU 1.7
+
+The unranked figure depends on the 30-step decoder's data order: training seeds 0, 1, 2 gave
+5.1, 2.6, 2.5 with the in-memory loader and 2.6, 2.0, 3.2 with the streamed one (ranked: 5.6 at
+seed 0 with either), so the test asks the unranked map only to beat the floor.
 
 With majority matching each predicted id covers at most one part, so 4 ids can score at most
 4 of the 17 parts; the 30-step decoder (about 4 confident queries, ~12 candidates in all) limits
@@ -23,7 +28,7 @@ from pycocotools import mask as mask_utils
 from typer.testing import CliRunner
 
 from partkit.cli.main import app
-from conftest import read_shard
+from conftest import read_shard, write_shard
 from partkit.errors import PartkitError
 from partkit.io import Output, decode_json, decode_label_map, encode_json
 from partkit.rank import PartRanker, apply, associate, density, fit, weighted_kmeans
@@ -291,6 +296,46 @@ def test_unknown_classes_are_an_error_unless_dropped_or_kept(tmp_path, shard_fac
         assert (lab[16:, 16:] == 0).all() == bird  # the bird object gets no part ids
 
 
+def test_pool_keeps_a_uniform_seeded_sample_past_the_bound():
+    from partkit.rank import _Pool
+
+    n, bound = 400, 40
+    rows = np.arange(n, dtype=np.float32)[:, None]
+    hits = np.zeros(n)
+    for seed in range(200):
+        pool = _Pool(bound, seed)
+        for chunk in np.array_split(np.arange(n), 37):  # candidates arrive a few per image
+            pool.add(rows[chunk], np.array(["cat"] * len(chunk)), rows[chunk, 0], rows[chunk, 0])
+        f, c, w, fr = pool.arrays()
+        kept = f[:, 0].astype(int)
+        assert len(kept) == bound == len(set(kept)) and (w == f[:, 0]).all() and (fr == f[:, 0]).all()
+        hits[kept] += 1
+        assert pool.record() == {"max_candidates": bound, "subsampled": {"cat": {"seen": n, "kept": bound}}}
+    # every row is kept with probability bound / n = 0.1: 20 of 200 runs, whatever its place in the input
+    assert abs(hits[:n // 2].mean() - 20) < 2 and abs(hits[n // 2:].mean() - 20) < 2
+    small = _Pool(bound, 0)
+    small.add(rows[:30], np.array(["dog"] * 30), rows[:30, 0], rows[:30, 0])
+    assert small.arrays()[0][:, 0].tolist() == list(range(30)) and small.record()["subsampled"] == {}
+
+
+def test_fit_past_max_candidates_is_reproducible_and_recorded(tmp_path, shard_factory):
+    shard = shard_factory(_two_class_samples(n=12))  # 24 candidates per class
+    full = fit([shard], str(tmp_path / "full.npz"), n_clusters=2, max_candidates=None)
+    models = [fit([shard], str(tmp_path / f"m{i}.npz"), n_clusters=2, seed=1, max_candidates=10) for i in range(2)]
+    assert (tmp_path / "m0.npz").read_bytes() == (tmp_path / "m1.npz").read_bytes()
+    assert models[0].counts_.sum(1).tolist() == [10, 10] and full.counts_.sum(1).tolist() == [24, 24]
+    meta = PartRanker.load(str(tmp_path / "m0.npz")).meta_
+    assert meta["pooling"] == {"max_candidates": 10, "subsampled": {"cat": {"seen": 24, "kept": 10},
+                                                                    "dog": {"seen": 24, "kept": 10}}}
+    # the sample still finds the head and body clusters of each class
+    for j in range(2):
+        a = np.sort(np.argmax(models[0].cluster_centers_[j], 1))
+        b = np.sort(np.argmax(full.cluster_centers_[j], 1))
+        assert a.tolist() == b.tolist()
+    with pytest.raises(PartkitError, match="--max-candidates"):
+        fit([shard], str(tmp_path / "x.npz"), n_clusters=2, max_candidates=1)
+
+
 def test_max_object_fraction_drops_whole_object_clusters(tmp_path, shard_factory):
     shard = shard_factory(_two_class_samples())
     ranker = fit([shard], str(tmp_path / "m.npz"), n_clusters=3, score_threshold=0.1, min_area=0.0,
@@ -390,9 +435,15 @@ def test_cli_on_cihp_ranks_person_parts(cihp_preds):
     apply([str(root / "preds")], model, score="objectness-density", output=Output(str(root / "ranked_od")))
     od = evaluate([str(root / "ranked_od")], ["miou"], pred="ranked_parts.png", region="fg", match="majority")
     o = od["metrics"]["miou"]["value"]
-    print(f"CIHP mIoU: ranked {r:.1f} (objectness-density {o:.1f}), unranked {u:.1f}")  # the docstring records these
-    assert o > 3
-    assert r > 3 and u > 3  # one id over the whole person scores ~2
+    assert o > 3  # objectness-density ranks too
+    from partkit.io import encode_png
+    one = [{"__key__": s["__key__"], "gt_parts.png": s["gt_parts.png"],
+            "one.png": encode_png((decode_label_map(s, "gt_parts.png") > 0).astype(np.uint8))} for s in samples]
+    write_shard(root / "one.tar", one)  # the floor: one id over the whole person
+    floor = evaluate([str(root / "one.tar")], ["miou"], pred="one.png", region="fg", match="majority")
+    f = floor["metrics"]["miou"]["value"]
+    print(f"CIHP mIoU: ranked {r:.1f} (objectness-density {o:.1f}), unranked {u:.1f}, one id per person {f:.1f}")  # docstring
+    assert r > 3 and r > f + 1 and u > f
 
     ranked_ar = evaluate([out], ["ar"], proposals="ranked.json")  # ranked.json is a proposals file too
     assert ranked_ar["metrics"]["ar"]["value"] >= 0

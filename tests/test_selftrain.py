@@ -113,7 +113,8 @@ def test_bad_options(teacher, tmp_path):
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun ships with torch")
 def test_self_train_ddp_two_processes(teacher, tmp_path):
     shard, run = teacher
-    shards = [write_shard(tmp_path / f"in{i}.tar", _synthetic(2, seed=10 + i)) for i in range(2)]
+    shards = [write_shard(tmp_path / f"in{i}.tar", [{**s, "__key__": f"r{i}{s['__key__']}"}
+                                                     for s in _synthetic(2, seed=10 + i)]) for i in range(2)]
     cmd = (f"torchrun --nproc_per_node=2 --master_port=29533 $(which partkit) self-train {' '.join(shards)} "
            f"--teacher {run} --out {tmp_path}/st --max-steps 2 --batch-size 1 --crop-grid 8 --score-threshold 0 "
            f"--checkpoint-every 2 --log-every 1 --warmup 1")

@@ -106,3 +106,15 @@ def test_batch_orders_visit_every_sample_once_per_epoch():
     assert sorted(stream) == list(range(n))
     ranks = [stream_batch_indices(0, n, 5, rank=r, world=2, seed=0) for r in range(2)]
     assert sorted(ranks[0] + ranks[1]) == list(range(n))  # two ranks split one step's samples
+
+
+def test_to_device_and_full_precision_keep_structure():
+    from partkit.decoder.train import full_precision
+    from partkit.training import to_device
+
+    batch = {"x": torch.ones(2, dtype=torch.float16), "t": [{"m": torch.zeros(1, dtype=torch.bool)}], "n": 3}
+    moved = to_device(batch, torch.device("cpu"))
+    assert moved["x"].dtype == torch.float16 and moved["t"][0]["m"].dtype == torch.bool and moved["n"] == 3
+    full = full_precision({"a": torch.ones(1, dtype=torch.float16), "aux": [{"b": torch.ones(1, dtype=torch.bfloat16)}],
+                           "i": torch.ones(1, dtype=torch.long)})
+    assert full["a"].dtype == full["aux"][0]["b"].dtype == torch.float32 and full["i"].dtype == torch.long

@@ -41,7 +41,7 @@ class ClusterConfig:
     scope: str = "image"
     k: Union[int, str, None] = None  # a number or "auto" (elbow rule)
     metric: str = "cosine"
-    init: str = "k-means++"
+    init: str = "auto"
     max_iter: Optional[int] = None
     tol: float = 1e-4
     seed: int = 0

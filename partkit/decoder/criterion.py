@@ -26,12 +26,12 @@ def uncertain_points(logits: torch.Tensor, num: int, oversample: float, importan
     """PointRend sampling: most uncertain (|logit| near 0) of oversampled points, plus random ones."""
     n = logits.shape[0]
     over = int(num * oversample)
-    coords = torch.rand(n, over, 2, device=logits.device, generator=generator)
+    coords = torch.rand(n, over, 2, generator=generator).to(logits.device)  # a CPU generator, any device
     unc = -point_sample(logits[:, None], coords)[:, 0].abs()
     k = int(importance * num)
     idx = unc.topk(k, dim=1).indices
     picked = torch.gather(coords, 1, idx[..., None].expand(-1, -1, 2))
-    rand = torch.rand(n, num - k, 2, device=logits.device, generator=generator)
+    rand = torch.rand(n, num - k, 2, generator=generator).to(logits.device)
     return torch.cat([picked, rand], dim=1)
 
 
@@ -66,7 +66,7 @@ class HungarianMatcher(nn.Module):
             if tm.shape[0] == 0:
                 out.append((np.zeros(0, np.int64), np.zeros(0, np.int64)))
                 continue
-            coords = torch.rand(1, self.num_points, 2, device=masks.device, generator=generator)
+            coords = torch.rand(1, self.num_points, 2, generator=generator).to(masks.device)
             pm = point_sample(masks[b][:, None], coords.expand(masks.shape[1], -1, -1))[:, 0].float()
             gm = point_sample(tm[:, None].float(), coords.expand(tm.shape[0], -1, -1))[:, 0]
             cost = (self.cost_class * -probs[b][:, t["labels"]] + self.cost_mask * _bce_cost(pm, gm)

@@ -1,10 +1,10 @@
 """The decoder's inputs: cached ``feat.npy`` grids or features recomputed online by a frozen backbone.
 
-Used by training (``train-decoder``, ``self-train``) and by ``predict``.
+Used by training (``train-decoder``, ``self-train``: streamed, :class:`ExampleStream`) and by ``predict``.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -13,7 +13,7 @@ from ..fields import FeatureSource, image
 from ..io import iter_loaded
 from .data import Example, example_from_sample, targets_from_sample
 
-__all__ = ["OnlineFeatures", "load_examples", "batch_features"]
+__all__ = ["OnlineFeatures", "example_loader", "load_examples", "ExampleStream", "batch_features"]
 
 
 class OnlineFeatures:
@@ -40,12 +40,14 @@ class OnlineFeatures:
         return [feats[i, :, :m["grid"][0], :m["grid"][1]] for i, m in enumerate(metas)]
 
 
-def load_examples(inputs: Sequence[str], *, field: Optional[str], min_part_area: float, rank: int = 0, world: int = 1,
-                  online: Optional[OnlineFeatures] = None, handler: Handler = stop, class_map=None,
-                  source: Optional[FeatureSource] = None) -> list:
-    """Read this rank's shards into memory as training examples (features kept as float16).
+def example_loader(*, field: Optional[str], min_part_area: float, online: Optional[OnlineFeatures] = None,
+                   class_map=None, source: Optional[FeatureSource] = None,
+                   prepare: Optional[Callable[[Example], Example]] = None) -> Callable[[dict], Example]:
+    """``load(sample) -> Example``: decode one sample into a training example (features as float16,
+    or the preprocessed image for online features); raises :class:`~partkit.errors.BadSample`.
 
-    Bad samples go to ``handler``; cached features must all come from one model (``source``).
+    Cached features must all come from one model (``source``, whose first sample is set by the
+    first call); ``prepare`` (a trainer's hook) may change or reject the example.
     """
     source = source or FeatureSource("train-decoder")
 
@@ -60,9 +62,53 @@ def load_examples(inputs: Sequence[str], *, field: Optional[str], min_part_area:
             ex = example_from_sample(sample, field=field, min_part_area=min_part_area, class_map=class_map)
             source.check(sample, ex.meta, ex.feat.shape[0])
         ex.sample = {k: v for k, v in sample.items() if k in ("__key__", "gt_parts.png", "gt_objects.json", "json")}
-        return ex
+        return prepare(ex) if prepare is not None else ex
 
+    return load
+
+
+def load_examples(inputs: Sequence[str], *, field: Optional[str], min_part_area: float, rank: int = 0, world: int = 1,
+                  online: Optional[OnlineFeatures] = None, handler: Handler = stop, class_map=None,
+                  source: Optional[FeatureSource] = None) -> list:
+    """Read this rank's shards into memory as examples (validation sets, few-shot labelled sets).
+
+    Training streams instead (:class:`ExampleStream`). Bad samples go to ``handler``.
+    """
+    load = example_loader(field=field, min_part_area=min_part_area, online=online, class_map=class_map,
+                          source=source)
     return list(iter_loaded(inputs, load, handler=handler, rank=rank, world=world))
+
+
+class ExampleStream:
+    """Training examples streamed from shards (:mod:`partkit.streaming`), after a scan that checks them.
+
+    The scan decodes every sample once, in order, before training starts: bad samples go to
+    ``handler`` there (so a run stops before writing anything, or records what it skipped), the
+    first example gives the model's input geometry, and the count gives ``--epochs`` its length.
+    Only the scan's current sample and the loader's shuffle buffers are ever held in memory.
+    """
+
+    def __init__(self, inputs: Sequence[str], load: Callable[[dict], Example], *, handler: Handler, seed: int,
+                 batch: int, rank: int = 0, world: int = 1, workers: int = 0, buffer: int = 256,
+                 pin_memory: bool = False):
+        from ..errors import BadSample
+        from ..streaming import SampleStream, StreamLoader
+
+        self.first: Optional[Example] = None
+        self.count = 0
+        bad: list = []
+
+        def on_bad(b: BadSample) -> None:
+            handler(b)
+            bad.append(b.key)
+
+        stream = SampleStream(inputs, load, seed=seed, buffer=buffer, rank=rank, world=world)  # checks the inputs
+        for ex in iter_loaded(inputs, load, handler=on_bad):
+            if self.first is None:
+                self.first = ex
+            self.count += 1
+        stream.exclude, stream.per_epoch = frozenset(k for k in bad if k is not None), self.count
+        self.loader = StreamLoader(stream, batch=batch, workers=workers, pin_memory=pin_memory, handler=handler)
 
 
 def batch_features(examples: list, online: Optional[OnlineFeatures]) -> list[torch.Tensor]:

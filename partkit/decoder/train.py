@@ -18,10 +18,10 @@ from .._version import __version__
 from ..errors import Handler, PartkitError, recorded, stop
 from ..fields import IGNORE_IDS, FeatureSource
 from ..io import iter_samples
-from ..training import Distributed, Trainer, check_count, check_rate, cosine_warmup, epoch_batch_indices
+from ..training import Distributed, Trainer, check_count, check_rate, cosine_warmup, to_device
 from .criterion import SetCriterion
 from .data import Example, augment, collate
-from .features import OnlineFeatures, batch_features, load_examples
+from .features import ExampleStream, OnlineFeatures, batch_features, example_loader, load_examples
 from .model import DecoderConfig, PartDecoder
 
 __all__ = ["TrainConfig", "DecoderTrainer", "train_decoder", "load_examples", "OnlineFeatures", "masks_recall"]
@@ -45,24 +45,39 @@ class TrainConfig:
     no_part_weight: float = 0.1
     stop_at: Optional[int] = None  # stop (with a checkpoint) at this step; --resume continues the schedule
     log: str = "jsonl"  # --log: jsonl (metrics.jsonl) or tensorboard (also event files)
+    workers: int = 2  # DataLoader processes decoding the stream (0: in the training process)
+    shuffle_buffer: int = 256  # samples per shuffle buffer (per worker): the memory bound of the stream
 
     # options that may change when a run is resumed (the others define it)
-    VOLATILE = ("stop_at", "checkpoint_every", "val_every", "log_every", "log")
+    VOLATILE = ("stop_at", "checkpoint_every", "val_every", "log_every", "log", "workers")
 
     def validate(self) -> "TrainConfig":
         """One-line errors for options no run can use (zero counts, non-finite rates)."""
         for option, value in (("--batch-size", self.batch_size), ("--max-steps", self.max_steps),
                               ("--epochs", self.epochs), ("--crop-grid", self.crop_grid),
                               ("--checkpoint-every", self.checkpoint_every), ("--val-every", self.val_every),
-                              ("--log-every", self.log_every), ("--num-points", self.num_points)):
+                              ("--log-every", self.log_every), ("--num-points", self.num_points),
+                              ("--shuffle-buffer", self.shuffle_buffer)):
             check_count(option, value)
         check_count("--warmup", self.warmup, 0)
+        check_count("--workers", self.workers, 0, fix="pass --workers 0 to decode in the training process")
         check_count("--stop-at", self.stop_at, fix="pass the step to checkpoint and stop at, or drop --stop-at")
         check_rate("--lr", self.lr, fix="pass a learning rate such as --lr 1e-4")
         check_rate("--weight-decay", self.weight_decay, strict=False, fix="pass e.g. --weight-decay 0.05")
         check_rate("--clip-grad", self.clip_grad, strict=False, fix="pass a gradient norm, or 0 to turn clipping off")
         check_rate("--no-part-weight", self.no_part_weight, strict=False)
         return self
+
+
+def full_precision(outputs):
+    """The decoder's outputs as float32 (the losses and the matching stay out of autocast's float16)."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs.float() if outputs.is_floating_point() else outputs
+    if isinstance(outputs, dict):
+        return {k: full_precision(v) for k, v in outputs.items()}
+    if isinstance(outputs, (list, tuple)):
+        return type(outputs)(full_precision(v) for v in outputs)
+    return outputs
 
 
 @torch.no_grad()
@@ -121,7 +136,7 @@ class DecoderTrainer(Trainer):
         self.setup_run(out, device=resolve_device(device), resume=resume, stop_at=tc.stop_at,
                        log_every=tc.log_every, checkpoint_every=tc.checkpoint_every, log_to=tc.log)
         seed_everything(seed + self.dist.rank)
-        first = next(iter(iter_samples(inputs, rank=self.dist.rank, world=self.dist.world)), None)
+        first = next(iter(iter_samples(inputs)), None)  # every rank streams every shard (its share of samples)
         if first is None:
             raise PartkitError(f"{self.command}: the input holds no samples")
         if field is not None and field not in first:
@@ -137,17 +152,20 @@ class DecoderTrainer(Trainer):
         self.skipped: list = []
         same = FeatureSource(self.command)
         on_bad = recorded(handler, self.skipped)
-        self.examples = self.prepare_examples(
-            load_examples(inputs, field=field, min_part_area=min_part_area, rank=self.dist.rank,
-                          world=self.dist.world, online=online, handler=on_bad, source=same), on_bad)
-        if self.skipped:
+        load = example_loader(field=field, min_part_area=min_part_area, online=online, source=same,
+                              prepare=self.prepare_example)
+        self.data = ExampleStream(inputs, load, handler=on_bad, seed=seed, batch=tc.batch_size, rank=self.dist.rank,
+                                  world=self.dist.world, workers=tc.workers, buffer=tc.shuffle_buffer,
+                                  pin_memory=self.dev.type == "cuda")
+        self.loader = self.data.loader
+        if self.skipped and self.dist.main:
             log(f"skipped {len(self.skipped)} bad training samples")
-        if not self.examples:
+        if self.data.first is None:
             raise PartkitError(f"{self.command}: no usable training samples")
         gt = "gt_parts.png" if val and "gt_parts.png" in first else field
         self.val_examples = (load_examples(val, field=gt, min_part_area=0.0, online=online, source=same)
                              if val and self.dist.main else [])
-        meta = self.examples[0].meta
+        meta = self.data.first.meta
         self.dcfg = DecoderConfig(in_channels=int(meta["channels"]), level_channels=meta.get("level_channels", ()),
                                   **(decoder or {}))
         self.net = self.make_net().to(self.dev)
@@ -169,20 +187,22 @@ class DecoderTrainer(Trainer):
                        "partkit_version": __version__, "torch": torch.__version__}
 
     # ---- hooks for subclasses
-    def prepare_examples(self, examples: list, on_bad) -> list:
-        """Examples as training uses them; a subclass may reject one by passing its BadSample to ``on_bad``."""
-        return examples
+    def prepare_example(self, ex: Example) -> Example:
+        """An example as training uses it (runs in the loader's workers); a subclass may raise BadSample."""
+        return ex
 
     def make_net(self) -> PartDecoder:
         return PartDecoder(self.dcfg)
 
     def total_steps(self) -> int:
         tc = self.tc
-        return tc.max_steps if tc.epochs is None else tc.epochs * math.ceil(len(self.examples) / tc.batch_size)
+        # an epoch: every sample once over all ranks; the same count on every rank, so none waits for another
+        per_step = tc.batch_size * self.dist.world
+        return tc.max_steps if tc.epochs is None else tc.epochs * math.ceil(self.data.count / per_step)
 
     def batch(self, step: int) -> list:
-        n, b = len(self.examples), self.tc.batch_size
-        return [self.examples[i] for i in epoch_batch_indices(step, n, b, self.seed * 31 + self.dist.rank)]
+        """This rank's next batch of the stream (steps are taken in order; a resume seeks the stream)."""
+        return self.loader.next_batch()
 
     def step_loss(self, step: int) -> tuple[torch.Tensor, dict]:
         return self.supervised_loss(self.batch(step))
@@ -192,10 +212,10 @@ class DecoderTrainer(Trainer):
         feats = batch_features(batch, self.online)
         items = [augment(Example(ex.key, f, ex.target, ex.ids, ex.classes, ex.meta), self.tc.crop_grid, self.gen)
                  for ex, f in zip(batch, feats)]
-        x, targets = collate(items, batch, self.dev)
+        x, targets = to_device(collate(items, batch, "cpu"), self.dev)
         with torch.autocast(self.dev.type, dtype=torch.float16, enabled=self.use_amp):
             outputs = self.ddp(x)
-        return self.crit(outputs, targets, self.gen)
+        return self.crit(full_precision(outputs), targets, self.gen)
 
     def after_step(self, done: int) -> None:
         pass

@@ -55,14 +55,15 @@ def _seeds(random_state, count: int) -> list:
 
 
 def batched_kmeans(problems: Sequence[np.ndarray], n_clusters: Union[int, Sequence[int]], *, metric: str = "l2",
-                   init: Union[str, np.ndarray, Sequence[np.ndarray]] = "k-means++", max_iter: int = 100,
+                   init: Union[str, np.ndarray, Sequence[np.ndarray]] = "auto", max_iter: int = 100,
                    tol: float = 1e-4, random_state=0, device="cpu",
                    chunk_bytes: int = CHUNK_BYTES) -> list[KMeansResult]:
     """Solve many small k-means problems at once (exact Lloyd, batched on padded tensors).
 
     ``problems`` are ``n_i x D`` arrays; ``n_clusters`` is one k or one per problem (a problem with
-    fewer rows than k uses k = n_i, see ``KMeansResult.n_clusters``). ``init`` is ``"k-means++"``
-    (greedy, as scikit-learn), ``"random"``, one ``k x D`` array for all problems or a list of
+    fewer rows than k uses k = n_i, see ``KMeansResult.n_clusters``). ``init`` is ``"auto"`` (the
+    default: ``"k-means||"`` from k = 12 on, else ``"k-means++"``), ``"k-means++"`` (greedy, as
+    scikit-learn), ``"k-means||"`` (Bahmani et al.), ``"random"``, one ``k x D`` array for all problems or a list of
     per-problem arrays (warm start: ids keep their meaning, empty clusters stay empty).
     ``random_state`` is an int (problem i uses seed ``(random_state, i)``, so
     ``KMeans(random_state=s).fit(X)`` equals ``batched_kmeans([X], k, random_state=s)[0]``) or a
@@ -153,7 +154,7 @@ class KMeans:
     Attributes: ``cluster_centers_``, ``labels_``, ``inertia_``, ``n_iter_``, ``n_features_in_``.
     """
 
-    def __init__(self, n_clusters: int = 8, *, metric: str = "l2", init: Union[str, np.ndarray] = "k-means++",
+    def __init__(self, n_clusters: int = 8, *, metric: str = "l2", init: Union[str, np.ndarray] = "auto",
                  max_iter: Optional[int] = None, tol: float = 1e-4, random_state: Optional[int] = 0,
                  device="cpu", backend: str = "auto", max_points_per_centroid: int = 256):
         self.n_clusters = n_clusters

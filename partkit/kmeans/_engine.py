@@ -33,10 +33,21 @@ from ..errors import PartkitError
 from ._seeding import columns, kmeans_parallel, kmeans_plusplus, problem_draws, weighted_plusplus
 
 __all__ = ["KMeansResult", "normalize_rows", "run_batched", "run_weighted", "nearest_center", "METRICS", "INITS",
-           "CHUNK_BYTES"]
+           "CHUNK_BYTES", "resolve_init", "PARALLEL_FROM_K"]
 
 METRICS = ("cosine", "l2")
-INITS = ("k-means++", "k-means||", "random")
+INITS = ("auto", "k-means++", "k-means||", "random")
+# "auto" (the default): k-means|| from this k on, greedy k-means++ below it. Measured per image
+# (784 x 384, 1 thread): k-means|| took 0.82x, 0.64x, 1.01x, 1.16x, 1.23x the speed of k-means++
+# at k = 4, 8, 12, 16, 25, at the same mean inertia (within 0.3%)
+PARALLEL_FROM_K = 12
+
+
+def resolve_init(init, k: int):
+    """The seeding ``"auto"`` stands for at ``k`` clusters; any other ``init`` as given."""
+    if isinstance(init, str) and init == "auto":
+        return "k-means||" if k >= PARALLEL_FROM_K else "k-means++"
+    return init
 # Working-set size of one chunk: a quarter of this machine's L3, so a chunk stays in cache across
 # its iterations (one padded batch of a hundred images ran several times slower here).
 CHUNK_BYTES = 8 << 20
@@ -263,7 +274,8 @@ def run_batched(problems: Sequence[np.ndarray], ks: Sequence[int], *, init, max_
                 chunk_bytes: int = CHUNK_BYTES) -> list[KMeansResult]:
     """Solve ``problems[i]`` (``n_i x D`` float32, already in the metric's space) with ``ks[i]`` clusters.
 
-    ``init`` is ``"k-means++"``, ``"random"`` or a list of per-problem ``k_i x D`` arrays (warm start,
+    ``init`` is ``"auto"`` (:func:`resolve_init`), ``"k-means++"``, ``"k-means||"``, ``"random"`` or a list
+    of per-problem ``k_i x D`` arrays (warm start,
     which keeps empty clusters in place so that ids keep their meaning).
 
     On CPU with several torch threads, chunks run in parallel, one thread each: the ops on a
@@ -275,6 +287,17 @@ def run_batched(problems: Sequence[np.ndarray], ks: Sequence[int], *, init, max_
     dev = torch.device(device)
     D = problems[0].shape[1] if problems else 0
     results: list[Optional[KMeansResult]] = [None] * len(problems)
+    if isinstance(init, str) and init == "auto":  # per problem, so a result never depends on the others
+        results = [None] * len(problems)
+        for kind in ("k-means++", "k-means||"):
+            idx = [i for i in range(len(problems)) if resolve_init("auto", int(ks[i])) == kind]
+            if idx:
+                got = run_batched([problems[i] for i in idx], [ks[i] for i in idx], init=kind, max_iter=max_iter,
+                                  tol=tol, seeds=[seeds[i] for i in idx], device=device, trials=trials,
+                                  chunk_bytes=chunk_bytes)
+                for i, r in zip(idx, got):
+                    results[i] = r
+        return results
     warm = not isinstance(init, str)
     kk_all = [len(init[i]) if warm else min(int(ks[i]), problems[i].shape[0]) for i in range(len(problems))]
     for i, x in enumerate(problems):
