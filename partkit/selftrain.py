@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .decoder.data import MASK_FACTOR, Example, augment
+from .decoder.data import MASK_FACTOR, Example, assign_classes, augment, class_list
 from .decoder.model import PartDecoder
 from .decoder.predict import load_decoder
 from .decoder.features import OnlineFeatures, batch_features, load_examples
@@ -85,6 +85,7 @@ class SelfTrainer(DecoderTrainer):
         check_rate("--unsup-weight", unsup_weight, strict=False, fix="pass a weight >= 0, e.g. 2")
         (train or TrainConfig()).validate()
         self.teacher_path, self.student_init = teacher, student_init
+        self.labeled_inputs, self.labeled_field = list(labeled) if labeled else [], labeled_field
         self.burn_in, self.ema_decay, self.rounds = burn_in, ema_decay, rounds
         self.score_threshold, self.min_mask_area, self.unsup_weight = score_threshold, min_mask_area, unsup_weight
         teacher_net, ckpt = load_decoder(teacher, "cpu")
@@ -103,18 +104,48 @@ class SelfTrainer(DecoderTrainer):
         if self.dcfg.in_channels != teacher_net.cfg.in_channels:
             raise PartkitError(f"the teacher was trained on {teacher_net.cfg.in_channels}-channel features but the "
                                f"input has {self.dcfg.in_channels}; extract with the teacher's settings")
+        if self.dcfg.classes != teacher_net.cfg.classes:
+            # the --labeled classes differ from the teacher's (e.g. a class-agnostic proposal decoder and
+            # rank's class-specific targets): its pseudo-labels cannot carry the student's classes
+            if self.unsup_weight > 0:
+                raise PartkitError(
+                    f"the teacher {_describe(teacher_net.cfg.classes)} but --labeled '{labeled_field}' "
+                    f"{_describe(self.dcfg.classes)}, so its pseudo-labels cannot carry the student's classes; "
+                    f"train the teacher on the labels first (partkit train-decoder LABELED --field {labeled_field}) "
+                    "or learn the labels alone with --unsup-weight 0 (--recipe partdistillation)")
+            same_shape = PartDecoder(self.dcfg)
+            load_matching(same_shape, teacher_net.state_dict())  # all but the class head
+            teacher_net = same_shape
         self.teacher = teacher_net.to(self.dev).eval()
         for p in self.teacher.parameters():
             p.requires_grad_(False)
         if student_init == "teacher":
-            self.net.load_state_dict(self.teacher.state_dict())
-        self.labeled = (load_examples(labeled, field=labeled_field, min_part_area=0.0, online=self.online)
-                        if labeled else [])
+            load_matching(self.net, self.teacher.state_dict())
         self.config.update({"teacher": teacher, "student_init": student_init, "burn_in": burn_in,
                             "ema_decay": ema_decay, "rounds": rounds, "score_threshold": score_threshold,
                             "min_mask_area": min_mask_area, "labeled": list(labeled) if labeled else None,
                             "labeled_field": labeled_field, "unsup_weight": unsup_weight,
                             "strong_augment": "photometric" if online else "feature noise"})
+
+    def resolve_classes(self, on_bad) -> Optional[list]:
+        """The student's classes: those of the --labeled label maps when they name classes (targets.json,
+        part_names), else the teacher's."""
+        teacher_classes = self.teacher_ckpt["decoder_config"].get("classes")
+        self.labeled = (load_examples(self.labeled_inputs, field=self.labeled_field, min_part_area=0.0,
+                                      online=self.online, handler=on_bad) if self.labeled_inputs else [])
+        if not self.labeled_inputs:
+            return teacher_classes
+        if not self.labeled:
+            raise PartkitError("self-train: no usable --labeled samples")
+        classes = class_list(self.labeled, self.labeled_field)
+        if classes is None and teacher_classes is not None:
+            raise PartkitError(f"the teacher is class-aware ({len(teacher_classes)} classes) but --labeled "
+                               f"'{self.labeled_field}' names no classes; pass --labeled-field targets.png "
+                               "(with targets.json) or gt_parts.png with part_names")
+        self.labeled = assign_classes(self.labeled, classes, self.labeled_field, on_bad)
+        if not self.labeled:
+            raise PartkitError("self-train: no usable --labeled samples")
+        return classes
 
     def prepare_examples(self, examples: list, on_bad) -> list:
         """Known objects (gt_objects.json) become the target map, so crops carry them along; a malformed
@@ -167,21 +198,27 @@ class SelfTrainer(DecoderTrainer):
 
     @torch.no_grad()
     def pseudo_labels(self, x_weak: torch.Tensor, objects: list) -> list[dict]:
-        """Teacher predictions kept if score >= threshold, mask area >= min_mask_area, inside an object."""
+        """Teacher predictions kept if their class probability (max over classes, Guided Distillation's
+        alpha_C) >= threshold, their soft mask area (sum of sigmoids, alpha_S) >= min_mask_area, and they
+        overlap an object; each keeps the teacher's class (argmax)."""
         out = self.teacher(x_weak)
-        scores = PartDecoder.scores(out["pred_logits"])
-        masks = out["pred_masks"] > 0  # sigmoid > 0.5
-        keep = (scores >= self.score_threshold) & (masks.flatten(2).sum(-1) >= self.min_mask_area)
+        scores, labels = PartDecoder.classify(out["pred_logits"])
+        soft = out["pred_masks"].float().sigmoid()
+        masks = soft > 0.5
+        keep = (scores >= self.score_threshold) & (soft.flatten(2).sum(-1) >= self.min_mask_area)
         targets = []
         for b in range(x_weak.shape[0]):
             k = keep[b]
             if objects[b] is not None:
                 k = k & (masks[b] & objects[b].to(masks.device)[None]).flatten(1).any(-1)
-            m = masks[b][k]
-            targets.append({"masks": m, "labels": torch.zeros(m.shape[0], dtype=torch.long, device=m.device)})
+            targets.append({"masks": masks[b][k], "labels": labels[b][k]})
         return targets
 
     def step_loss(self, step: int) -> tuple[torch.Tensor, dict]:
+        if self.labeled and self.unsup_weight == 0:  # the labels alone (PartDistillation's final stage)
+            idx = epoch_batch_indices(step, len(self.labeled), self.tc.batch_size, self.seed * 37 + 1)
+            sup, sup_terms = self.supervised_loss([self.labeled[i] for i in idx])
+            return sup, {f"sup_{k}": v for k, v in sup_terms.items()}
         batch = self.batch(step)
         xw, xs, objects = self._views(batch)
         targets = self.pseudo_labels(xw, objects)
@@ -226,6 +263,16 @@ class SelfTrainer(DecoderTrainer):
 
     def load_extra_state(self, ckpt: dict) -> None:
         self.teacher.load_state_dict(ckpt["teacher"])
+
+
+def _describe(classes: Optional[list]) -> str:
+    return "is class-agnostic" if classes is None else f"has {len(classes)} classes"
+
+
+def load_matching(net: torch.nn.Module, state: dict) -> None:
+    """Load the entries of ``state`` whose name and shape match ``net``'s (a new class head stays as built)."""
+    own = net.state_dict()
+    net.load_state_dict({k: v for k, v in state.items() if k in own and own[k].shape == v.shape}, strict=False)
 
 
 def self_train_masks(inputs: Sequence[str], out: str, teacher: str, **kwargs) -> dict:

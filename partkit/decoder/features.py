@@ -9,7 +9,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..errors import Handler, stop
-from ..fields import FeatureSource, image
+from ..fields import FeatureSource, image, label_classes
 from ..io import iter_loaded
 from .data import Example, example_from_sample, targets_from_sample
 
@@ -60,6 +60,7 @@ def load_examples(inputs: Sequence[str], *, field: Optional[str], min_part_area:
             ex = example_from_sample(sample, field=field, min_part_area=min_part_area, class_map=class_map)
             source.check(sample, ex.meta, ex.feat.shape[0])
         ex.sample = {k: v for k, v in sample.items() if k in ("__key__", "gt_parts.png", "gt_objects.json", "json")}
+        ex.label_classes = label_classes(sample, field) if field else None  # the field's class list, if any
         return ex
 
     return list(iter_loaded(inputs, load, handler=handler, rank=rank, world=world))

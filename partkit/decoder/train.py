@@ -20,7 +20,7 @@ from ..fields import IGNORE_IDS, FeatureSource
 from ..io import iter_samples
 from ..training import Distributed, Trainer, check_count, check_rate, cosine_warmup, epoch_batch_indices
 from .criterion import SetCriterion
-from .data import Example, augment, collate
+from .data import Example, assign_classes, augment, class_list, collate
 from .features import OnlineFeatures, batch_features, load_examples
 from .model import DecoderConfig, PartDecoder
 
@@ -102,6 +102,8 @@ class DecoderTrainer(Trainer):
     OPTION_NAMES = {"num_queries": "--queries", "num_layers": "--dec-layers", "hidden_dim": "--hidden",
                     "in_channels": "the input features' channels", "level_channels": "the input features' levels",
                     "feature_spec": "the features (feat.json / --model, --weights, --layers, --size)",
+                    "classes": "the class list (targets.json classes / json part_names)",
+                    "num_classes": "the number of classes", "class_aware": "--class-aware/--class-agnostic",
                     "world": "the number of processes (torchrun)"}
 
     def __init__(self, inputs: Sequence[str], out: str, *, field: Optional[str] = "parts.png",
@@ -109,13 +111,14 @@ class DecoderTrainer(Trainer):
                  weights: Optional[str] = None, layers: Optional[Sequence[int]] = None, size: int = 224,
                  decoder: Optional[dict] = None, train: Optional[TrainConfig] = None,
                  val: Optional[Sequence[str]] = None, resume: bool = False, device: str = "auto", seed: int = 0,
-                 handler: Handler = stop, online: Optional[OnlineFeatures] = None):
+                 handler: Handler = stop, online: Optional[OnlineFeatures] = None,
+                 class_aware: Optional[bool] = None):
         tc = self.tc = (train or TrainConfig()).validate()
         if features not in ("auto", "cached", "online"):
             raise PartkitError(f"--features must be auto, cached or online; got {features!r}")
         check_count("--size", size)
         DecoderConfig(in_channels=1, **(decoder or {})).validate()
-        self.inputs, self.field, self.seed = list(inputs), field, seed
+        self.inputs, self.field, self.seed, self.class_aware = list(inputs), field, seed, class_aware
         self.min_part_area = min_part_area
         self.setup_run(out, device=resolve_device(device), resume=resume, stop_at=tc.stop_at,
                        log_every=tc.log_every, checkpoint_every=tc.checkpoint_every)
@@ -139,6 +142,7 @@ class DecoderTrainer(Trainer):
         self.examples = self.prepare_examples(
             load_examples(inputs, field=field, min_part_area=min_part_area, rank=self.dist.rank,
                           world=self.dist.world, online=online, handler=on_bad, source=same), on_bad)
+        classes = self.resolve_classes(on_bad)
         if self.skipped:
             log(f"skipped {len(self.skipped)} bad training samples")
         if not self.examples:
@@ -147,8 +151,11 @@ class DecoderTrainer(Trainer):
         self.val_examples = (load_examples(val, field=gt, min_part_area=0.0, online=online, source=same)
                              if val and self.dist.main else [])
         meta = self.examples[0].meta
+        dec = {**(decoder or {}), "classes": classes, "num_classes": len(classes) if classes else 1}
         self.dcfg = DecoderConfig(in_channels=int(meta["channels"]), level_channels=meta.get("level_channels", ()),
-                                  **(decoder or {}))
+                                  **dec)
+        if classes:
+            log(f"{self.command}: class-aware, {len(classes)} classes + no-part from '{field}'")
         self.net = self.make_net().to(self.dev)
         self.ddp = self.dist.wrap(self.net)
         self.opt = torch.optim.AdamW(self.net.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
@@ -162,6 +169,7 @@ class DecoderTrainer(Trainer):
                                                                                   "kind", "stride")}
         self.config = {"command": self.command, "inputs": self.inputs, "field": field, "min_part_area": min_part_area,
                        "features": "online" if online else "cached", "feature_spec": self.feature_spec,
+                       "class_aware": class_aware,
                        "decoder": self.dcfg.to_dict(), "train": dict(tc.__dict__), "steps": self.steps, "seed": seed,
                        "world": self.dist.world, "val": list(val) if val else None,
                        "skipped_samples": self.skipped,
@@ -171,6 +179,13 @@ class DecoderTrainer(Trainer):
     def prepare_examples(self, examples: list, on_bad) -> list:
         """Examples as training uses them; a subclass may reject one by passing its BadSample to ``on_bad``."""
         return examples
+
+    def resolve_classes(self, on_bad) -> Optional[list]:
+        """The decoder's classes (``[[label id, name], ...]``, None = class-agnostic), from the training
+        label maps; sets each training example's class indices."""
+        classes = class_list(self.examples, self.field, self.class_aware)
+        self.examples = assign_classes(self.examples, classes, self.field, on_bad)
+        return classes
 
     def make_net(self) -> PartDecoder:
         return PartDecoder(self.dcfg)
@@ -212,7 +227,7 @@ class DecoderTrainer(Trainer):
         train = {k: v for k, v in config.get("train", {}).items() if k not in TrainConfig.VOLATILE}
         flat = {**config.get("decoder", {}), **train,
                 **{k: config.get(k) for k in ("field", "min_part_area", "features", "feature_spec", "steps", "seed",
-                                              "world")}}
+                                              "world", "class_aware")}}
         return {self.OPTION_NAMES.get(k, f"--{k.replace('_', '-')}"): v for k, v in flat.items()}
 
     # ---- the Trainer's hooks
@@ -250,7 +265,7 @@ class DecoderTrainer(Trainer):
 
 
 def train_decoder(inputs: Sequence[str], out: str, **kwargs) -> dict:
-    """Train a class-agnostic part decoder; writes config.json, metrics.jsonl, loss.png, last.pt.
+    """Train a part decoder (class-aware when the label map names classes); writes config.json, metrics.jsonl, loss.png, last.pt.
 
     Keyword arguments are those of :class:`DecoderTrainer` (field, features, decoder, train, val, resume, ...).
     """
