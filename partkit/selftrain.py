@@ -25,7 +25,7 @@ from .fields import object_masks
 from .grid import sample_on_grid
 from .training import check_count, check_rate, epoch_batch_indices
 
-__all__ = ["SelfTrainer", "self_train_masks", "ema_update", "strong_photometric"]
+__all__ = ["SelfTrainer", "self_train_masks", "ema_update", "strong_photometric", "RECIPES", "resolve_recipe"]
 
 
 @torch.no_grad()
@@ -69,24 +69,32 @@ def strong_photometric(x: torch.Tensor, mean, std, gen: torch.Generator) -> torc
 class SelfTrainer(DecoderTrainer):
     command = "self-train"
 
-    def __init__(self, inputs: Sequence[str], out: str, teacher: str, *, student_init: str = "teacher",
-                 burn_in: int = 0, ema_decay: float = 0.9996, rounds: int = 1, score_threshold: float = 0.7,
-                 min_mask_area: int = 5, labeled: Optional[Sequence[str]] = None,
-                 labeled_field: str = "gt_parts.png", unsup_weight: float = 2.0, train: Optional[TrainConfig] = None,
-                 val: Optional[Sequence[str]] = None, resume: bool = False, device: str = "auto", seed: int = 0,
-                 handler: Handler = stop):
+    def __init__(self, inputs: Sequence[str], out: str, teacher: str, *, recipe: str = "guided-distillation",
+                 student_init: Optional[str] = None, burn_in: Optional[int] = None,
+                 ema_decay: Optional[float] = None, rounds: int = 1, score_threshold: Optional[float] = None,
+                 min_mask_area: Optional[float] = None, labeled: Optional[Sequence[str]] = None,
+                 labeled_field: str = "gt_parts.png", unsup_weight: Optional[float] = None,
+                 train: Optional[TrainConfig] = None, val: Optional[Sequence[str]] = None, resume: bool = False,
+                 device: str = "auto", seed: int = 0, handler: Handler = stop):
+        given = {"student_init": student_init, "burn_in": burn_in, "ema_decay": ema_decay,
+                 "score_threshold": score_threshold, "min_mask_area": min_mask_area, "unsup_weight": unsup_weight}
+        values = resolve_recipe(recipe, given)
+        student_init, ema_decay = values["student_init"], values["ema_decay"]
+        score_threshold, min_mask_area, unsup_weight = (values["score_threshold"], values["min_mask_area"],
+                                                        values["unsup_weight"])
         if student_init not in ("teacher", "scratch"):
             raise PartkitError(f"--student-init must be teacher or scratch, got {student_init!r}")
         check_rate("--ema-decay", ema_decay, high=1.0, strict=False, fix="pass a decay in [0, 1], e.g. 0.9996")
         check_count("--burn-in", burn_in, 0)
         check_count("--rounds", rounds, fix="pass --rounds 1 for one round of self-training")
         check_rate("--score-threshold", score_threshold, high=1.0, strict=False, fix="pass a score in [0, 1]")
-        check_count("--min-mask-area", min_mask_area, 0)
+        check_rate("--min-mask-area", min_mask_area, strict=False, fix="pass a soft mask area in cells, e.g. 5")
         check_rate("--unsup-weight", unsup_weight, strict=False, fix="pass a weight >= 0, e.g. 2")
         (train or TrainConfig()).validate()
+        self.recipe = recipe
         self.teacher_path, self.student_init = teacher, student_init
         self.labeled_inputs, self.labeled_field = list(labeled) if labeled else [], labeled_field
-        self.burn_in, self.ema_decay, self.rounds = burn_in, ema_decay, rounds
+        self.ema_decay, self.rounds = ema_decay, rounds
         self.score_threshold, self.min_mask_area, self.unsup_weight = score_threshold, min_mask_area, unsup_weight
         teacher_net, ckpt = load_decoder(teacher, "cpu")
         self.teacher_ckpt = ckpt
@@ -101,6 +109,10 @@ class SelfTrainer(DecoderTrainer):
         if online is not None:
             online.fx.backbone.to(self.dev)
             online.fx.device = self.dev
+        per_round = super().total_steps()
+        # the recipe's burn-in is a share of each round's steps (the paper's iterations scaled to --max-steps)
+        burn_in = burn_in if burn_in is not None else round(values["burn_in_fraction"] * per_round)
+        values["burn_in"] = self.burn_in = burn_in
         if self.dcfg.in_channels != teacher_net.cfg.in_channels:
             raise PartkitError(f"the teacher was trained on {teacher_net.cfg.in_channels}-channel features but the "
                                f"input has {self.dcfg.in_channels}; extract with the teacher's settings")
@@ -121,7 +133,10 @@ class SelfTrainer(DecoderTrainer):
             p.requires_grad_(False)
         if student_init == "teacher":
             load_matching(self.net, self.teacher.state_dict())
-        self.config.update({"teacher": teacher, "student_init": student_init, "burn_in": burn_in,
+        self.config.update({"teacher": teacher, "recipe": recipe, "recipe_overrides": sorted(
+                                k for k, v in given.items() if v is not None),
+                            "student_init": student_init, "burn_in": burn_in,
+                            "burn_in_fraction": None if given["burn_in"] is not None else values["burn_in_fraction"],
                             "ema_decay": ema_decay, "rounds": rounds, "score_threshold": score_threshold,
                             "min_mask_area": min_mask_area, "labeled": list(labeled) if labeled else None,
                             "labeled_field": labeled_field, "unsup_weight": unsup_weight,
@@ -254,7 +269,7 @@ class SelfTrainer(DecoderTrainer):
     def extra_state(self) -> dict:
         return {"teacher": self.teacher.state_dict(), "teacher_checkpoint": self.teacher_path}
 
-    SELF_TRAIN_OPTIONS = ("student_init", "burn_in", "ema_decay", "rounds", "score_threshold", "min_mask_area",
+    SELF_TRAIN_OPTIONS = ("recipe", "student_init", "burn_in", "ema_decay", "rounds", "score_threshold", "min_mask_area",
                           "labeled_field", "unsup_weight")
 
     def resume_options(self, config: dict) -> dict:
@@ -263,6 +278,30 @@ class SelfTrainer(DecoderTrainer):
 
     def load_extra_state(self, ckpt: dict) -> None:
         self.teacher.load_state_dict(ckpt["teacher"])
+
+
+# Self-training recipes: each value of a paper's method, overridden by any option given explicitly.
+# burn_in_fraction: the burn-in as a share of each round's steps.
+RECIPES = {
+    # Berrada et al., WACV 2024, Sec. 3 and 4.1: a random-init student learns from a frozen teacher
+    # (guided burn-in, Tab. 2: Cityscapes 5% labels 15k of 90k iterations, the setting of Tab. 4), then
+    # teacher := student, then EMA alpha = 0.9996; alpha_C = 0.7, alpha_S = 5, lambda_u = 2.
+    "guided-distillation": {"student_init": "scratch", "burn_in_fraction": 15 / 90, "ema_decay": 0.9996,
+                            "score_threshold": 0.7, "min_mask_area": 5.0, "unsup_weight": 2.0},
+    # Cho et al., CVPR 2023, Sec. 4.2-4.3 and the official PartDistillation.yaml: the student starts from
+    # the proposal decoder (MODEL.WEIGHTS) and learns the ranked targets as classes (labels fixed
+    # offline: no EMA teacher, no online pseudo-label loss); without --labeled, self-training on the
+    # teacher's proposals with its candidate score 0.3, the teacher fixed.
+    "partdistillation": {"student_init": "teacher", "burn_in_fraction": 0.0, "ema_decay": 1.0,
+                         "score_threshold": 0.3, "min_mask_area": 5.0, "unsup_weight": 0.0},
+}
+
+
+def resolve_recipe(recipe: str, given: dict) -> dict:
+    """The recipe's values with every option in ``given`` that is not None in their place."""
+    if recipe not in RECIPES:
+        raise PartkitError(f"--recipe must be one of {', '.join(RECIPES)}, got {recipe!r}")
+    return {**RECIPES[recipe], **{k: v for k, v in given.items() if v is not None}}
 
 
 def _describe(classes: Optional[list]) -> str:
