@@ -20,6 +20,7 @@ from .decoder.model import PartDecoder
 from .decoder.predict import load_decoder
 from .decoder.features import OnlineFeatures, batch_features, load_examples
 from .decoder.train import DecoderTrainer, TrainConfig, masks_recall
+from ._log import log
 from .errors import BadSample, Handler, PartkitError, stop
 from .fields import object_masks
 from .grid import sample_on_grid
@@ -160,6 +161,9 @@ class SelfTrainer(DecoderTrainer):
         self.labeled = assign_classes(self.labeled, classes, self.labeled_field, on_bad)
         if not self.labeled:
             raise PartkitError("self-train: no usable --labeled samples")
+        if classes:
+            log(f"self-train: class-aware student, {len(classes)} classes + no-part from --labeled "
+                f"'{self.labeled_field}'")
         return classes
 
     def prepare_examples(self, examples: list, on_bad) -> list:

@@ -154,8 +154,6 @@ class DecoderTrainer(Trainer):
         dec = {**(decoder or {}), "classes": classes, "num_classes": len(classes) if classes else 1}
         self.dcfg = DecoderConfig(in_channels=int(meta["channels"]), level_channels=meta.get("level_channels", ()),
                                   **dec)
-        if classes:
-            log(f"{self.command}: class-aware, {len(classes)} classes + no-part from '{field}'")
         self.net = self.make_net().to(self.dev)
         self.ddp = self.dist.wrap(self.net)
         self.opt = torch.optim.AdamW(self.net.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
@@ -185,6 +183,8 @@ class DecoderTrainer(Trainer):
         label maps; sets each training example's class indices."""
         classes = class_list(self.examples, self.field, self.class_aware)
         self.examples = assign_classes(self.examples, classes, self.field, on_bad)
+        if classes:
+            log(f"{self.command}: class-aware, {len(classes)} classes + no-part from '{self.field}'")
         return classes
 
     def make_net(self) -> PartDecoder:
