@@ -17,15 +17,16 @@ def main(
     out: str = typer.Option(..., "--out", help="Run folder (config.json, metrics.jsonl, loss.png, last.pt / backbone.pt)."),
     objective: str = typer.Option("masks", "--objective", help="masks (teacher-student decoder) or part-contrast (PARTICLE)."),
     teacher: Optional[str] = typer.Option(None, "--teacher", help="masks: the train-decoder run (or last.pt) to start from."),
-    student_init: str = typer.Option("teacher", "--student-init", help="masks: teacher (copy its weights) or scratch."),
-    burn_in: int = typer.Option(0, "--burn-in", help="masks: steps with the teacher frozen before it takes the student's weights."),
-    ema_decay: float = typer.Option(0.9996, "--ema-decay", help="masks: teacher = a*teacher + (1-a)*student after burn-in (1 = fixed)."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", help="masks: guided-distillation (default) or partdistillation: the paper's defaults for the options below; explicit options override."),
+    student_init: Optional[str] = typer.Option(None, "--student-init", help="masks: teacher (copy its weights) or scratch (random init) [recipe]."),
+    burn_in: Optional[int] = typer.Option(None, "--burn-in", help="masks: steps with the teacher frozen before it takes the student's weights [recipe: a share of --max-steps]."),
+    ema_decay: Optional[float] = typer.Option(None, "--ema-decay", help="masks: teacher = a*teacher + (1-a)*student after burn-in (1 = fixed) [recipe]."),
     rounds: Optional[int] = typer.Option(None, "--rounds", help="Rounds of (pseudo-label, train) [1]; part-contrast: (discover, train) [3]."),
-    score_threshold: float = typer.Option(0.7, "--score-threshold", help="masks: keep teacher predictions scoring at least this."),
-    min_mask_area: int = typer.Option(5, "--min-mask-area", help="masks: ... whose mask has at least this many cells."),
+    score_threshold: Optional[float] = typer.Option(None, "--score-threshold", help="masks: keep teacher predictions whose class probability is at least this [recipe]."),
+    min_mask_area: Optional[float] = typer.Option(None, "--min-mask-area", help="masks: ... whose soft mask area (sum of sigmoids, mask cells) is at least this [recipe]."),
     labeled: Optional[List[str]] = typer.Option(None, "--labeled", help="masks: shards with ground-truth label maps (semi-supervised)."),
     labeled_field: str = typer.Option("gt_parts.png", "--labeled-field", help="masks: label-map field of --labeled (e.g. targets.png from rank)."),
-    unsup_weight: float = typer.Option(2.0, "--unsup-weight", help="masks: lambda_u, weight of the pseudo-label loss with --labeled."),
+    unsup_weight: Optional[float] = typer.Option(None, "--unsup-weight", help="masks: lambda_u, weight of the pseudo-label loss with --labeled (0: the labels alone) [recipe]."),
     model: str = typer.Option("efficientnet_lite0", "--model", help="part-contrast: backbone to fine-tune."),
     weights: Optional[str] = typer.Option(None, "--weights", help="part-contrast: starting weights (a registry tag, or a file: partkit, timm, MoCo or DetCon checkpoint)."),
     layers: Optional[str] = typer.Option(None, "--layers", help="part-contrast: feature layers."),
@@ -70,7 +71,11 @@ def main(
     --objective part-contrast: fine-tune the backbone with PARTICLE's part-contrastive loss;
     use the result anywhere with --weights RUN_DIR/backbone.pt.
 
-    Example: partkit self-train feats/ --teacher runs/dec --out runs/st --burn-in 500 --max-steps 2000
+    --recipe guided-distillation (default): random-init student, guided burn-in, EMA;
+    --recipe partdistillation: the student starts from the teacher and learns --labeled targets
+    (rank apply --as-targets) as classes.
+
+    Example: partkit self-train feats/ --teacher runs/dec --out runs/st --max-steps 2000
     """
     g = get_globals(ctx)
     if objective == "masks":
@@ -84,13 +89,13 @@ def main(
         tc = TrainConfig(**{k_: v for k_, v in given.items() if v is not None}, crop_grid=crop_grid,
                          checkpoint_every=checkpoint_every, val_every=val_every, log_every=log_every, stop_at=stop_at,
                          workers=workers, shuffle_buffer=shuffle_buffer, log=log)
-        self_train_masks(inputs, out, teacher, student_init=student_init, burn_in=burn_in, ema_decay=ema_decay,
+        self_train_masks(inputs, out, teacher, recipe=recipe or "guided-distillation", student_init=student_init, burn_in=burn_in, ema_decay=ema_decay,
                          rounds=1 if rounds is None else rounds, score_threshold=score_threshold, min_mask_area=min_mask_area, labeled=labeled,
                          labeled_field=labeled_field, unsup_weight=unsup_weight, train=tc, val=val, resume=resume,
                          device=g.device, seed=g.seed, handler=handler_for(skip_bad))
     elif objective == "part-contrast":
-        if teacher is not None or labeled:
-            raise PartkitError("--teacher and --labeled belong to --objective masks; part-contrast needs neither")
+        if teacher is not None or labeled or recipe is not None:
+            raise PartkitError("--teacher, --labeled and --recipe belong to --objective masks; part-contrast needs none")
         from partkit.contrast import part_contrast
 
         if max_steps is not None:

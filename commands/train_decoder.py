@@ -15,7 +15,8 @@ def main(
     ctx: typer.Context,
     inputs: List[str] = typer.Argument(..., help="Shards with parts.png (from cluster) and feat.npy or images."),
     out: str = typer.Option(..., "--out", help="Run folder: config.json, metrics.jsonl, loss.png, last.pt."),
-    field: str = typer.Option("parts.png", "--field", help="Label-map field whose ids are the proposals."),
+    field: str = typer.Option("parts.png", "--field", help="Label-map field whose ids are the proposals (targets.png, gt_parts.png: classes)."),
+    class_aware: Optional[bool] = typer.Option(None, "--class-aware/--class-agnostic", help="Learn the field's classes (targets.json classes, json part_names) [default: when the field names them]."),
     min_part_area: float = typer.Option(0.05, "--min-part-area", help="Drop proposals smaller than this fraction of their object."),
     features: str = typer.Option("auto", "--features", help="cached (feat.npy), online (recompute from images), auto."),
     model: str = typer.Option("efficientnet_lite0", "--model", help="Backbone for --features online."),
@@ -45,7 +46,9 @@ def main(
     shuffle_buffer: int = typer.Option(256, "--shuffle-buffer", help="Samples per shuffle buffer (per worker): bounds memory."),
     skip_bad: SkipBadOption = False,
 ):
-    """Train on every proposal (a non-zero id of parts.png) as a mask of one "part" class.
+    """Train on every proposal (a non-zero id of parts.png) as a mask of one "part" class, or, when the
+    label map names classes (targets.png + targets.json from `rank apply --as-targets`, gt_parts.png
+    with part_names), on C classes + no-part.
 
     Example: partkit train-decoder clusters/ --out runs/dec --max-steps 2000 --val val.tar
     Distributed: torchrun --nproc_per_node=2 $(which partkit) train-decoder ...
@@ -60,4 +63,5 @@ def main(
     train_decoder(inputs, out, field=field, min_part_area=min_part_area, features=features, model=model,
                   weights=weights, layers=parse_ints(layers, "--layers"), size=size,
                   decoder={"num_queries": queries, "num_layers": dec_layers, "hidden_dim": hidden}, train=tc,
-                  val=val, resume=resume, device=g.device, seed=g.seed, handler=handler_for(skip_bad))
+                  val=val, resume=resume, device=g.device, seed=g.seed, handler=handler_for(skip_bad),
+                  class_aware=class_aware)

@@ -27,6 +27,7 @@ __all__ = [
     "geometry", "features", "FeatureSource", "label_map", "masks", "decode_masks", "objects", "object_masks",
     "keypoints", "parse_keypoints", "proposals", "part_names", "parse_part_names", "PartNames", "SampleView",
     "OBJECT_SOURCES", "SALIENCY_THRESHOLD", "saliency", "salient", "objects_from",
+    "label_classes",
 ]
 
 GEOMETRY_KEYS = ("grid", "stride", "image_size", "resized")  # what partkit.grid needs (plus optional "offset")
@@ -96,6 +97,23 @@ def part_names(sample: dict) -> dict[int, str]:
         return parse_part_names(doc, "'json' part_names")
     except ValueError as e:
         raise BadSample(sample["__key__"], f"{e}; re-run `partkit pack` with --label-names") from None
+
+
+def label_classes(sample: dict, field: str) -> Optional[dict[int, str]]:
+    """The class list of a label-map field, ``{id: name}``, or None when its ids name no classes:
+    the companion's ``classes`` (``targets.json`` of ``rank apply --as-targets``), else, for
+    ``gt_parts.png``, the ``json`` ``part_names`` (:func:`part_names`). Cluster maps have none."""
+    meta_field = companion(field)
+    if meta_field in sample:
+        doc = decode_json(sample, meta_field)
+        if isinstance(doc, dict) and "classes" in doc:
+            try:
+                return parse_part_names(doc["classes"], f"'{meta_field}' classes")
+            except ValueError as e:
+                raise BadSample(sample["__key__"], f"{e}; re-run `{PRODUCERS.get(meta_field, 'partkit')}`") from None
+    if field == "gt_parts.png":
+        return part_names(sample) or None
+    return None
 
 
 class PartNames:

@@ -64,7 +64,8 @@ def test_self_training_student_recalls_at_least_the_teacher(trained):
     tmp = trained
     tc = TrainConfig(max_steps=60, batch_size=2, warmup=5, lr=1e-4, crop_grid=20, num_points=256,
                      checkpoint_every=60, log_every=10)
-    self_train_masks([str(tmp / "parts")], str(tmp / "st"), str(tmp / "run"), burn_in=0, ema_decay=0.99,
+    self_train_masks([str(tmp / "parts")], str(tmp / "st"), str(tmp / "run"), student_init="teacher", burn_in=0,
+                     ema_decay=0.99,
                      score_threshold=0.7, train=tc, seed=0)
     teacher0 = _predicted_ar(tmp / "parts", tmp / "run", tmp / "pred_t0")
     student = _predicted_ar(tmp / "parts", tmp / "st", tmp / "pred_s")

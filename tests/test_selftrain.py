@@ -144,3 +144,58 @@ def test_cli_objectives_and_option_errors(tmp_path, cihp_dir):
                               "--proj-hidden", "32", "--proj-dim", "16"])
     assert res.exit_code == 0, res.stderr
     assert (tmp_path / "pc" / "backbone.pt").exists()
+
+
+def _spy_teacher(st):
+    snapshots = []
+    original = st.after_step
+
+    def spy(done):
+        before = {k: v.clone() for k, v in st.teacher.state_dict().items()}
+        original(done)
+        snapshots.append((done, before, {k: v.clone() for k, v in st.teacher.state_dict().items()},
+                          {k: v.clone() for k, v in st.net.state_dict().items()}))
+
+    st.after_step = spy
+    return snapshots
+
+
+def test_guided_distillation_recipe_is_the_papers_schedule(teacher, tmp_path):
+    """Default recipe: random-init student, teacher frozen for the burn-in (15/90 of the steps, Tab. 2's
+    Cityscapes 5% setting), teacher := student at its end, then EMA with alpha = 0.9996."""
+    shard, run = teacher
+    st = SelfTrainer([shard], str(tmp_path / "st"), run, score_threshold=0.0, train=_tc(12, stop_at=4), seed=0)
+    assert (st.recipe, st.student_init, st.burn_in, st.ema_decay, st.score_threshold, st.min_mask_area,
+            st.unsup_weight) == ("guided-distillation", "scratch", 2, 0.9996, 0.0, 5.0, 2.0)
+    t0 = {k: v.clone() for k, v in st.teacher.state_dict().items()}
+    assert not all(torch.equal(st.net.state_dict()[k], t0[k]) for k in t0)  # the student is not the teacher
+    snapshots = _spy_teacher(st)
+    st.fit()
+    (d1, _, t1, s1), (d2, _, t2, s2), (d3, before3, t3, s3), (d4, before4, t4, s4) = snapshots
+    assert all(torch.equal(t1[k], t0[k]) for k in t0)  # frozen during burn-in
+    assert all(torch.equal(t2[k], s2[k]) for k in t0)  # teacher := student at its end
+    assert not all(torch.equal(t2[k], t0[k]) for k in t0)
+    for before, after, student in ((before3, t3, s3), (before4, t4, s4)):  # then EMA
+        for k in t0:
+            if t0[k].is_floating_point():
+                assert torch.allclose(after[k], 0.9996 * before[k] + 0.0004 * student[k], atol=1e-6)
+    cfg = json.load(open(tmp_path / "st" / "config.json"))
+    assert cfg["recipe"] == "guided-distillation" and cfg["recipe_overrides"] == ["score_threshold"]
+    assert (cfg["burn_in"], cfg["burn_in_fraction"], cfg["ema_decay"], cfg["unsup_weight"],
+            cfg["student_init"]) == (2, 15 / 90, 0.9996, 2.0, "scratch")
+
+
+def test_partdistillation_recipe_and_overrides(teacher, tmp_path):
+    shard, run = teacher
+    st = SelfTrainer([shard], str(tmp_path / "pd"), run, recipe="partdistillation", labeled=[shard],
+                     labeled_field="parts.png", train=_tc(2), seed=0)
+    assert (st.student_init, st.burn_in, st.ema_decay, st.score_threshold, st.unsup_weight) == (
+        "teacher", 0, 1.0, 0.3, 0.0)
+    t = torch.load(os.path.join(run, "last.pt"), weights_only=False)["model"]
+    assert all(torch.equal(st.net.state_dict()[k], t[k]) for k in t)  # the student starts as the teacher
+    st = SelfTrainer([shard], str(tmp_path / "pd2"), run, recipe="partdistillation", burn_in=1, ema_decay=0.5,
+                     train=_tc(2), seed=0)
+    assert (st.burn_in, st.ema_decay, st.score_threshold) == (1, 0.5, 0.3)  # explicit options win
+    assert st.config["recipe_overrides"] == ["burn_in", "ema_decay"] and st.config["burn_in_fraction"] is None
+    with pytest.raises(PartkitError, match="--recipe must be one of guided-distillation, partdistillation"):
+        SelfTrainer([shard], str(tmp_path / "x"), run, recipe="mean-teacher")

@@ -12,12 +12,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import BadSample
+from ..errors import BadSample, PartkitError
 from ..grid import sample_on_grid
-from ..fields import IGNORE_IDS, features, object_masks
+from ..fields import IGNORE_IDS, PartNames, features, object_masks
 from ..io import decode_label_map
 
-__all__ = ["Example", "targets_from_sample", "augment", "collate", "MASK_FACTOR"]
+__all__ = ["Example", "targets_from_sample", "augment", "collate", "MASK_FACTOR", "class_list", "assign_classes"]
 
 MASK_FACTOR = 2  # mask features are at 2x the feature grid
 
@@ -120,3 +120,44 @@ def collate(items: list[tuple[torch.Tensor, torch.Tensor]], examples: list[Examp
         targets.append({"masks": masks.to(device), "labels": torch.tensor([c for _, c in present], dtype=torch.long,
                                                                           device=device)})
     return feats, targets
+
+
+def class_list(examples: list, field: Optional[str], class_aware: Optional[bool] = None) -> Optional[list]:
+    """The classes a decoder learns from ``examples``: ``[[label id, name], ...]`` sorted by id, pooled
+    over every example's class list (:func:`partkit.fields.label_classes`, kept by ``load_examples`` as
+    ``ex.label_classes``); None = class-agnostic. ``class_aware`` None: class-aware when the field
+    names classes; False: class-agnostic; True: a class list is required."""
+    from .._log import log
+
+    if class_aware is False or field is None:
+        return None
+    names = PartNames()
+    for ex in examples:
+        for message in names.add(getattr(ex, "label_classes", None) or {}, ex.key):
+            log(f"warning: {message}")
+    if not names.names:
+        if class_aware:
+            raise PartkitError(f"class-aware training needs a class list for '{field}', and no sample has one: "
+                               "targets.png comes with targets.json (`rank apply --as-targets`), gt_parts.png with "
+                               "json part_names (`pack --label-names FILE` or `--coco-as parts`); or train "
+                               "class-agnostic (drop --class-aware)")
+        return None
+    return [[i, names.names[i]] for i in sorted(names.names)]
+
+
+def assign_classes(examples: list, classes: Optional[list], field: str, on_bad) -> list:
+    """Set each example's ``classes`` (class index per kept id) from ``classes``; an example with an id
+    outside the class list is a bad sample (``on_bad``), since its pixels would be learnt as no class."""
+    if classes is None:
+        return examples
+    index = {int(i): c for c, (i, _) in enumerate(classes)}
+    kept = []
+    for ex in examples:
+        missing = [int(i) for i in ex.ids if int(i) not in index]
+        if missing:
+            on_bad(BadSample(ex.key, f"'{field}' has ids {missing[:5]} that its class list does not name; add them "
+                                     "to the class list (targets.json classes / json part_names) or drop the sample"))
+            continue
+        ex.classes = np.asarray([index[int(i)] for i in ex.ids], np.int64)
+        kept.append(ex)
+    return kept

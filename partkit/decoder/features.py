@@ -4,12 +4,13 @@ Used by training (``train-decoder``, ``self-train``: streamed, :class:`ExampleSt
 """
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Callable, Optional, Sequence
 
 import torch
 
 from ..errors import Handler, stop
-from ..fields import FeatureSource, image
+from ..fields import FeatureSource, image, label_classes
 from ..io import iter_loaded
 from .data import Example, example_from_sample, targets_from_sample
 
@@ -62,6 +63,7 @@ def example_loader(*, field: Optional[str], min_part_area: float, online: Option
             ex = example_from_sample(sample, field=field, min_part_area=min_part_area, class_map=class_map)
             source.check(sample, ex.meta, ex.feat.shape[0])
         ex.sample = {k: v for k, v in sample.items() if k in ("__key__", "gt_parts.png", "gt_objects.json", "json")}
+        ex.label_classes = label_classes(sample, field) if field else None  # the field's class list, if any
         return prepare(ex) if prepare is not None else ex
 
     return load
@@ -85,7 +87,10 @@ class ExampleStream:
     The scan decodes every sample once, in order, before training starts: bad samples go to
     ``handler`` there (so a run stops before writing anything, or records what it skipped), the
     first example gives the model's input geometry, and the count gives ``--epochs`` its length.
-    Only the scan's current sample and the loader's shuffle buffers are ever held in memory.
+    ``scanned`` keeps what each example's labels need to be checked as a whole (its key, ids and
+    class list, a few numbers per sample): the decoder's class list is pooled from it, and
+    :meth:`drop` leaves out the samples found bad that way. Only the scan's current sample and the
+    loader's shuffle buffers are ever held in memory.
     """
 
     def __init__(self, inputs: Sequence[str], load: Callable[[dict], Example], *, handler: Handler, seed: int,
@@ -103,12 +108,25 @@ class ExampleStream:
             bad.append(b.key)
 
         stream = SampleStream(inputs, load, seed=seed, buffer=buffer, rank=rank, world=world)  # checks the inputs
+        self.scanned: list = []
         for ex in iter_loaded(inputs, load, handler=on_bad):
             if self.first is None:
                 self.first = ex
             self.count += 1
+            self.scanned.append(SimpleNamespace(key=ex.key, ids=ex.ids, label_classes=ex.label_classes))
         stream.exclude, stream.per_epoch = frozenset(k for k in bad if k is not None), self.count
+        self.stream = stream
         self.loader = StreamLoader(stream, batch=batch, workers=workers, pin_memory=pin_memory, handler=handler)
+
+    def drop(self, keys: Sequence[str]) -> None:
+        """Leave out these scanned samples too (found bad after the scan); before the first batch only."""
+        keys = frozenset(keys)
+        if keys:
+            self.stream.exclude = self.stream.exclude | keys
+            self.count -= len(keys)
+            self.stream.per_epoch = self.count
+            if self.first is not None and self.first.key in keys:
+                self.first = None if self.count == 0 else self.first  # the geometry stays valid for the others
 
 
 def batch_features(examples: list, online: Optional[OnlineFeatures]) -> list[torch.Tensor]:

@@ -1,16 +1,17 @@
-"""A class-agnostic, query-based part decoder (Mask2Former-style) over frozen dense features.
+"""A query-based part decoder (Mask2Former-style) over frozen dense features.
 
 Input: a hypercolumn grid ``B x C x h x w`` (the concatenation of several backbone levels,
 as ``extract`` writes it). The pixel decoder fuses the levels FPN-style into mask features at
 twice the grid resolution; N learned queries go through L layers of masked cross-attention
 (each layer attends only where the previous layer's mask is on), self-attention and FFN.
-Each query yields a mask logit map, part/no-part logits, and a feature vector.
+Each query yields a mask logit map, class logits (C classes + no-part; C = 1, "part", when
+class-agnostic) and a feature vector.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -28,10 +29,15 @@ class DecoderConfig:
     num_layers: int = 3
     num_heads: int = 4
     ffn_dim: int = 512
-    num_classes: int = 1  # 1 = class-agnostic "part"; >1 for class-specific targets (rank --as-targets)
+    num_classes: int = 1  # 1 = class-agnostic "part"; C for a class list (rank --as-targets, gt part names)
     dropout: float = 0.0
+    # class-aware decoders: [label id, name] per class index (the ids of the label map trained on)
+    classes: Optional[list] = None
 
     def __post_init__(self):
+        if self.classes is not None:
+            self.classes = [[int(i), str(n)] for i, n in self.classes]
+            self.num_classes = len(self.classes)
         self.level_channels = list(self.level_channels) or [self.in_channels]
         if sum(self.level_channels) != self.in_channels:
             self.level_channels = [self.in_channels]
@@ -45,6 +51,8 @@ class DecoderConfig:
         check_count("num_heads", self.num_heads)
         check_count("ffn_dim", self.ffn_dim)
         check_count("num_classes", self.num_classes)
+        require(self.classes is None or len(self.classes) > 0, "the class list", self.classes,
+                "at least one class", "train on a label map whose ids name classes, or class-agnostic")
         check_count("--hidden", self.hidden_dim, 4)
         step = math.lcm(4, self.num_heads)
         require(self.hidden_dim % step == 0, "--hidden", self.hidden_dim,
@@ -56,6 +64,17 @@ class DecoderConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def class_aware(self) -> bool:
+        return self.classes is not None
+
+    def class_ids(self) -> list[int]:
+        """Label id per class index (``[1]`` for the class-agnostic "part")."""
+        return [i for i, _ in self.classes] if self.classes is not None else [1]
+
+    def class_names(self) -> list[str]:
+        return [n for _, n in self.classes] if self.classes is not None else ["part"]
 
 
 def sine_position(h: int, w: int, dim: int, device) -> torch.Tensor:
@@ -160,5 +179,11 @@ class PartDecoder(nn.Module):
 
     @staticmethod
     def scores(logits: torch.Tensor) -> torch.Tensor:
-        """Part probability of each query (1 - no-part probability)."""
-        return 1 - logits.softmax(-1)[..., -1]
+        """Score of each query: its most probable class's probability (with one class, 1 - no-part)."""
+        return PartDecoder.classify(logits)[0]
+
+    @staticmethod
+    def classify(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(score, class index) of each query: max and argmax of the class probabilities, no-part left
+        out (Guided Distillation's pseudo-label rule; Mask2Former's per-query class)."""
+        return logits.float().softmax(-1)[..., :-1].max(-1)

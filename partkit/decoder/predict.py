@@ -1,7 +1,7 @@
 """``partkit predict``: part proposals from a trained decoder, as RLE masks with scores and features."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -41,13 +41,17 @@ def masks_to_image(logits: torch.Tensor, meta: dict) -> torch.Tensor:
     return F.interpolate(up[None, :, :rh, :rw], size=(H, W), mode="bilinear", align_corners=False)[0]
 
 
-def encode_proposals(binary: np.ndarray, scores: np.ndarray) -> list[dict]:
-    """Q x H x W boolean masks + scores -> proposals.json entries (compressed RLE, bbox, area)."""
+def encode_proposals(binary: np.ndarray, scores: np.ndarray, classes: Optional[Sequence] = None) -> list[dict]:
+    """Q x H x W boolean masks + scores -> proposals.json entries (compressed RLE, bbox, area); with
+    ``classes`` (a ``(label id, name)`` per mask), ``category_id`` and ``category`` too."""
     out = []
     for i, (m, s) in enumerate(zip(binary, scores)):
         seg = rle.encode(m)
-        out.append({"id": i + 1, "score": round(float(s), 6), "bbox": [round(v, 2) for v in rle.bbox(seg)],
-                    "area": int(rle.area(seg)), "segmentation": seg})
+        entry = {"id": i + 1, "score": round(float(s), 6), "bbox": [round(v, 2) for v in rle.bbox(seg)],
+                 "area": int(rle.area(seg)), "segmentation": seg}
+        if classes is not None:
+            entry["category_id"], entry["category"] = int(classes[i][0]), str(classes[i][1])
+        out.append(entry)
     return out
 
 
@@ -88,11 +92,13 @@ def predict(
     handler: Handler = stop,
     use_teacher: bool = False,
 ) -> dict:
-    """Add ``proposals.json`` (RLE masks, scores, boxes, areas) and ``proposals.npy`` (query features)."""
+    """Add ``proposals.json`` (RLE masks, scores, boxes, areas; a class-aware decoder's ``category_id``
+    and ``category``) and ``proposals.npy`` (query features); ``label_map``: ``pred_parts.png``."""
     if topk < 1:
         raise PartkitError(f"--topk must be at least 1, got {topk}")
     dev = resolve_device(device)
     net, ckpt = load_decoder(checkpoint, dev, ema=use_teacher)
+    classes = net.cfg.classes  # [[label id, name], ...] of a class-aware decoder, else None
     online = None
     if ckpt.get("features") == "online":
         from .features import OnlineFeatures
@@ -119,18 +125,26 @@ def predict(
         with torch.inference_mode():
             for (sample, _, meta), feat in zip(batch, feats):
                 out = net(feat[None].to(dev).float())
-                scores = PartDecoder.scores(out["pred_logits"][0])
+                scores, cls = PartDecoder.classify(out["pred_logits"][0])
                 order = scores.argsort(descending=True)[:topk]
                 order = order[scores[order] >= score_threshold]
                 logits = masks_to_image(out["pred_masks"][0][order].float(), meta)
                 probs = logits.sigmoid()
                 binary = (probs > mask_threshold).cpu().numpy()
-                doc = {"proposals": encode_proposals(binary, scores[order].cpu().numpy()), "topk": topk, "score_threshold": score_threshold,
-                       "mask_threshold": mask_threshold, "checkpoint": checkpoint}
+                picked = [classes[c] for c in cls[order].tolist()] if classes else None
+                doc = {"proposals": encode_proposals(binary, scores[order].cpu().numpy(), picked), "topk": topk,
+                       "score_threshold": score_threshold, "mask_threshold": mask_threshold,
+                       "checkpoint": checkpoint, "class_aware": bool(classes)}
+                if classes:
+                    doc["classes"] = {str(i): n for i, n in classes}
                 new = {**sample, "proposals.json": encode_json(doc),
                        "proposals.npy": encode_npy(out["query_feats"][0][order].cpu().numpy().astype(np.float16))}
                 if label_map:
-                    new["pred_parts.png"] = encode_png(_label_map(probs, scores[order], mask_threshold))
+                    # class-aware: each pixel's class id (the same id means the same part in every image);
+                    # class-agnostic: the proposal's id in this image's proposals.json (its score rank)
+                    ids = (torch.tensor([i for i, _ in picked], dtype=torch.long) if classes
+                           else torch.arange(1, len(order) + 1))
+                    new["pred_parts.png"] = encode_png(_label_map(probs, scores[order], mask_threshold, ids))
                 results.append(new)
         return results
 
@@ -140,11 +154,12 @@ def predict(
                      handler=handler, config=config)
 
 
-def _label_map(probs: torch.Tensor, scores: torch.Tensor, threshold: float) -> np.ndarray:
-    """Each pixel to its most confident part (argmax of mask probability x score), 0 where none is on."""
+def _label_map(probs: torch.Tensor, scores: torch.Tensor, threshold: float, ids: torch.Tensor) -> np.ndarray:
+    """Each pixel to the id (``ids``, one per proposal) of its most confident proposal (argmax of mask
+    probability x score), 0 where no mask is on."""
     if probs.shape[0] == 0:
         return np.zeros(probs.shape[1:], np.uint16)
     conf = probs * scores[:, None, None]
     best = conf.argmax(0)
     on = probs.gather(0, best[None])[0] > threshold
-    return torch.where(on, best + 1, torch.zeros_like(best)).cpu().numpy()
+    return torch.where(on, ids.to(best.device)[best], torch.zeros_like(best)).cpu().numpy()

@@ -20,7 +20,7 @@ from ..fields import IGNORE_IDS, FeatureSource
 from ..io import iter_samples
 from ..training import Distributed, Trainer, check_count, check_rate, cosine_warmup, to_device
 from .criterion import SetCriterion
-from .data import Example, augment, collate
+from .data import Example, assign_classes, augment, class_list, collate
 from .features import ExampleStream, OnlineFeatures, batch_features, example_loader, load_examples
 from .model import DecoderConfig, PartDecoder
 
@@ -118,6 +118,8 @@ class DecoderTrainer(Trainer):
     OPTION_NAMES = {"num_queries": "--queries", "num_layers": "--dec-layers", "hidden_dim": "--hidden",
                     "in_channels": "the input features' channels", "level_channels": "the input features' levels",
                     "feature_spec": "the features (feat.json / --model, --weights, --layers, --size)",
+                    "classes": "the class list (targets.json classes / json part_names)",
+                    "num_classes": "the number of classes", "class_aware": "--class-aware/--class-agnostic",
                     "world": "the number of processes (torchrun)"}
 
     def __init__(self, inputs: Sequence[str], out: str, *, field: Optional[str] = "parts.png",
@@ -125,13 +127,14 @@ class DecoderTrainer(Trainer):
                  weights: Optional[str] = None, layers: Optional[Sequence[int]] = None, size: int = 224,
                  decoder: Optional[dict] = None, train: Optional[TrainConfig] = None,
                  val: Optional[Sequence[str]] = None, resume: bool = False, device: str = "auto", seed: int = 0,
-                 handler: Handler = stop, online: Optional[OnlineFeatures] = None):
+                 handler: Handler = stop, online: Optional[OnlineFeatures] = None,
+                 class_aware: Optional[bool] = None):
         tc = self.tc = (train or TrainConfig()).validate()
         if features not in ("auto", "cached", "online"):
             raise PartkitError(f"--features must be auto, cached or online; got {features!r}")
         check_count("--size", size)
         DecoderConfig(in_channels=1, **(decoder or {})).validate()
-        self.inputs, self.field, self.seed = list(inputs), field, seed
+        self.inputs, self.field, self.seed, self.class_aware = list(inputs), field, seed, class_aware
         self.min_part_area = min_part_area
         self.setup_run(out, device=resolve_device(device), resume=resume, stop_at=tc.stop_at,
                        log_every=tc.log_every, checkpoint_every=tc.checkpoint_every, log_to=tc.log)
@@ -152,22 +155,25 @@ class DecoderTrainer(Trainer):
         self.skipped: list = []
         same = FeatureSource(self.command)
         on_bad = recorded(handler, self.skipped)
+        self.label_index: Optional[dict] = None  # label id -> class index, once the class list is known
         load = example_loader(field=field, min_part_area=min_part_area, online=online, source=same,
                               prepare=self.prepare_example)
         self.data = ExampleStream(inputs, load, handler=on_bad, seed=seed, batch=tc.batch_size, rank=self.dist.rank,
                                   world=self.dist.world, workers=tc.workers, buffer=tc.shuffle_buffer,
                                   pin_memory=self.dev.type == "cuda")
         self.loader = self.data.loader
+        classes = self.resolve_classes(on_bad)
         if self.skipped and self.dist.main:
             log(f"skipped {len(self.skipped)} bad training samples")
-        if self.data.first is None:
+        if self.data.first is None or self.data.count == 0:
             raise PartkitError(f"{self.command}: no usable training samples")
         gt = "gt_parts.png" if val and "gt_parts.png" in first else field
         self.val_examples = (load_examples(val, field=gt, min_part_area=0.0, online=online, source=same)
                              if val and self.dist.main else [])
         meta = self.data.first.meta
+        dec = {**(decoder or {}), "classes": classes, "num_classes": len(classes) if classes else 1}
         self.dcfg = DecoderConfig(in_channels=int(meta["channels"]), level_channels=meta.get("level_channels", ()),
-                                  **(decoder or {}))
+                                  **dec)
         self.net = self.make_net().to(self.dev)
         self.ddp = self.dist.wrap(self.net)
         self.opt = torch.optim.AdamW(self.net.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
@@ -181,6 +187,7 @@ class DecoderTrainer(Trainer):
                                                                                   "kind", "stride")}
         self.config = {"command": self.command, "inputs": self.inputs, "field": field, "min_part_area": min_part_area,
                        "features": "online" if online else "cached", "feature_spec": self.feature_spec,
+                       "class_aware": class_aware,
                        "decoder": self.dcfg.to_dict(), "train": dict(tc.__dict__), "steps": self.steps, "seed": seed,
                        "world": self.dist.world, "val": list(val) if val else None,
                        "skipped_samples": self.skipped,
@@ -188,8 +195,24 @@ class DecoderTrainer(Trainer):
 
     # ---- hooks for subclasses
     def prepare_example(self, ex: Example) -> Example:
-        """An example as training uses it (runs in the loader's workers); a subclass may raise BadSample."""
+        """An example as training uses it (runs in the loader's workers): its class indices once the class
+        list is known; a subclass may raise BadSample."""
+        if self.label_index is not None:
+            ex.classes = np.asarray([self.label_index[int(i)] for i in ex.ids], np.int64)
         return ex
+
+    def resolve_classes(self, on_bad) -> Optional[list]:
+        """The decoder's classes (``[[label id, name], ...]``, None = class-agnostic), pooled over the scan of
+        the training label maps (the same on every rank: each scans every shard); a sample with an id
+        outside the list is a bad sample, left out of the stream."""
+        scanned, self.data.scanned = self.data.scanned, []
+        classes = class_list(scanned, self.field, self.class_aware)
+        if classes:
+            kept = {r.key for r in assign_classes(scanned, classes, self.field, on_bad)}
+            self.data.drop([r.key for r in scanned if r.key not in kept])
+            self.label_index = {int(i): c for c, (i, _) in enumerate(classes)}
+            log(f"{self.command}: class-aware, {len(classes)} classes + no-part from '{self.field}'")
+        return classes
 
     def make_net(self) -> PartDecoder:
         return PartDecoder(self.dcfg)
@@ -233,7 +256,7 @@ class DecoderTrainer(Trainer):
         train = {k: v for k, v in config.get("train", {}).items() if k not in TrainConfig.VOLATILE}
         flat = {**config.get("decoder", {}), **train,
                 **{k: config.get(k) for k in ("field", "min_part_area", "features", "feature_spec", "steps", "seed",
-                                              "world")}}
+                                              "world", "class_aware")}}
         return {self.OPTION_NAMES.get(k, f"--{k.replace('_', '-')}"): v for k, v in flat.items()}
 
     # ---- the Trainer's hooks
@@ -271,7 +294,8 @@ class DecoderTrainer(Trainer):
 
 
 def train_decoder(inputs: Sequence[str], out: str, **kwargs) -> dict:
-    """Train a class-agnostic part decoder; writes config.json, metrics.jsonl, loss.png, last.pt.
+    """Train a part decoder (class-aware when the label map names classes); writes config.json,
+    metrics.jsonl, loss.png, last.pt.
 
     Keyword arguments are those of :class:`DecoderTrainer` (field, features, decoder, train, val, resume, ...).
     """
