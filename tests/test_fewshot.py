@@ -144,3 +144,29 @@ def test_bad_options_are_one_line_errors(colour_shard, tmp_path):
     mapping.write_text(json.dumps({"x": ["nose"]}))
     one_error_line(invoke(["fewshot-seg", colour_shard, "--part-map", mapping, "--model", "timm:test_efficientnet",
                            "--weights", "none"]), "'nose'")
+
+
+def test_ccp_script_tiny(tmp_path):
+    """scripts/ccp_fewshot.py end to end at toy size on the real CCP images: both rows, same protocol."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT, SHARED
+
+    if not (SHARED / "ccp").exists():
+        pytest.fail(f"shared data missing at {SHARED / 'ccp'}; set PARTKIT_SHARED to the shared/ folder")
+    env = {**os.environ, "PARTKIT_SHARED": str(SHARED.parent), "PYTHONPATH": str(ROOT)}
+    res = subprocess.run([sys.executable, str(ROOT / "scripts" / "ccp_fewshot.py"), "--tiny", "--threads", "1",
+                          "--out", str(tmp_path / "ccp")], capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.loads(res.stdout)
+    rows = report["rows"]
+    assert list(rows) == ["ImageNet (pretrained)", "+ part-contrast on CCP"]
+    assert rows["+ part-contrast on CCP"]["weights"].endswith("part-contrast")
+    assert rows["ImageNet (pretrained)"]["protocol"] == rows["+ part-contrast on CCP"]["protocol"]
+    for r in rows.values():
+        assert len(r["folds"]) == 3 and r["unmapped_pixels"] == 0
+        assert set(r["per_part"]) <= {"background", "skin", "hair", "upper clothes", "lower clothes", "shoes",
+                                      "accessories"}
+    assert "± " in res.stderr and (tmp_path / "ccp" / "part-contrast" / "backbone.pt").exists()
