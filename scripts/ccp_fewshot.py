@@ -63,7 +63,7 @@ def main(argv=None) -> dict:
     from partkit.contrast import part_contrast
     from partkit.errors import PartkitError
     from partkit.fewshot import fewshot_seg
-    from partkit.io import Output
+    from partkit.io import Output, write_atomic
     from partkit.pack import pack
 
     if a.threads:
@@ -115,7 +115,7 @@ def main(argv=None) -> dict:
               "rows": {name: {k: r[k] for k in ("value", "std", "folds", "per_part", "last_epoch_miou", "weights",
                                                   "protocol", "unmapped_pixels")} for name, r in rows.items()}}
     text = json.dumps(report, indent=1)
-    (out / "report.json").write_text(text + "\n")
+    write_atomic(str(out / "report.json"), (text + "\n").encode())
     print(text)
     return report
 
