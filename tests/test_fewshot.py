@@ -170,3 +170,13 @@ def test_ccp_script_tiny(tmp_path):
         assert set(r["per_part"]) <= {"background", "skin", "hair", "upper clothes", "lower clothes", "shoes",
                                       "accessories"}
     assert "± " in res.stderr and (tmp_path / "ccp" / "part-contrast" / "backbone.pt").exists()
+
+
+def test_vit_gets_the_papers_vit_decoder_and_lr(colour_shard):
+    report = fewshot_seg([colour_shard], model="timm:vit_tiny_patch16_224", weights="none", train_images=3,
+                         eval_images=3, folds=3, epochs=1, batch_size=3, size=64, device="cpu")
+    p = report["protocol"]
+    assert p["lr"] == 1e-5 and p["decoder_blocks"] == 3 and p["layer"] == 11  # last layer's keys, 3 blocks
+    cnn = fewshot_seg([colour_shard], model="timm:test_efficientnet", weights="none", train_images=3, eval_images=3,
+                      folds=3, epochs=1, batch_size=3, size=64, device="cpu")["protocol"]
+    assert cnn["lr"] == 1e-4 and cnn["decoder_blocks"] == 4
