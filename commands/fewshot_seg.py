@@ -19,13 +19,22 @@ def print_table(report: dict) -> None:
     table = Table(title=f"partkit fewshot-seg: {report['model']} (weights: {report['weights'] or 'default'}), "
                         f"{p['train_images']} training images, {report['held_out_images']} held out",
                   title_justify="left")
-    for column in ("fold", "epoch", "val mIoU", "test mIoU"):
-        table.add_column(column, justify="right")
-    for f in report["folds"]:
-        table.add_row(str(f["fold"]), str(f["epoch"]), *(("-" if v is None else f"{v:.2f}")
-                                                       for v in (f["val_miou"], f["test_miou"])))
-    mean, std = report["value"], report["std"]
-    table.add_row("mean", "", "", "-" if mean is None else f"{mean:.2f} ± {std:.2f}")
+    def fmt(v):
+        return "-" if v is None else f"{v:.2f}"
+
+    if "runs" in report:  # --repeats: one row per seed
+        for column in ("seed", "epochs picked", "test mIoU (± fold std)"):
+            table.add_column(column, justify="right")
+        for r in report["runs"]:
+            table.add_row(str(r["seed"]), " ".join(str(f["epoch"]) for f in r["folds"]),
+                          f"{fmt(r['value'])} ± {fmt(r['std'])}")
+        table.add_row("mean ± std over seeds", "", f"{fmt(report['value'])} ± {fmt(report['std'])}")
+    else:
+        for column in ("fold", "epoch", "val mIoU", "test mIoU"):
+            table.add_column(column, justify="right")
+        for f in report["folds"]:
+            table.add_row(str(f["fold"]), str(f["epoch"]), fmt(f["val_miou"]), fmt(f["test_miou"]))
+        table.add_row("mean", "", "", f"{fmt(report['value'])} ± {fmt(report['std'])}")
     console.print(table)
 
 
@@ -50,6 +59,8 @@ def main(
                                                                     "group ground-truth parts (unlisted ids are ignored)."),
     gt_field: str = typer.Option("gt_parts.png", "--gt-field", help="Ground-truth label-map field."),
     augment: bool = typer.Option(True, "--augment/--no-augment", help="Flip + colour jitter while training."),
+    repeats: int = typer.Option(1, "--repeats", help="Train R times (seeds SEED..SEED+R-1); mean ± std over the "
+                                                     "runs' means (the fold std understates the spread)."),
     json_path: Optional[str] = typer.Option(None, "--json", help="Write the JSON report here instead of stdout."),
     skip_bad: SkipBadOption = False,
 ):
@@ -69,7 +80,7 @@ def main(
         check_output_file(json_path, "--json")
     report = fewshot_seg(inputs, model=model, weights=weights, train_images=train_images, eval_images=eval_images,
                          folds=folds, epochs=epochs, eval_every=eval_every, batch_size=batch_size, lr=lr, size=size,
-                         part_map=part_map, gt_field=gt_field, augment=augment, device=g.device, seed=g.seed,
+                         part_map=part_map, gt_field=gt_field, augment=augment, repeats=repeats, device=g.device, seed=g.seed,
                          handler=handler_for(skip_bad))
     if not g.quiet:
         print_table(report)

@@ -315,15 +315,18 @@ def fewshot_seg(inputs: Sequence[str], *, model: str = "efficientnet_lite0", wei
                 train_images: int = 10, eval_images: Optional[int] = None, folds: int = 5, epochs: int = 200,
                 eval_every: int = 5, batch_size: int = 8, lr: Optional[float] = None, size: int = 256,
                 part_map: Optional[str] = None, gt_field: str = "gt_parts.png", augment: bool = True,
-                device: str = "auto", seed: int = 0, handler: Handler = stop) -> dict:
+                repeats: int = 1, device: str = "auto", seed: int = 0, handler: Handler = stop) -> dict:
     """Few-shot part segmentation as PARTICLE evaluates a backbone; returns the report.
 
     The first ``train_images`` samples (images + ``gt_field``) train; the next ``eval_images``
     (default: all the rest) are held out. Images and labels are resized to ``size`` x ``size``.
     ``part_map``: a JSON file grouping ground-truth ids or names into coarse parts (the first part
     gets id 0; ids it does not list are ignored). ``lr`` defaults to the paper's (1e-4 CNN, 1e-5 ViT).
+    ``repeats`` > 1 trains again with seeds ``seed + 1, ...`` (decoder init, batch order, augmentation):
+    ``value``/``std`` are then the mean and std over the runs' means, each run in ``runs``.
     """
     _check(train_images, eval_images, folds, epochs, eval_every, batch_size, lr, size)
+    check_count("--repeats", repeats)
     from .models import get_spec
 
     spec = get_spec(model)
@@ -348,35 +351,58 @@ def fewshot_seg(inputs: Sequence[str], *, model: str = "efficientnet_lite0", wei
     lr = lr if lr is not None else DEFAULT_LR["vit" if family == "vit" else "cnn"]
     log(f"fewshot-seg: {model} ({weights or 'default weights'}), {len(train)} training images, {len(held_out)} "
         f"held out in {folds} folds, {classes} parts, {epochs} epochs at {size}x{size}, lr {lr:g}")
-    trainer = FewShotTrainer(train, held_out, classes, model=model, weights=weights, epochs=epochs,
-                             eval_every=eval_every, batch_size=batch_size, lr=lr, augment=augment, device=dev,
-                             seed=seed)
-    history = trainer.fit()["losses"]
-    results = cross_validate(np.stack(trainer.confusions), folds)
-    scores = np.array([r["test_miou"] for r in results], np.float64)
     names = groups.names if groups else _names(items, classes)
-    last_miou, last_iou = _miou(trainer.confusions[-1].sum(0))
-    with np.errstate(invalid="ignore"), warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # a part absent from every fold's test images: null
-        per_part = np.nanmean(np.stack([r["test_iou"] for r in results]), 0)
-    pct = _pct
+    runs = [_run(train, held_out, classes, folds, seed + r, names, model=model, weights=weights, epochs=epochs,
+                 eval_every=eval_every, batch_size=batch_size, lr=lr, augment=augment, device=dev)
+            for r in range(repeats)]
+    first = runs[0]
+    report = {k: first[k] for k in ("value", "std", "folds", "per_part", "last_epoch_miou")}
+    if repeats > 1:  # the mean over seeds; std: over the seeds' means (the fold std stays per run)
+        means = np.array([r["value"] for r in runs], np.float64)
+        report = {"value": round(float(means.mean()), 4), "std": round(float(means.std()), 4),
+                  "fold_std": round(float(np.mean([r["std"] for r in runs])), 4),
+                  "runs": [{k: r[k] for k in ("seed", "value", "std", "folds", "last_epoch_miou")} for r in runs],
+                  "per_part": {n: _mean([r["per_part"][n] for r in runs]) for n in names}}
+    trainer = first["trainer"]
     return {
-        "value": pct(scores.mean()), "std": pct(scores.std()),  # population std, as test_miou.py's np.std
-        "folds": [{**{k: v for k, v in r.items() if k not in ("test_iou", "evaluation")},
-                   "epoch": trainer.evaluations[r["evaluation"]], "val_miou": pct(r["val_miou"]),
-                   "test_miou": pct(r["test_miou"])} for r in results],
-        "per_part": {names[i]: pct(v) for i, v in enumerate(per_part)},
-        "last_epoch_miou": pct(last_miou),
+        **report,
         "model": model, "weights": weights, "backbone_weights": trainer.config["backbone_weights"],
         "parts": names, "part_map": part_map, "train_keys": [it.key for it in train],
         "held_out_images": len(held_out), "unmapped_pixels": int(sum(it.unmapped for it in items)),
         "protocol": {"train_images": train_images, "folds": folds, "epochs": epochs, "eval_every": eval_every,
                      "batch_size": trainer.batch_size, "lr": lr, "optimizer": "Adam", "loss": "cross-entropy",
                      "size": size, "augment": augment, "decoder_blocks": len(trainer.net.decoder) - 1,
-                     "layer": trainer.net.layer, "paper": PAPER},
-        "final_loss": history[-1] if history else None, "seed": seed, "device": str(dev),
+                     "layer": trainer.net.layer, "repeats": repeats, "paper": PAPER},
+        "final_loss": first["final_loss"], "seed": seed, "device": str(dev),
         "partkit_version": __version__,
     }
+
+
+def _run(train, held_out, classes, folds, seed, names, **options) -> dict:
+    """One fine-tuning run (seed ``seed``) and its cross-validated scores."""
+    trainer = FewShotTrainer(train, held_out, classes, seed=seed, **options)
+    history = trainer.fit()["losses"]
+    results = cross_validate(np.stack(trainer.confusions), folds)
+    scores = np.array([r["test_miou"] for r in results], np.float64)
+    last_miou, _ = _miou(trainer.confusions[-1].sum(0))
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a part absent from every fold's test images: null
+        per_part = np.nanmean(np.stack([r["test_iou"] for r in results]), 0)
+    pct = _pct
+    return {
+        "seed": seed, "trainer": trainer,
+        "value": pct(scores.mean()), "std": pct(scores.std()),  # population std, as test_miou.py's np.std
+        "folds": [{**{k: v for k, v in r.items() if k not in ("test_iou", "evaluation")},
+                   "epoch": trainer.evaluations[r["evaluation"]], "val_miou": pct(r["val_miou"]),
+                   "test_miou": pct(r["test_miou"])} for r in results],
+        "per_part": {names[i]: pct(v) for i, v in enumerate(per_part)},
+        "last_epoch_miou": pct(last_miou), "final_loss": history[-1] if history else None,
+    }
+
+
+def _mean(values) -> Optional[float]:
+    kept = [v for v in values if v is not None]
+    return round(float(np.mean(kept)), 4) if kept else None
 
 
 def _pct(x) -> Optional[float]:

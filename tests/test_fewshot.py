@@ -180,3 +180,16 @@ def test_vit_gets_the_papers_vit_decoder_and_lr(colour_shard):
     cnn = fewshot_seg([colour_shard], model="timm:test_efficientnet", weights="none", train_images=3, eval_images=3,
                       folds=3, epochs=1, batch_size=3, size=64, device="cpu")["protocol"]
     assert cnn["lr"] == 1e-4 and cnn["decoder_blocks"] == 4
+
+
+def test_repeats_report_the_spread_over_seeds(colour_shard):
+    kw = dict(model="timm:test_efficientnet", weights="none", train_images=3, eval_images=3, folds=3, epochs=2,
+              batch_size=3, size=32, device="cpu")
+    one = fewshot_seg([colour_shard], seed=5, **kw)
+    two = fewshot_seg([colour_shard], seed=5, repeats=2, **kw)
+    assert [r["seed"] for r in two["runs"]] == [5, 6] and two["protocol"]["repeats"] == 2
+    assert two["runs"][0]["value"] == one["value"] and two["runs"][0]["folds"] == one["folds"]  # seed 5 again
+    means = [r["value"] for r in two["runs"]]
+    assert two["value"] == pytest.approx(np.mean(means), abs=1e-3)
+    assert two["std"] == pytest.approx(np.std(means), abs=1e-3)
+    assert two["fold_std"] == pytest.approx(np.mean([r["std"] for r in two["runs"]]), abs=1e-3)
