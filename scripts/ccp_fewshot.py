@@ -13,6 +13,7 @@ The table goes to stderr, the JSON report (both rows and every option) to stdout
 ``--tiny`` runs it at toy size (CI).
 
     python scripts/ccp_fewshot.py --out ccp-run --threads 1
+    python scripts/ccp_fewshot.py --out ccp-run --threads 1 --lr 1e-3 --repeats 3   # reuses the run's pack + part-contrast
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ PART_MAP = ROOT / "scripts" / "ccp_parts.json"
 DEFAULTS = {
     "images": (110, 9), "train_images": (10, 3), "folds": (5, 3), "size": (128, 64), "epochs": (50, 2),
     "eval_every": (5, 1), "batch_size": (8, 3), "pc_rounds": (2, 1), "pc_steps": (60, 2), "pc_batch": (16, 3),
-    "pc_size": (128, 64), "pc_lr": (0.005, 0.005), "pc_k": (25, 8),
+    "pc_size": (128, 64), "pc_lr": (0.005, 0.005), "pc_k": (25, 8), "repeats": (1, 1), "lr": (1e-4, 1e-4),
 }
 
 
@@ -46,7 +47,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
     for name in DEFAULTS:
-        kind = float if name == "pc_lr" else int
+        kind = float if name in ("pc_lr", "lr") else int
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=None)
     a = p.parse_args(argv)
     for name, (real, tiny) in DEFAULTS.items():
@@ -95,7 +96,7 @@ def main(argv=None) -> dict:
     rows = {}
     common = dict(model="efficientnet_lite0", train_images=a.train_images, eval_images=a.images - a.train_images,
                   folds=a.folds, epochs=a.epochs, eval_every=a.eval_every, batch_size=a.batch_size, size=a.size,
-                  part_map=str(PART_MAP), device=a.device, seed=a.seed)
+                  part_map=str(PART_MAP), device=a.device, seed=a.seed, repeats=a.repeats, lr=a.lr)
     for name, weights in (("ImageNet (pretrained)", None), ("+ part-contrast on CCP", str(run))):
         t = time.perf_counter()
         try:
@@ -105,15 +106,18 @@ def main(argv=None) -> dict:
         times[name] = time.perf_counter() - t
 
     log(f"CCP few-shot part segmentation: EfficientNet-Lite0, {a.train_images} training images, "
-        f"{a.images - a.train_images} held out in {a.folds} folds, 7 coarse parts, {a.epochs} epochs at {a.size} px; "
+        f"{a.images - a.train_images} held out in {a.folds} folds, 7 coarse parts, {a.epochs} epochs at {a.size} px, "
+        f"lr {a.lr:g}, {a.repeats} seed(s); "
         f"part-contrast: {a.pc_rounds} x {a.pc_steps} steps, batch {a.pc_batch}, {a.pc_size} px, lr {a.pc_lr:g}")
-    log(f"{'backbone':26s} {'mIoU':>14s}   per fold (test)")
+    spread = "per seed (mean over folds)" if a.repeats > 1 else "per fold (test)"
+    log(f"{'backbone':26s} {'mIoU':>14s}   {spread}")
     for name, r in rows.items():
-        folds = " ".join(f"{f['test_miou']:.1f}" for f in r["folds"])
-        log(f"{name:26s} {r['value']:6.2f} ± {r['std']:5.2f}   {folds}")
+        parts = [x["value"] for x in r["runs"]] if a.repeats > 1 else [f["test_miou"] for f in r["folds"]]
+        log(f"{name:26s} {r['value']:6.2f} ± {r['std']:5.2f}   " + " ".join(f"{v:.1f}" for v in parts))
     report = {"options": vars(a), "seconds": {k: round(v, 1) for k, v in times.items()},
-              "rows": {name: {k: r[k] for k in ("value", "std", "folds", "per_part", "last_epoch_miou", "weights",
-                                                  "protocol", "unmapped_pixels")} for name, r in rows.items()}}
+              "rows": {name: {k: r[k] for k in ("value", "std", "folds", "runs", "fold_std", "per_part",
+                                                  "last_epoch_miou", "weights", "protocol", "unmapped_pixels")
+                              if k in r} for name, r in rows.items()}}
     text = json.dumps(report, indent=1)
     write_atomic(str(out / "report.json"), (text + "\n").encode())
     print(text)
