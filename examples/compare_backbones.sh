@@ -42,8 +42,9 @@ for entry in "${backbones[@]}"; do
   model="${entry%:none}"; weights=()
   [[ "$entry" == *:none ]] && weights=(--weights none)
   name="$(echo "$entry" | tr ':/' '__')"
+  # eval on one thread: the probes are many tiny torch ops, which two contending threads slow ~5x
   partkit -q extract "$out/packed" --model "$model" "${weights[@]}" --size 128 --patches-at keypoints \
-    | partkit -q eval retrieval part-cls linear-seg probe --retrieval-features patches --probe-train 3 \
+    | partkit -q --threads 1 eval retrieval part-cls linear-seg probe --retrieval-features patches --probe-train 3 \
         --probe-iters 300 --region full > "$out/$name.json"
 done
 python - "$out" "${backbones[@]}" <<'PY'
