@@ -1,5 +1,5 @@
 """Score part predictions against ground truth: nmi, ari, miou, ar, mask-ap, retrieval, miou-3d, probe,
-kpt-regression.
+part-cls, linear-seg, kpt-regression.
 
 Metric names come first, then the input shards (default: stdin):
   partkit eval nmi ari miou parts/{000000..000009}.tar --region full
@@ -138,6 +138,13 @@ def main(
     probe_train: int = typer.Option(10, "--probe-train", help="probe: train on the first N images, score the rest."),
     probe_target: str = typer.Option("part", "--probe-target", help="probe classification target: part or category."),
     probe_c: float = typer.Option(1.0, "--probe-c", help="probe: inverse L2 regularisation strength."),
+    probe_lr: Optional[float] = typer.Option(None, "--probe-lr", help="part-cls, linear-seg: learning rate "
+                                                                      "[default: Zhu et al.'s, SGD 0.4 / AdamW 4e-4]."),
+    probe_batch: Optional[int] = typer.Option(None, "--probe-batch", help="part-cls, linear-seg: batch size "
+                                                                          "[default: Zhu et al.'s, 1024 / 16]."),
+    probe_epochs: int = typer.Option(90, "--probe-epochs", help="part-cls: SGD epochs (Zhu et al.: 90)."),
+    probe_iters: int = typer.Option(2000, "--probe-iters", help="linear-seg: AdamW iterations (Zhu et al. and "
+                                                                "--protocol zhu: 160000)."),
     json_path: Optional[str] = typer.Option(None, "--json", help="Write the JSON report here instead of stdout."),
     viz: Optional[str] = typer.Option(None, "--viz", help="Also draw overlays, purity grid and confusion map here."),
     viz_max: int = typer.Option(16, "--viz-max", help="Overlays for the first N samples."),
@@ -154,7 +161,7 @@ def main(
     kpt_feat: str = typer.Option("kpt_feat.npy", "--kpt-feat", help="retrieval patches: per-keypoint feature field."),
 ):
     """Score part predictions against ground truth: nmi, ari, miou, ar, mask-ap, retrieval, miou-3d, probe,
-    kpt-regression.
+    part-cls, linear-seg, kpt-regression.
 
     Metric names come first, then input shards (default: stdin). A table goes to stderr and
     the JSON report to stdout (or --json FILE); scores are x100.
@@ -170,7 +177,8 @@ def main(
         match=match, match_on=match_on, proposals=proposals,
         gt=gt, ks=parse_ints(ks, "--ks") or [], max_dets=max_dets, feat=feat, patch=patch, exclude_self=exclude_self,
         kpt_min_visibility=kpt_min_v, category_parts=_load_json(category_parts, "--category-parts"),
-        probe_train=probe_train, probe_target=probe_target, probe_c=probe_c, seed=g.seed, skip_bad=skip_bad,
+        probe_train=probe_train, probe_target=probe_target, probe_c=probe_c, probe_lr=probe_lr,
+        probe_batch=probe_batch, probe_epochs=probe_epochs, probe_iters=probe_iters, seed=g.seed, skip_bad=skip_bad,
         viz_dir=viz, viz_max=viz_max, average=average, kpt_train=kpt_train, kpt_norm=kpt_norm,
         retrieval_features=retrieval_features, kpt_feat=kpt_feat)
     options.validate(metrics)

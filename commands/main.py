@@ -31,6 +31,7 @@ _COMMANDS = [
     ("train_decoder", "train-decoder"),
     ("predict", "predict"),
     ("self_train", "self-train"),
+    ("fewshot_seg", "fewshot-seg"),
     ("distill3d", "distill-3d"),
     ("eval", "eval"), ("show", "show"),
     ("rank", "rank"),

@@ -430,10 +430,11 @@ def test_registry_lists_exactly_the_builtin_metrics():
     from partkit.evaluate import METRICS, get_metric, list_metrics
 
     assert list_metrics() == list(METRICS) == ["nmi", "ari", "miou", "ar", "mask-ap", "retrieval", "miou-3d", "probe",
-                                               "kpt-regression"]
+                                               "part-cls", "linear-seg", "kpt-regression"]
     families = {name: get_metric(name).family for name in METRICS}
     assert families == {"nmi": "pixels", "ari": "pixels", "miou": "pixels", "ar": "masks", "mask-ap": "masks",
-                        "retrieval": "retrieval", "miou-3d": "shapes", "probe": "probe", "kpt-regression": "keypoints"}
+                        "retrieval": "retrieval", "miou-3d": "shapes", "probe": "probe", "part-cls": "probe",
+                        "linear-seg": "probe", "kpt-regression": "keypoints"}
     known = {f.name for f in fields(EvalOptions)}
     for name in METRICS:  # every option a metric declares is an EvalOptions field
         assert set(get_metric(name).options) <= known, name
@@ -512,7 +513,18 @@ def _every_metric(shard_factory):
             "miou": ([shard_factory(_class_samples())], {}), "ar": ([masks], {"ks": (1, 2)}),
             "mask-ap": ([masks], {}), "retrieval": ([retrieval], {}), "miou-3d": ([shapes], {}),
             "probe": ([shard_factory(_probe_samples(4))], {"probe_train": 2}),
+            "part-cls": ([shard_factory(_kpt_feat_samples(3))], {"probe_train": 2, "probe_epochs": 5}),
+            "linear-seg": ([shard_factory(_probe_samples(4))], {"probe_train": 2, "probe_iters": 5}),
             "kpt-regression": ([shard_factory(_landmark_samples(4))], {"kpt_train": 3, "kpt_norm": "image"})}
+
+
+def _kpt_feat_samples(n):
+    from partkit.io import encode_json, encode_npy
+
+    rows = [{"object": 0, "index": j, "name": name, "x": 1.0, "y": 1.0, "v": 2} for j, name in enumerate(["a", "b"])]
+    return [{"__key__": f"k{i}", "kpt_feat.npy": encode_npy(np.eye(2, 3, dtype=np.float32) + 0.1 * i),
+             "kpt_feat.json": encode_json({"model": "m", "kind": "patch-mean", "layers": [0], "keypoints": rows,
+                                           "skipped": []})} for i in range(n)]
 
 
 def _landmark_samples(n):

@@ -67,6 +67,10 @@ class EvalOptions:
     probe_train: int = 10  # the first N images train the probes, the rest score them
     probe_target: str = "part"  # part (label of each feature cell) or category (image category)
     probe_c: float = 1.0
+    probe_lr: Optional[float] = None  # part-cls / linear-seg: default the paper's (SGD 0.4 / AdamW 4e-4)
+    probe_batch: Optional[int] = None  # part-cls / linear-seg: default the paper's (1024 / 16)
+    probe_epochs: int = 90  # part-cls: SGD epochs (Zhu et al.: 90)
+    probe_iters: int = 2000  # linear-seg: AdamW iterations (Zhu et al.: 160k; --protocol zhu sets it)
     seed: int = 0
     skip_bad: bool = False
     viz_dir: Optional[str] = None
@@ -108,6 +112,10 @@ class EvalOptions:
         for name in _first_seen(m.positive for m in registry.values()):
             if getattr(self, name) <= 0:
                 raise PartkitError(f"{_flag(name)} must be positive, got {getattr(self, name)}")
+        if self.probe_lr is not None and not (isinstance(self.probe_lr, (int, float)) and 0 < self.probe_lr < float("inf")):
+            raise PartkitError(f"--probe-lr must be a positive number, got {self.probe_lr}")
+        if self.probe_batch is not None and self.probe_batch < 1:
+            raise PartkitError(f"--probe-batch must be at least 1, got {self.probe_batch}")
         fitted = [n for n, m in registry.items() if m.fit is not None]
         if self.match_on and not set(fitted) & set(names):
             raise PartkitError(f"--match-on only applies to {' and '.join(fitted)}; add one of them or drop "

@@ -65,9 +65,13 @@ PROTOCOLS: dict[str, Protocol] = {p.name: p for p in [
                              "as PointCLIPv2)"}),
     Protocol(
         "zhu", "Zhu et al. part retrieval: keypoint-centred crops through the backbone, ranked by cosine similarity",
-        options={"retrieval_features": "patches", "exclude_self": True},
+        options={"retrieval_features": "patches", "exclude_self": True, "probe_iters": 160_000},
         official={"retrieval": "Zhu et al., Sec. 4.2 'Part retrieval' and App. A.3 (the paper; no official "
-                               "evaluation code checked); patches from `extract --patches-at keypoints`"}),
+                               "evaluation code checked); patches from `extract --patches-at keypoints`",
+                  "part-cls": "Zhu et al., Sec. 4.2 'Part classification' (linear probing: SGD lr 0.4, momentum "
+                              "0.9, no weight decay, 90 epochs, batch 1024; the paper, no official code checked)",
+                  "linear-seg": "Zhu et al., Sec. 4.2 'Part segmentation' and App. A.5 (1x1 conv after x4 bilinear "
+                                "upsampling, AdamW lr 4e-4, 160k iterations, batch 16; the paper)"}),
 ]}
 
 
