@@ -33,8 +33,8 @@ PART_MAP = ROOT / "scripts" / "ccp_parts.json"
 # (real, tiny) defaults; every one can be set on the command line
 DEFAULTS = {
     "images": (110, 9), "train_images": (10, 3), "folds": (5, 3), "size": (128, 64), "epochs": (50, 2),
-    "eval_every": (5, 1), "batch_size": (8, 3), "pc_rounds": (2, 1), "pc_steps": (60, 2), "pc_batch": (16, 3),
-    "pc_size": (128, 64), "pc_lr": (0.005, 0.005), "pc_k": (25, 8), "repeats": (1, 1), "lr": (1e-4, 1e-4),
+    "eval_every": (5, 1), "batch_size": (8, 3), "pc_rounds": (2, 1), "pc_epochs": (9, 1), "pc_round_epochs": (9, 1), "pc_batch": (16, 3),
+    "pc_size": (128, 64), "pc_lr": (0.005, 0.005), "pc_round_lr": (0.005, 0.005), "pc_k": (25, 8), "repeats": (1, 1), "lr": (1e-4, 1e-4),
 }
 
 
@@ -47,7 +47,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
     for name in DEFAULTS:
-        kind = float if name in ("pc_lr", "lr") else int
+        kind = float if name in ("pc_lr", "pc_round_lr", "lr") else int
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=None)
     a = p.parse_args(argv)
     for name, (real, tiny) in DEFAULTS.items():
@@ -88,8 +88,9 @@ def main(argv=None) -> dict:
     t = time.perf_counter()
     run = out / "part-contrast"
     if not (run / "backbone.pt").exists():
-        part_contrast([shard], str(run), model="efficientnet_lite0", rounds=a.pc_rounds, steps_per_round=a.pc_steps,
-                      batch_size=a.pc_batch, size=a.pc_size, lr=a.pc_lr, k=a.pc_k, device=a.device, seed=a.seed,
+        part_contrast([shard], str(run), model="efficientnet_lite0", rounds=a.pc_rounds, epochs=a.pc_epochs,
+                      round_epochs=a.pc_round_epochs, batch_size=a.pc_batch, size=a.pc_size, lr=a.pc_lr,
+                      round_lr=a.pc_round_lr, k=a.pc_k, device=a.device, seed=a.seed,
                       log_every=10)
     times["part_contrast"] = time.perf_counter() - t
 
@@ -108,7 +109,8 @@ def main(argv=None) -> dict:
     log(f"CCP few-shot part segmentation: EfficientNet-Lite0, {a.train_images} training images, "
         f"{a.images - a.train_images} held out in {a.folds} folds, 7 coarse parts, {a.epochs} epochs at {a.size} px, "
         f"lr {a.lr:g}, {a.repeats} seed(s); "
-        f"part-contrast: {a.pc_rounds} x {a.pc_steps} steps, batch {a.pc_batch}, {a.pc_size} px, lr {a.pc_lr:g}")
+        f"part-contrast: {a.pc_epochs} + {a.pc_rounds - 1} x {a.pc_round_epochs} epochs, batch {a.pc_batch}, "
+        f"{a.pc_size} px, lr {a.pc_lr:g} / rounds {a.pc_round_lr:g}")
     spread = "per seed (mean over folds)" if a.repeats > 1 else "per fold (test)"
     log(f"{'backbone':26s} {'mIoU':>14s}   {spread}")
     for name, r in rows.items():
