@@ -146,6 +146,20 @@ def run(work: Path, p: dict) -> dict:
     if not (work / "ranked_test").exists():
         partkit("rank", "apply", work / "pred_test", "--model", work / "rank.npz", "-o", work / "ranked_test")
     rows["rank"] = scores(work / "ranked_test", "ranked_parts.png", "ranked.json")
+    # 5. class-specific self-training: the ranked clusters of the training cars as classes
+    if not (work / "targets_train").exists():
+        partkit("rank", "apply", work / "pred_train", "--model", work / "rank.npz", "--as-targets",
+                "-o", work / "targets_train")
+    if not (work / "final" / "last.pt").exists():
+        partkit("--seed", 0, "self-train", work / "targets_train", "--teacher", work / "dec", "--labeled",
+                work / "targets_train", "--labeled-field", "targets.png", "--recipe", "partdistillation",
+                "--out", work / "final", "--max-steps", p["st_steps"], "--lr", p["lr"], "--batch-size", p["batch"],
+                "--crop-grid", p["crop"], "--warmup", max(1, p["st_steps"] // 20), "--checkpoint-every",
+                p["st_steps"], "--log-every", max(1, p["st_steps"] // 10))
+    if not (work / "final_test").exists():
+        partkit("predict", work / "feat_test", "--checkpoint", work / "final", "--topk", p["topk"], "--label-map",
+                "-o", work / "final_test")
+    rows["class-specific self-train"] = scores(work / "final_test", "pred_parts.png", "proposals.json")
     return rows
 
 

@@ -70,3 +70,24 @@ def test_self_training_student_recalls_at_least_the_teacher(trained):
     teacher0 = _predicted_ar(tmp / "parts", tmp / "run", tmp / "pred_t0")
     student = _predicted_ar(tmp / "parts", tmp / "st", tmp / "pred_s")
     assert student["ar@10"] >= teacher0["ar@10"] > 0
+
+
+def test_carparts_quality_script_runs_tiny(tmp_path):
+    """scripts/quality_carparts.py (PartDistillation's stages on the car-parts split) at toy size."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT, SHARED
+
+    env = {**os.environ, "PARTKIT_SHARED": str(SHARED.parent)}
+    res = subprocess.run([sys.executable, str(ROOT / "scripts" / "quality_carparts.py"), "--tiny", "--work",
+                          str(tmp_path / "q")], capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = json.loads(res.stdout.splitlines()[-1])["rows"]
+    assert list(rows) == ["baseline: dataset k-means", "object clusters", "decoder", "rank",
+                          "class-specific self-train"]
+    assert all(0 <= v <= 100 for r in rows.values() for v in r.values())
+    assert all("ar@10" in rows[r] for r in ("object clusters", "decoder", "rank", "class-specific self-train"))
+    assert "class-specific self-train" in res.stderr  # the table
