@@ -81,6 +81,12 @@ DropOption = Annotated[List[str], typer.Option(
 LogOption = Annotated[str, typer.Option(
     "--log", help="jsonl: metrics.jsonl in the run folder; tensorboard: also TensorBoard event files there (needs "
                   "pip install \"partkit[tensorboard]\").")]
+TrainObjectsOption = Annotated[Optional[str], typer.Option(
+    "--objects-from", help="Object masks of training images: gt_objects, gt_parts (all labelled pixels) or "
+                           "saliency (extract --saliency, above --fg-threshold) [default: gt_objects.json when "
+                           "a sample has it, else none].")]
+TrainFgThresholdOption = Annotated[float, typer.Option(
+    "--fg-threshold", help="With --objects-from saliency: saliency above this is the object (as cluster).")]
 SkipBadOption = Annotated[bool, typer.Option(
     "--skip-bad", help="Skip unreadable samples (counted in the stats) instead of stopping.")]
 NumShardsOption = Annotated[Optional[int], typer.Option(

@@ -7,7 +7,9 @@ import typer
 
 from partkit.errors import PartkitError, handler_for
 
-from ._common import LogOption, SkipBadOption, cli_errors, get_globals, parse_ints
+from ._common import (
+    LogOption, SkipBadOption, TrainFgThresholdOption, TrainObjectsOption, cli_errors, get_globals, parse_ints,
+)
 
 
 @cli_errors
@@ -24,6 +26,8 @@ def main(
     rounds: Optional[int] = typer.Option(None, "--rounds", help="Rounds of (pseudo-label, train) [1]; part-contrast: (discover, train) [3]."),
     score_threshold: Optional[float] = typer.Option(None, "--score-threshold", help="masks: keep teacher predictions whose class probability is at least this [recipe]."),
     min_mask_area: Optional[float] = typer.Option(None, "--min-mask-area", help="masks: ... whose soft mask area (sum of sigmoids, mask cells) is at least this [recipe]."),
+    objects_from: TrainObjectsOption = None,
+    fg_threshold: TrainFgThresholdOption = 0.065,
     labeled: Optional[List[str]] = typer.Option(None, "--labeled", help="masks: shards with ground-truth label maps (semi-supervised)."),
     labeled_field: str = typer.Option("gt_parts.png", "--labeled-field", help="masks: label-map field of --labeled (e.g. targets.png from rank)."),
     unsup_weight: Optional[float] = typer.Option(None, "--unsup-weight", help="masks: lambda_u, weight of the pseudo-label loss with --labeled (0: the labels alone) [recipe]."),
@@ -92,10 +96,12 @@ def main(
         self_train_masks(inputs, out, teacher, recipe=recipe or "guided-distillation", student_init=student_init, burn_in=burn_in, ema_decay=ema_decay,
                          rounds=1 if rounds is None else rounds, score_threshold=score_threshold, min_mask_area=min_mask_area, labeled=labeled,
                          labeled_field=labeled_field, unsup_weight=unsup_weight, train=tc, val=val, resume=resume,
-                         device=g.device, seed=g.seed, handler=handler_for(skip_bad))
+                         device=g.device, seed=g.seed, handler=handler_for(skip_bad), objects_from=objects_from,
+                         fg_threshold=fg_threshold)
     elif objective == "part-contrast":
-        if teacher is not None or labeled or recipe is not None:
-            raise PartkitError("--teacher, --labeled and --recipe belong to --objective masks; part-contrast needs none")
+        if teacher is not None or labeled or recipe is not None or objects_from is not None:
+            raise PartkitError("--teacher, --labeled, --recipe and --objects-from belong to --objective masks; "
+                               "part-contrast needs none")
         from partkit.contrast import part_contrast
 
         if max_steps is not None:

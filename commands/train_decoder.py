@@ -7,7 +7,9 @@ import typer
 
 from partkit.errors import handler_for
 
-from ._common import LogOption, SkipBadOption, cli_errors, get_globals, parse_ints
+from ._common import (
+    LogOption, SkipBadOption, TrainFgThresholdOption, TrainObjectsOption, cli_errors, get_globals, parse_ints,
+)
 
 
 @cli_errors
@@ -17,6 +19,8 @@ def main(
     out: str = typer.Option(..., "--out", help="Run folder: config.json, metrics.jsonl, loss.png, last.pt."),
     field: str = typer.Option("parts.png", "--field", help="Label-map field whose ids are the proposals (targets.png, gt_parts.png: classes)."),
     class_aware: Optional[bool] = typer.Option(None, "--class-aware/--class-agnostic", help="Learn the field's classes (targets.json classes, json part_names) [default: when the field names them]."),
+    objects_from: TrainObjectsOption = None,
+    fg_threshold: TrainFgThresholdOption = 0.065,
     min_part_area: float = typer.Option(0.05, "--min-part-area", help="Drop proposals smaller than this fraction of their object."),
     features: str = typer.Option("auto", "--features", help="cached (feat.npy), online (recompute from images), auto."),
     model: str = typer.Option("efficientnet_lite0", "--model", help="Backbone for --features online."),
@@ -64,4 +68,4 @@ def main(
                   weights=weights, layers=parse_ints(layers, "--layers"), size=size,
                   decoder={"num_queries": queries, "num_layers": dec_layers, "hidden_dim": hidden}, train=tc,
                   val=val, resume=resume, device=g.device, seed=g.seed, handler=handler_for(skip_bad),
-                  class_aware=class_aware)
+                  class_aware=class_aware, objects_from=objects_from, fg_threshold=fg_threshold)

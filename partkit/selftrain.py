@@ -15,14 +15,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .decoder.data import MASK_FACTOR, Example, assign_classes, augment, class_list
+from .decoder.data import MASK_FACTOR, Example, assign_classes, augment, class_list, object_source
 from .decoder.model import PartDecoder
 from .decoder.predict import load_decoder
 from .decoder.features import OnlineFeatures, batch_features, load_examples
 from .decoder.train import DecoderTrainer, TrainConfig, full_precision, masks_recall
 from ._log import log
 from .errors import Handler, PartkitError, stop
-from .fields import object_masks
+from .fields import SALIENCY_THRESHOLD, objects_from as object_masks_from
 from .grid import sample_on_grid
 from .training import check_count, check_rate, epoch_batch_indices, to_device
 
@@ -76,7 +76,8 @@ class SelfTrainer(DecoderTrainer):
                  min_mask_area: Optional[float] = None, labeled: Optional[Sequence[str]] = None,
                  labeled_field: str = "gt_parts.png", unsup_weight: Optional[float] = None,
                  train: Optional[TrainConfig] = None, val: Optional[Sequence[str]] = None, resume: bool = False,
-                 device: str = "auto", seed: int = 0, handler: Handler = stop):
+                 device: str = "auto", seed: int = 0, handler: Handler = stop, objects_from: Optional[str] = None,
+                 fg_threshold: float = SALIENCY_THRESHOLD):
         given = {"student_init": student_init, "burn_in": burn_in, "ema_decay": ema_decay,
                  "score_threshold": score_threshold, "min_mask_area": min_mask_area, "unsup_weight": unsup_weight}
         values = resolve_recipe(recipe, given)
@@ -106,7 +107,7 @@ class SelfTrainer(DecoderTrainer):
         dcfg = {k: v for k, v in ckpt["decoder_config"].items() if k not in ("in_channels", "level_channels")}
         super().__init__(inputs, out, field=None, features="online" if online else "cached", decoder=dcfg,
                          train=train, val=val, resume=resume, device=device, seed=seed, handler=handler,
-                         online=online)
+                         online=online, objects_from=objects_from, fg_threshold=fg_threshold)
         if online is not None:
             online.fx.backbone.to(self.dev)
             online.fx.device = self.dev
@@ -167,11 +168,13 @@ class SelfTrainer(DecoderTrainer):
         return classes
 
     def prepare_example(self, ex: Example) -> Example:
-        """Known objects (gt_objects.json) become the target map, so crops carry them along; a malformed
-        ``gt_objects.json`` is a bad sample (``--skip-bad`` leaves the example out)."""
+        """Known objects (``--objects-from``; by default gt_objects.json when present) become the target map,
+        so crops carry them along and pseudo-labels outside every object are dropped; a malformed object
+        field is a bad sample (``--skip-bad`` leaves the example out)."""
         ex = super().prepare_example(ex)
-        if "gt_objects.json" in ex.sample:
-            masks = object_masks(ex.sample, ex.meta["image_size"])[1]
+        source = object_source(ex.sample, self.objects_from)
+        if source is not None:
+            masks = object_masks_from(ex.sample, source, ex.meta["image_size"], fg_threshold=self.fg_threshold)[1]
             union = np.zeros(tuple(g * MASK_FACTOR for g in ex.meta["grid"]), bool)
             for m in masks:
                 union |= sample_on_grid(m.astype(np.uint8), ex.meta, MASK_FACTOR) > 0

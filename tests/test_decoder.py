@@ -144,3 +144,44 @@ def test_ddp_two_cpu_processes_over_uneven_shards(tmp_path):
     assert ckpt["step"] == 4 and ckpt["config"]["world"] == 2 and len(ckpt["rng"]) == 2
     assert ckpt["loader"] == [4, 4]  # each rank consumed 4 samples of the stream: equal step counts
     assert len(open(tmp_path / "run" / "metrics.jsonl").readlines()) == 4  # only rank 0 logs
+
+
+def test_objects_from_saliency_keeps_only_proposals_inside_the_salient_object(tmp_path):
+    """train-decoder/self-train --objects-from saliency: a proposal outside the salient region is no target."""
+    from partkit.decoder.data import example_from_sample
+    from partkit.selftrain import SelfTrainer
+
+    s = _synthetic(1)[0]
+    sal = np.zeros((8, 8), np.float32)
+    sal[:4] = 1.0  # rows 0-3: part 1 (rows 1..cut-1) is salient; parts 2 and 3 (rows cut..6) mostly not
+    cut = int(np.argmax(decode_label_map(s, "parts.png")[:, 1] != 1, axis=0))
+    assert cut <= 4, "the layout must put parts 2 and 3 below the salient rows"
+    s["saliency.npy"] = sal
+    salient_shard = write_shard(tmp_path / "sal.tar", [s])
+    s = {k: v for k, v in read_shard(salient_shard)[0].items() if k != "__url__"}  # encoded, as training reads it
+    plain = example_from_sample(s, field="parts.png", min_part_area=0.0)
+    salient = example_from_sample(s, field="parts.png", min_part_area=0.0, objects="saliency", fg_threshold=0.5)
+    assert sorted(plain.ids.tolist()) == [1, 2, 3] and salient.ids.tolist() == [1]
+    assert salient.target.max() == 1
+    # the CLI: one line naming the fix when the shards have no saliency
+    shard = write_shard(tmp_path / "plain.tar", _synthetic(2))
+    from typer.testing import CliRunner
+
+    from partkit.cli.main import app
+
+    res = CliRunner().invoke(app, ["train-decoder", str(shard), "--out", str(tmp_path / "r"), "--objects-from",
+                                   "saliency", "--max-steps", "1"])
+    assert res.exit_code != 0 and "extract --saliency" in res.stderr and "Traceback" not in res.stderr
+    res = CliRunner().invoke(app, ["train-decoder", str(shard), "--out", str(tmp_path / "r2"), "--objects-from",
+                                   "boxes", "--max-steps", "1"])
+    assert res.exit_code != 0 and "--objects-from must be one of" in res.stderr
+    # self-train: the salient region becomes the object mask its pseudo-labels are filtered with
+    train_decoder([str(shard)], str(tmp_path / "dec"), decoder=SMALL, train=TrainConfig(max_steps=1, warmup=0,
+                                                                                        crop_grid=8, workers=0))
+    st = SelfTrainer([str(salient_shard)], str(tmp_path / "st"), str(tmp_path / "dec"), objects_from="saliency",
+                     fg_threshold=0.5, train=TrainConfig(max_steps=1, warmup=0, crop_grid=8, batch_size=1, workers=0))
+    from partkit.decoder.features import example_loader
+
+    ex = example_loader(field=None, min_part_area=0.0, prepare=st.prepare_example)(s)
+    assert ex.has_objects and ex.target[:8].all() and not ex.target[-8:].any()
+    assert st.config["objects_from"] == "saliency" and st.config["fg_threshold"] == 0.5

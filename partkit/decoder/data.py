@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from ..errors import BadSample, PartkitError
 from ..grid import sample_on_grid
-from ..fields import IGNORE_IDS, PartNames, features, object_masks
+from ..fields import IGNORE_IDS, SALIENCY_THRESHOLD, PartNames, features, objects_from
 from ..io import decode_label_map
 
 __all__ = ["Example", "targets_from_sample", "augment", "collate", "MASK_FACTOR", "class_list", "assign_classes"]
@@ -46,18 +46,22 @@ def grid_labels(sample: dict, field: str, meta: dict) -> np.ndarray:
 
 
 def targets_from_sample(sample: dict, meta: dict, *, field: str = "parts.png", min_part_area: float = 0.05,
-                        ignore: tuple = tuple(IGNORE_IDS.values()), class_map: Optional[dict] = None) -> tuple:
+                        ignore: tuple = tuple(IGNORE_IDS.values()), class_map: Optional[dict] = None,
+                        objects: Optional[str] = None, fg_threshold: float = SALIENCY_THRESHOLD) -> tuple:
     """(target id map, kept ids, class per id). A proposal is kept when it covers at least
-    ``min_part_area`` of its object and lies mostly (>= 50%) inside an object. ``field=None``
-    gives no targets (unlabelled data for self-training)."""
+    ``min_part_area`` of its object and lies mostly (>= 50%) inside an object. The objects come from
+    ``objects`` (a :data:`partkit.fields.OBJECT_SOURCES` name: gt_objects, gt_parts or saliency with
+    ``fg_threshold``); None: ``gt_objects.json`` when the sample has it, else the label map's own
+    foreground. ``field=None`` gives no targets (unlabelled data for self-training)."""
     if field is None:
         gh, gw = meta["grid"]
         return np.zeros((gh * MASK_FACTOR, gw * MASK_FACTOR), np.int32), np.zeros(0, np.int64), np.zeros(0, np.int64)
     target = grid_labels(sample, field, meta)
     target[np.isin(target, ignore)] = 0
     ids, areas = np.unique(target[target > 0], return_counts=True)
-    if "gt_objects.json" in sample:
-        _, masks = object_masks(sample, meta["image_size"])
+    source = object_source(sample, objects)
+    if source is not None:
+        masks = objects_from(sample, source, meta["image_size"], fg_threshold=fg_threshold)[1]
         objects = [sample_on_grid(m.astype(np.uint8), meta, MASK_FACTOR) > 0 for m in masks]
     else:
         objects = [target > 0]
@@ -77,12 +81,21 @@ def targets_from_sample(sample: dict, meta: dict, *, field: str = "parts.png", m
     return target, kept, np.asarray(classes, np.int64)
 
 
+def object_source(sample: dict, objects: Optional[str]) -> Optional[str]:
+    """The object source a training sample uses: ``objects`` (``--objects-from``) when given, else
+    ``gt_objects`` when the sample has ``gt_objects.json``, else None (no object masks)."""
+    if objects is not None:
+        return objects
+    return "gt_objects" if "gt_objects.json" in sample else None
+
+
 def example_from_sample(sample: dict, *, field: Optional[str] = "parts.png", min_part_area: float = 0.05,
-                        class_map: Optional[dict] = None) -> Example:
+                        class_map: Optional[dict] = None, objects: Optional[str] = None,
+                        fg_threshold: float = SALIENCY_THRESHOLD) -> Example:
     key = sample["__key__"]
     feat, meta = features(sample, require_geometry=True)
     target, ids, classes = targets_from_sample(sample, meta, field=field, min_part_area=min_part_area,
-                                               class_map=class_map)
+                                               class_map=class_map, objects=objects, fg_threshold=fg_threshold)
     return Example(key, torch.from_numpy(feat.astype(np.float16)), target, ids, classes, meta)
 
 

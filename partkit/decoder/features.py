@@ -10,9 +10,12 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from ..errors import Handler, stop
-from ..fields import FeatureSource, image, label_classes
+from ..fields import SALIENCY_THRESHOLD, FeatureSource, image, label_classes
 from ..io import iter_loaded
 from .data import Example, example_from_sample, targets_from_sample
+
+# the fields an example keeps for its object masks (--objects-from gt_objects / gt_parts / saliency)
+OBJECT_FIELDS = ("__key__", "gt_parts.png", "gt_objects.json", "json", "saliency.npy", "feat.json")
 
 __all__ = ["OnlineFeatures", "example_loader", "load_examples", "ExampleStream", "batch_features"]
 
@@ -43,7 +46,8 @@ class OnlineFeatures:
 
 def example_loader(*, field: Optional[str], min_part_area: float, online: Optional[OnlineFeatures] = None,
                    class_map=None, source: Optional[FeatureSource] = None,
-                   prepare: Optional[Callable[[Example], Example]] = None) -> Callable[[dict], Example]:
+                   prepare: Optional[Callable[[Example], Example]] = None, objects: Optional[str] = None,
+                   fg_threshold: float = SALIENCY_THRESHOLD) -> Callable[[dict], Example]:
     """``load(sample) -> Example``: decode one sample into a training example (features as float16,
     or the preprocessed image for online features); raises :class:`~partkit.errors.BadSample`.
 
@@ -56,13 +60,15 @@ def example_loader(*, field: Optional[str], min_part_area: float, online: Option
         if online is not None:
             x, meta = online.meta(sample)
             target, ids, classes = targets_from_sample(sample, meta, field=field, min_part_area=min_part_area,
-                                                       class_map=class_map)
+                                                       class_map=class_map, objects=objects,
+                                                       fg_threshold=fg_threshold)
             ex = Example(sample["__key__"], None, target, ids, classes, meta)
             ex.image = x
         else:
-            ex = example_from_sample(sample, field=field, min_part_area=min_part_area, class_map=class_map)
+            ex = example_from_sample(sample, field=field, min_part_area=min_part_area, class_map=class_map,
+                                     objects=objects, fg_threshold=fg_threshold)
             source.check(sample, ex.meta, ex.feat.shape[0])
-        ex.sample = {k: v for k, v in sample.items() if k in ("__key__", "gt_parts.png", "gt_objects.json", "json")}
+        ex.sample = {k: v for k, v in sample.items() if k in OBJECT_FIELDS}  # what object masks are read from
         ex.label_classes = label_classes(sample, field) if field else None  # the field's class list, if any
         return prepare(ex) if prepare is not None else ex
 

@@ -16,7 +16,7 @@ from .._log import log
 from .._runtime import resolve_device, seed_everything
 from .._version import __version__
 from ..errors import Handler, PartkitError, recorded, stop
-from ..fields import IGNORE_IDS, FeatureSource
+from ..fields import IGNORE_IDS, OBJECT_SOURCES, SALIENCY_THRESHOLD, FeatureSource
 from ..io import iter_samples
 from ..training import Distributed, Trainer, check_count, check_rate, cosine_warmup, to_device
 from .criterion import SetCriterion
@@ -128,11 +128,16 @@ class DecoderTrainer(Trainer):
                  decoder: Optional[dict] = None, train: Optional[TrainConfig] = None,
                  val: Optional[Sequence[str]] = None, resume: bool = False, device: str = "auto", seed: int = 0,
                  handler: Handler = stop, online: Optional[OnlineFeatures] = None,
-                 class_aware: Optional[bool] = None):
+                 class_aware: Optional[bool] = None, objects_from: Optional[str] = None,
+                 fg_threshold: float = SALIENCY_THRESHOLD):
         tc = self.tc = (train or TrainConfig()).validate()
         if features not in ("auto", "cached", "online"):
             raise PartkitError(f"--features must be auto, cached or online; got {features!r}")
         check_count("--size", size)
+        if objects_from is not None and objects_from not in OBJECT_SOURCES:
+            raise PartkitError(f"--objects-from must be one of {', '.join(OBJECT_SOURCES)}, got {objects_from!r}")
+        check_rate("--fg-threshold", fg_threshold, strict=False, fix="pass a saliency threshold, e.g. 0.065")
+        self.objects_from, self.fg_threshold = objects_from, fg_threshold
         DecoderConfig(in_channels=1, **(decoder or {})).validate()
         self.inputs, self.field, self.seed, self.class_aware = list(inputs), field, seed, class_aware
         self.min_part_area = min_part_area
@@ -157,7 +162,7 @@ class DecoderTrainer(Trainer):
         on_bad = recorded(handler, self.skipped)
         self.label_index: Optional[dict] = None  # label id -> class index, once the class list is known
         load = example_loader(field=field, min_part_area=min_part_area, online=online, source=same,
-                              prepare=self.prepare_example)
+                              prepare=self.prepare_example, objects=objects_from, fg_threshold=fg_threshold)
         self.data = ExampleStream(inputs, load, handler=on_bad, seed=seed, batch=tc.batch_size, rank=self.dist.rank,
                                   world=self.dist.world, workers=tc.workers, buffer=tc.shuffle_buffer,
                                   pin_memory=self.dev.type == "cuda")
@@ -187,7 +192,7 @@ class DecoderTrainer(Trainer):
                                                                                   "kind", "stride")}
         self.config = {"command": self.command, "inputs": self.inputs, "field": field, "min_part_area": min_part_area,
                        "features": "online" if online else "cached", "feature_spec": self.feature_spec,
-                       "class_aware": class_aware,
+                       "class_aware": class_aware, "objects_from": objects_from, "fg_threshold": fg_threshold,
                        "decoder": self.dcfg.to_dict(), "train": dict(tc.__dict__), "steps": self.steps, "seed": seed,
                        "world": self.dist.world, "val": list(val) if val else None,
                        "skipped_samples": self.skipped,
@@ -256,7 +261,7 @@ class DecoderTrainer(Trainer):
         train = {k: v for k, v in config.get("train", {}).items() if k not in TrainConfig.VOLATILE}
         flat = {**config.get("decoder", {}), **train,
                 **{k: config.get(k) for k in ("field", "min_part_area", "features", "feature_spec", "steps", "seed",
-                                              "world", "class_aware")}}
+                                              "world", "class_aware", "objects_from", "fg_threshold")}}
         return {self.OPTION_NAMES.get(k, f"--{k.replace('_', '-')}"): v for k, v in flat.items()}
 
     # ---- the Trainer's hooks
