@@ -21,7 +21,7 @@ def main(
     Weights: "local" means usable offline (a file in $PARTKIT_WEIGHTS_DIR or a package that ships them);
     the others download from the hub on first use, as timm and open_clip do.
     """
-    from partkit.models import describe, list_backbones
+    from partkit.models import describe, list_backbones, list_detectors
 
     rows = [describe(n) for n in list_backbones(pattern)]
     if as_json:
@@ -45,3 +45,6 @@ def main(
                                 f"/{r['hub_tag']}" if r["hub_tag"] else "")
         table.add_row(r["name"], r["family"], source, weights, layers, default)
     console.print(table)
+    detectors = list_detectors(pattern)
+    if detectors:
+        console.print(f"detectors (partkit detect --model): {', '.join(detectors)}")

@@ -44,6 +44,11 @@ def test_models_json_on_stdout_table_on_stderr():
     assert result.exit_code == 0 and '"efficientnet_lite0"' in result.stdout
     result = runner.invoke(app, ["models", "efficientnet*"])
     assert result.exit_code == 0 and result.stdout == "" and "efficientnet_lite0" in result.stderr
+    assert "detectors" not in result.stderr  # no detector matches efficientnet*
+    result = runner.invoke(app, ["models"])  # the detectors of partkit detect are listed too
+    assert result.exit_code == 0 and result.stdout == ""
+    listed = " ".join(result.stderr.split("detectors (partkit detect --model):", 1)[1].split())
+    assert listed == "maskrcnn_resnet50_fpn, maskrcnn_resnet50_fpn_v2"
 
 
 def _run(cmd, **kw):
