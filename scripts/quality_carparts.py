@@ -16,8 +16,10 @@ Rows (all scored on the 100 held-out cars):
 4. rank: ``rank fit`` on the decoder's training-set proposals, ``rank apply`` on the held-out
    (``ranked_parts.png``);
 5. class-specific self-training: ``rank apply --as-targets`` on the training cars, ``self-train
-   --labeled --recipe partdistillation`` from the decoder, ``predict --label-map`` on the held-out
-   (``pred_parts.png``, class ids: the same id is the same part in every image).
+   --labeled --recipe partdistillation`` from the decoder, ``predict --label-map --label-rule semantic
+   --objects-from gt_objects`` on the held-out (``pred_parts.png``, class ids: the same id is the same
+   part in every image; Mask2Former's semantic inference inside the object, as rank labels object
+   pixels only).
 
 Metrics: PartDistillation's mIoU (``eval --protocol partdistillation``: its official evaluator,
 majority matching per object class fitted on the scored data, background counted), pooled NMI and
@@ -158,7 +160,7 @@ def run(work: Path, p: dict) -> dict:
                 p["st_steps"], "--log-every", max(1, p["st_steps"] // 10))
     if not (work / "final_test").exists():
         partkit("predict", work / "feat_test", "--checkpoint", work / "final", "--topk", p["topk"], "--label-map",
-                "-o", work / "final_test")
+                "--label-rule", "semantic", "--objects-from", "gt_objects", "-o", work / "final_test")
     rows["class-specific self-train"] = scores(work / "final_test", "pred_parts.png", "proposals.json")
     return rows
 

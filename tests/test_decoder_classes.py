@@ -136,3 +136,39 @@ def test_pseudo_labels_keep_the_teachers_class(class_run, tmp_path):
     probs = out["pred_logits"].softmax(-1)[..., :-1]
     assert torch.equal(targets[0]["labels"], probs[0].argmax(-1))  # every query kept, with its argmax class
     assert set(torch.cat([t["labels"] for t in targets]).tolist()) <= {0, 1, 2}
+
+
+def test_predict_semantic_label_rule_and_object_masks(class_run, tmp_path):
+    """--label-rule semantic is Mask2Former's semantic inference (checked against the sum written out here);
+    --objects-from zeroes pred_parts.png outside the objects; a class-agnostic decoder refuses semantic."""
+    from partkit import fields
+    from partkit.decoder.predict import load_decoder, masks_to_image
+
+    tmp, _ = class_run
+    samples = _with_classes(2, seed=7)
+    for s in samples:  # the object: the top half of the image only
+        obj = np.zeros((64, 64), np.uint8)
+        obj[:32] = 1
+        s["gt_parts.png"] = encode_png(obj)
+    held_out = write_shard(tmp_path / "test.tar", samples)
+    predict([held_out], str(tmp / "run"), topk=8, label_map=True, label_rule="semantic",
+            output=Output(str(tmp_path / "sem")))
+    predict([held_out], str(tmp / "run"), topk=8, label_map=True, label_rule="semantic", objects_from="gt_parts",
+            output=Output(str(tmp_path / "semobj")))
+    net, _ = load_decoder(str(tmp / "run"), "cpu")
+    ids = np.array([i for i, _ in net.cfg.classes])
+    for s, o in zip(read_shard(tmp_path / "sem" / "000000.tar"), read_shard(tmp_path / "semobj" / "000000.tar")):
+        feat, meta = fields.features(s, require_geometry=True)
+        with torch.inference_mode():
+            out = net(torch.from_numpy(feat.astype(np.float32))[None])
+            p = out["pred_logits"][0].softmax(-1)[:, :-1].numpy()
+            m = masks_to_image(out["pred_masks"][0].float(), meta).sigmoid().numpy()
+        expected = ids[np.tensordot(p, m, axes=(0, 0)).argmax(0)]
+        assert np.array_equal(decode_label_map(s, "pred_parts.png"), expected)
+        inside = decode_label_map(o, "pred_parts.png")
+        assert np.array_equal(inside[:32], expected[:32]) and not inside[32:].any()
+    agn = write_shard(tmp_path / "agn.tar", _synthetic(2))
+    train_decoder([agn], str(tmp_path / "agn_run"), decoder=SMALL, train=_tc(1), seed=0)
+    with pytest.raises(PartkitError, match="needs a class-aware decoder"):
+        predict([agn], str(tmp_path / "agn_run"), label_map=True, label_rule="semantic",
+                output=Output(str(tmp_path / "x")))

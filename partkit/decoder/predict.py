@@ -91,14 +91,29 @@ def predict(
     output: Output = Output(),
     handler: Handler = stop,
     use_teacher: bool = False,
+    label_rule: str = "proposal",
+    objects_from: Optional[str] = None,
+    fg_threshold: float = fields.SALIENCY_THRESHOLD,
 ) -> dict:
     """Add ``proposals.json`` (RLE masks, scores, boxes, areas; a class-aware decoder's ``category_id``
-    and ``category``) and ``proposals.npy`` (query features); ``label_map``: ``pred_parts.png``."""
+    and ``category``) and ``proposals.npy`` (query features); ``label_map``: ``pred_parts.png``.
+
+    ``label_rule``: ``proposal`` (each pixel to its most confident kept proposal) or ``semantic``
+    (Mask2Former's semantic inference, class-aware decoders only: each pixel to the class c maximising
+    the sum over all queries of p(c | query) x mask probability). ``objects_from`` (gt_objects,
+    gt_parts, saliency): ``pred_parts.png`` is 0 outside the sample's objects."""
     if topk < 1:
         raise PartkitError(f"--topk must be at least 1, got {topk}")
+    if label_rule not in ("proposal", "semantic"):
+        raise PartkitError(f"--label-rule must be proposal or semantic, got {label_rule!r}")
+    if objects_from is not None and objects_from not in fields.OBJECT_SOURCES:
+        raise PartkitError(f"--objects-from must be one of {', '.join(fields.OBJECT_SOURCES)}, got {objects_from!r}")
     dev = resolve_device(device)
     net, ckpt = load_decoder(checkpoint, dev, ema=use_teacher)
     classes = net.cfg.classes  # [[label id, name], ...] of a class-aware decoder, else None
+    if label_rule == "semantic" and not classes:
+        raise PartkitError("--label-rule semantic needs a class-aware decoder (train-decoder / self-train on a "
+                           "label map that names classes); use --label-rule proposal")
     online = None
     if ckpt.get("features") == "online":
         from .features import OnlineFeatures
@@ -144,14 +159,31 @@ def predict(
                     # class-agnostic: the proposal's id in this image's proposals.json (its score rank)
                     ids = (torch.tensor([i for i, _ in picked], dtype=torch.long) if classes
                            else torch.arange(1, len(order) + 1))
-                    new["pred_parts.png"] = encode_png(_label_map(probs, scores[order], mask_threshold, ids))
+                    if label_rule == "semantic":
+                        lab = _semantic_map(out["pred_logits"][0], out["pred_masks"][0], meta, classes)
+                    else:
+                        lab = _label_map(probs, scores[order], mask_threshold, ids)
+                    if objects_from is not None:
+                        masks = fields.objects_from(sample, objects_from, lab.shape, fg_threshold=fg_threshold)[1]
+                        lab = np.where(masks.any(0), lab, 0) if len(masks) else np.zeros_like(lab)
+                    new["pred_parts.png"] = encode_png(lab)
                 results.append(new)
         return results
 
     config = {"checkpoint": checkpoint, "topk": topk, "score_threshold": score_threshold,
-              "mask_threshold": mask_threshold, "label_map": label_map, "teacher": use_teacher}
+              "mask_threshold": mask_threshold, "label_map": label_map, "teacher": use_teacher,
+              "label_rule": label_rule, "objects_from": objects_from, "fg_threshold": fg_threshold}
     return run_stage(inputs, process, output=output, name="predict", batch_size=batch_size, prepare=prepare,
                      handler=handler, config=config)
+
+
+def _semantic_map(class_logits: torch.Tensor, mask_logits: torch.Tensor, meta: dict, classes: list) -> np.ndarray:
+    """Mask2Former's semantic inference over all queries: argmax_c sum_q p(c | q) sigmoid(mask_q), as label ids."""
+    p = class_logits.float().softmax(-1)[:, :-1]  # the no-part logit is dropped
+    m = masks_to_image(mask_logits.float(), meta).sigmoid()
+    sem = torch.einsum("qc,qhw->chw", p, m)
+    ids = torch.tensor([i for i, _ in classes], dtype=torch.long)
+    return ids[sem.argmax(0).cpu()].numpy()
 
 
 def _label_map(probs: torch.Tensor, scores: torch.Tensor, threshold: float, ids: torch.Tensor) -> np.ndarray:
