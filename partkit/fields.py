@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from . import rle
-from .errors import PRODUCERS, BadSample, missing_field
+from .errors import PRODUCERS, BadSample, PartkitError, missing_field
 from .grid import grid_to_image
 from .io import decode_image, decode_json, decode_label_map, decode_npy
 
@@ -26,7 +26,7 @@ __all__ = [
     "GEOMETRY_KEYS", "IGNORE_IDS", "companion", "info", "category", "image", "ignore_id", "gt_parts", "foreground",
     "geometry", "features", "FeatureSource", "label_map", "masks", "decode_masks", "objects", "object_masks",
     "keypoints", "parse_keypoints", "proposals", "part_names", "parse_part_names", "PartNames", "SampleView",
-    "OBJECT_SOURCES", "SALIENCY_THRESHOLD", "saliency", "salient", "objects_from",
+    "OBJECT_SOURCES", "SALIENCY_THRESHOLD", "saliency", "salient", "objects_from", "check_object_source",
     "label_classes",
 ]
 
@@ -369,6 +369,12 @@ def saliency(sample: dict, grid: Optional[Sequence[int]] = None) -> np.ndarray:
 def salient(sal: np.ndarray, threshold: float = SALIENCY_THRESHOLD) -> np.ndarray:
     """Foreground cells of a saliency map: saliency above ``threshold``."""
     return sal > threshold
+
+
+def check_object_source(source: Optional[str]) -> None:
+    """``--objects-from``: None (the command's default) or one of :data:`OBJECT_SOURCES`; a one-line error else."""
+    if source is not None and source not in OBJECT_SOURCES:
+        raise PartkitError(f"--objects-from must be one of {', '.join(OBJECT_SOURCES)}, got {source!r}")
 
 
 def objects_from(sample: dict, source: str, size: Sequence[int], *, field: str = "gt_objects.json",

@@ -503,8 +503,7 @@ def _objects(objects_from: Optional[str], objects_field: Optional[str], default_
     """The object options given, else as fitted, else the defaults; checked."""
     fitted = fitted or {}
     source = objects_from or fitted.get("objects_from", "gt_objects")
-    if source not in OBJECT_SOURCES:
-        raise PartkitError(f"--objects-from must be one of {', '.join(OBJECT_SOURCES)}, got {source!r}")
+    fields.check_object_source(source)
     if objects_field is not None and source != "gt_objects":
         raise PartkitError(f"--objects-field names instance masks for --objects-from gt_objects; with {source} "
                            "there is one object per image, so drop --objects-field")

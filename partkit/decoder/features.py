@@ -131,8 +131,6 @@ class ExampleStream:
             self.stream.exclude = self.stream.exclude | keys
             self.count -= len(keys)
             self.stream.per_epoch = self.count
-            if self.first is not None and self.first.key in keys:
-                self.first = None if self.count == 0 else self.first  # the geometry stays valid for the others
 
 
 def batch_features(examples: list, online: Optional[OnlineFeatures]) -> list[torch.Tensor]:

@@ -106,8 +106,7 @@ def predict(
         raise PartkitError(f"--topk must be at least 1, got {topk}")
     if label_rule not in ("proposal", "semantic"):
         raise PartkitError(f"--label-rule must be proposal or semantic, got {label_rule!r}")
-    if objects_from is not None and objects_from not in fields.OBJECT_SOURCES:
-        raise PartkitError(f"--objects-from must be one of {', '.join(fields.OBJECT_SOURCES)}, got {objects_from!r}")
+    fields.check_object_source(objects_from)
     dev = resolve_device(device)
     net, ckpt = load_decoder(checkpoint, dev, ema=use_teacher)
     classes = net.cfg.classes  # [[label id, name], ...] of a class-aware decoder, else None

@@ -16,7 +16,7 @@ from .._log import log
 from .._runtime import resolve_device, seed_everything
 from .._version import __version__
 from ..errors import Handler, PartkitError, recorded, stop
-from ..fields import IGNORE_IDS, OBJECT_SOURCES, SALIENCY_THRESHOLD, FeatureSource
+from ..fields import IGNORE_IDS, SALIENCY_THRESHOLD, FeatureSource, check_object_source
 from ..io import iter_samples
 from ..training import Distributed, Trainer, check_count, check_rate, cosine_warmup, to_device
 from .criterion import SetCriterion
@@ -134,8 +134,7 @@ class DecoderTrainer(Trainer):
         if features not in ("auto", "cached", "online"):
             raise PartkitError(f"--features must be auto, cached or online; got {features!r}")
         check_count("--size", size)
-        if objects_from is not None and objects_from not in OBJECT_SOURCES:
-            raise PartkitError(f"--objects-from must be one of {', '.join(OBJECT_SOURCES)}, got {objects_from!r}")
+        check_object_source(objects_from)
         check_rate("--fg-threshold", fg_threshold, strict=False, fix="pass a saliency threshold, e.g. 0.065")
         self.objects_from, self.fg_threshold = objects_from, fg_threshold
         DecoderConfig(in_channels=1, **(decoder or {})).validate()
