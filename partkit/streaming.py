@@ -16,7 +16,10 @@ the position are read but not decoded).
 """
 from __future__ import annotations
 
+import io
+import pickle
 import random
+from collections import deque
 from typing import Callable, Iterator, Optional, Sequence
 
 from .errors import BadSample, Handler, PartkitError, stop
@@ -85,9 +88,10 @@ class SampleStream:
         except PartkitError as e:
             return ("error", str(e))
 
-    def items(self, start: int = 0, worker: int = 0, workers: int = 1) -> Iterator[tuple]:
+    def items(self, start: int = 0, worker: int = 0, workers: int = 1, chunk: int = 1) -> Iterator[tuple]:
         """This rank's items from its position ``start`` on, the share of ``worker`` of ``workers``:
-        ``("ok", item)``, ``("bad", key, reason)`` or ``("error", message)``, one per position."""
+        ``("ok", item)``, ``("bad", key, reason)`` or ``("error", message)``, one per position. Positions
+        go to workers in runs of ``chunk`` (run ``r`` after ``start`` to worker ``r % workers``)."""
         first = start * self.world + self.rank  # the global position of this rank's item ``start``
         epoch = first // self.per_epoch if self.per_epoch else 0
         g = epoch * self.per_epoch if self.per_epoch else 0
@@ -97,7 +101,7 @@ class SampleStream:
                 n += 1
                 if g % self.world == self.rank:
                     q = g // self.world
-                    if q >= start and (q - start) % workers == worker:
+                    if q >= start and ((q - start) // chunk) % workers == worker:
                         yield self._loaded(sample)
                 g += 1
             if n == 0:
@@ -105,30 +109,83 @@ class SampleStream:
                 return
             epoch += 1
 
+    def chunks(self, start: int, worker: int, workers: int, chunk: int) -> Iterator[bytes]:
+        """:meth:`items` in runs of ``chunk``, each packed by :func:`pack_items` (what a worker sends)."""
+        run: list = []
+        for item in self.items(start, worker, workers, chunk):
+            run.append(item)
+            if len(run) == chunk or item[0] == "error":
+                yield pack_items(run)
+                if item[0] == "error":
+                    return
+                run = []
 
-def _dataset(stream: SampleStream, start: int):
+
+class _Packer(pickle.Pickler):
+    """Pickles CPU tensors as numpy arrays: one copy through the pipe instead of a shared-memory
+    segment per tensor (which costs the receiving training process more than the decode it saves)."""
+
+    def reducer_override(self, obj):
+        import torch
+
+        if (isinstance(obj, torch.Tensor) and type(obj) is torch.Tensor and obj.device.type == "cpu"
+                and not obj.requires_grad and obj.dtype in _NUMPY_DTYPES):
+            return _from_numpy, (obj.numpy(),)
+        return NotImplemented
+
+
+_NUMPY_DTYPES: set = set()
+
+
+def _from_numpy(arr):
+    import torch
+
+    return torch.from_numpy(arr)
+
+
+def pack_items(items: list) -> bytes:
+    """Items as one bytes object for the trip from a loader worker (see :class:`_Packer`)."""
+    import torch
+
+    if not _NUMPY_DTYPES:
+        _NUMPY_DTYPES.update({torch.float16, torch.float32, torch.float64, torch.uint8, torch.int8, torch.int16,
+                              torch.int32, torch.int64, torch.bool})
+    buf = io.BytesIO()
+    _Packer(buf, protocol=pickle.HIGHEST_PROTOCOL).dump(items)
+    return buf.getvalue()
+
+
+def unpack_items(data: bytes) -> list:
+    return pickle.loads(data)
+
+
+def _identity(x):
+    return x
+
+def _dataset(stream: SampleStream, start: int, chunk: int):
     import torch.utils.data
 
-    class _Items(torch.utils.data.IterableDataset):
+    class _Chunks(torch.utils.data.IterableDataset):
         def __iter__(self):
             info = torch.utils.data.get_worker_info()
             w, n = (info.id, info.num_workers) if info is not None else (0, 1)
-            return stream.items(start, w, n)
+            return stream.chunks(start, w, n, chunk)
 
-    return _Items()
+    return _Chunks()
 
 
 class StreamLoader:
     """Batches of a :class:`SampleStream` through a ``torch.utils.data.DataLoader`` (``workers`` processes;
     0 decodes in this process). ``position`` counts the stream items consumed; :meth:`seek` restarts there.
-    ``pin_memory`` pins what the workers return (CUDA runs)."""
+    Workers send runs of ``batch`` items as one packed message (:func:`pack_items`); on CUDA the trainer's
+    :func:`partkit.training.to_device` pins what it copies."""
 
-    def __init__(self, stream: SampleStream, *, batch: int, workers: int = 0, pin_memory: bool = False,
-                 prefetch: int = 2, handler: Handler = stop):
+    def __init__(self, stream: SampleStream, *, batch: int, workers: int = 0, prefetch: int = 2,
+                 handler: Handler = stop):
         self.stream, self.batch, self.workers = stream, batch, workers
-        self.pin_memory, self.prefetch, self.handler = pin_memory, prefetch, handler
+        self.prefetch, self.handler = prefetch, handler
         self.position = 0
-        self._it = None
+        self._it = self._loader_it = None
 
     def seek(self, position: int) -> None:
         self.close()
@@ -136,14 +193,25 @@ class StreamLoader:
 
     def _iterator(self):
         if self._it is None:
+            if self.workers == 0:
+                self._it = self.stream.items(self.position)
+                return self._it
             import torch
             from torch.utils.data import DataLoader
 
-            extra = {"prefetch_factor": self.prefetch, "persistent_workers": False} if self.workers > 0 else {}
+            # workers send runs of a batch's length, packed (one message per run, tensors as numpy arrays);
             # its own generator: making an iterator draws a worker seed, which must not move the global RNG
-            loader = DataLoader(_dataset(self.stream, self.position), batch_size=None, num_workers=self.workers,
-                                pin_memory=self.pin_memory, generator=torch.Generator().manual_seed(0), **extra)
-            self._it = iter(loader)
+            loader = DataLoader(_dataset(self.stream, self.position, self.batch), batch_size=None,
+                                num_workers=self.workers, collate_fn=_identity, prefetch_factor=self.prefetch,
+                                persistent_workers=False, generator=torch.Generator().manual_seed(0))
+            chunks = iter(loader)
+            self._loader_it = chunks
+
+            def items():
+                for data in chunks:
+                    yield from unpack_items(data)
+
+            self._it = items()
         return self._it
 
     def next_item(self):
@@ -164,8 +232,6 @@ class StreamLoader:
         return [self.next_item() for _ in range(self.batch)]
 
     def close(self) -> None:
-        if self._it is not None:
-            shutdown = getattr(self._it, "_shutdown_workers", None)
-            if shutdown is not None:
-                shutdown()
-            self._it = None
+        loader_it, self._it, self._loader_it = self._loader_it, None, None
+        if loader_it is not None:
+            loader_it._shutdown_workers()

@@ -185,3 +185,49 @@ def test_objects_from_saliency_keeps_only_proposals_inside_the_salient_object(tm
     ex = example_loader(field=None, min_part_area=0.0, prepare=st.prepare_example)(s)
     assert ex.has_objects and ex.target[:8].all() and not ex.target[-8:].any()
     assert st.config["objects_from"] == "saliency" and st.config["fg_threshold"] == 0.5
+
+
+def _targets_by_definition(target, objs, min_part_area, class_map):
+    """The training targets written out id by id: an id is kept when at least half of it lies in one object
+    (the one it overlaps most) and it covers at least ``min_part_area`` of that object."""
+    keep, classes = [], []
+    for i in sorted(set(target[target > 0].tolist())):
+        m = target == i
+        overlaps = [int((m & o).sum()) for o in objs]
+        if not overlaps or max(overlaps) < 0.5 * m.sum():
+            continue
+        obj = objs[int(np.argmax(overlaps))]
+        if m.sum() < min_part_area * max(int(obj.sum()), 1):
+            continue
+        keep.append(i)
+        classes.append(class_map.get(i, 0))
+    return np.where(np.isin(target, keep), target, 0), keep, classes
+
+
+@pytest.mark.parametrize("ids", ["uint8", "uint16", "int32"])
+def test_targets_match_their_definition_with_several_objects(monkeypatch, ids):
+    """targets_from_sample (vectorised) against the definition, on random maps with ignore ids, several objects
+    and, for 32-bit maps, ids above 65535 and negative ones (no part)."""
+    from partkit.decoder import data as D
+
+    rng = np.random.default_rng({"uint8": 0, "uint16": 1, "int32": 2}[ids])
+    meta = {"grid": [6, 6], "stride": 8, "image_size": [48, 48], "resized": [48, 48]}
+    for trial in range(40):
+        values = {"uint8": [0, 1, 2, 3, 7, 255], "uint16": [0, 5, 300, 40000, 65535],
+                  "int32": [0, 3, 70000, 2 ** 31 - 1, -4]}[ids]
+        lab = rng.choice(values, (12, 12)).astype(np.int32)
+        masks = rng.random((int(rng.integers(0, 4)), 48, 48)) < 0.5
+        monkeypatch.setattr(D, "grid_labels", lambda *a, lab=lab: lab.copy())
+        monkeypatch.setattr(D, "objects_from", lambda *a, masks=masks, **k: ([{}] * len(masks), masks))
+        cmap = {v: v % 5 for v in values}
+        for mpa in (0.0, 0.1, 0.4):
+            target, kept, classes = D.targets_from_sample({"__key__": "k"}, meta, min_part_area=mpa, class_map=cmap,
+                                                          objects="gt_objects")
+            clean = np.where(np.isin(lab, [255, 65535]) | (lab < 0), 0, lab)
+            objs = [D.sample_on_grid(m.astype(np.uint8), meta, D.MASK_FACTOR) > 0 for m in masks]
+            want, want_kept, want_classes = _targets_by_definition(clean, objs, mpa, cmap)
+            assert target.dtype == np.int32 and np.array_equal(target, want)
+            assert kept.tolist() == want_kept and classes.tolist() == want_classes
+        own = D.targets_from_sample({"__key__": "k"}, meta, min_part_area=0.1)  # no objects: the map's foreground
+        clean = np.where(np.isin(lab, [255, 65535]) | (lab < 0), 0, lab)
+        assert own[1].tolist() == _targets_by_definition(clean, [clean > 0], 0.1, {})[1]

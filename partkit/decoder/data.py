@@ -37,7 +37,7 @@ def grid_labels(sample: dict, field: str, meta: dict) -> np.ndarray:
     labels = decode_label_map(sample, field).astype(np.int32)
     gh, gw = meta["grid"]
     if labels.shape == (gh, gw):  # already at grid resolution (cluster's default)
-        return np.kron(labels, np.ones((MASK_FACTOR, MASK_FACTOR), np.int32))
+        return np.repeat(np.repeat(labels, MASK_FACTOR, 0), MASK_FACTOR, 1)
     H, W = meta["image_size"]
     if labels.shape != (H, W):
         raise BadSample(sample["__key__"], f"label map '{field}' is {labels.shape[1]}x{labels.shape[0]}, neither "
@@ -57,28 +57,45 @@ def targets_from_sample(sample: dict, meta: dict, *, field: str = "parts.png", m
         gh, gw = meta["grid"]
         return np.zeros((gh * MASK_FACTOR, gw * MASK_FACTOR), np.int32), np.zeros(0, np.int64), np.zeros(0, np.int64)
     target = grid_labels(sample, field, meta)
-    target[np.isin(target, ignore)] = 0
-    ids, areas = np.unique(target[target > 0], return_counts=True)
+    ids = None  # dense id -> original id, for 32-bit maps with large ids (counted densely)
+    if target.min(initial=0) >= 0 and target.max(initial=0) <= 65535:  # uint8 / uint16 maps
+        clean = np.arange(int(target.max(initial=0)) + 1, dtype=np.int32)
+        clean[[i for i in ignore if i < len(clean)]] = 0
+        target = clean[target]
+    else:  # negative ids (32-bit maps) are no part either
+        target[np.isin(target, ignore) | (target < 0)] = 0
+        ids, dense = np.unique(target, return_inverse=True)
+        if ids[0] != 0:
+            ids, dense = np.concatenate([[0], ids]), dense + 1
+        target = dense.reshape(target.shape).astype(np.int32)
+    kept = _kept(sample, target, meta, min_part_area, objects, fg_threshold)
+    lut = np.zeros(int(target.max(initial=0)) + 1, np.int32)
+    lut[kept] = kept if ids is None else ids[kept]
+    kept = (kept if ids is None else ids[kept]).astype(np.int64)
+    classes = [0 if class_map is None else int(class_map.get(int(i), 0)) for i in kept]
+    return lut[target], kept, np.asarray(classes, np.int64)
+
+
+def _kept(sample: dict, target: np.ndarray, meta: dict, min_part_area: float, objects: Optional[str],
+          fg_threshold: float) -> np.ndarray:
+    """The ids of ``target`` (non-negative, counted with bincount) kept as targets (see targets_from_sample)."""
+    counts = np.bincount(target.ravel())  # pixels per id
+    ids = np.flatnonzero(counts[1:]) + 1
+    areas = counts[ids]
     source = object_source(sample, objects)
     if source is not None:
         masks = objects_from(sample, source, meta["image_size"], fg_threshold=fg_threshold)[1]
         objects = [sample_on_grid(m.astype(np.uint8), meta, MASK_FACTOR) > 0 for m in masks]
     else:
         objects = [target > 0]
-    keep, classes = [], []
-    for i, area in zip(ids, areas):
-        m = target == i
-        overlaps = [int((m & o).sum()) for o in objects]
-        if not overlaps or max(overlaps) < 0.5 * area:
-            continue  # outside every object
-        obj = objects[int(np.argmax(overlaps))]
-        if area < min_part_area * max(int(obj.sum()), 1):
-            continue
-        keep.append(int(i))
-        classes.append(0 if class_map is None else int(class_map.get(int(i), 0)))
-    kept = np.asarray(keep, np.int64)
-    target[~np.isin(target, kept)] = 0
-    return target, kept, np.asarray(classes, np.int64)
+    if not objects or not len(ids):
+        return ids[:0]
+    # overlaps[o, j]: pixels of id j inside object o; each id goes to the object it overlaps most
+    overlaps = np.stack([np.bincount(target[o], minlength=len(counts))[ids] for o in objects])
+    best = np.argmax(overlaps, axis=0)
+    obj_area = np.array([max(int(o.sum()), 1) for o in objects])
+    inside = overlaps[best, np.arange(len(ids))] >= 0.5 * areas
+    return ids[inside & (areas >= min_part_area * obj_area[best])]
 
 
 def object_source(sample: dict, objects: Optional[str]) -> Optional[str]:

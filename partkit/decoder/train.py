@@ -163,8 +163,7 @@ class DecoderTrainer(Trainer):
         load = example_loader(field=field, min_part_area=min_part_area, online=online, source=same,
                               prepare=self.prepare_example, objects=objects_from, fg_threshold=fg_threshold)
         self.data = ExampleStream(inputs, load, handler=on_bad, seed=seed, batch=tc.batch_size, rank=self.dist.rank,
-                                  world=self.dist.world, workers=tc.workers, buffer=tc.shuffle_buffer,
-                                  pin_memory=self.dev.type == "cuda")
+                                  world=self.dist.world, workers=tc.workers, buffer=tc.shuffle_buffer)
         self.loader = self.data.loader
         classes = self.resolve_classes(on_bad)
         if self.skipped and self.dist.main:

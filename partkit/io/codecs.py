@@ -137,12 +137,44 @@ def encode_image_png(rgb: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+# float dtype -> (same-size unsigned view, exponent bits): a float is finite unless all its exponent bits are set
+_EXPONENT = {np.dtype(np.float16): (np.uint16, 0x7C00), np.dtype(np.float32): (np.uint32, 0x7F800000),
+             np.dtype(np.float64): (np.uint64, 0x7FF0000000000000)}
+
+
+def all_finite(arr: np.ndarray) -> bool:
+    """``np.isfinite(arr).all()``, several times faster for IEEE floats (float16 has no native isfinite)."""
+    bits = _EXPONENT.get(arr.dtype.newbyteorder("=")) if arr.dtype.byteorder in "=|" or arr.dtype.isnative else None
+    if bits is None or not arr.flags.c_contiguous:
+        return bool(np.isfinite(arr).all())
+    view, mask = bits
+    e = arr.view(view) & view(mask)
+    return not bool((e == view(mask)).any())
+
+
+def _read_npy(data: bytes) -> np.ndarray:
+    """``np.load`` of ``.npy`` bytes without pickles, parsing the header in place (one copy of the data)."""
+    f = io.BytesIO(data)
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+    elif version == (2, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+    else:
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    if dtype.hasobject:
+        raise ValueError("object arrays need pickles")
+    count = int(np.prod(shape, dtype=np.int64))
+    arr = np.frombuffer(data, dtype=dtype, count=count, offset=f.tell()).copy()
+    return arr.reshape(shape[::-1]).transpose() if fortran else arr.reshape(shape)
+
+
 def decode_npy(sample: dict, field: str, ndim: Optional[int] = None, expect: str = "") -> np.ndarray:
     """A ``.npy`` field as a numeric array: refuses strings/objects, NaN/inf and (with ``ndim``) the wrong rank."""
     key = sample["__key__"]
     data = get_field(sample, field)
     try:
-        arr = np.load(io.BytesIO(data), allow_pickle=False)
+        arr = _read_npy(data)
     except Exception:
         raise BadSample(key, f"field '{field}' is not a valid .npy array") from None
     what = f"; expected {expect}" if expect else ""
@@ -150,7 +182,7 @@ def decode_npy(sample: dict, field: str, ndim: Optional[int] = None, expect: str
         raise BadSample(key, f"field '{field}' holds {arr.dtype} values, not numbers{what}")
     if ndim is not None and arr.ndim != ndim:
         raise BadSample(key, f"field '{field}' has shape {arr.shape}{what or f'; expected {ndim} dimensions'}")
-    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+    if arr.dtype.kind == "f" and not all_finite(arr):
         raise BadSample(key, f"field '{field}' holds NaN or inf values; regenerate it (float16 overflow?)")
     return arr
 
