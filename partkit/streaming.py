@@ -19,8 +19,9 @@ from __future__ import annotations
 import io
 import pickle
 import random
-from collections import deque
 from typing import Callable, Iterator, Optional, Sequence
+
+import numpy as np
 
 from .errors import BadSample, Handler, PartkitError, stop
 from .io.tario import iter_tar
@@ -46,7 +47,9 @@ def shuffled(items: Iterator, buffer: int, rng: random.Random) -> Iterator:
 class SampleStream:
     """The seeded, endless, position-numbered stream of one rank's samples (see the module docstring).
 
-    ``load(sample)`` turns a raw sample into what training uses (it may raise :class:`BadSample`);
+    ``load(sample)`` turns a raw sample into what training uses (it may raise :class:`BadSample`), and
+    ``transform(item, generator)``, when given, augments it with the position's own generator
+    (:meth:`generator`; both run in the loader's workers);
     ``exclude`` holds keys known to be bad (from the trainer's scan), left out before shuffling so
     positions do not depend on the error policy; ``per_epoch`` (the number of samples an epoch
     yields, when known) lets a resume skip whole epochs without reading them.
@@ -54,7 +57,7 @@ class SampleStream:
 
     def __init__(self, inputs: Sequence[str], load: Callable[[dict], object], *, seed: int = 0, buffer: int = 256,
                  rank: int = 0, world: int = 1, exclude: Sequence[str] = (), per_epoch: Optional[int] = None,
-                 shuffle_shards: bool = True):
+                 shuffle_shards: bool = True, transform: Optional[Callable] = None):
         self.urls = expand_urls(inputs)
         if any(is_stream(u) and not u.startswith("pipe:") for u in self.urls):
             raise PartkitError("training streams its input once per epoch, and '-' (stdin) can be read only once; "
@@ -64,6 +67,7 @@ class SampleStream:
         self.load, self.seed, self.buffer = load, seed, max(1, int(buffer))
         self.rank, self.world = rank, world
         self.exclude, self.per_epoch, self.shuffle_shards = frozenset(exclude), per_epoch, shuffle_shards
+        self.transform = transform
 
     def epoch(self, epoch: int) -> Iterator[dict]:
         """Raw samples of one epoch: shards in a seeded order, through a seeded shuffle buffer."""
@@ -80,9 +84,18 @@ class SampleStream:
 
         return shuffled(raw(), self.buffer, rng)
 
-    def _loaded(self, sample: dict):
+    def generator(self, g: int):
+        """The random generator of global position ``g``: augmentation drawn from it is the same whatever
+        the number of workers or ranks, and after a resume."""
+        import torch
+
+        state = np.random.SeedSequence([self.seed, g]).generate_state(1, dtype=np.uint64)
+        return torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))
+
+    def _loaded(self, sample: dict, g: int):
         try:
-            return ("ok", self.load(sample))
+            item = self.load(sample)
+            return ("ok", item if self.transform is None else self.transform(item, self.generator(g)))
         except BadSample as bad:
             return ("bad", bad.key, bad.reason)
         except PartkitError as e:
@@ -102,14 +115,14 @@ class SampleStream:
                 if g % self.world == self.rank:
                     q = g // self.world
                     if q >= start and ((q - start) // chunk) % workers == worker:
-                        yield self._loaded(sample)
+                        yield self._loaded(sample, g)
                 g += 1
             if n == 0:
                 yield ("error", "the training input holds no usable samples")
                 return
             epoch += 1
 
-    def chunks(self, start: int, worker: int, workers: int, chunk: int) -> Iterator[bytes]:
+    def chunks(self, start: int, worker: int, workers: int, chunk: int) -> Iterator[tuple]:
         """:meth:`items` in runs of ``chunk``, each packed by :func:`pack_items` (what a worker sends)."""
         run: list = []
         for item in self.items(start, worker, workers, chunk):
@@ -121,42 +134,77 @@ class SampleStream:
                 run = []
 
 
-class _Packer(pickle.Pickler):
-    """Pickles CPU tensors as numpy arrays: one copy through the pipe instead of a shared-memory
-    segment per tensor (which costs the receiving training process more than the decode it saves)."""
+_ALIGN = 64  # each array's offset in a packed run
 
-    def reducer_override(self, obj):
+
+class _Packer(pickle.Pickler):
+    """Pickles items with their numpy arrays and CPU tensors set aside (persistent ids), to be copied
+    into one buffer: a worker then sends a run of items as one shared-memory segment plus a few
+    hundred bytes, instead of a segment per tensor or megabytes through the pipe (both cost the
+    training process more than decoding the items itself)."""
+
+    def __init__(self, file):
+        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
+        self.arrays: list = []
+
+    def persistent_id(self, obj):
         import torch
 
-        if (isinstance(obj, torch.Tensor) and type(obj) is torch.Tensor and obj.device.type == "cpu"
-                and not obj.requires_grad and obj.dtype in _NUMPY_DTYPES):
-            return _from_numpy, (obj.numpy(),)
-        return NotImplemented
+        if type(obj) is np.ndarray and obj.dtype.kind in "biuf":
+            kind, arr = "np", obj
+        elif (type(obj) is torch.Tensor and obj.device.type == "cpu" and not obj.requires_grad
+              and obj.dtype in _NUMPY_DTYPES):
+            kind, arr = "torch", obj.numpy()
+        else:
+            return None
+        self.arrays.append(np.ascontiguousarray(arr))
+        return kind, len(self.arrays) - 1, arr.dtype.str, arr.shape
+
+
+class _Unpacker(pickle.Unpickler):
+    def __init__(self, file, buffer: np.ndarray, offsets: list):
+        super().__init__(file)
+        self.buffer, self.offsets = buffer, offsets
+
+    def persistent_load(self, pid):
+        import torch
+
+        kind, i, dtype, shape = pid
+        dtype = np.dtype(dtype)
+        start = self.offsets[i]
+        count = int(np.prod(shape, dtype=np.int64))
+        arr = self.buffer[start:start + count * dtype.itemsize].view(dtype).reshape(shape)
+        return torch.from_numpy(arr) if kind == "torch" else arr
 
 
 _NUMPY_DTYPES: set = set()
 
 
-def _from_numpy(arr):
-    import torch
-
-    return torch.from_numpy(arr)
-
-
-def pack_items(items: list) -> bytes:
-    """Items as one bytes object for the trip from a loader worker (see :class:`_Packer`)."""
+def pack_items(items: list) -> tuple:
+    """Items as ``(pickle bytes, offsets, uint8 tensor of their arrays)`` for the trip from a loader
+    worker (see :class:`_Packer`); :func:`unpack_items` gives them back, arrays as views of the buffer."""
     import torch
 
     if not _NUMPY_DTYPES:
         _NUMPY_DTYPES.update({torch.float16, torch.float32, torch.float64, torch.uint8, torch.int8, torch.int16,
                               torch.int32, torch.int64, torch.bool})
-    buf = io.BytesIO()
-    _Packer(buf, protocol=pickle.HIGHEST_PROTOCOL).dump(items)
-    return buf.getvalue()
+    f = io.BytesIO()
+    packer = _Packer(f)
+    packer.dump(items)
+    offsets, total = [], 0
+    for arr in packer.arrays:
+        offsets.append(total)
+        total += -(-arr.nbytes // _ALIGN) * _ALIGN
+    buffer = torch.empty(max(total, 1), dtype=torch.uint8)
+    flat = buffer.numpy()
+    for arr, start in zip(packer.arrays, offsets):
+        flat[start:start + arr.nbytes] = arr.reshape(-1).view(np.uint8)
+    return f.getvalue(), offsets, buffer
 
 
-def unpack_items(data: bytes) -> list:
-    return pickle.loads(data)
+def unpack_items(packed: tuple) -> list:
+    data, offsets, buffer = packed
+    return _Unpacker(io.BytesIO(data), buffer.numpy(), offsets).load()
 
 
 def _identity(x):

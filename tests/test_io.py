@@ -208,3 +208,35 @@ def test_members_made_with_dot_slash_are_plain_keys(tmp_path):
         samples = list(iter_tar(f, "x.tar"))
     assert [s["__key__"] for s in samples] == ["a"]
     assert samples[0]["json"] == b'{"x": 1}' and samples[0]["txt"] == b"hi"
+
+
+@pytest.mark.parametrize("dtype", ["<f2", "<f4", "<f8", ">f4", "<i4", "|u1", "|b1"])
+def test_decode_npy_equals_np_load_and_refuses_nan_and_inf(dtype):
+    """decode_npy parses the header itself (one copy, no pickles): the same array as np.load in C and
+    Fortran order, writable; any NaN or inf of a float array is refused, float16 included."""
+    from partkit.io import decode_npy, encode_npy
+
+    rng = np.random.default_rng(0)
+    for shape in [(3, 4, 5), (0, 3), (), (7,)]:
+        a = (rng.normal(size=shape) * 10).astype(dtype)
+        for order in "CF":
+            buf = io.BytesIO()
+            np.save(buf, np.asarray(a, order=order))
+            got = decode_npy({"__key__": "k", "x.npy": buf.getvalue()}, "x.npy")
+            want = np.load(io.BytesIO(buf.getvalue()))
+            assert got.dtype == want.dtype and got.shape == want.shape and np.array_equal(got, want)
+            assert got.flags.writeable
+            if a.dtype.kind == "f" and a.size:
+                for bad in (np.nan, np.inf, -np.inf):
+                    b = np.array(a, order=order)
+                    b.flat[a.size // 2] = bad
+                    buf = io.BytesIO()
+                    np.save(buf, b)
+                    with pytest.raises(BadSample, match="NaN or inf"):
+                        decode_npy({"__key__": "k", "x.npy": buf.getvalue()}, "x.npy")
+    with pytest.raises(BadSample, match="not a valid .npy"):
+        decode_npy({"__key__": "k", "x.npy": b"\x93NUMPY\x01\x00garbage"}, "x.npy")
+    obj = io.BytesIO()
+    np.save(obj, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(BadSample):
+        decode_npy({"__key__": "k", "x.npy": obj.getvalue()}, "x.npy")

@@ -17,7 +17,8 @@ from ..grid import sample_on_grid
 from ..fields import IGNORE_IDS, SALIENCY_THRESHOLD, PartNames, features, objects_from
 from ..io import decode_label_map
 
-__all__ = ["Example", "targets_from_sample", "augment", "collate", "MASK_FACTOR", "class_list", "assign_classes"]
+__all__ = ["Example", "targets_from_sample", "augment", "collate", "training_view", "mask_targets", "MASK_FACTOR",
+           "class_list", "assign_classes"]
 
 MASK_FACTOR = 2  # mask features are at 2x the feature grid
 
@@ -139,16 +140,26 @@ def augment(ex: Example, size: int, gen: torch.Generator, train: bool = True,
     return feat, tgt
 
 
+def mask_targets(tgt: torch.Tensor, ex: Example) -> dict:
+    """One binary mask (and class) per target id of ``ex`` still visible in the augmented id map ``tgt``."""
+    present = [(i, c) for i, c in zip(ex.ids.tolist(), ex.classes.tolist()) if bool((tgt == i).any())]
+    ids = torch.tensor([i for i, _ in present], dtype=torch.long)
+    masks = (tgt[None] == ids[:, None, None]) if len(present) else torch.zeros(0, *tgt.shape, dtype=torch.bool)
+    return {"masks": masks, "labels": torch.tensor([c for _, c in present], dtype=torch.long)}
+
+
+def training_view(ex: Example, size: int, gen: torch.Generator) -> Example:
+    """``ex`` with ``view`` set: its augmented features and mask targets (what a training step stacks),
+    drawn from ``gen``; made in the loader's workers when features are cached."""
+    feat, tgt = augment(ex, size, gen)
+    ex.view = (feat, mask_targets(tgt, ex))
+    return ex
+
+
 def collate(items: list[tuple[torch.Tensor, torch.Tensor]], examples: list[Example], device) -> tuple:
     """Stack features; per image, one binary mask per target id still visible after augmentation."""
     feats = torch.stack([f for f, _ in items]).to(device)
-    targets = []
-    for (_, tgt), ex in zip(items, examples):
-        present = [(i, c) for i, c in zip(ex.ids.tolist(), ex.classes.tolist()) if bool((tgt == i).any())]
-        ids = torch.tensor([i for i, _ in present], dtype=torch.long)
-        masks = (tgt[None] == ids[:, None, None]) if len(present) else torch.zeros(0, *tgt.shape, dtype=torch.bool)
-        targets.append({"masks": masks.to(device), "labels": torch.tensor([c for _, c in present], dtype=torch.long,
-                                                                          device=device)})
+    targets = [{k: v.to(device) for k, v in mask_targets(tgt, ex).items()} for (_, tgt), ex in zip(items, examples)]
     return feats, targets
 
 

@@ -100,7 +100,8 @@ class ExampleStream:
     """
 
     def __init__(self, inputs: Sequence[str], load: Callable[[dict], Example], *, handler: Handler, seed: int,
-                 batch: int, rank: int = 0, world: int = 1, workers: int = 0, buffer: int = 256):
+                 batch: int, rank: int = 0, world: int = 1, workers: int = 0, buffer: int = 256,
+                 transform: Optional[Callable] = None):
         from ..errors import BadSample
         from ..streaming import SampleStream, StreamLoader
 
@@ -112,7 +113,8 @@ class ExampleStream:
             handler(b)
             bad.append(b.key)
 
-        stream = SampleStream(inputs, load, seed=seed, buffer=buffer, rank=rank, world=world)  # checks the inputs
+        stream = SampleStream(inputs, load, seed=seed, buffer=buffer, rank=rank, world=world,  # checks the inputs
+                              transform=transform)
         self.scanned: list = []
         for ex in iter_loaded(inputs, load, handler=on_bad):
             if self.first is None:

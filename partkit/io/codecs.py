@@ -137,19 +137,12 @@ def encode_image_png(rgb: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-# float dtype -> (same-size unsigned view, exponent bits): a float is finite unless all its exponent bits are set
-_EXPONENT = {np.dtype(np.float16): (np.uint16, 0x7C00), np.dtype(np.float32): (np.uint32, 0x7F800000),
-             np.dtype(np.float64): (np.uint64, 0x7FF0000000000000)}
-
-
 def all_finite(arr: np.ndarray) -> bool:
-    """``np.isfinite(arr).all()``, several times faster for IEEE floats (float16 has no native isfinite)."""
-    bits = _EXPONENT.get(arr.dtype.newbyteorder("=")) if arr.dtype.byteorder in "=|" or arr.dtype.isnative else None
-    if bits is None or not arr.flags.c_contiguous:
-        return bool(np.isfinite(arr).all())
-    view, mask = bits
-    e = arr.view(view) & view(mask)
-    return not bool((e == view(mask)).any())
+    """``np.isfinite(arr).all()``; for float16 (which numpy has no fast isfinite for, 5x slower than float32)
+    a test of the exponent bits: a value is NaN or inf exactly when all five are set."""
+    if arr.dtype == np.float16 and arr.dtype.isnative and arr.flags.c_contiguous:
+        return not bool(((arr.view(np.uint16) & np.uint16(0x7C00)) == np.uint16(0x7C00)).any())
+    return bool(np.isfinite(arr).all())
 
 
 def _read_npy(data: bytes) -> np.ndarray:
