@@ -47,6 +47,8 @@ class SampleStream:
     """The seeded, endless, position-numbered stream of one rank's samples (see the module docstring).
 
     ``load(sample)`` turns a raw sample into what training uses (it may raise :class:`BadSample`);
+    ``sample["__position__"]`` is its global stream position ``g``, so a load that draws random
+    numbers can seed them from it and give the same item whatever ``--workers`` and on resume;
     ``exclude`` holds keys known to be bad (from the trainer's scan), left out before shuffling so
     positions do not depend on the error policy; ``per_epoch`` (the number of samples an epoch
     yields, when known) lets a resume skip whole epochs without reading them.
@@ -102,6 +104,7 @@ class SampleStream:
                 if g % self.world == self.rank:
                     q = g // self.world
                     if q >= start and ((q - start) // chunk) % workers == worker:
+                        sample["__position__"] = g
                         yield self._loaded(sample)
                 g += 1
             if n == 0:
