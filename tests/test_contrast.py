@@ -407,6 +407,8 @@ def test_ddp_two_cpu_processes(cihp_shard, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     ckpt = torch.load(tmp_path / "run" / "last.pt", map_location="cpu", weights_only=False)
     assert ckpt["step"] == 2 and ckpt["config"]["world"] == 2
+    assert len(read_shard(str(tmp_path / "run" / "parts-round1.tar"))) == 5  # rank 0 wrote it, both ranks read it
+    assert ckpt["loader"] == [2, 2]  # each rank's stream position: one batch of 2 per step, same steps
     assert [r["step"] for r in _metrics(tmp_path / "run")] == [1, 2]  # only rank 0 logs
     assert res.stderr.count("steps in") == 1  # and only rank 0 talks
 
@@ -446,3 +448,111 @@ def test_a_moco_checkpoint_is_the_starting_point(cihp_shard, tmp_path):
         assert torch.allclose(target, 0.996 * start + 0.004 * online, atol=1e-6), key
         checked += 1
     assert checked > 10
+
+
+# ---- streaming: nothing holds every image; the part shards; --workers does not change results
+
+N_SYNTH = 12
+SMALL = dict(model="timm:test_efficientnet", weights="none", rounds=2, epochs=2, round_epochs=1, batch_size=3,
+             size=32, k=3, proj_hidden=32, proj_dim=16, lr=0.01, round_lr=0.01, warmup=1, kmeans_iters=20,
+             device="cpu", log_every=1)
+
+
+@pytest.fixture(scope="module")
+def synth_shard(tmp_path_factory):
+    """12 small images (two colour blobs on a gradient, varied sizes) and one corrupt one."""
+    from conftest import write_shard
+    from partkit.io.codecs import encode_image_png
+
+    rng = np.random.default_rng(0)
+    samples = []
+    for i in range(N_SYNTH):
+        h, w = 24 + 4 * (i % 3), 32 + 4 * (i % 2)
+        yy, xx = np.mgrid[:h, :w]
+        img = np.stack([xx * 255 // w, yy * 255 // h, np.full((h, w), 60)], -1).astype(np.uint8)
+        cy, cx = rng.integers(6, h - 6), rng.integers(6, w - 6)
+        img[(yy - cy) ** 2 + (xx - cx) ** 2 < 25] = rng.integers(0, 255, 3)
+        samples.append({"__key__": f"img{i:02d}", "png": encode_image_png(img)})
+        if i == 4:
+            samples.append({"__key__": "broken", "png": b"not an image"})
+    return write_shard(tmp_path_factory.mktemp("synth") / "000000.tar", samples)
+
+
+def test_part_shards_hold_every_image_and_old_rounds_go(synth_shard, tmp_path):
+    from partkit.errors import SkipBad
+    from partkit.io import decode_label_map
+
+    out = tmp_path / "run"
+    keys = [f"img{i:02d}" for i in range(N_SYNTH)]
+    handler = SkipBad()
+    # 12 images, batch 3: 4 steps per epoch; round 1 = 8 steps, round 2 = 4; stop at round 1's end
+    part_contrast([synth_shard], str(out), stop_at=8, handler=handler, workers=0, **SMALL)
+    assert [r["key"] for r in handler.records] == ["broken"]  # reported once, by the scan
+    assert json.load(open(out / "config.json"))["skipped_samples"] == handler.records
+    assert sorted(p.name for p in out.glob("parts-round*")) == ["parts-round1.tar"]
+    first = read_shard(str(out / "parts-round1.tar"))
+    assert [s["__key__"] for s in first] == keys  # the input's order, the bad sample left out
+    for s in first:
+        grid = decode_label_map(s, "parts.png")
+        h, w = decode_image_shape(s)
+        assert max(h, w) == 32 and grid.shape == (math.ceil(h / 8), math.ceil(w / 8))  # one id per 8-px cell
+        assert grid.max() < 3 and len(np.unique(grid)) >= 2
+    handler = SkipBad()
+    part_contrast([synth_shard], str(out), resume=True, handler=handler, workers=0, **SMALL)
+    # round 2 continued round 1's maps; once its checkpoint names round 2, round 1's shard is gone
+    assert sorted(p.name for p in out.glob("parts-round*")) == ["parts-round2.tar"]
+    second = read_shard(str(out / "parts-round2.tar"))
+    assert [s["__key__"] for s in second] == keys
+    assert all(s["png"] == f["png"] for s, f in zip(second, first))  # the same resized images
+    assert not list(out.glob(".*tmp*"))
+    state = torch.load(out / "last.pt", map_location="cpu", weights_only=False)
+    assert state["step"] == 12 and state["round"] == 2 and state["loader"] == 12
+
+
+def decode_image_shape(sample):
+    from partkit.io import decode_image
+
+    return decode_image(sample).shape[:2]
+
+
+def test_trainer_holds_no_list_of_the_images(synth_shard, tmp_path):
+    """Structural: after discovery and a step, nothing the trainer holds has one entry per image; the
+    images it keeps are the probe set (one batch)."""
+    from partkit.contrast import PartContrastTrainer
+    from partkit.errors import SkipBad
+
+    trainer = PartContrastTrainer([synth_shard], str(tmp_path / "run"), stop_at=1, handler=SkipBad(), workers=0,
+                                  **SMALL)
+    trainer.fit()
+    assert trainer.n_images == N_SYNTH and len(trainer.probe_set) == trainer.batch_size == 3
+
+    def sized(value, where, depth=0):
+        if isinstance(value, (list, tuple)):
+            assert len(value) < N_SYNTH, where
+        if isinstance(value, torch.Tensor):
+            assert value.dim() == 0 or value.shape[0] < N_SYNTH or value.dtype.is_floating_point, where
+        if depth < 3 and isinstance(value, (list, tuple)):
+            for i, v in enumerate(value):
+                sized(v, f"{where}[{i}]", depth + 1)
+        if depth < 3 and isinstance(value, dict):
+            for k, v in value.items():
+                sized(v, f"{where}.{k}", depth + 1)
+
+    for name, value in vars(trainer).items():
+        if not isinstance(value, torch.nn.Module):
+            sized(value, name)
+
+
+def test_workers_do_not_change_the_weights(synth_shard, tmp_path):
+    """Views are drawn per sample from (seed, round, stream position): decoding and augmenting in 2 loader
+    processes gives the weights of decoding in the training process."""
+    from partkit.errors import SkipBad
+
+    runs = {}
+    for workers in (0, 2):
+        out = str(tmp_path / f"w{workers}")
+        part_contrast([synth_shard], out, stop_at=3, handler=SkipBad(), workers=workers, **SMALL)
+        runs[workers] = out
+    _assert_same_weights(_backbone_sd(runs[0]), _backbone_sd(runs[2]))
+    assert _metrics(runs[0]) == _metrics(runs[2])
+    assert json.load(open(f"{runs[2]}/config.json"))["workers"] == 2
