@@ -670,6 +670,7 @@ class PartContrastTrainer(Trainer):
                  shuffle_buffer=shuffle_buffer)
         _check_options(o, family)
         check_count("--workers", workers, 0, fix="pass --workers 0 to decode in the training process")
+        check_count("--shuffle-buffer", shuffle_buffer, fix="pass the samples a shuffle buffer holds, e.g. 256")
         self.setup_run(out, device=resolve_device(device), resume=resume, stop_at=stop_at, log_every=log_every,
                        checkpoint_every=checkpoint_every, log_to=log)
         dev = self.dev
