@@ -9,6 +9,10 @@ and Contrastive Learning for Fine-grained Recognition", 2023; the loss is DetCon
 2021). ViTs add the DINO loss on the CLS token with equal weight (Sec. 5.2). A long first stage is
 followed by short rounds, each with its own learning rate (Sec. 5.4, 6.6).
 
+Nothing holds every image: a scan counts the images and reports bad ones; each round's discovery
+streams them in batches into a part shard in the run folder (the resized image and its part-id
+grid, ``parts-round{r}.tar``); training streams that shard through :mod:`partkit.streaming`.
+
 >>> part_contrast(["cihp.tar"], "runs/pc", epochs=40, round_epochs=5)  # doctest: +SKIP
 >>> create_backbone("efficientnet_lite0", "runs/pc")  # doctest: +SKIP  (the fine-tuned weights)
 """

@@ -408,7 +408,7 @@ def test_ddp_two_cpu_processes(cihp_shard, tmp_path):
     ckpt = torch.load(tmp_path / "run" / "last.pt", map_location="cpu", weights_only=False)
     assert ckpt["step"] == 2 and ckpt["config"]["world"] == 2
     assert len(read_shard(str(tmp_path / "run" / "parts-round1.tar"))) == 5  # rank 0 wrote it, both ranks read it
-    assert ckpt["loader"] == [2, 2]  # each rank's stream position: one batch of 2 per step, same steps
+    assert ckpt["loader"] == [4, 4]  # each rank's stream position: 2 steps of a batch of 2, the same on both
     assert [r["step"] for r in _metrics(tmp_path / "run")] == [1, 2]  # only rank 0 logs
     assert res.stderr.count("steps in") == 1  # and only rank 0 talks
 
