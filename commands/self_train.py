@@ -64,8 +64,8 @@ def main(
     log: LogOption = "jsonl",
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out exactly where it stopped."),
     stop_at: Optional[int] = typer.Option(None, "--stop-at", help="Checkpoint and stop at this step."),
-    workers: int = typer.Option(2, "--workers", help="masks: DataLoader processes that decode the training stream."),
-    shuffle_buffer: int = typer.Option(256, "--shuffle-buffer", help="masks: samples per shuffle buffer (per worker)."),
+    workers: int = typer.Option(2, "--workers", help="DataLoader processes that decode the training stream (part-contrast: and make the views)."),
+    shuffle_buffer: int = typer.Option(256, "--shuffle-buffer", help="Samples per shuffle buffer (per worker): the memory bound of the stream."),
     skip_bad: SkipBadOption = False,
 ):
     """Improve part predictions without labels.
@@ -114,6 +114,7 @@ def main(
                       min_lr=min_lr, optimizer=optimizer, dino_weight=dino_weight, dino_out_dim=dino_out_dim,
                       clip_grad=clip_grad, kmeans_iters=kmeans_iters, device=g.device, seed=g.seed, resume=resume,
                       stop_at=stop_at, log_every=log_every, checkpoint_every=checkpoint_every,
-                      handler=handler_for(skip_bad), log=log, **{k_: v for k_, v in given.items() if v is not None})
+                      handler=handler_for(skip_bad), log=log, workers=workers, shuffle_buffer=shuffle_buffer,
+                      **{k_: v for k_, v in given.items() if v is not None})
     else:
         raise PartkitError(f"unknown --objective {objective!r}; choose masks or part-contrast")

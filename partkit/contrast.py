@@ -9,15 +9,22 @@ and Contrastive Learning for Fine-grained Recognition", 2023; the loss is DetCon
 2021). ViTs add the DINO loss on the CLS token with equal weight (Sec. 5.2). A long first stage is
 followed by short rounds, each with its own learning rate (Sec. 5.4, 6.6).
 
+Nothing holds every image: a scan counts the images and reports bad ones; each round's discovery
+streams them in batches into a part shard in the run folder (the resized image and its part-id
+grid, ``parts-round{r}.tar``); training streams that shard through :mod:`partkit.streaming`.
+
 >>> part_contrast(["cihp.tar"], "runs/pc", epochs=40, round_epochs=5)  # doctest: +SKIP
 >>> create_backbone("efficientnet_lite0", "runs/pc")  # doctest: +SKIP  (the fine-tuned weights)
 """
 from __future__ import annotations
 
 import copy
+import glob
 import math
+import os
+import re
 from dataclasses import asdict, dataclass
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -27,13 +34,15 @@ from torch import nn
 from . import fields
 from ._runtime import resolve_device, seed_everything
 from ._version import __version__
-from .errors import Handler, PartkitError, recorded, stop
+from .errors import BadSample, Handler, PartkitError, recorded, stop
 from .extract import FeatureExtractor
-from .io import iter_loaded
-from .training import Trainer, check_count, check_rate, digest, require, stream_batch_indices
+from .io import iter_loaded, iter_samples
+from .streaming import SampleStream, StreamLoader, seeded_generator
+from .training import Trainer, check_count, check_rate, digest, require, to_device
 
 __all__ = ["part_contrast", "PartContrastTrainer", "part_contrast_loss", "dino_loss", "mask_pool", "part_masks",
-           "cell_masks", "PartContrastNet", "DINOHead", "make_views", "discover_parts", "Phase", "plan_phases",
+           "cell_masks", "PartContrastNet", "DINOHead", "make_views", "sample_views", "discover_parts", "discovery_pass",
+           "Phase", "plan_phases",
            "FAMILY_DEFAULTS", "DEFAULT_K"]
 
 # The paper's settings per backbone family (Sec. 5.1-5.4, 6.3, 6.6; the official code where the paper
@@ -66,7 +75,7 @@ _PROBE = 0x9E3779B9  # generator word of the fixed probe views
 RESUME_KEYS = ("model", "weights", "layers", "facet", "rounds", "k", "epochs", "round_epochs", "batch_size",
                "optimizer", "lr", "round_lr", "min_lr", "weight_decay", "warmup", "size", "momentum", "momentum_end",
                "tau", "proj_dim", "proj_hidden", "dino_weight", "dino_out_dim", "clip_grad", "kmeans_iters", "seed",
-               "images_digest")
+               "shuffle_buffer", "images_digest")
 
 
 # --------------------------------------------------------------------------------------------
@@ -361,100 +370,210 @@ def _view(rgb: torch.Tensor, grid_labels: torch.Tensor, cell: int, size: int, ge
     return _colour(img, gen, blur_p, solarize_p), labels
 
 
+def sample_views(rgb: torch.Tensor, labels: torch.Tensor, *, cell: int, size: int, gen: torch.Generator):
+    """The two augmented views of one image: ``((img1, labels1), (img2, labels2))``, images in [0, 1].
+
+    ``rgb`` is a ``3 x h x w`` uint8 tensor, ``labels`` its part-id grid (one id per feature cell of
+    ``cell`` pixels). Both views crop image and part map consistently (scale 0.08-1) and flip them
+    together; colour jitter (p 0.8), grayscale (p 0.2), blur (p 1.0 / 0.1) and solarize (p 0 / 0.2)
+    follow BYOL, as PARTICLE. All randomness comes from ``gen``.
+    """
+    return tuple(_view(rgb, labels, cell, size, gen, blur_p, solarize_p) for blur_p, solarize_p in VIEW_PROBS)
+
+
+def _normalized(x: torch.Tensor, mean, std) -> torch.Tensor:
+    shape = (1, 3, 1, 1) if x.dim() == 4 else (3, 1, 1)
+    return (x - torch.tensor(mean, device=x.device).view(shape)) / torch.tensor(std, device=x.device).view(shape)
+
+
 def make_views(images: Sequence[torch.Tensor], labels: Sequence[torch.Tensor], *, cell: int, size: int,
                mean, std, gen: torch.Generator):
-    """Two augmented views of each image: ``(x1, x2, labels1, labels2)``, images normalised.
-
-    ``images`` are ``3 x h x w`` uint8 tensors, ``labels`` their part-id grids (one id per feature
-    cell of ``cell`` pixels). Both views crop image and part map consistently (scale 0.08-1) and
-    flip them together; colour jitter (p 0.8), grayscale (p 0.2), blur (p 1.0 / 0.1) and
-    solarize (p 0 / 0.2) follow BYOL, as PARTICLE. All randomness comes from ``gen``.
-    """
-    out = []
-    for blur_p, solarize_p in VIEW_PROBS:
-        views = [_view(im, lab, cell, size, gen, blur_p, solarize_p) for im, lab in zip(images, labels)]
-        x = torch.stack([v[0] for v in views])
-        m = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
-        s = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
-        out.append(((x - m) / s, torch.stack([v[1] for v in views])))
-    (x1, l1), (x2, l2) = out
+    """:func:`sample_views` of each image, drawn from one generator, stacked: ``(x1, x2, labels1, labels2)``,
+    images normalised with ``mean`` / ``std``."""
+    pairs = [sample_views(im, lab, cell=cell, size=size, gen=gen) for im, lab in zip(images, labels)]
+    x1, x2 = (_normalized(torch.stack([p[v][0] for p in pairs]), mean, std) for v in (0, 1))
+    l1, l2 = (torch.stack([p[v][1] for p in pairs]) for v in (0, 1))
     return x1, x2, l1, l2
 
 
 # --------------------------------------------------------------------------------------------
-# Data and part discovery
+# Data: a scan of the input, then one part shard per round in the run folder, streamed to training
+
+ROUND_SHARD = "parts-round{}.tar"  # in the run folder: each image resized, and its part-id grid
+IMAGE_FIELD, PARTS_FIELD = "png", "parts.png"  # the resized uint8 image; the part id of each feature cell
+_STREAM = 0x5EED5  # generator word of a round's stream order
 
 
-@dataclass
-class _Image:
-    key: str
-    rgb: np.ndarray  # h x w x 3 uint8, already resized so the longer side is ``size``
-    tensor: torch.Tensor  # the same as 3 x h x w uint8 on the training device
-    grid: tuple[int, int]  # valid feature cells
+def _resized(fx: FeatureExtractor, rgb: np.ndarray) -> np.ndarray:
+    """The image resized as ``extract`` resizes it (longer side ``--size``), as ``h x w x 3`` uint8."""
+    x, geom = fx.preprocess(rgb)
+    rh, rw = geom["resized"]
+    # undo the normalisation: the exact resized uint8 pixels (preprocess maps them back bit for bit)
+    out = ((x[:, :rh, :rw] * fx.std + fx.mean) * 255).round_().clamp_(0, 255).to(torch.uint8)
+    return out.permute(1, 2, 0).numpy().copy()
 
 
-def _load_images(inputs: Sequence[str], fx: FeatureExtractor, device, handler: Handler) -> tuple[list, list]:
-    """Every image of the input, resized as ``extract`` would, kept in memory: ``(images, skipped)``."""
-    def load(sample: dict) -> _Image:
-        x, geom = fx.preprocess(fields.image(sample, min_size=fx.min_size))
-        rh, rw = geom["resized"]
-        # undo the normalisation: the exact resized uint8 pixels (preprocess maps them back bit for bit)
-        rgb = ((x[:, :rh, :rw] * fx.std + fx.mean) * 255).round_().clamp_(0, 255).to(torch.uint8)
-        grid = fx.valid_grid(geom, (fx.input_size // fx.cell,) * 2)
-        return _Image(sample["__key__"], rgb.permute(1, 2, 0).numpy().copy(), rgb.to(device), grid)
-
+def _scan(inputs: Sequence[str], fx: FeatureExtractor, handler: Handler) -> tuple[list, list, frozenset]:
+    """One serial pass that decodes every image once, before anything is written: ``(keys, skipped records,
+    bad keys)``. Bad samples go to ``handler`` here, once; later passes leave them out silently."""
     skipped: list = []
-    images = list(iter_loaded(inputs, load, handler=recorded(handler, skipped)))
-    return images, skipped
+    bad: list = []
+    record = recorded(handler, skipped)
+
+    def on_bad(b: BadSample) -> None:
+        record(b)
+        bad.append(b.key)
+
+    def load(sample: dict) -> str:
+        fields.image(sample, min_size=fx.min_size)
+        return sample["__key__"]
+
+    keys = list(iter_loaded(inputs, load, handler=on_bad))
+    return keys, skipped, frozenset(k for k in bad if k is not None)
 
 
-def discover_parts(fx: FeatureExtractor, images: Sequence[_Image], k: int, *, prev=None, seed: int = 0,
-                   batch_size: int = 16, max_iter: int = KMEANS_ITERS):
-    """Per-image k-means (cosine) of the discovery features: ``(part-id grids, total inertia)``.
+def _ignore(bad: BadSample) -> None:
+    """The handler of the passes after the scan, which reported every bad sample already."""
 
-    Round 1 (``prev=None``): k-means++ with seed ``(seed, i)`` for image i. Later rounds continue
-    the previous partition ``prev`` (one part-id grid per image, PARTICLE Sec. 6.3): k-means starts
-    from the means of the current features under the old parts (``kmeans.partition_centers``, as
-    ``cluster --warm-start parts``), so part ids keep their meaning; a part that vanished stays gone.
+
+def _input_images(inputs: Sequence[str], fx: FeatureExtractor, bad: frozenset) -> Iterator[tuple]:
+    """``(key, resized rgb, None)`` of every good input image, in file order (round 1's discovery)."""
+    def load(sample: dict) -> tuple:
+        if sample["__key__"] in bad:
+            raise BadSample(sample["__key__"], "reported by the scan")
+        return sample["__key__"], _resized(fx, fields.image(sample, min_size=fx.min_size)), None
+
+    return iter_loaded(inputs, load, handler=_ignore)
+
+
+def _round_images(path: str) -> Iterator[tuple]:
+    """``(key, resized rgb, part-id grid)`` of a round shard, in order (the next round's warm start)."""
+    from .io import decode_image, decode_label_map
+
+    for sample in iter_samples([path]):
+        yield sample["__key__"], decode_image(sample), decode_label_map(sample, PARTS_FIELD).astype(np.int64)
+
+
+def discover_parts(fx: FeatureExtractor, images: Sequence[np.ndarray], k: int, *, prev=None, seed: int = 0,
+                   first: int = 0, max_iter: int = KMEANS_ITERS):
+    """Per-image k-means (cosine) of the discovery features of one batch: ``(part-id grids, inertias)``.
+
+    ``images`` are resized ``h x w x 3`` uint8 images (:func:`_resized`); image ``i`` of the batch is image
+    ``first + i`` of the round. Round 1 (``prev=None``): k-means++ with seed ``(seed, first + i)``, so the
+    result does not depend on how images are batched. Later rounds continue the previous partition
+    ``prev`` (one part-id grid per image, PARTICLE Sec. 6.3): k-means starts from the means of the
+    current features under the old parts (``kmeans.partition_centers``, as ``cluster --warm-start
+    parts``), so part ids keep their meaning; a part that vanished stays gone.
     """
     from .kmeans import batched_kmeans, normalize_rows, partition_centers
 
-    problems = []
-    for s in range(0, len(images), batch_size):
-        chunk = images[s:s + batch_size]
-        with torch.inference_mode():
-            feats, _ = fx.forward(torch.stack([fx.preprocess(im.rgb)[0] for im in chunk]))
-        for im, f in zip(chunk, feats):
-            gh, gw = im.grid
-            problems.append(normalize_rows(f[:, :gh, :gw].reshape(f.shape[0], -1).T.cpu().numpy(), "cosine"))
+    with torch.inference_mode():
+        x = [fx.preprocess(rgb) for rgb in images]
+        feats, _ = fx.forward(torch.stack([xi for xi, _ in x]))
+    problems, grids = [], []
+    for (_, geom), f in zip(x, feats):
+        gh, gw = fx.valid_grid(geom, (fx.input_size // fx.cell,) * 2)
+        grids.append((gh, gw))
+        problems.append(normalize_rows(f[:, :gh, :gw].reshape(f.shape[0], -1).T.cpu().numpy(), "cosine"))
+    seeds = [[seed, first + i] for i in range(len(images))]
     if prev is None:
-        results = batched_kmeans(problems, k, metric="cosine", random_state=seed, device=fx.device, max_iter=max_iter)
+        results = batched_kmeans(problems, k, metric="cosine", random_state=seeds, device=fx.device,
+                                 max_iter=max_iter)
         ids = [np.arange(r.n_clusters) for r in results]
     else:
-        starts = [partition_centers(X, lab.cpu().numpy()) for X, lab in zip(problems, prev)]
+        starts = [partition_centers(X, np.asarray(lab)) for X, lab in zip(problems, prev)]
         ids = [i for _, i in starts]
         results = batched_kmeans(problems, [len(i) for i in ids], metric="cosine", init=[c for c, _ in starts],
-                                 random_state=seed, device=fx.device, max_iter=max_iter)
-    labels = [torch.from_numpy(i[r.labels].reshape(im.grid)).long().to(im.tensor.device)
-              for r, i, im in zip(results, ids, images)]
-    return labels, float(sum(r.inertia for r in results))
+                                 random_state=seeds, device=fx.device, max_iter=max_iter)
+    labels = [i[r.labels].reshape(g) for r, i, g in zip(results, ids, grids)]
+    return labels, [float(r.inertia) for r in results]
 
 
-def _generator(*words: int) -> torch.Generator:
-    # every step's randomness derives from (seed, rank, step), so a resumed run draws the same views
-    state = np.random.SeedSequence(list(words)).generate_state(1, dtype=np.uint64)
-    return torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))
+def discovery_pass(fx: FeatureExtractor, images: Iterator[tuple], path: str, k: int, *, warm: bool, seed: int = 0,
+                   batch_size: int = 16, max_iter: int = KMEANS_ITERS) -> tuple[int, float]:
+    """One round's part discovery, streamed: ``(key, resized rgb, previous grid or None)`` in, read
+    ``batch_size`` at a time, and a shard at ``path`` out (``png``: the resized image, ``parts.png``:
+    its part-id grid), written under a temporary name and renamed when complete. ``warm``: continue the
+    previous grids. Returns ``(images, total inertia)``; holds one batch at a time."""
+    from .io import TarSampleWriter, encode_png
+    from .io.codecs import encode_image_png
+
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    count, inertia = 0, 0.0
+    batch: list = []
+
+    def flush(writer):
+        nonlocal count, inertia
+        grids, inert = discover_parts(fx, [b[1] for b in batch], k, prev=[b[2] for b in batch] if warm else None,
+                                      seed=seed, first=count, max_iter=max_iter)
+        for (key, rgb, _), grid in zip(batch, grids):
+            writer.write({"__key__": key, IMAGE_FIELD: encode_image_png(rgb), PARTS_FIELD: encode_png(grid)})
+        count += len(batch)
+        inertia += sum(inert)
+        batch.clear()
+
+    try:
+        with open(tmp, "wb") as f:
+            writer = TarSampleWriter(f)
+            try:
+                for item in images:
+                    batch.append(item)
+                    if len(batch) == batch_size:
+                        flush(writer)
+                if batch:
+                    flush(writer)
+                writer.close()
+            except BaseException:
+                writer.discard()
+                raise
+        os.replace(tmp, path)
+    except BaseException as e:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise PartkitError(f"cannot write {path!r}: {e.strerror or e}; free some space or pick another --out") \
+                from None
+        raise
+    return count, inertia
+
+
+def _seed_word(*words: int) -> int:
+    return int(np.random.SeedSequence(list(words)).generate_state(1, dtype=np.uint32)[0])
+
+
+def _round_sample(sample: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """A round shard's sample: (``3 x h x w`` uint8 image, part-id grid)."""
+    from .io import decode_image, decode_label_map
+
+    rgb = torch.from_numpy(np.ascontiguousarray(decode_image(sample).transpose(2, 0, 1)))  # a writable copy
+    return rgb, torch.from_numpy(decode_label_map(sample, PARTS_FIELD).astype(np.int64))
+
+
+class _Views:
+    """The training stream's ``transform`` (runs in the loader's workers): a round shard's ``(image, part map)``
+    to its two normalised views and their part maps, drawn from the sample position's own generator
+    (:meth:`partkit.streaming.SampleStream.generator`; the stream's seed holds ``(seed, round)``)."""
+
+    def __init__(self, *, cell: int, size: int, mean, std, k: int):
+        self.cell, self.size, self.mean, self.std = cell, size, tuple(mean), tuple(std)
+        self.small = k <= 256
+
+    def __call__(self, item: tuple, gen: torch.Generator):
+        rgb, grid = item
+        (x1, l1), (x2, l2) = sample_views(rgb, grid, cell=self.cell, size=self.size, gen=gen)
+        dtype = torch.uint8 if self.small else torch.int64  # ids < k: an eighth of the bytes to the trainer
+        return (_normalized(x1, self.mean, self.std), _normalized(x2, self.mean, self.std), l1.to(dtype),
+                l2.to(dtype))
 
 
 @torch.no_grad()
-def _probe_loss(net: PartContrastNet, images: list, labels: list, fx: FeatureExtractor, batch_size: int,
-                seed: int) -> float:
-    """The contrast loss on one fixed batch of views: unlike the training loss, comparable from step to step."""
-    idx = list(range(min(batch_size, len(images))))
-    x1, x2, l1, l2 = make_views([images[i].tensor for i in idx], [labels[i] for i in idx], cell=fx.cell,
+def _probe_loss(net: PartContrastNet, probe: list, fx: FeatureExtractor, seed: int, device) -> float:
+    """The contrast loss on one fixed batch of views (of the first images, ``probe``: ``(rgb, grid)`` pairs):
+    unlike the training loss, comparable from step to step."""
+    x1, x2, l1, l2 = make_views([p[0] for p in probe], [p[1] for p in probe], cell=fx.cell,
                                 size=fx.input_size, mean=fx.backbone.mean, std=fx.backbone.std,
-                                gen=_generator(seed, _PROBE))
-    return float(net(x1, x2, l1, l2)[2])
+                                gen=seeded_generator(seed, _PROBE))
+    return float(net(*(t.to(device) for t in (x1, x2, l1, l2)))[2])
 
 
 # --------------------------------------------------------------------------------------------
@@ -532,7 +651,8 @@ class PartContrastTrainer(Trainer):
                  dino_weight: Optional[float] = None, dino_out_dim: int = DINO_OUT_DIM,
                  clip_grad: Optional[float] = None, kmeans_iters: int = KMEANS_ITERS, device: str = "auto",
                  seed: int = 0, resume: bool = False, stop_at: Optional[int] = None, log_every: int = 10,
-                 checkpoint_every: int = 100, handler: Handler = stop, log: str = "jsonl"):
+                 checkpoint_every: int = 100, handler: Handler = stop, log: str = "jsonl", workers: int = 2,
+                 shuffle_buffer: int = 256):
         from .models import get_spec
 
         family = get_spec(model).family
@@ -544,26 +664,31 @@ class PartContrastTrainer(Trainer):
                      warmup=warmup, momentum=momentum, momentum_end=momentum_end, tau=tau, proj_dim=proj_dim,
                      proj_hidden=proj_hidden, dino_weight=dino_weight, clip_grad=clip_grad)
         o = {**FAMILY_DEFAULTS[family], **{key: v for key, v in given.items() if v is not None}}
-        o.update(model=model, rounds=rounds, size=size, dino_out_dim=dino_out_dim, kmeans_iters=kmeans_iters)
+        o.update(model=model, rounds=rounds, size=size, dino_out_dim=dino_out_dim, kmeans_iters=kmeans_iters,
+                 shuffle_buffer=shuffle_buffer)
         _check_options(o, family)
+        check_count("--workers", workers, 0, fix="pass --workers 0 to decode in the training process")
+        check_count("--shuffle-buffer", shuffle_buffer, fix="pass the samples a shuffle buffer holds, e.g. 256")
         self.setup_run(out, device=resolve_device(device), resume=resume, stop_at=stop_at, log_every=log_every,
                        checkpoint_every=checkpoint_every, log_to=log)
         dev = self.dev
         seed_everything(seed)
         backbone, self.clip_model = _build(model, weights)
         fx = self.fx = FeatureExtractor(backbone, layers=layers, facet=o["facet"], size=size, device=str(dev))
-        images, skipped = _load_images(inputs, fx, dev, handler)
+        keys, skipped, self.bad = _scan(inputs, fx, handler)  # the only pass that reports bad samples
         if skipped:
             self.say(f"part-contrast: skipped {len(skipped)} bad samples")
-        if not images:
+        if not keys:
             raise PartkitError("part-contrast: the input holds no images; pack some with `partkit pack`")
+        n = self.n_images = len(keys)
         batch = o["batch_size"]
-        if batch > len(images):
-            self.say(f"part-contrast: --batch-size {batch} is more than the {len(images)} images; using {len(images)}")
-            batch = len(images)
-        self.backbone, self.images, self.batch_size, self.seed, self.k = backbone, images, batch, seed, o["k"]
+        if batch > n:
+            self.say(f"part-contrast: --batch-size {batch} is more than the {n} images; using {n}")
+            batch = n
+        self.inputs, self.workers = list(inputs), workers
+        self.backbone, self.batch_size, self.seed, self.k = backbone, batch, seed, o["k"]
         self.o, self.rounds = o, rounds
-        self.steps_per_epoch = math.ceil(len(images) / (batch * self.dist.world))
+        self.steps_per_epoch = math.ceil(n / (batch * self.dist.world))
         self.phases = plan_phases(rounds, o["epochs"], o["round_epochs"], self.steps_per_epoch, o["lr"],
                                   o["round_lr"], o["warmup"])
         net = self.net = PartContrastNet(backbone, o["k"], proj_dim=o["proj_dim"], proj_hidden=o["proj_hidden"],
@@ -584,10 +709,14 @@ class PartContrastTrainer(Trainer):
                        "batch_size": batch, "steps": total, "steps_per_epoch": self.steps_per_epoch,
                        "phases": [asdict(ph) for ph in self.phases], "contrast_features": "last feature map",
                        "contrast_channels": backbone.last_channels, "seed": seed, "world": self.dist.world,
-                       "images": len(images), "images_digest": digest([im.key for im in images]), "cell": fx.cell,
+                       "images": n, "images_digest": digest(keys), "cell": fx.cell,
+                       "workers": workers, "shuffle_buffer": shuffle_buffer,
                        "input_size": fx.input_size, "mean": list(backbone.mean), "std": list(backbone.std),
                        "skipped_samples": skipped, "partkit_version": __version__, "torch": torch.__version__}
-        self.labels, self.label_round, self.probe = None, -1, None
+        # what training holds between steps: the round's stream (a shuffle buffer), the probe set (the first
+        # batch of images and their part maps), the model; never the whole dataset
+        self.loader, self.label_round, self.probe, self.probe_set = None, -1, None, None
+        self.inertia = float("nan")  # of the last discovery (rank 0)
 
     # ---- the schedule
     def phase_of(self, step: int) -> Phase:
@@ -615,26 +744,66 @@ class PartContrastTrainer(Trainer):
         return {names.get(key, f"--{key.replace('_', '-')}"): config[key] for key in RESUME_KEYS if key in config}
 
     def _probe_loss(self) -> float:
-        return _probe_loss(self.net, self.images, self.labels, self.fx, self.batch_size, self.seed)
+        return _probe_loss(self.net, self.probe_set, self.fx, self.seed, self.dev)
+
+    def round_shard(self, r: int) -> str:
+        """The part shard of round ``r`` (0-based) in the run folder."""
+        return self.run.file(ROUND_SHARD.format(r + 1))
+
+    def discover(self, r: int) -> None:
+        """Round ``r``'s part discovery (0-based): rank 0 streams round 1's input images, or round ``r - 1``'s
+        shard, through the frozen backbone and k-means into :meth:`round_shard`; the other ranks wait."""
+        if self.dist.main:
+            os.makedirs(self.out, exist_ok=True)
+            for stale in glob.glob(os.path.join(self.out, ".parts-round*.tar.tmp-*")):
+                os.unlink(stale)  # left by a killed run
+            images = _input_images(self.inputs, self.fx, self.bad) if r == 0 else _round_images(self.round_shard(r - 1))
+            self.net.eval()
+            count, inertia = discovery_pass(self.fx, images, self.round_shard(r), self.k, warm=r > 0, seed=self.seed,
+                                            batch_size=self.batch_size, max_iter=self.o["kmeans_iters"])
+            self.net.train()
+            if count != self.n_images:
+                os.unlink(self.round_shard(r))
+                raise PartkitError(f"part-contrast: the input changed during the run ({count} images now, "
+                                   f"{self.n_images} at the scan); rerun on a fixed input")
+            self.inertia = inertia
+        self.dist.barrier()
+
+    def open_round(self, r: int) -> None:
+        """Stream round ``r``'s shard to training (position 0; a resume seeks on) and load its probe set."""
+        if self.loader is not None:
+            self.loader.close()
+        path = self.round_shard(r)
+        if not os.path.isfile(path):
+            raise PartkitError(f"--resume: {path!r} is missing (the part maps of round {r + 1}); the run cannot "
+                               "continue exactly, start a new --out")
+        views = _Views(cell=self.fx.cell, size=self.fx.input_size, mean=self.backbone.mean, std=self.backbone.std,
+                       k=self.k)
+        stream = SampleStream([path], _round_sample, seed=_seed_word(self.seed, r, _STREAM),
+                              buffer=self.o["shuffle_buffer"], rank=self.dist.rank, world=self.dist.world,
+                              per_epoch=self.n_images, transform=views)
+        self.loader = StreamLoader(stream, batch=self.batch_size, workers=self.workers)
+        self.probe_set = []
+        for sample in iter_samples([path]):
+            if len(self.probe_set) == self.batch_size:
+                break
+            self.probe_set.append(_round_sample(sample))
+        self.label_round = r
 
     def train_step(self, step: int) -> dict:
-        fx, net, images = self.fx, self.net, self.images
+        net = self.net
         ph = self.phase_of(step)
         r = ph.round - 1
         if r != self.label_round:
-            net.eval()
-            self.labels, inertia = discover_parts(fx, images, self.k, prev=self.labels, seed=self.seed,
-                                                  batch_size=self.batch_size, max_iter=self.o["kmeans_iters"])
-            net.train()
-            self.label_round = r
+            self.discover(r)
+            self.open_round(r)
             self.probe = self._probe_loss()
             self.say(f"part-contrast: round {r + 1}/{self.rounds} ({ph.epochs} epochs, lr {ph.lr:g}), {self.k} parts, "
-                     f"inertia {inertia:.1f}, probe loss {self.probe:.3f}")
+                     f"inertia {self.inertia:.1f}, probe loss {self.probe:.3f}")
         epoch = (step - ph.start) // self.steps_per_epoch  # within the round
-        idx = stream_batch_indices(step, len(images), self.batch_size, self.dist.rank, self.dist.world, self.seed)
-        x1, x2, l1, l2 = make_views([images[i].tensor for i in idx], [self.labels[i] for i in idx], cell=fx.cell,
-                                    size=fx.input_size, mean=self.backbone.mean, std=self.backbone.std,
-                                    gen=_generator(self.seed, self.dist.rank, step))
+        items = self.loader.next_batch()
+        x1, x2, l1, l2 = to_device([torch.stack([it[i] for it in items]) for i in range(4)], self.dev)
+        l1, l2 = l1.long(), l2.long()
         temp = self.teacher_temp_at(epoch) if net.head is not None else None
         loss, parts, contrast, dino = self.ddp(x1, x2, l1, l2, teacher_temp=temp, update_center=True)
         lr = self.opt.param_groups[0]["lr"]
@@ -668,24 +837,31 @@ class PartContrastTrainer(Trainer):
         return done % self.log_every == 0 or any(done == ph.start + ph.steps for ph in self.phases)
 
     def state(self, step: int) -> dict:
-        labels = self.labels
+        # the round's part maps are its shard in the run folder (round_shard), not part of the checkpoint
         return {"model": self.net.state_dict(), "optimizer": self.opt.state_dict(),
                 "scheduler": self.sched.state_dict(), "rng": self.rng(), "step": step,
-                "round": self.label_round + 1,
-                "labels": [lab.cpu() for lab in labels] if labels is not None else None, "probe": self.probe,
-                "config": self.config}
+                "round": self.label_round + 1, "probe": self.probe, "config": self.config}
 
     def checkpoint(self, step: int) -> None:
-        state = self.state(step)  # every rank: the RNG states are gathered
+        state = self.state(step)  # every rank: the RNG states and stream positions are gathered
+        loader = self.loader_state()
+        if loader is not None:
+            state["loader"] = loader
         if not self.dist.main:
             return
         self.run.save({"backbone": _export_state(self.backbone, self.clip_model), "model": self.config["model"],
                        "mean": list(self.backbone.mean), "std": list(self.backbone.std)}, "backbone.pt")
         self.run.save(state)
+        # the checkpoint now names its round: older rounds' shards are no longer needed to resume
+        keep = ROUND_SHARD.format(self.label_round + 1)
+        for path in glob.glob(os.path.join(self.out, "parts-round*.tar")):
+            if re.fullmatch(r"parts-round\d+\.tar", os.path.basename(path)) and os.path.basename(path) != keep:
+                os.unlink(path)
 
     def load_state(self, ckpt: dict) -> None:
-        self.label_round, self.probe = ckpt["round"] - 1, ckpt["probe"]
-        self.labels = [lab.to(self.dev) for lab in ckpt["labels"]] if ckpt["labels"] is not None else None
+        self.probe, self.inertia = ckpt["probe"], float("nan")
+        if ckpt["round"] > 0:
+            self.open_round(ckpt["round"] - 1)  # the restore then seeks its stream to the saved position
 
     def summary(self, history: list, end: int) -> dict:
         return {"out": self.out, "steps": self.steps, "done": end, "rounds": self.rounds, "k": self.k,
@@ -704,7 +880,9 @@ def part_contrast(inputs: Sequence[str], out: str, **options) -> dict:
     left at ``None`` takes its family's value from :data:`FAMILY_DEFAULTS` (the paper's). Writes
     ``backbone.pt`` (load it with ``create_backbone(model, out)``), ``config.json``,
     ``metrics.jsonl``, ``loss.png`` and ``last.pt`` (``resume=True`` continues exactly;
-    ``stop_at`` stops early with a checkpoint). Every process of a torchrun job holds all images
-    and takes its own batch of ``batch_size`` images per step. Options: :class:`PartContrastTrainer`'s.
+    ``stop_at`` stops early with a checkpoint), and ``parts-round{r}.tar``, the current round's part maps.
+    Images are streamed (``workers`` loader processes, a ``shuffle_buffer``), never all held in memory;
+    every process of a torchrun job takes its own batch of ``batch_size`` images per step. Options:
+    :class:`PartContrastTrainer`'s.
     """
     return PartContrastTrainer(inputs, out, **options).fit()

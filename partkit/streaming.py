@@ -27,7 +27,16 @@ from .errors import BadSample, Handler, PartkitError, stop
 from .io.tario import iter_tar
 from .io.urls import expand_urls, is_stream, iter_streams
 
-__all__ = ["SampleStream", "StreamLoader", "shuffled"]
+__all__ = ["SampleStream", "StreamLoader", "shuffled", "seeded_generator", "pack_items", "unpack_items"]
+
+
+def seeded_generator(*words: int):
+    """A CPU ``torch.Generator`` seeded from integers (numpy's SeedSequence mixes them): the generator of
+    one sample's or one step's random draws, the same after a resume and whatever ran before."""
+    import torch
+
+    state = np.random.SeedSequence(list(words)).generate_state(1, dtype=np.uint64)
+    return torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))
 
 
 def shuffled(items: Iterator, buffer: int, rng: random.Random) -> Iterator:
@@ -87,10 +96,7 @@ class SampleStream:
     def generator(self, g: int):
         """The random generator of global position ``g``: augmentation drawn from it is the same whatever
         the number of workers or ranks, and after a resume."""
-        import torch
-
-        state = np.random.SeedSequence([self.seed, g]).generate_state(1, dtype=np.uint64)
-        return torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))
+        return seeded_generator(self.seed, g)
 
     def _loaded(self, sample: dict, g: int):
         try:

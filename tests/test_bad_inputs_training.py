@@ -80,6 +80,7 @@ CASES = [
     (CONTRAST, ["--optimizer", "lars"], "--optimizer"), (CONTRAST, ["--dino-weight", "1"], "--dino-weight"),
     (CONTRAST, ["--round-lr", "0"], "--round-lr"),
     (CONTRAST, ["--size", "0"], "--size"), (CONTRAST, ["--stop-at", "0"], "--stop-at"),
+    (CONTRAST, ["--workers", "-1"], "--workers"), (CONTRAST, ["--shuffle-buffer", "0"], "--shuffle-buffer"),
     (DISTILL_3D, ["--lr", "nan"], "--lr"), (DISTILL_3D, ["--lr", "-inf"], "--lr"), (DISTILL_3D, ["--epochs", "0"], "--epochs"),
     (DISTILL_3D, ["--batch-size", "0"], "--batch-size"), (DISTILL_3D, ["--plateau", "nan"], "--plateau"),
     (DISTILL_3D, ["--temperature", "0"], "--temperature"), (DISTILL_3D, ["--stop-at", "0"], "--stop-at"),

@@ -2,9 +2,9 @@
 
 Measured on the shared CIHP images (5 images; EfficientNet-Lite0 package weights; one round of
 8 epochs = 16 steps, batch 4, 128 px views, k = 25, the contrast on the 1280-channel head map;
-one CPU thread, ~22 s on a shared machine): the loss on the fixed probe views falls from 2.897 to
-2.334. Mean per-image NMI of k-means (k = 20, 128 px) against the CIHP part labels: 0.382 with the
-initial backbone, 0.375 fine-tuned -- 5 images and 16 steps are far too few for a real gain, so the
+one CPU thread, ~10 s on a shared machine): the loss on the fixed probe views falls from 2.982 to
+2.085. Mean per-image NMI of k-means (k = 20, 128 px) against the CIHP part labels: 0.387 with the
+initial backbone, 0.366 fine-tuned -- 5 images and 16 steps are far too few for a real gain, so the
 test reports both and checks only that the run learns and is reproducible.
 """
 import json
@@ -179,7 +179,10 @@ def test_resume_continues_exactly(one_step, full_run, cihp_shard, tmp_path):
     with pytest.raises(PartkitError, match="--lr"):
         part_contrast([cihp_shard], resumed, resume=True, **{**TINY, "lr": 0.1})
     state = torch.load(f"{resumed}/last.pt", map_location="cpu", weights_only=False)
-    assert state["step"] == 1 and state["round"] == 1 and len(state["labels"]) == 5
+    # the checkpoint holds the round and the stream position (one batch of 3 read), not the part maps:
+    # those are the round's shard in the run folder
+    assert state["step"] == 1 and state["round"] == 1 and state["loader"] == 3 and "labels" not in state
+    assert sorted(p.name for p in (tmp_path / "resumed").glob("parts-round*.tar")) == ["parts-round1.tar"]
     with pytest.raises(PartkitError, match="--round-lr"):
         part_contrast([cihp_shard], resumed, resume=True, **{**TINY, "round_lr": 0.1})
     part_contrast([cihp_shard], resumed, resume=True, **TINY)
@@ -188,8 +191,10 @@ def test_resume_continues_exactly(one_step, full_run, cihp_shard, tmp_path):
     a = torch.load(f"{full_run}/last.pt", map_location="cpu", weights_only=False)
     b = torch.load(f"{resumed}/last.pt", map_location="cpu", weights_only=False)
     _assert_same_weights(a["model"], b["model"])  # projector, predictor and momentum encoder too
-    for la, lb in zip(a["labels"], b["labels"]):  # the part maps of the last round
-        assert torch.equal(la, lb)
+    assert a["loader"] == b["loader"] == 6  # rounds 2 and 3: 2 steps x 3 images of the round's stream
+    for run in (full_run, resumed):  # only the last round's part maps are kept
+        assert sorted(p.name for p in __import__("pathlib").Path(run).glob("parts-round*.tar")) == ["parts-round3.tar"]
+    assert read_shard(f"{full_run}/parts-round3.tar") == read_shard(f"{resumed}/parts-round3.tar")
 
 
 def test_weights_load_back_through_the_registry_and_extract(full_run, cihp_shard, tmp_path):
@@ -373,17 +378,21 @@ def test_later_rounds_continue_the_previous_partition(cihp_shard):
     """Warm start from the partition (Sec. 6.3): with unchanged features, k-means started from a
     converged partition stays there, ids included; from a shuffled partition it moves back to
     a k-means fixed point while keeping ids (each new part overlaps its old id most)."""
-    from partkit.contrast import _load_images, discover_parts
-    from partkit.errors import stop
+    from partkit.contrast import _resized, discover_parts
     from partkit.extract import FeatureExtractor
+    from partkit.io import decode_image, iter_samples
 
     fx = FeatureExtractor(create_backbone("efficientnet_lite0"), size=64, device="cpu")
-    images, _ = _load_images([cihp_shard], fx, torch.device("cpu"), stop)
+    images = [_resized(fx, decode_image(s)) for s in iter_samples([cihp_shard])]
     first, inertia = discover_parts(fx, images, 6, seed=0)
     again, inertia2 = discover_parts(fx, images, 6, prev=first, seed=123)
-    assert all(torch.equal(a, b) for a, b in zip(first, again)) and inertia2 == pytest.approx(inertia, rel=1e-6)
+    assert all(np.array_equal(a, b) for a, b in zip(first, again)) and sum(inertia2) == pytest.approx(sum(inertia),
+                                                                                                     rel=1e-6)
     fresh, _ = discover_parts(fx, images, 6, seed=123)  # k-means++ with another seed: other ids
-    assert not all(torch.equal(a, b) for a, b in zip(first, fresh))
+    assert not all(np.array_equal(a, b) for a, b in zip(first, fresh))
+    # image i of the round is seeded (seed, i) whatever the batches: two batches give the one-batch result
+    halves = discover_parts(fx, images[:2], 6, seed=0)[0] + discover_parts(fx, images[2:], 6, seed=0, first=2)[0]
+    assert all(np.array_equal(a, b) for a, b in zip(first, halves))
 
 
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun ships with torch")
@@ -398,6 +407,8 @@ def test_ddp_two_cpu_processes(cihp_shard, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     ckpt = torch.load(tmp_path / "run" / "last.pt", map_location="cpu", weights_only=False)
     assert ckpt["step"] == 2 and ckpt["config"]["world"] == 2
+    assert len(read_shard(str(tmp_path / "run" / "parts-round1.tar"))) == 5  # rank 0 wrote it, both ranks read it
+    assert ckpt["loader"] == [4, 4]  # each rank's stream position: 2 steps of a batch of 2, the same on both
     assert [r["step"] for r in _metrics(tmp_path / "run")] == [1, 2]  # only rank 0 logs
     assert res.stderr.count("steps in") == 1  # and only rank 0 talks
 
@@ -437,3 +448,111 @@ def test_a_moco_checkpoint_is_the_starting_point(cihp_shard, tmp_path):
         assert torch.allclose(target, 0.996 * start + 0.004 * online, atol=1e-6), key
         checked += 1
     assert checked > 10
+
+
+# ---- streaming: nothing holds every image; the part shards; --workers does not change results
+
+N_SYNTH = 12
+SMALL = dict(model="timm:test_efficientnet", weights="none", rounds=2, epochs=2, round_epochs=1, batch_size=3,
+             size=32, k=3, proj_hidden=32, proj_dim=16, lr=0.01, round_lr=0.01, warmup=1, kmeans_iters=20,
+             device="cpu", log_every=1)
+
+
+@pytest.fixture(scope="module")
+def synth_shard(tmp_path_factory):
+    """12 small images (two colour blobs on a gradient, varied sizes) and one corrupt one."""
+    from conftest import write_shard
+    from partkit.io.codecs import encode_image_png
+
+    rng = np.random.default_rng(0)
+    samples = []
+    for i in range(N_SYNTH):
+        h, w = 24 + 4 * (i % 3), 32 + 4 * (i % 2)
+        yy, xx = np.mgrid[:h, :w]
+        img = np.stack([xx * 255 // w, yy * 255 // h, np.full((h, w), 60)], -1).astype(np.uint8)
+        cy, cx = rng.integers(6, h - 6), rng.integers(6, w - 6)
+        img[(yy - cy) ** 2 + (xx - cx) ** 2 < 25] = rng.integers(0, 255, 3)
+        samples.append({"__key__": f"img{i:02d}", "png": encode_image_png(img)})
+        if i == 4:
+            samples.append({"__key__": "broken", "png": b"not an image"})
+    return write_shard(tmp_path_factory.mktemp("synth") / "000000.tar", samples)
+
+
+def test_part_shards_hold_every_image_and_old_rounds_go(synth_shard, tmp_path):
+    from partkit.errors import SkipBad
+    from partkit.io import decode_label_map
+
+    out = tmp_path / "run"
+    keys = [f"img{i:02d}" for i in range(N_SYNTH)]
+    handler = SkipBad()
+    # 12 images, batch 3: 4 steps per epoch; round 1 = 8 steps, round 2 = 4; stop at round 1's end
+    part_contrast([synth_shard], str(out), stop_at=8, handler=handler, workers=0, **SMALL)
+    assert [r["key"] for r in handler.records] == ["broken"]  # reported once, by the scan
+    assert json.load(open(out / "config.json"))["skipped_samples"] == handler.records
+    assert sorted(p.name for p in out.glob("parts-round*")) == ["parts-round1.tar"]
+    first = read_shard(str(out / "parts-round1.tar"))
+    assert [s["__key__"] for s in first] == keys  # the input's order, the bad sample left out
+    for s in first:
+        grid = decode_label_map(s, "parts.png")
+        h, w = decode_image_shape(s)
+        assert max(h, w) == 32 and grid.shape == (math.ceil(h / 8), math.ceil(w / 8))  # one id per 8-px cell
+        assert grid.max() < 3 and len(np.unique(grid)) >= 2
+    handler = SkipBad()
+    part_contrast([synth_shard], str(out), resume=True, handler=handler, workers=0, **SMALL)
+    # round 2 continued round 1's maps; once its checkpoint names round 2, round 1's shard is gone
+    assert sorted(p.name for p in out.glob("parts-round*")) == ["parts-round2.tar"]
+    second = read_shard(str(out / "parts-round2.tar"))
+    assert [s["__key__"] for s in second] == keys
+    assert all(s["png"] == f["png"] for s, f in zip(second, first))  # the same resized images
+    assert not list(out.glob(".*tmp*"))
+    state = torch.load(out / "last.pt", map_location="cpu", weights_only=False)
+    assert state["step"] == 12 and state["round"] == 2 and state["loader"] == 12
+
+
+def decode_image_shape(sample):
+    from partkit.io import decode_image
+
+    return decode_image(sample).shape[:2]
+
+
+def test_trainer_holds_no_list_of_the_images(synth_shard, tmp_path):
+    """Structural: after discovery and a step, nothing the trainer holds has one entry per image; the
+    images it keeps are the probe set (one batch)."""
+    from partkit.contrast import PartContrastTrainer
+    from partkit.errors import SkipBad
+
+    trainer = PartContrastTrainer([synth_shard], str(tmp_path / "run"), stop_at=1, handler=SkipBad(), workers=0,
+                                  **SMALL)
+    trainer.fit()
+    assert trainer.n_images == N_SYNTH and len(trainer.probe_set) == trainer.batch_size == 3
+
+    def sized(value, where, depth=0):
+        if isinstance(value, (list, tuple)):
+            assert len(value) < N_SYNTH, where
+        if isinstance(value, torch.Tensor):
+            assert value.dim() == 0 or value.shape[0] < N_SYNTH or value.dtype.is_floating_point, where
+        if depth < 3 and isinstance(value, (list, tuple)):
+            for i, v in enumerate(value):
+                sized(v, f"{where}[{i}]", depth + 1)
+        if depth < 3 and isinstance(value, dict):
+            for k, v in value.items():
+                sized(v, f"{where}.{k}", depth + 1)
+
+    for name, value in vars(trainer).items():
+        if not isinstance(value, torch.nn.Module):
+            sized(value, name)
+
+
+def test_workers_do_not_change_the_weights(synth_shard, tmp_path):
+    """Views are drawn per sample from (seed, round, stream position): decoding and augmenting in 2 loader
+    processes gives the weights of decoding in the training process."""
+    from partkit.errors import SkipBad
+
+    runs = {}
+    for workers in (0, 2):
+        out = str(tmp_path / f"w{workers}")
+        part_contrast([synth_shard], out, stop_at=3, handler=SkipBad(), workers=workers, **SMALL)
+        runs[workers] = out
+    _assert_same_weights(_backbone_sd(runs[0]), _backbone_sd(runs[2]))
+    assert _metrics(runs[0]) == _metrics(runs[2])
+    assert json.load(open(f"{runs[2]}/config.json"))["workers"] == 2
