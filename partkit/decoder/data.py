@@ -17,7 +17,7 @@ from ..grid import sample_on_grid
 from ..fields import IGNORE_IDS, SALIENCY_THRESHOLD, PartNames, features, objects_from
 from ..io import decode_label_map
 
-__all__ = ["Example", "targets_from_sample", "augment", "collate", "training_view", "mask_targets", "MASK_FACTOR",
+__all__ = ["Example", "targets_from_sample", "augment", "collate", "mask_targets", "MASK_FACTOR",
            "class_list", "assign_classes"]
 
 MASK_FACTOR = 2  # mask features are at 2x the feature grid
@@ -146,14 +146,6 @@ def mask_targets(tgt: torch.Tensor, ex: Example) -> dict:
     ids = torch.tensor([i for i, _ in present], dtype=torch.long)
     masks = (tgt[None] == ids[:, None, None]) if len(present) else torch.zeros(0, *tgt.shape, dtype=torch.bool)
     return {"masks": masks, "labels": torch.tensor([c for _, c in present], dtype=torch.long)}
-
-
-def training_view(ex: Example, size: int, gen: torch.Generator) -> Example:
-    """``ex`` with ``view`` set: its augmented features and mask targets (what a training step stacks),
-    drawn from ``gen``; made in the loader's workers when features are cached."""
-    feat, tgt = augment(ex, size, gen)
-    ex.view = (feat, mask_targets(tgt, ex))
-    return ex
 
 
 def collate(items: list[tuple[torch.Tensor, torch.Tensor]], examples: list[Example], device) -> tuple:

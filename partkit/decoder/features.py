@@ -100,8 +100,7 @@ class ExampleStream:
     """
 
     def __init__(self, inputs: Sequence[str], load: Callable[[dict], Example], *, handler: Handler, seed: int,
-                 batch: int, rank: int = 0, world: int = 1, workers: int = 0, buffer: int = 256,
-                 transform: Optional[Callable] = None):
+                 batch: int, rank: int = 0, world: int = 1, workers: int = 0, buffer: int = 256):
         from ..errors import BadSample
         from ..streaming import SampleStream, StreamLoader
 
@@ -113,8 +112,7 @@ class ExampleStream:
             handler(b)
             bad.append(b.key)
 
-        stream = SampleStream(inputs, load, seed=seed, buffer=buffer, rank=rank, world=world,  # checks the inputs
-                              transform=transform)
+        stream = SampleStream(inputs, load, seed=seed, buffer=buffer, rank=rank, world=world)  # checks the inputs
         self.scanned: list = []
         for ex in iter_loaded(inputs, load, handler=on_bad):
             if self.first is None:

@@ -20,7 +20,7 @@ from ..fields import IGNORE_IDS, SALIENCY_THRESHOLD, FeatureSource, check_object
 from ..io import iter_samples
 from ..training import Distributed, Trainer, check_count, check_rate, cosine_warmup, to_device
 from .criterion import SetCriterion
-from .data import Example, assign_classes, augment, class_list, collate, training_view
+from .data import Example, assign_classes, augment, class_list, collate
 from .features import ExampleStream, OnlineFeatures, batch_features, example_loader, load_examples
 from .model import DecoderConfig, PartDecoder
 
@@ -163,8 +163,7 @@ class DecoderTrainer(Trainer):
         load = example_loader(field=field, min_part_area=min_part_area, online=online, source=same,
                               prepare=self.prepare_example, objects=objects_from, fg_threshold=fg_threshold)
         self.data = ExampleStream(inputs, load, handler=on_bad, seed=seed, batch=tc.batch_size, rank=self.dist.rank,
-                                  world=self.dist.world, workers=tc.workers, buffer=tc.shuffle_buffer,
-                                  transform=self.stream_transform())
+                                  world=self.dist.world, workers=tc.workers, buffer=tc.shuffle_buffer)
         self.loader = self.data.loader
         classes = self.resolve_classes(on_bad)
         if self.skipped and self.dist.main:
@@ -205,15 +204,6 @@ class DecoderTrainer(Trainer):
             ex.classes = np.asarray([self.label_index[int(i)] for i in ex.ids], np.int64)
         return ex
 
-    def stream_transform(self):
-        """What the loader's workers do to each streamed example after decoding it: with cached features, the
-        training view (crop, flip, mask targets; :func:`training_view`, drawn from the sample's position);
-        online features are augmented after the backbone, in the training process (None)."""
-        if self.online is not None:
-            return None
-        size = self.tc.crop_grid
-        return lambda ex, gen: training_view(ex, size, gen)
-
     def resolve_classes(self, on_bad) -> Optional[list]:
         """The decoder's classes (``[[label id, name], ...]``, None = class-agnostic), pooled over the scan of
         the training label maps (the same on every rank: each scans every shard); a sample with an id
@@ -244,16 +234,12 @@ class DecoderTrainer(Trainer):
         return self.supervised_loss(self.batch(step))
 
     def supervised_loss(self, batch: list) -> tuple[torch.Tensor, dict]:
-        """The set-prediction loss of a batch of examples against their own targets (augmented: by the
-        loader's workers for streamed cached features, else here)."""
-        if all(getattr(ex, "view", None) is not None for ex in batch):
-            x, targets = to_device((torch.stack([ex.view[0] for ex in batch]), [ex.view[1] for ex in batch]),
-                                   self.dev)
-        else:
-            feats = batch_features(batch, self.online)
-            items = [augment(Example(ex.key, f, ex.target, ex.ids, ex.classes, ex.meta), self.tc.crop_grid,
-                             self.gen) for ex, f in zip(batch, feats)]
-            x, targets = to_device(collate(items, batch, "cpu"), self.dev)
+        """The set-prediction loss of a batch of examples against their own targets (augmented here, with the
+        checkpointed generator)."""
+        feats = batch_features(batch, self.online)
+        items = [augment(Example(ex.key, f, ex.target, ex.ids, ex.classes, ex.meta), self.tc.crop_grid, self.gen)
+                 for ex, f in zip(batch, feats)]
+        x, targets = to_device(collate(items, batch, "cpu"), self.dev)
         with torch.autocast(self.dev.type, dtype=torch.float16, enabled=self.use_amp):
             outputs = self.ddp(x)
         return self.crit(full_precision(outputs), targets, self.gen)
