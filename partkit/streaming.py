@@ -216,6 +216,7 @@ def unpack_items(packed: tuple) -> list:
 def _identity(x):
     return x
 
+
 def _dataset(stream: SampleStream, start: int, chunk: int):
     import torch.utils.data
 
@@ -253,7 +254,7 @@ class StreamLoader:
             import torch
             from torch.utils.data import DataLoader
 
-            # workers send runs of a batch's length, packed (one message per run, tensors as numpy arrays);
+            # workers send runs of a batch's length, packed (one message per run, its arrays in one shared buffer);
             # its own generator: making an iterator draws a worker seed, which must not move the global RNG
             loader = DataLoader(_dataset(self.stream, self.position, self.batch), batch_size=None,
                                 num_workers=self.workers, collate_fn=_identity, prefetch_factor=self.prefetch,
