@@ -90,3 +90,34 @@ def test_stdin_and_empty_inputs_are_refused(tmp_path):
     empty = write_shard(tmp_path / "empty.tar", [])
     with pytest.raises(PartkitError, match="no usable samples"):
         StreamLoader(SampleStream([empty], key), batch=1).next_batch()
+
+
+def test_workers_pass_bad_items_errors_and_arrays_through_packed_runs(tmp_path):
+    """With loader workers, items travel in packed runs: bad items still reach the handler in stream order,
+    an error ends the stream with its message, and arrays / tensors come back equal (writable views)."""
+    import numpy as np
+    import torch
+
+    urls = _shards(tmp_path, sizes=(5,))
+
+    def load(sample):
+        k = sample["__key__"]
+        if k == "k0_2":
+            raise BadSample(k, "broken")
+        if k == "k0_4":
+            raise PartkitError("the fifth sample is unreadable")
+        i = int(k[-1])
+        return k, np.full((2, 3), i, np.int32), torch.full((4,), float(i), dtype=torch.float16)
+
+    skip = SkipBad()
+    loader = StreamLoader(SampleStream(urls, load, seed=0, buffer=1, shuffle_shards=False), batch=2, workers=2,
+                          handler=skip)
+    got = loader.next_batch() + [loader.next_item()]
+    assert [g[0] for g in got] == ["k0_0", "k0_1", "k0_3"] and skip.records == [{"key": "k0_2", "reason": "broken"}]
+    for key, arr, t in got:
+        i = int(key[-1])
+        assert arr.dtype == np.int32 and (arr == i).all() and arr.flags.writeable
+        assert t.dtype == torch.float16 and torch.equal(t, torch.full((4,), float(i), dtype=torch.float16))
+    with pytest.raises(PartkitError, match="fifth sample is unreadable"):
+        loader.next_item()
+    loader.close()
