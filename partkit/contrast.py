@@ -446,12 +446,17 @@ def _input_images(inputs: Sequence[str], fx: FeatureExtractor, bad: frozenset) -
     return iter_loaded(inputs, load, handler=_ignore)
 
 
-def _round_images(path: str) -> Iterator[tuple]:
-    """``(key, resized rgb, part-id grid)`` of a round shard, in order (the next round's warm start)."""
+def _read_round(sample: dict) -> tuple[np.ndarray, np.ndarray]:
+    """A round shard's sample: (resized ``h x w x 3`` uint8 image, int64 part-id grid)."""
     from .io import decode_image, decode_label_map
 
+    return decode_image(sample), decode_label_map(sample, PARTS_FIELD).astype(np.int64)
+
+
+def _round_images(path: str) -> Iterator[tuple]:
+    """``(key, resized rgb, part-id grid)`` of a round shard, in order (the next round's warm start)."""
     for sample in iter_samples([path]):
-        yield sample["__key__"], decode_image(sample), decode_label_map(sample, PARTS_FIELD).astype(np.int64)
+        yield (sample["__key__"], *_read_round(sample))
 
 
 def discover_parts(fx: FeatureExtractor, images: Sequence[np.ndarray], k: int, *, prev=None, seed: int = 0,
@@ -497,8 +502,8 @@ def discovery_pass(fx: FeatureExtractor, images: Iterator[tuple], path: str, k: 
     previous grids. Returns ``(images, total inertia)``; holds one batch at a time."""
     from .io import TarSampleWriter, encode_png
     from .io.codecs import encode_image_png
+    from .io.sink import atomic_file
 
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{os.getpid()}")
     count, inertia = 0, 0.0
     batch: list = []
 
@@ -512,28 +517,19 @@ def discovery_pass(fx: FeatureExtractor, images: Iterator[tuple], path: str, k: 
         inertia += sum(inert)
         batch.clear()
 
-    try:
-        with open(tmp, "wb") as f:
-            writer = TarSampleWriter(f)
-            try:
-                for item in images:
-                    batch.append(item)
-                    if len(batch) == batch_size:
-                        flush(writer)
-                if batch:
+    with atomic_file(path) as f:
+        writer = TarSampleWriter(f)
+        try:
+            for item in images:
+                batch.append(item)
+                if len(batch) == batch_size:
                     flush(writer)
-                writer.close()
-            except BaseException:
-                writer.discard()
-                raise
-        os.replace(tmp, path)
-    except BaseException as e:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        if isinstance(e, OSError):
-            raise PartkitError(f"cannot write {path!r}: {e.strerror or e}; free some space or pick another --out") \
-                from None
-        raise
+            if batch:
+                flush(writer)
+            writer.close()
+        except BaseException:
+            writer.discard()
+            raise
     return count, inertia
 
 
@@ -542,11 +538,9 @@ def _seed_word(*words: int) -> int:
 
 
 def _round_sample(sample: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """A round shard's sample: (``3 x h x w`` uint8 image, part-id grid)."""
-    from .io import decode_image, decode_label_map
-
-    rgb = torch.from_numpy(np.ascontiguousarray(decode_image(sample).transpose(2, 0, 1)))  # a writable copy
-    return rgb, torch.from_numpy(decode_label_map(sample, PARTS_FIELD).astype(np.int64))
+    """A round shard's sample as tensors: (``3 x h x w`` uint8 image, part-id grid)."""
+    rgb, grid = _read_round(sample)
+    return torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1))), torch.from_numpy(grid)  # writable
 
 
 class _Views:

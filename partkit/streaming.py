@@ -150,16 +150,19 @@ class _Packer(pickle.Pickler):
     training process more than decoding the items itself)."""
 
     def __init__(self, file):
-        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
-        self.arrays: list = []
-
-    def persistent_id(self, obj):
         import torch
 
+        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
+        self.arrays: list = []
+        self.tensor = torch.Tensor  # persistent_id runs for every object pickled: no import there
+        self.numpy_dtypes = {torch.float16, torch.float32, torch.float64, torch.uint8, torch.int8, torch.int16,
+                             torch.int32, torch.int64, torch.bool}
+
+    def persistent_id(self, obj):
         if type(obj) is np.ndarray and obj.dtype.kind in "biuf":
             kind, arr = "np", obj
-        elif (type(obj) is torch.Tensor and obj.device.type == "cpu" and not obj.requires_grad
-              and obj.dtype in _NUMPY_DTYPES):
+        elif (type(obj) is self.tensor and obj.device.type == "cpu" and not obj.requires_grad
+              and obj.dtype in self.numpy_dtypes):
             kind, arr = "torch", obj.numpy()
         else:
             return None
@@ -183,17 +186,11 @@ class _Unpacker(pickle.Unpickler):
         return torch.from_numpy(arr) if kind == "torch" else arr
 
 
-_NUMPY_DTYPES: set = set()
-
-
 def pack_items(items: list) -> tuple:
     """Items as ``(pickle bytes, offsets, uint8 tensor of their arrays)`` for the trip from a loader
     worker (see :class:`_Packer`); :func:`unpack_items` gives them back, arrays as views of the buffer."""
     import torch
 
-    if not _NUMPY_DTYPES:
-        _NUMPY_DTYPES.update({torch.float16, torch.float32, torch.float64, torch.uint8, torch.int8, torch.int16,
-                              torch.int32, torch.int64, torch.bool})
     f = io.BytesIO()
     packer = _Packer(f)
     packer.dump(items)

@@ -41,16 +41,7 @@ def test_burn_in_then_copy_then_ema(teacher, tmp_path):
     st = SelfTrainer([shard], str(tmp_path / "st"), run, student_init="scratch", burn_in=2, ema_decay=0.5,
                      score_threshold=0.0, train=_tc(4), seed=0)
     t0 = {k: v.clone() for k, v in st.teacher.state_dict().items()}
-    snapshots = []
-    original = st.after_step
-
-    def spy(done):
-        before = {k: v.clone() for k, v in st.teacher.state_dict().items()}
-        original(done)
-        snapshots.append((done, before, {k: v.clone() for k, v in st.teacher.state_dict().items()},
-                          {k: v.clone() for k, v in st.net.state_dict().items()}))
-
-    st.after_step = spy
+    snapshots = _spy_teacher(st)
     st.fit()
     (d1, _, t1, s1), (d2, _, t2, s2), (d3, before3, t3, s3), _ = snapshots
     assert all(torch.equal(t1[k], t0[k]) for k in t0)  # frozen during burn-in

@@ -17,8 +17,7 @@ from ..grid import sample_on_grid
 from ..fields import IGNORE_IDS, SALIENCY_THRESHOLD, PartNames, features, objects_from
 from ..io import decode_label_map
 
-__all__ = ["Example", "targets_from_sample", "augment", "collate", "mask_targets", "MASK_FACTOR",
-           "class_list", "assign_classes"]
+__all__ = ["Example", "targets_from_sample", "augment", "collate", "MASK_FACTOR", "class_list", "assign_classes"]
 
 MASK_FACTOR = 2  # mask features are at 2x the feature grid
 
@@ -69,10 +68,10 @@ def targets_from_sample(sample: dict, meta: dict, *, field: str = "parts.png", m
         if ids[0] != 0:
             ids, dense = np.concatenate([[0], ids]), dense + 1
         target = dense.reshape(target.shape).astype(np.int32)
-    kept = _kept(sample, target, meta, min_part_area, objects, fg_threshold)
+    dense = _kept(sample, target, meta, min_part_area, objects, fg_threshold)
+    kept = (dense if ids is None else ids[dense]).astype(np.int64)
     lut = np.zeros(int(target.max(initial=0)) + 1, np.int32)
-    lut[kept] = kept if ids is None else ids[kept]
-    kept = (kept if ids is None else ids[kept]).astype(np.int64)
+    lut[dense] = kept
     classes = [0 if class_map is None else int(class_map.get(int(i), 0)) for i in kept]
     return lut[target], kept, np.asarray(classes, np.int64)
 
@@ -140,18 +139,16 @@ def augment(ex: Example, size: int, gen: torch.Generator, train: bool = True,
     return feat, tgt
 
 
-def mask_targets(tgt: torch.Tensor, ex: Example) -> dict:
-    """One binary mask (and class) per target id of ``ex`` still visible in the augmented id map ``tgt``."""
-    present = [(i, c) for i, c in zip(ex.ids.tolist(), ex.classes.tolist()) if bool((tgt == i).any())]
-    ids = torch.tensor([i for i, _ in present], dtype=torch.long)
-    masks = (tgt[None] == ids[:, None, None]) if len(present) else torch.zeros(0, *tgt.shape, dtype=torch.bool)
-    return {"masks": masks, "labels": torch.tensor([c for _, c in present], dtype=torch.long)}
-
-
 def collate(items: list[tuple[torch.Tensor, torch.Tensor]], examples: list[Example], device) -> tuple:
     """Stack features; per image, one binary mask per target id still visible after augmentation."""
     feats = torch.stack([f for f, _ in items]).to(device)
-    targets = [{k: v.to(device) for k, v in mask_targets(tgt, ex).items()} for (_, tgt), ex in zip(items, examples)]
+    targets = []
+    for (_, tgt), ex in zip(items, examples):
+        present = [(i, c) for i, c in zip(ex.ids.tolist(), ex.classes.tolist()) if bool((tgt == i).any())]
+        ids = torch.tensor([i for i, _ in present], dtype=torch.long)
+        masks = (tgt[None] == ids[:, None, None]) if len(present) else torch.zeros(0, *tgt.shape, dtype=torch.bool)
+        targets.append({"masks": masks.to(device), "labels": torch.tensor([c for _, c in present], dtype=torch.long,
+                                                                          device=device)})
     return feats, targets
 
 

@@ -10,6 +10,7 @@ so a rerun with other inputs is refused instead of reusing shards made from them
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import glob
@@ -18,13 +19,14 @@ import json
 import os
 import re
 import sys
-from typing import Optional, Sequence
+from typing import BinaryIO, Iterator, Optional, Sequence
 
 from ..errors import PartkitError
 from .tario import TarSampleWriter
 from .urls import has_no_mtime
 
-__all__ = ["StdoutSink", "PipeSink", "FolderSink", "open_sink", "is_folder_output", "write_atomic", "check_output_file", "check_output_folder",
+__all__ = ["StdoutSink", "PipeSink", "FolderSink", "open_sink", "is_folder_output", "write_atomic", "atomic_file", "temp_name",
+           "check_output_file", "check_output_folder",
            "check_output_apart", "input_fingerprint"]
 
 _SHARD = re.compile(r"^\d{6}\.tar$")
@@ -37,15 +39,20 @@ def _write_error(path: str, e: OSError) -> PartkitError:
     return PartkitError(f"cannot write {path!r}: {e.strerror or e}; {hint} or pick another place")
 
 
-def write_atomic(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary name and a rename; the temporary never survives an error.
+def temp_name(path: str) -> str:
+    """The hidden temporary name ``path`` is written under before its rename (``.NAME.tmp-PID``, beside it)."""
+    return f"{os.path.join(os.path.dirname(path), '.' + os.path.basename(path))}.tmp-{os.getpid()}"
 
-    An ``OSError`` (a full disk, a read-only folder) becomes one :class:`PartkitError` naming ``path``.
-    """
-    tmp = f"{os.path.join(os.path.dirname(path), '.' + os.path.basename(path))}.tmp-{os.getpid()}"
+
+@contextlib.contextmanager
+def atomic_file(path: str) -> Iterator[BinaryIO]:
+    """An open binary file that becomes ``path`` only when the block ends without error: it is written under
+    :func:`temp_name` and renamed; the temporary never survives an error, and an ``OSError`` (a full disk, a
+    read-only folder) becomes one :class:`PartkitError` naming ``path``."""
+    tmp = temp_name(path)
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
+            yield f
         os.replace(tmp, path)
     except BaseException as e:
         try:
@@ -55,6 +62,12 @@ def write_atomic(path: str, data: bytes) -> None:
         if isinstance(e, OSError):
             raise _write_error(path, e) from None
         raise
+
+
+def write_atomic(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` through :func:`atomic_file`."""
+    with atomic_file(path) as f:
+        f.write(data)
 
 
 def _writable_ancestor(path: str, what: str, create: bool) -> None:
@@ -315,7 +328,7 @@ class FolderSink:
 
     def start(self, shard: int) -> None:
         tar, _ = self.paths(shard)
-        self.tmp = f"{os.path.join(self.folder, '.' + os.path.basename(tar))}.tmp-{os.getpid()}"
+        self.tmp = temp_name(tar)
         try:
             self.file = open(self.tmp, "wb")
         except OSError as e:
