@@ -37,7 +37,7 @@ from ._version import __version__
 from .errors import BadSample, Handler, PartkitError, recorded, stop
 from .extract import FeatureExtractor
 from .io import iter_loaded, iter_samples
-from .streaming import SampleStream, StreamLoader, seeded_generator
+from .streaming import SampleStream, StreamLoader, packed_bytes, seeded_generator
 from .training import Trainer, check_count, check_rate, digest, require, to_device
 
 __all__ = ["part_contrast", "PartContrastTrainer", "part_contrast_loss", "dino_loss", "mask_pool", "part_masks",
@@ -776,12 +776,13 @@ class PartContrastTrainer(Trainer):
         stream = SampleStream([path], _round_sample, seed=_seed_word(self.seed, r, _STREAM),
                               buffer=self.o["shuffle_buffer"], rank=self.dist.rank, world=self.dist.world,
                               per_epoch=self.n_images, transform=views)
-        self.loader = StreamLoader(stream, batch=self.batch_size, workers=self.workers)
         self.probe_set = []
         for sample in iter_samples([path]):
             if len(self.probe_set) == self.batch_size:
                 break
             self.probe_set.append(_round_sample(sample))
+        size = packed_bytes(views(self.probe_set[0], stream.generator(0))) if self.probe_set else 0
+        self.loader = StreamLoader(stream, batch=self.batch_size, workers=self.workers, item_bytes=size)
         self.label_round = r
 
     def train_step(self, step: int) -> dict:

@@ -17,6 +17,7 @@ the position are read but not decoded).
 from __future__ import annotations
 
 import io
+import math
 import pickle
 import random
 from typing import Callable, Iterator, Optional, Sequence
@@ -27,7 +28,8 @@ from .errors import BadSample, Handler, PartkitError, stop
 from .io.tario import iter_tar
 from .io.urls import expand_urls, is_stream, iter_streams
 
-__all__ = ["SampleStream", "StreamLoader", "shuffled", "seeded_generator", "pack_items", "unpack_items"]
+__all__ = ["SampleStream", "StreamLoader", "shuffled", "seeded_generator", "pack_items", "unpack_items", "packed_bytes",
+           "run_length"]
 
 
 def seeded_generator(*words: int):
@@ -172,18 +174,17 @@ class _Packer(pickle.Pickler):
 
 class _Unpacker(pickle.Unpickler):
     def __init__(self, file, buffer: np.ndarray, offsets: list):
-        super().__init__(file)
-        self.buffer, self.offsets = buffer, offsets
-
-    def persistent_load(self, pid):
         import torch
 
+        super().__init__(file)
+        self.buffer, self.offsets, self.from_numpy = buffer, offsets, torch.from_numpy
+
+    def persistent_load(self, pid):
         kind, i, dtype, shape = pid
         dtype = np.dtype(dtype)
         start = self.offsets[i]
-        count = int(np.prod(shape, dtype=np.int64))
-        arr = self.buffer[start:start + count * dtype.itemsize].view(dtype).reshape(shape)
-        return torch.from_numpy(arr) if kind == "torch" else arr
+        arr = self.buffer[start:start + math.prod(shape) * dtype.itemsize].view(dtype).reshape(shape)
+        return self.from_numpy(arr) if kind == "torch" else arr
 
 
 def pack_items(items: list) -> tuple:
@@ -205,9 +206,26 @@ def pack_items(items: list) -> tuple:
     return f.getvalue(), offsets, buffer
 
 
+def packed_bytes(item) -> int:
+    """The bytes of ``item``'s arrays in a packed run (what :class:`StreamLoader` sizes its runs by)."""
+    return int(pack_items([item])[2].numel())
+
+
 def unpack_items(packed: tuple) -> list:
     data, offsets, buffer = packed
     return _Unpacker(io.BytesIO(data), buffer.numpy(), offsets).load()
+
+
+RUN_BYTES = 8 << 20  # a worker's message holds about this many bytes of items (whole batches, at most 8)
+
+
+def run_length(batch: int, item_bytes: int) -> int:
+    """Items per worker message: whole batches up to :data:`RUN_BYTES` (``item_bytes``: one item's arrays,
+    0 if unknown). Each message costs the training process a fixed ~1 ms (the shared-memory handle's
+    round trip to the worker, the DataLoader's bookkeeping), so small items travel several batches at
+    a time; memory is ``prefetch`` runs per worker."""
+    per_batch = max(1, batch * int(item_bytes))
+    return batch * max(1, min(8, RUN_BYTES // per_batch))
 
 
 def _identity(x):
@@ -229,13 +247,15 @@ def _dataset(stream: SampleStream, start: int, chunk: int):
 class StreamLoader:
     """Batches of a :class:`SampleStream` through a ``torch.utils.data.DataLoader`` (``workers`` processes;
     0 decodes in this process). ``position`` counts the stream items consumed; :meth:`seek` restarts there.
-    Workers send runs of ``batch`` items as one packed message (:func:`pack_items`); on CUDA the trainer's
+    Workers send runs of whole batches as one packed message (:func:`pack_items`; ``item_bytes``, one item's
+    :func:`packed_bytes`, sizes the runs: :func:`run_length`); on CUDA the trainer's
     :func:`partkit.training.to_device` pins what it copies."""
 
     def __init__(self, stream: SampleStream, *, batch: int, workers: int = 0, prefetch: int = 2,
-                 handler: Handler = stop):
+                 handler: Handler = stop, item_bytes: int = 0):
         self.stream, self.batch, self.workers = stream, batch, workers
         self.prefetch, self.handler = prefetch, handler
+        self.run = run_length(batch, item_bytes)
         self.position = 0
         self._it = self._loader_it = None
 
@@ -251,9 +271,9 @@ class StreamLoader:
             import torch
             from torch.utils.data import DataLoader
 
-            # workers send runs of a batch's length, packed (one message per run, its arrays in one shared buffer);
+            # workers send runs of whole batches, packed (one message per run, its arrays in one shared buffer);
             # its own generator: making an iterator draws a worker seed, which must not move the global RNG
-            loader = DataLoader(_dataset(self.stream, self.position, self.batch), batch_size=None,
+            loader = DataLoader(_dataset(self.stream, self.position, self.run), batch_size=None,
                                 num_workers=self.workers, collate_fn=_identity, prefetch_factor=self.prefetch,
                                 persistent_workers=False, generator=torch.Generator().manual_seed(0))
             chunks = iter(loader)

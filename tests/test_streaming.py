@@ -1,10 +1,12 @@
 """partkit.streaming: the seeded shuffle buffer, the split of positions over ranks and workers, seeking."""
 import random
 
+import numpy as np
 import pytest
+import torch
 
 from partkit.errors import BadSample, PartkitError, SkipBad
-from partkit.streaming import SampleStream, StreamLoader, shuffled
+from partkit.streaming import SampleStream, StreamLoader, packed_bytes, run_length, shuffled
 from conftest import write_shard
 
 
@@ -55,8 +57,11 @@ def test_workers_and_seeking_give_the_straight_sequence(tmp_path):
     urls = _shards(tmp_path)
     straight = SampleStream(urls, key, seed=1, buffer=4, rank=1, world=2, per_epoch=7).items()
     expect = [next(straight)[1] for _ in range(12)]
-    for workers in (0, 2):
-        loader = StreamLoader(SampleStream(urls, key, seed=1, buffer=4, rank=1, world=2), batch=3, workers=workers)
+    # runs of 3 items per worker message (4 MB items) or 24 (small items): the same sequence
+    for workers, item_bytes in ((0, 0), (2, 4 << 20), (2, 10)):
+        loader = StreamLoader(SampleStream(urls, key, seed=1, buffer=4, rank=1, world=2), batch=3, workers=workers,
+                              item_bytes=item_bytes)
+        assert loader.run == (3 if item_bytes > 1 << 20 else 24)
         loader.seek(0)
         assert loader.next_batch() + loader.next_batch() == expect[:6]
         assert loader.position == 6
@@ -66,6 +71,13 @@ def test_workers_and_seeking_give_the_straight_sequence(tmp_path):
     known = StreamLoader(SampleStream(urls, key, seed=1, buffer=4, rank=1, world=2, per_epoch=7), batch=3)
     known.seek(8)  # with the epoch size known, whole epochs are skipped unread
     assert known.next_batch() == expect[8:11]
+
+
+def test_worker_messages_hold_whole_batches_up_to_the_run_bytes():
+    assert run_length(8, 200_000) == 40  # 1.6 MB batches: 5 fill 8 MB
+    assert run_length(8, 0) == run_length(8, 1) == 64  # small items: at most 8 batches
+    assert run_length(8, 100 << 20) == 8  # one batch even when it is larger than the bound
+    assert packed_bytes(("k", np.zeros(10, np.float32), torch.zeros(3, dtype=torch.float16))) == 64 + 64
 
 
 def test_bad_items_go_to_the_handler_and_still_count(tmp_path):

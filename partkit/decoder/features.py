@@ -102,7 +102,7 @@ class ExampleStream:
     def __init__(self, inputs: Sequence[str], load: Callable[[dict], Example], *, handler: Handler, seed: int,
                  batch: int, rank: int = 0, world: int = 1, workers: int = 0, buffer: int = 256):
         from ..errors import BadSample
-        from ..streaming import SampleStream, StreamLoader
+        from ..streaming import SampleStream, StreamLoader, packed_bytes
 
         self.first: Optional[Example] = None
         self.count = 0
@@ -121,7 +121,8 @@ class ExampleStream:
             self.scanned.append(SimpleNamespace(key=ex.key, ids=ex.ids, label_classes=ex.label_classes))
         stream.exclude, stream.per_epoch = frozenset(k for k in bad if k is not None), self.count
         self.stream = stream
-        self.loader = StreamLoader(stream, batch=batch, workers=workers, handler=handler)
+        self.loader = StreamLoader(stream, batch=batch, workers=workers, handler=handler,
+                                   item_bytes=packed_bytes(self.first) if self.first is not None else 0)
 
     def drop(self, keys: Sequence[str]) -> None:
         """Leave out these scanned samples too (found bad after the scan); before the first batch only."""
