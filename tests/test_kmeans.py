@@ -210,6 +210,16 @@ def test_bad_inputs_raise_clear_errors():
     X[3, 2] = np.nan
     with pytest.raises(PartkitError, match="NaN or inf"):
         KMeans(2).fit(X)
+    # batched: each problem is tested as the engine copies it; the error names it, whichever seeding its k uses
+    ok = blobs(20)[0]
+    for bad in (np.nan, np.inf, -np.inf):
+        Y = ok.copy()
+        Y[7, 1] = bad
+        for metric in ("l2", "cosine"):
+            with pytest.raises(PartkitError, match="problem 2 holds NaN or inf"):
+                batched_kmeans([ok, ok, Y, ok], [2, 15, 15, 2], metric=metric)
+            with pytest.raises(PartkitError, match="problem 1 holds NaN or inf"):
+                batched_kmeans([ok, Y], 2, metric=metric, init=[ok[:2], ok[:2]])
     with pytest.raises(PartkitError, match="unknown metric"):
         KMeans(2, metric="manhattan").fit(blobs(20)[0])
     with pytest.raises(PartkitError, match="2-D"):

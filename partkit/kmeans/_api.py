@@ -22,13 +22,15 @@ __all__ = ["KMeans", "batched_kmeans", "elbow_kmeans", "elbow_pick", "weighted_k
 FAISS_MIN_ROWS = 100_000
 
 
-def _check_matrix(X, what: str = "X") -> np.ndarray:
+def _check_matrix(X, what: str = "X", finite: bool = True) -> np.ndarray:
+    """``X`` as a 2-D numeric array; NaN / inf refused unless ``finite`` is False (the batched engine tests
+    each problem as it copies it into its chunk)."""
     X = np.asarray(X)
     if X.ndim != 2:
         raise PartkitError(f"{what} must be 2-D (n_samples x n_features), got shape {X.shape}")
     if not np.issubdtype(X.dtype, np.number):
         raise PartkitError(f"{what} must be numeric, got dtype {X.dtype}")
-    if not _all_finite(X):
+    if finite and not _all_finite(X):
         raise PartkitError(f"{what} holds NaN or inf values; clean the features first")
     return X
 
@@ -75,7 +77,7 @@ def batched_kmeans(problems: Sequence[np.ndarray], n_clusters: Union[int, Sequen
         raise PartkitError(f"max_iter must be at least 1, got {max_iter}")
     if tol < 0:
         raise PartkitError(f"tol must be >= 0, got {tol}")
-    mats = [normalize_rows(_check_matrix(p, f"problem {i}"), metric) for i, p in enumerate(problems)]
+    mats = [normalize_rows(_check_matrix(p, f"problem {i}", finite=False), metric) for i, p in enumerate(problems)]
     if not mats:
         return []
     dims = {m.shape[1] for m in mats}
