@@ -746,22 +746,36 @@ class PartContrastTrainer(Trainer):
 
     def discover(self, r: int) -> None:
         """Round ``r``'s part discovery (0-based): rank 0 streams round 1's input images, or round ``r - 1``'s
-        shard, through the frozen backbone and k-means into :meth:`round_shard`; the other ranks wait."""
+        shard, through the frozen backbone and k-means into :meth:`round_shard`; the other ranks wait, and stop
+        with rank 0's error if it fails (instead of waiting for it forever)."""
+        failure = None
         if self.dist.main:
-            os.makedirs(self.out, exist_ok=True)
-            for stale in glob.glob(os.path.join(self.out, ".parts-round*.tar.tmp-*")):
-                os.unlink(stale)  # left by a killed run
-            images = _input_images(self.inputs, self.fx, self.bad) if r == 0 else _round_images(self.round_shard(r - 1))
-            self.net.eval()
-            count, inertia = discovery_pass(self.fx, images, self.round_shard(r), self.k, warm=r > 0, seed=self.seed,
-                                            batch_size=self.batch_size, max_iter=self.o["kmeans_iters"])
-            self.net.train()
-            if count != self.n_images:
-                os.unlink(self.round_shard(r))
-                raise PartkitError(f"part-contrast: the input changed during the run ({count} images now, "
-                                   f"{self.n_images} at the scan); rerun on a fixed input")
-            self.inertia = inertia
-        self.dist.barrier()
+            try:
+                self._discover(r)
+            except Exception as e:  # told to the other ranks, then raised here
+                failure = e
+        message = self.dist.share(None if failure is None else str(failure) if isinstance(failure, PartkitError)
+                                  else f"part-contrast: rank 0's part discovery failed ({type(failure).__name__}: "
+                                       f"{failure})")
+        if failure is not None:
+            raise failure
+        if message is not None:
+            raise PartkitError(message)
+
+    def _discover(self, r: int) -> None:
+        os.makedirs(self.out, exist_ok=True)
+        for stale in glob.glob(os.path.join(self.out, ".parts-round*.tar.tmp-*")):
+            os.unlink(stale)  # left by a killed run
+        images = _input_images(self.inputs, self.fx, self.bad) if r == 0 else _round_images(self.round_shard(r - 1))
+        self.net.eval()
+        count, inertia = discovery_pass(self.fx, images, self.round_shard(r), self.k, warm=r > 0, seed=self.seed,
+                                        batch_size=self.batch_size, max_iter=self.o["kmeans_iters"])
+        self.net.train()
+        if count != self.n_images:
+            os.unlink(self.round_shard(r))
+            raise PartkitError(f"part-contrast: the input changed during the run ({count} images now, "
+                               f"{self.n_images} at the scan); rerun on a fixed input")
+        self.inertia = inertia
 
     def open_round(self, r: int) -> None:
         """Stream round ``r``'s shard to training (position 0; a resume seeks on) and load its probe set."""

@@ -150,6 +150,16 @@ class Distributed:
 
             dist.barrier()
 
+    def share(self, value):
+        """Rank 0's ``value`` (picklable) on every rank; waits for all, like :meth:`barrier`."""
+        if self.world == 1:
+            return value
+        import torch.distributed as dist
+
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def close(self) -> None:
         if self.world > 1:
             import torch.distributed as dist

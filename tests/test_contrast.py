@@ -413,6 +413,28 @@ def test_ddp_two_cpu_processes(cihp_shard, tmp_path):
     assert res.stderr.count("steps in") == 1  # and only rank 0 talks
 
 
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun ships with torch")
+def test_ddp_ranks_stop_with_rank_0s_discovery_error(cihp_shard, tmp_path):
+    """Only rank 0 discovers parts; when that fails, the other rank stops with its error instead of waiting
+    at the barrier forever (gloo's default timeout is 30 minutes: a hang fails this test's timeout)."""
+    script = tmp_path / "ddp.py"
+    script.write_text(
+        "import sys, torch\ntorch.set_num_threads(1)\nimport partkit.contrast as pc\n"
+        "from partkit.errors import PartkitError\n"
+        "def broken(*a, **kw):\n    raise PartkitError('part-contrast: disk full while writing the round shard')\n"
+        "pc.discovery_pass = broken\n"
+        "try:\n    pc.part_contrast([sys.argv[1]], sys.argv[2], model='timm:test_efficientnet', weights='none', "
+        "rounds=1, epochs=1, batch_size=2, size=64, k=6, device='cpu')\n"
+        "except PartkitError as e:\n    print('rank error:', e, file=sys.stderr)\n    sys.exit(3)\n")
+    cmd = f"torchrun --nproc_per_node=2 --master_port=29548 {script} {cihp_shard} {tmp_path}/run"
+    res = subprocess.run(cmd, shell=True, capture_output=True, text=True, cwd=ROOT, timeout=240,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert res.returncode != 0
+    assert res.stderr.count("rank error: part-contrast: disk full while writing the round shard") == 2, \
+        res.stderr[-3000:]
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
 def test_bad_options_fail_before_any_work(cihp_shard, tmp_path):
     with pytest.raises(PartkitError, match="--rounds"):
         part_contrast([cihp_shard], str(tmp_path / "a"), rounds=0)
