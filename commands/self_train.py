@@ -64,7 +64,7 @@ def main(
     log: LogOption = "jsonl",
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out exactly where it stopped."),
     stop_at: Optional[int] = typer.Option(None, "--stop-at", help="Checkpoint and stop at this step."),
-    workers: int = typer.Option(2, "--workers", help="DataLoader processes that decode the training stream (part-contrast: and make the views)."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="DataLoader processes that decode the training stream (part-contrast: and make the views); default 2 on CUDA, 0 (decode in the training process) on CPU."),
     shuffle_buffer: int = typer.Option(256, "--shuffle-buffer", help="Samples per shuffle buffer (per worker): the memory bound of the stream."),
     skip_bad: SkipBadOption = False,
 ):

@@ -37,7 +37,7 @@ from ._version import __version__
 from .errors import BadSample, Handler, PartkitError, recorded, stop
 from .extract import FeatureExtractor
 from .io import iter_loaded, iter_samples
-from .streaming import SampleStream, StreamLoader, packed_bytes, seeded_generator
+from .streaming import SampleStream, StreamLoader, default_workers, packed_bytes, seeded_generator
 from .training import Trainer, check_count, check_rate, digest, require, to_device
 
 __all__ = ["part_contrast", "PartContrastTrainer", "part_contrast_loss", "dino_loss", "mask_pool", "part_masks",
@@ -645,7 +645,7 @@ class PartContrastTrainer(Trainer):
                  dino_weight: Optional[float] = None, dino_out_dim: int = DINO_OUT_DIM,
                  clip_grad: Optional[float] = None, kmeans_iters: int = KMEANS_ITERS, device: str = "auto",
                  seed: int = 0, resume: bool = False, stop_at: Optional[int] = None, log_every: int = 10,
-                 checkpoint_every: int = 100, handler: Handler = stop, log: str = "jsonl", workers: int = 2,
+                 checkpoint_every: int = 100, handler: Handler = stop, log: str = "jsonl", workers: Optional[int] = None,
                  shuffle_buffer: int = 256):
         from .models import get_spec
 
@@ -679,7 +679,7 @@ class PartContrastTrainer(Trainer):
         if batch > n:
             self.say(f"part-contrast: --batch-size {batch} is more than the {n} images; using {n}")
             batch = n
-        self.inputs, self.workers = list(inputs), workers
+        self.inputs, self.workers = list(inputs), default_workers(workers, self.dev)
         self.backbone, self.batch_size, self.seed, self.k = backbone, batch, seed, o["k"]
         self.o, self.rounds = o, rounds
         self.steps_per_epoch = math.ceil(n / (batch * self.dist.world))
@@ -704,7 +704,7 @@ class PartContrastTrainer(Trainer):
                        "phases": [asdict(ph) for ph in self.phases], "contrast_features": "last feature map",
                        "contrast_channels": backbone.last_channels, "seed": seed, "world": self.dist.world,
                        "images": n, "images_digest": digest(keys), "cell": fx.cell,
-                       "workers": workers, "shuffle_buffer": shuffle_buffer,
+                       "workers": self.workers, "shuffle_buffer": shuffle_buffer,
                        "input_size": fx.input_size, "mean": list(backbone.mean), "std": list(backbone.std),
                        "skipped_samples": skipped, "partkit_version": __version__, "torch": torch.__version__}
         # what training holds between steps: the round's stream (a shuffle buffer), the probe set (the first

@@ -87,12 +87,13 @@ def _train(shard, out, steps, resume=False, stop_at=None, workers=2, **kw):
 
 
 def test_resume_continues_exactly(tmp_path, shard):
-    _train(shard, tmp_path / "full", 6)
+    _train(shard, tmp_path / "full", 6, workers=None)  # the default: on CPU, decoded in the training process
+    assert json.load(open(tmp_path / "full" / "config.json"))["train"]["workers"] is None
     _train(shard, tmp_path / "part", 6, stop_at=3, workers=0)  # as if killed after the step-3 checkpoint
     assert torch.load(tmp_path / "part" / "last.pt", weights_only=False)["step"] == 3
     with open(tmp_path / "part" / "metrics.jsonl", "a") as f:  # a record written after the checkpoint
         f.write(json.dumps({"step": 4, "loss": 0.0}) + "\n")
-    _train(shard, tmp_path / "part", 6, resume=True, workers=1)  # --workers may change: the order does not
+    _train(shard, tmp_path / "part", 6, resume=True, workers=2)  # --workers may change: the order does not
     a = torch.load(tmp_path / "full" / "last.pt", weights_only=False)["model"]
     b = torch.load(tmp_path / "part" / "last.pt", weights_only=False)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -234,8 +234,17 @@ def test_decode_npy_equals_np_load_and_refuses_nan_and_inf(dtype):
                     np.save(buf, b)
                     with pytest.raises(BadSample, match="NaN or inf"):
                         decode_npy({"__key__": "k", "x.npy": buf.getvalue()}, "x.npy")
+        for version in ((1, 0), (2, 0), (3, 0)):  # headers of every version (parsed once, then remembered)
+            buf = io.BytesIO()
+            np.lib.format.write_array(buf, a, version=version)
+            for _ in range(2):
+                assert np.array_equal(decode_npy({"__key__": "k", "x.npy": buf.getvalue()}, "x.npy"), a)
     with pytest.raises(BadSample, match="not a valid .npy"):
         decode_npy({"__key__": "k", "x.npy": b"\x93NUMPY\x01\x00garbage"}, "x.npy")
+    whole = encode_npy(np.zeros((4, 4), np.float32))
+    for cut in (12, len(whole) - 1):  # a truncated header or data
+        with pytest.raises(BadSample, match="not a valid .npy"):
+            decode_npy({"__key__": "k", "x.npy": whole[:cut]}, "x.npy")
     obj = io.BytesIO()
     np.save(obj, np.array([{"a": 1}], dtype=object), allow_pickle=True)
     with pytest.raises(BadSample):

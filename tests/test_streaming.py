@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from partkit.errors import BadSample, PartkitError, SkipBad
-from partkit.streaming import SampleStream, StreamLoader, packed_bytes, run_length, shuffled
+from partkit.streaming import SampleStream, StreamLoader, default_workers, packed_bytes, run_length, shuffled
 from conftest import write_shard
 
 
@@ -78,6 +78,12 @@ def test_worker_messages_hold_whole_batches_up_to_the_run_bytes():
     assert run_length(8, 0) == run_length(8, 1) == 64  # small items: at most 8 batches
     assert run_length(8, 100 << 20) == 8  # one batch even when it is larger than the bound
     assert packed_bytes(("k", np.zeros(10, np.float32), torch.zeros(3, dtype=torch.float16))) == 64 + 64
+
+
+def test_workers_default_to_none_on_cpu_and_two_on_cuda():
+    assert default_workers(None, torch.device("cpu")) == 0 and default_workers(None, "cpu") == 0
+    assert default_workers(None, torch.device("cuda", 1)) == 2 and default_workers(None, "cuda") == 2
+    assert default_workers(3, "cpu") == 3 and default_workers(0, "cuda") == 0  # as given
 
 
 def test_bad_items_go_to_the_handler_and_still_count(tmp_path):

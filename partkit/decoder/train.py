@@ -18,6 +18,7 @@ from .._version import __version__
 from ..errors import Handler, PartkitError, recorded, stop
 from ..fields import IGNORE_IDS, SALIENCY_THRESHOLD, FeatureSource, check_object_source
 from ..io import iter_samples
+from ..streaming import default_workers
 from ..training import Distributed, Trainer, check_count, check_rate, cosine_warmup, to_device
 from .criterion import SetCriterion
 from .data import Example, assign_classes, augment, class_list, collate
@@ -45,7 +46,7 @@ class TrainConfig:
     no_part_weight: float = 0.1
     stop_at: Optional[int] = None  # stop (with a checkpoint) at this step; --resume continues the schedule
     log: str = "jsonl"  # --log: jsonl (metrics.jsonl) or tensorboard (also event files)
-    workers: int = 2  # DataLoader processes decoding the stream (0: in the training process)
+    workers: Optional[int] = None  # DataLoader processes decoding the stream (None: streaming.default_workers)
     shuffle_buffer: int = 256  # samples per shuffle buffer (per worker): the memory bound of the stream
 
     # options that may change when a run is resumed (the others define it)
@@ -163,7 +164,8 @@ class DecoderTrainer(Trainer):
         load = example_loader(field=field, min_part_area=min_part_area, online=online, source=same,
                               prepare=self.prepare_example, objects=objects_from, fg_threshold=fg_threshold)
         self.data = ExampleStream(inputs, load, handler=on_bad, seed=seed, batch=tc.batch_size, rank=self.dist.rank,
-                                  world=self.dist.world, workers=tc.workers, buffer=tc.shuffle_buffer)
+                                  world=self.dist.world, workers=default_workers(tc.workers, self.dev),
+                                  buffer=tc.shuffle_buffer)
         self.loader = self.data.loader
         classes = self.resolve_classes(on_bad)
         if self.skipped and self.dist.main:
