@@ -33,13 +33,28 @@ from conftest import read_shard, write_shard
 def trained(tmp_path_factory, cihp_dir):
     tmp = tmp_path_factory.mktemp("dq")
     pack([str(cihp_dir / "images")], labels=str(cihp_dir / "labels"), output=Output(str(tmp / "packed")))
+    return _teacher_from_clusters(tmp, k=4)
+
+
+def _teacher_from_clusters(tmp, k):
+    """The protocol after packing (``tmp/packed``): hypercolumns at 160 px, k clusters per person, a 400-step
+    decoder trained on them (``tmp/parts``, ``tmp/run``)."""
     extract([str(tmp / "packed")], model="efficientnet_lite0", size=160, output=Output(str(tmp / "feats")))
-    cluster([str(tmp / "feats")], scope="object", fg_from="gt_parts", k=4, seed=0, output=Output(str(tmp / "parts")))
+    cluster([str(tmp / "feats")], scope="object", fg_from="gt_parts", k=k, seed=0, output=Output(str(tmp / "parts")))
     tc = TrainConfig(max_steps=400, batch_size=2, warmup=10, lr=1e-3, crop_grid=20, num_points=256,
                      checkpoint_every=400, log_every=50)
     train_decoder([str(tmp / "parts")], str(tmp / "run"), train=tc, seed=0,
                   decoder={"num_queries": 30, "hidden_dim": 64, "num_heads": 4, "ffn_dim": 256, "num_layers": 2})
     return tmp
+
+
+def _self_train(tmp, steps):
+    """Self-training from the teacher in ``tmp/run`` (student initialised from it, no burn-in, EMA 0.99,
+    pseudo-labels above 0.7) into ``tmp/st``."""
+    tc = TrainConfig(max_steps=steps, batch_size=2, warmup=5, lr=1e-4, crop_grid=20, num_points=256,
+                     checkpoint_every=steps, log_every=10)
+    self_train_masks([str(tmp / "parts")], str(tmp / "st"), str(tmp / "run"), student_init="teacher", burn_in=0,
+                     ema_decay=0.99, score_threshold=0.7, train=tc, seed=0)
 
 
 def _ar(path):
@@ -63,11 +78,7 @@ def test_decoder_recalls_parts_at_least_as_well_as_raw_clusters(trained):
 
 def test_self_training_student_recalls_at_least_the_teacher(trained):
     tmp = trained
-    tc = TrainConfig(max_steps=60, batch_size=2, warmup=5, lr=1e-4, crop_grid=20, num_points=256,
-                     checkpoint_every=60, log_every=10)
-    self_train_masks([str(tmp / "parts")], str(tmp / "st"), str(tmp / "run"), student_init="teacher", burn_in=0,
-                     ema_decay=0.99,
-                     score_threshold=0.7, train=tc, seed=0)
+    _self_train(tmp, 60)
     teacher0 = _predicted_ar(tmp / "parts", tmp / "run", tmp / "pred_t0")
     student = _predicted_ar(tmp / "parts", tmp / "st", tmp / "pred_s")
     assert student["ar@10"] >= teacher0["ar@10"] > 0
@@ -93,24 +104,14 @@ def ccp_trained(tmp_path_factory):
     files = sorted((ccp / "images").glob("*.jpg"))[:CCP_IMAGES]
     pack([str(f) for f in files], labels=str(ccp / "labels"), label_names=str(ccp / "label_names.json"),
          output=Output(str(tmp / "packed")))
-    extract([str(tmp / "packed")], model="efficientnet_lite0", size=160, output=Output(str(tmp / "feats")))
-    cluster([str(tmp / "feats")], scope="object", fg_from="gt_parts", k=CCP_K, seed=0,
-            output=Output(str(tmp / "parts")))
-    tc = TrainConfig(max_steps=400, batch_size=2, warmup=10, lr=1e-3, crop_grid=20, num_points=256,
-                     checkpoint_every=400, log_every=50)
-    train_decoder([str(tmp / "parts")], str(tmp / "run"), train=tc, seed=0,
-                  decoder={"num_queries": 30, "hidden_dim": 64, "num_heads": 4, "ffn_dim": 256, "num_layers": 2})
-    return tmp
+    return _teacher_from_clusters(tmp, k=CCP_K)
 
 
 def test_self_training_raises_the_teachers_recall_on_ccp(ccp_trained):
     """PartDistillation's self-training (student from the teacher, EMA teacher, pseudo-labels above 0.7)
     improves recall over the teacher it starts from: strictly higher AR@10 after 300 steps."""
     tmp = ccp_trained
-    tc = TrainConfig(max_steps=300, batch_size=2, warmup=5, lr=1e-4, crop_grid=20, num_points=256,
-                     checkpoint_every=300, log_every=50)
-    self_train_masks([str(tmp / "parts")], str(tmp / "st"), str(tmp / "run"), student_init="teacher", burn_in=0,
-                     ema_decay=0.99, score_threshold=0.7, train=tc, seed=0)
+    _self_train(tmp, 300)
     teacher = _predicted_ar(tmp / "parts", tmp / "run", tmp / "pred_t")
     student = _predicted_ar(tmp / "parts", tmp / "st", tmp / "pred_s")
     assert student["ar@10"] > teacher["ar@10"] > 0
