@@ -167,6 +167,9 @@ class SelfTrainer(DecoderTrainer):
                 f"'{self.labeled_field}'")
         return classes
 
+    def stream_transform(self):
+        return None  # the weak and strong views share one geometry: both are made in the step (see _views)
+
     def prepare_example(self, ex: Example) -> Example:
         """Known objects (``--objects-from``; by default gt_objects.json when present) become the target map,
         so crops carry them along and pseudo-labels outside every object are dropped; a malformed object

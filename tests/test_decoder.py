@@ -107,6 +107,28 @@ def test_resume_continues_exactly(tmp_path, shard):
         _train(shard, tmp_path / "part", 6)
 
 
+def test_loader_workers_make_the_training_views(tmp_path, shard):
+    """With cached features the stream's workers crop, flip and mask each example (drawn from its stream
+    position): a batch holds only the views, the same with 0 or 2 workers, and training uses them."""
+    from partkit.decoder.train import DecoderTrainer
+
+    views = {}
+    for workers in (0, 2):
+        tc = TrainConfig(max_steps=2, batch_size=2, warmup=0, crop_grid=6, num_points=64, workers=workers)
+        trainer = DecoderTrainer([shard], str(tmp_path / f"w{workers}"), decoder=SMALL, train=tc, seed=1)
+        batch = trainer.loader.next_batch() + trainer.loader.next_batch()
+        trainer.loader.close()
+        assert all(ex.feat is None and ex.target is None for ex in batch)  # the full grids stay in the worker
+        views[workers] = [(ex.key, ex.view[0], ex.view[1]["masks"], ex.view[1]["labels"]) for ex in batch]
+        assert all(v[1].shape == (16, 6, 6) and v[2].shape[1:] == (12, 12) and len(v[2]) == len(v[3])
+                   for v in views[workers])
+        assert any(v[2].shape[0] > 0 for v in views[workers])
+    assert [v[0] for v in views[0]] == [v[0] for v in views[2]]
+    assert all(torch.equal(a, b) for v, w in zip(views[0], views[2]) for a, b in zip(v[1:], w[1:]))
+    loss, _ = trainer.supervised_loss(batch)  # a step from the workers' views
+    assert torch.isfinite(loss)
+
+
 def test_predict_writes_rle_proposals_and_features(tmp_path, shard):
     _train(shard, tmp_path / "run", 2)
     predict([shard], str(tmp_path / "run"), topk=5, label_map=True, output=Output(str(tmp_path / "pred")))

@@ -5,6 +5,7 @@ mask. Targets live at twice the feature-grid resolution, the resolution of the m
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Optional
 
@@ -17,7 +18,8 @@ from ..grid import sample_on_grid
 from ..fields import IGNORE_IDS, SALIENCY_THRESHOLD, PartNames, features, objects_from
 from ..io import decode_label_map
 
-__all__ = ["Example", "targets_from_sample", "augment", "collate", "MASK_FACTOR", "class_list", "assign_classes"]
+__all__ = ["Example", "targets_from_sample", "augment", "collate", "training_view", "mask_targets", "MASK_FACTOR",
+           "class_list", "assign_classes"]
 
 MASK_FACTOR = 2  # mask features are at 2x the feature grid
 
@@ -30,6 +32,8 @@ class Example:
     ids: np.ndarray  # proposal ids kept as targets
     classes: np.ndarray  # class index per kept id (0 = "part" when class-agnostic)
     meta: dict
+    # a training view made in the loader's workers (:func:`training_view`): (augmented features, mask targets)
+    view: Optional[tuple] = None
 
 
 def grid_labels(sample: dict, field: str, meta: dict) -> np.ndarray:
@@ -139,16 +143,28 @@ def augment(ex: Example, size: int, gen: torch.Generator, train: bool = True,
     return feat, tgt
 
 
+def mask_targets(tgt: torch.Tensor, ex: Example) -> dict:
+    """One binary mask (and class index) per target id of ``ex`` still visible in the augmented id map ``tgt``."""
+    present = [(i, c) for i, c in zip(ex.ids.tolist(), ex.classes.tolist()) if bool((tgt == i).any())]
+    ids = torch.tensor([i for i, _ in present], dtype=torch.long)
+    masks = (tgt[None] == ids[:, None, None]) if len(present) else torch.zeros(0, *tgt.shape, dtype=torch.bool)
+    return {"masks": masks, "labels": torch.tensor([c for _, c in present], dtype=torch.long)}
+
+
+def training_view(ex: Example, gen: torch.Generator, *, size: int) -> Example:
+    """What a training step stacks for ``ex``: its augmented features and mask targets (:func:`augment`,
+    drawn from ``gen``) as ``view``; the full-size grids are dropped (the loader's workers make views, and
+    send only them)."""
+    feat, tgt = augment(ex, size, gen)
+    out = copy.copy(ex)
+    out.feat, out.target, out.view = None, None, (feat, mask_targets(tgt, ex))
+    return out
+
+
 def collate(items: list[tuple[torch.Tensor, torch.Tensor]], examples: list[Example], device) -> tuple:
     """Stack features; per image, one binary mask per target id still visible after augmentation."""
     feats = torch.stack([f for f, _ in items]).to(device)
-    targets = []
-    for (_, tgt), ex in zip(items, examples):
-        present = [(i, c) for i, c in zip(ex.ids.tolist(), ex.classes.tolist()) if bool((tgt == i).any())]
-        ids = torch.tensor([i for i, _ in present], dtype=torch.long)
-        masks = (tgt[None] == ids[:, None, None]) if len(present) else torch.zeros(0, *tgt.shape, dtype=torch.bool)
-        targets.append({"masks": masks.to(device), "labels": torch.tensor([c for _, c in present], dtype=torch.long,
-                                                                          device=device)})
+    targets = [{k: v.to(device) for k, v in mask_targets(tgt, ex).items()} for (_, tgt), ex in zip(items, examples)]
     return feats, targets
 
 

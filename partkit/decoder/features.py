@@ -100,7 +100,8 @@ class ExampleStream:
     """
 
     def __init__(self, inputs: Sequence[str], load: Callable[[dict], Example], *, handler: Handler, seed: int,
-                 batch: int, rank: int = 0, world: int = 1, workers: int = 0, buffer: int = 256):
+                 batch: int, rank: int = 0, world: int = 1, workers: int = 0, buffer: int = 256,
+                 transform: Optional[Callable] = None):
         from ..errors import BadSample
         from ..streaming import SampleStream, StreamLoader, packed_bytes
 
@@ -112,7 +113,8 @@ class ExampleStream:
             handler(b)
             bad.append(b.key)
 
-        stream = SampleStream(inputs, load, seed=seed, buffer=buffer, rank=rank, world=world)  # checks the inputs
+        stream = SampleStream(inputs, load, seed=seed, buffer=buffer, rank=rank, world=world,  # checks the inputs
+                              transform=transform)
         self.scanned: list = []
         for ex in iter_loaded(inputs, load, handler=on_bad):
             if self.first is None:
@@ -121,8 +123,11 @@ class ExampleStream:
             self.scanned.append(SimpleNamespace(key=ex.key, ids=ex.ids, label_classes=ex.label_classes))
         stream.exclude, stream.per_epoch = frozenset(k for k in bad if k is not None), self.count
         self.stream = stream
+        item = self.first
+        if item is not None and transform is not None:  # what a worker sends: the transformed example
+            item = transform(item, stream.generator(0))
         self.loader = StreamLoader(stream, batch=batch, workers=workers, handler=handler,
-                                   item_bytes=packed_bytes(self.first) if self.first is not None else 0)
+                                   item_bytes=packed_bytes(item) if item is not None else 0)
 
     def drop(self, keys: Sequence[str]) -> None:
         """Leave out these scanned samples too (found bad after the scan); before the first batch only."""

@@ -4,9 +4,10 @@
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -21,7 +22,7 @@ from ..io import iter_samples
 from ..streaming import default_workers
 from ..training import Distributed, Trainer, check_count, check_rate, cosine_warmup, to_device
 from .criterion import SetCriterion
-from .data import Example, assign_classes, augment, class_list, collate
+from .data import Example, assign_classes, augment, class_list, collate, training_view
 from .features import ExampleStream, OnlineFeatures, batch_features, example_loader, load_examples
 from .model import DecoderConfig, PartDecoder
 
@@ -165,7 +166,7 @@ class DecoderTrainer(Trainer):
                               prepare=self.prepare_example, objects=objects_from, fg_threshold=fg_threshold)
         self.data = ExampleStream(inputs, load, handler=on_bad, seed=seed, batch=tc.batch_size, rank=self.dist.rank,
                                   world=self.dist.world, workers=default_workers(tc.workers, self.dev),
-                                  buffer=tc.shuffle_buffer)
+                                  buffer=tc.shuffle_buffer, transform=self.stream_transform())
         self.loader = self.data.loader
         classes = self.resolve_classes(on_bad)
         if self.skipped and self.dist.main:
@@ -235,13 +236,26 @@ class DecoderTrainer(Trainer):
     def step_loss(self, step: int) -> tuple[torch.Tensor, dict]:
         return self.supervised_loss(self.batch(step))
 
+    def stream_transform(self) -> Optional[Callable]:
+        """What the loader's workers do to each streamed example after decoding it: with cached features,
+        make its training view (:func:`training_view`: crop, flip, mask targets, drawn from the sample's
+        stream position, so the same whatever the workers, ranks or resumes); online features are
+        augmented after the backbone, in the training process (None)."""
+        if self.online is not None:
+            return None
+        return functools.partial(training_view, size=self.tc.crop_grid)
+
     def supervised_loss(self, batch: list) -> tuple[torch.Tensor, dict]:
-        """The set-prediction loss of a batch of examples against their own targets (augmented here, with the
-        checkpointed generator)."""
-        feats = batch_features(batch, self.online)
-        items = [augment(Example(ex.key, f, ex.target, ex.ids, ex.classes, ex.meta), self.tc.crop_grid, self.gen)
-                 for ex, f in zip(batch, feats)]
-        x, targets = to_device(collate(items, batch, "cpu"), self.dev)
+        """The set-prediction loss of a batch of examples against their own targets: the views the loader's
+        workers made (:meth:`stream_transform`), else augmented here with the checkpointed generator."""
+        if all(ex.view is not None for ex in batch):
+            x = torch.stack([ex.view[0] for ex in batch])
+            x, targets = to_device((x, [ex.view[1] for ex in batch]), self.dev)
+        else:
+            feats = batch_features(batch, self.online)
+            items = [augment(Example(ex.key, f, ex.target, ex.ids, ex.classes, ex.meta), self.tc.crop_grid,
+                             self.gen) for ex, f in zip(batch, feats)]
+            x, targets = to_device(collate(items, batch, "cpu"), self.dev)
         with torch.autocast(self.dev.type, dtype=torch.float16, enabled=self.use_amp):
             outputs = self.ddp(x)
         return self.crit(full_precision(outputs), targets, self.gen)
