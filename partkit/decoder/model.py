@@ -150,10 +150,12 @@ class PartDecoder(nn.Module):
         self.class_head = nn.Linear(d, cfg.num_classes + 1)  # last logit = no-part
         self.mask_head = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, d), nn.ReLU(), nn.Linear(d, d))
 
-    def _predict(self, q, mask_feat, memory_hw):
+    def _predict(self, q, mask_feat, memory_hw, last: bool = False):
         qn = self.norm(q)
         logits = self.class_head(qn)
         masks = torch.einsum("bqc,bchw->bqhw", self.mask_head(qn), mask_feat)
+        if last:
+            return logits, masks, qn, None
         # attention mask for the next layer: attend only where this mask is on (True = blocked)
         small = F.interpolate(masks, size=memory_hw, mode="bilinear", align_corners=False)
         blocked = (small.sigmoid() < 0.5).flatten(2)
@@ -169,12 +171,14 @@ class PartDecoder(nn.Module):
         qpos = self.query_pos.weight[None].expand(B, -1, -1)
         heads = self.cfg.num_heads
         aux = []
-        logits, masks, qn, blocked = self._predict(q, mask_feat, (h, w))
-        for layer in self.layers:
+        n = len(self.layers)
+        logits, masks, qn, blocked = self._predict(q, mask_feat, (h, w), last=n == 0)
+        for i, layer in enumerate(self.layers):
             aux.append({"pred_logits": logits, "pred_masks": masks})
             attn = blocked.repeat_interleave(heads, dim=0)
             q = layer(q, qpos, mem, mpos, attn)
-            logits, masks, qn, blocked = self._predict(q, mask_feat, (h, w))
+            # the last layer's masks feed no attention: no mask for it
+            logits, masks, qn, blocked = self._predict(q, mask_feat, (h, w), last=i == n - 1)
         return {"pred_logits": logits, "pred_masks": masks, "query_feats": qn, "aux_outputs": aux}
 
     @staticmethod
