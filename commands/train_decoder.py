@@ -46,7 +46,7 @@ def main(
     log: LogOption = "jsonl",
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out exactly where it stopped."),
     stop_at: Optional[int] = typer.Option(None, "--stop-at", help="Checkpoint and stop at this step (resume later with --resume)."),
-    workers: Optional[int] = typer.Option(None, "--workers", help="DataLoader processes that decode the training stream; default 2 on CUDA, 0 (decode in the training process) on CPU."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="DataLoader processes that decode the training stream and, with cached features, make the training views (crop, flip, mask targets); default 2 on CUDA, 0 (decode in the training process) on CPU."),
     shuffle_buffer: int = typer.Option(256, "--shuffle-buffer", help="Samples per shuffle buffer (per worker): bounds memory."),
     skip_bad: SkipBadOption = False,
 ):
