@@ -37,7 +37,7 @@ from ._version import __version__
 from .errors import BadSample, Handler, PartkitError, recorded, stop
 from .extract import FeatureExtractor
 from .io import iter_loaded, iter_samples
-from .streaming import SampleStream, StreamLoader, default_workers, packed_bytes, seeded_generator
+from .streaming import SampleStream, StreamLoader, default_workers, seeded_generator
 from .training import Trainer, check_count, check_rate, digest, require, to_device
 
 __all__ = ["part_contrast", "PartContrastTrainer", "part_contrast_loss", "dino_loss", "mask_pool", "part_masks",
@@ -795,8 +795,8 @@ class PartContrastTrainer(Trainer):
             if len(self.probe_set) == self.batch_size:
                 break
             self.probe_set.append(_round_sample(sample))
-        size = packed_bytes(views(self.probe_set[0], stream.generator(0))) if self.probe_set else 0
-        self.loader = StreamLoader(stream, batch=self.batch_size, workers=self.workers, item_bytes=size)
+        self.loader = StreamLoader(stream, batch=self.batch_size, workers=self.workers,
+                                   item_bytes=stream.item_bytes(self.probe_set[0] if self.probe_set else None))
         self.label_round = r
 
     def train_step(self, step: int) -> dict:

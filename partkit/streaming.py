@@ -109,6 +109,13 @@ class SampleStream:
         the number of workers or ranks, and after a resume."""
         return seeded_generator(self.seed, g)
 
+    def item_bytes(self, item) -> int:
+        """The packed bytes a worker sends for a loaded ``item`` (after :attr:`transform`, drawn at position 0):
+        what :class:`StreamLoader` sizes its runs by (``item_bytes``); 0 for None."""
+        if item is None:
+            return 0
+        return packed_bytes(item if self.transform is None else self.transform(item, self.generator(0)))
+
     def _loaded(self, sample: dict, g: int):
         try:
             item = self.load(sample)

@@ -103,7 +103,7 @@ class ExampleStream:
                  batch: int, rank: int = 0, world: int = 1, workers: int = 0, buffer: int = 256,
                  transform: Optional[Callable] = None):
         from ..errors import BadSample
-        from ..streaming import SampleStream, StreamLoader, packed_bytes
+        from ..streaming import SampleStream, StreamLoader
 
         self.first: Optional[Example] = None
         self.count = 0
@@ -123,11 +123,8 @@ class ExampleStream:
             self.scanned.append(SimpleNamespace(key=ex.key, ids=ex.ids, label_classes=ex.label_classes))
         stream.exclude, stream.per_epoch = frozenset(k for k in bad if k is not None), self.count
         self.stream = stream
-        item = self.first
-        if item is not None and transform is not None:  # what a worker sends: the transformed example
-            item = transform(item, stream.generator(0))
         self.loader = StreamLoader(stream, batch=batch, workers=workers, handler=handler,
-                                   item_bytes=packed_bytes(item) if item is not None else 0)
+                                   item_bytes=stream.item_bytes(self.first))
 
     def drop(self, keys: Sequence[str]) -> None:
         """Leave out these scanned samples too (found bad after the scan); before the first batch only."""
