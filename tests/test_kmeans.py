@@ -210,7 +210,7 @@ def test_bad_inputs_raise_clear_errors():
     X[3, 2] = np.nan
     with pytest.raises(PartkitError, match="NaN or inf"):
         KMeans(2).fit(X)
-    # batched: each problem is tested as the engine copies it; the error names it, whichever seeding its k uses
+    # batched: a problem is looked for when a row's squared norm is not finite; the error names it, whichever seeding its k uses
     ok = blobs(20)[0]
     for bad in (np.nan, np.inf, -np.inf):
         Y = ok.copy()
@@ -220,6 +220,10 @@ def test_bad_inputs_raise_clear_errors():
                 batched_kmeans([ok, ok, Y, ok], [2, 15, 15, 2], metric=metric)
             with pytest.raises(PartkitError, match="problem 1 holds NaN or inf"):
                 batched_kmeans([ok, Y], 2, metric=metric, init=[ok[:2], ok[:2]])
+    # finite values whose squared norm overflows float32 are not NaN or inf: not refused
+    huge = ok.copy()
+    huge[0] = 1e20
+    assert len(batched_kmeans([ok, huge], 2)) == 2
     with pytest.raises(PartkitError, match="unknown metric"):
         KMeans(2, metric="manhattan").fit(blobs(20)[0])
     with pytest.raises(PartkitError, match="2-D"):

@@ -30,7 +30,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from ..errors import PartkitError
-from ._seeding import columns, kmeans_parallel, kmeans_plusplus, problem_draws, weighted_plusplus
+from ._seeding import columns, kmeans_parallel, kmeans_plusplus, min_first, problem_draws, weighted_plusplus
 
 __all__ = ["KMeansResult", "NonFinite", "normalize_rows", "run_batched", "run_weighted", "nearest_center", "METRICS",
            "INITS", "CHUNK_BYTES", "resolve_init", "PARALLEL_FROM_K"]
@@ -100,7 +100,7 @@ def _assign(X: torch.Tensor, x2: torch.Tensor, C: torch.Tensor, cbad: torch.Tens
     c2 = _sqnorm(C).masked_fill(cbad, math.inf)
     # scores as B x K x N: measured ~1.6x faster than B x N x K for small K
     s = torch.baddbmm(c2[:, :, None], C, X.transpose(1, 2), alpha=-2)
-    d1, labels = s.min(1)
+    d1, labels = min_first(s)
     return labels, (d1 + x2).clamp_min(0)
 
 
@@ -127,6 +127,17 @@ def _relocate_empty(b: int, X, mask, C_new, sums, counts, owner, cvalid, K: int)
         C_new[b, j] = x
         if counts[b, old] > 0:
             C_new[b, old] = sums[b, old] / counts[b, old]
+
+
+def _compact(X: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``X.index_select(0, keep)`` for increasing ``keep``, made in place: each kept problem moves down
+    to its new slot (slots below it are already free) and the result is a view of ``X``'s front. A
+    fresh copy of the chunk costs more than the iteration it serves (measured 2.3-3.2 ms for 10 of
+    13 images of 784 x 384, 0.9 ms copying into existing memory)."""
+    for dst, src in enumerate(keep.tolist()):
+        if dst != src:
+            X[dst].copy_(X[src])
+    return X[:len(keep)]
 
 
 def _lloyd_chunk(X, x2, mask, n, kk, C, max_iter: int, tol: float, relocate: bool, first=None):
@@ -168,7 +179,9 @@ def _lloyd_chunk(X, x2, mask, n, kk, C, max_iter: int, tol: float, relocate: boo
                 return
             keep = alive.nonzero().flatten()
             for name, v in st.items():
-                st[name] = v.index_select(0, keep)
+                if name != "X":
+                    st[name] = v.index_select(0, keep)
+            st["X"] = _compact(st["X"], keep)
             alive = st["alive"]
         X, mask, C, owner, sums, counts = st["X"], st["mask"], st["C"], st["owner"], st["sums"], st["counts"]
         B = X.shape[0]
@@ -239,14 +252,18 @@ def _solve_chunk(chunk: list, problems, sizes, kk_all, init, seeds, max_iter, to
     Xn = np.empty((B, N, D), np.float32)
     for j, i in enumerate(chunk):
         Xn[j, :sizes[i]] = problems[i]
-        if not np.isfinite(Xn[j, :sizes[i]]).all():  # tested here, in cache after the copy: no pass of its own
-            raise NonFinite(i)
         Xn[j, sizes[i]:] = 0
     X = torch.from_numpy(Xn).to(dev)
     n = torch.tensor([sizes[i] for i in chunk], device=dev)
     kk = torch.tensor([kk_all[i] for i in chunk], device=dev)
     mask = torch.arange(N, device=dev)[None, :] < n[:, None]
     x2 = _sqnorm(X)
+    # a NaN or inf value makes its row's squared norm non-finite, so only then is the problem
+    # looked for (rows of finite values above ~1e19 overflow the norm too: they are solved as before)
+    if not bool(torch.isfinite(x2).all()):
+        for j, i in enumerate(chunk):
+            if not np.isfinite(Xn[j, :sizes[i]]).all():
+                raise NonFinite(i)
     K = int(kk.max())
     first = None
     if warm:
