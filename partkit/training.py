@@ -161,10 +161,19 @@ class Distributed:
         return box[0]
 
     def close(self) -> None:
+        """Tear the process group down in step: every rank waits for the others, then the wrappers that
+        still hold the group (unreferenced by the caller) are collected before it is destroyed, so its
+        C++ threads are joined now rather than while the interpreter shuts down (where a rank exiting
+        with gloo work still referenced aborted: "terminate called without an active exception", about
+        1 run in 12 of a two-rank test under load)."""
         if self.world > 1:
+            import gc
+
             import torch.distributed as dist
 
             if dist.is_initialized():
+                dist.barrier()
+                gc.collect()
                 dist.destroy_process_group()
 
 
@@ -520,5 +529,7 @@ class Trainer:
         self.say(f"{self.command}: {len(history)} steps in {time.perf_counter() - t0:.1f}s, final loss {final}{where}")
         if end < steps:
             self.say(f"{self.command}: stopped at step {end} of {steps} (--stop-at); continue with --resume")
+        if isinstance(getattr(self, "ddp", None), torch.nn.parallel.DistributedDataParallel):
+            self.ddp = self.ddp.module  # the wrapper holds the process group that close() destroys
         self.dist.close()
         return self.summary(history, end)

@@ -400,7 +400,12 @@ def test_ddp_two_cpu_processes(cihp_shard, tmp_path):
     script = tmp_path / "ddp.py"
     script.write_text("import sys, torch\ntorch.set_num_threads(1)\nfrom partkit.contrast import part_contrast\n"
                       "part_contrast([sys.argv[1]], sys.argv[2], model='timm:test_efficientnet', weights='none', "
-                      "rounds=1, epochs=1, batch_size=2, size=64, k=6, device='cpu', log_every=1)\n")
+                      "rounds=1, epochs=1, batch_size=2, size=64, k=6, device='cpu', log_every=1)\n"
+                      # the process group is gone before exit, and no DDP wrapper still holds it (a group
+                      # destroyed while the interpreter shuts down can abort the process)
+                      "import gc\nfrom torch.nn.parallel import DistributedDataParallel as DDP\n"
+                      "assert not torch.distributed.is_initialized()\n"
+                      "assert not any(isinstance(o, DDP) for o in gc.get_objects()), 'a DDP wrapper outlived the run'\n")
     cmd = f"torchrun --nproc_per_node=2 --master_port=29547 {script} {cihp_shard} {tmp_path}/run"
     res = subprocess.run(cmd, shell=True, capture_output=True, text=True, cwd=ROOT, timeout=300,
                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
