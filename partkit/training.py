@@ -164,8 +164,8 @@ class Distributed:
         """Tear the process group down in step: every rank waits for the others, then the wrappers that
         still hold the group (unreferenced by the caller) are collected before it is destroyed, so its
         C++ threads are joined now rather than while the interpreter shuts down (where a rank exiting
-        with gloo work still referenced aborted: "terminate called without an active exception", about
-        1 run in 12 of a two-rank test under load)."""
+        with gloo work still referenced aborted: "terminate called without an active exception", in one
+        CI run and 1 of 36 local runs of a two-rank test under load)."""
         if self.world > 1:
             import gc
 
