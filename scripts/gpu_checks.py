@@ -35,7 +35,6 @@ scripts/gpu_checks.py $OUT/gpu` (the table comes back in the output, the JSON un
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import math
 import os
@@ -58,26 +57,12 @@ def sh(cmd: str, log: list) -> tuple[int, float]:
     return res.returncode, seconds
 
 
-def samples(path: str) -> list[dict]:
-    from partkit.io import iter_tar
+def fields(folder: str, field: str) -> list[np.ndarray]:
+    """``field`` (``feat.npy`` or a label-map PNG) of every sample in an output folder's shards, in order."""
+    from partkit.io import decode_label_map, decode_npy, iter_samples
 
-    with open(path, "rb") as f:
-        return list(iter_tar(f, path))
-
-
-def npy(b: bytes) -> np.ndarray:
-    return np.load(io.BytesIO(b), allow_pickle=False)
-
-
-def png(b: bytes) -> np.ndarray:
-    from PIL import Image
-
-    return np.asarray(Image.open(io.BytesIO(b)))
-
-
-def shard_in(folder: str) -> str:
-    tars = sorted(f for f in os.listdir(folder) if f.endswith(".tar"))
-    return os.path.join(folder, tars[0])
+    decode = decode_npy if field.endswith(".npy") else decode_label_map
+    return [decode(sample, field) for sample in iter_samples([folder])]
 
 
 def last_loss(run: str) -> float:
@@ -94,7 +79,7 @@ def main() -> int:
 
     dev, out = args.device, os.path.abspath(args.out)
     if dev.startswith("cuda") and not torch.cuda.is_available():
-        print(f"gpu_checks: no CUDA GPU here; run it on the GPU machine, or pass --device cpu for a dry run",
+        print("gpu_checks: no CUDA GPU here; run it on the GPU machine, or pass --device cpu for a dry run",
               file=sys.stderr)
         return 2
     os.makedirs(out, exist_ok=True)
@@ -126,8 +111,8 @@ def main() -> int:
                    log)
         feats[name] = (rc, s, f"{out}/feats-{name}")
     if all(v[0] == 0 for v in feats.values()):
-        a = [npy(x["feat.npy"]).astype(np.float32) for x in samples(shard_in(feats["dev"][2]))]
-        b = [npy(x["feat.npy"]).astype(np.float32) for x in samples(shard_in(feats["cpu"][2]))]
+        a = [x.astype(np.float32) for x in fields(feats["dev"][2], "feat.npy")]
+        b = [x.astype(np.float32) for x in fields(feats["cpu"][2], "feat.npy")]
         rel = max(float(np.abs(x - y).max() / max(np.abs(y).max(), 1e-12)) for x, y in zip(a, b))
         record("extract", rel <= 2e-2, f"max rel. difference {rel:.2e} over {len(a)} images; "
                f"{feats['dev'][1]:.1f} s vs {feats['cpu'][1]:.1f} s on the CPU (process start included)")
@@ -142,8 +127,7 @@ def main() -> int:
                    log)
         labs[name] = rc
     if all(rc == 0 for rc in labs.values()):
-        pa = [png(x["parts.png"]) for x in samples(shard_in(f"{out}/clusters-dev"))]
-        pb = [png(x["parts.png"]) for x in samples(shard_in(f"{out}/clusters-cpu"))]
+        pa, pb = fields(f"{out}/clusters-dev", "parts.png"), fields(f"{out}/clusters-cpu", "parts.png")
         same = float(np.mean(np.concatenate([(x == y).ravel() for x, y in zip(pa, pb)])))
         record("cluster", same >= 0.99, f"{same:.4f} of cells with the same part id")
     else:
@@ -152,13 +136,11 @@ def main() -> int:
 
     # train-decoder: AMP with two loader workers (pinned memory, non-blocking copies), then float32
     steps = 20
-    times = {}
     for name, flag in (("train-amp", "--amp"), ("train-fp32", "--no-amp")):
         run = f"{out}/{name}"
         rc, s = sh(f"{pk} --device {dev} train-decoder {clusters} --out {run} {dec} --max-steps {steps} "
                    f"--workers 2 {flag} --checkpoint-every {steps}", log)
         loss = last_loss(run) if rc == 0 else math.nan
-        times[name] = s
         record(name, rc == 0 and math.isfinite(loss), f"exit {rc}, final loss {loss:.4f}, {s:.1f} s for {steps} steps "
                "(process start included)")
 
