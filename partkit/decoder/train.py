@@ -22,7 +22,7 @@ from ..io import iter_samples
 from ..streaming import default_workers
 from ..training import Distributed, Trainer, check_count, check_rate, cosine_warmup, to_device
 from .criterion import SetCriterion
-from .data import Example, assign_classes, augment, class_list, collate, training_view
+from .data import Example, assign_classes, class_list, training_view
 from .features import ExampleStream, OnlineFeatures, batch_features, example_loader, load_examples
 from .model import DecoderConfig, PartDecoder
 
@@ -248,14 +248,10 @@ class DecoderTrainer(Trainer):
     def supervised_loss(self, batch: list) -> tuple[torch.Tensor, dict]:
         """The set-prediction loss of a batch of examples against their own targets: the views the loader's
         workers made (:meth:`stream_transform`), else augmented here with the checkpointed generator."""
-        if all(ex.view is not None for ex in batch):
-            x = torch.stack([ex.view[0] for ex in batch])
-            x, targets = to_device((x, [ex.view[1] for ex in batch]), self.dev)
-        else:
-            feats = batch_features(batch, self.online)
-            items = [augment(Example(ex.key, f, ex.target, ex.ids, ex.classes, ex.meta), self.tc.crop_grid,
-                             self.gen) for ex, f in zip(batch, feats)]
-            x, targets = to_device(collate(items, batch, "cpu"), self.dev)
+        if any(ex.view is None for ex in batch):
+            batch = [training_view(Example(ex.key, f, ex.target, ex.ids, ex.classes, ex.meta), self.gen,
+                                   size=self.tc.crop_grid) for ex, f in zip(batch, batch_features(batch, self.online))]
+        x, targets = to_device((torch.stack([ex.view[0] for ex in batch]), [ex.view[1] for ex in batch]), self.dev)
         with torch.autocast(self.dev.type, dtype=torch.float16, enabled=self.use_amp):
             outputs = self.ddp(x)
         return self.crit(full_precision(outputs), targets, self.gen)
